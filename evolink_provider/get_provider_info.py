@@ -1,0 +1,75 @@
+"""Provider metadata for Airflow's ``ProvidersManager`` (entry point ``apache_airflow_provider``).
+
+Imports nothing, so that Airflow can list providers without loading this one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Describe the provider: its modules, the ``evolink`` connection type and its UI form."""
+    modules = {
+        "operators": ["evolink_provider.operators.evolink"],
+        "sensors": ["evolink_provider.sensors.evolink"],
+        "hooks": ["evolink_provider.hooks.evolink"],
+        "triggers": ["evolink_provider.triggers.evolink"],
+    }
+    return {
+        "package-name": "airflow-provider-evolink",
+        "name": "EvoLink",
+        "description": "EvoLink AI video generation: operators, a deferrable trigger and a sensor.",
+        "integrations": [
+            {
+                "integration-name": "EvoLink",
+                "external-doc-url": "https://docs.evolink.ai",
+                "tags": ["ai", "video"],
+            }
+        ],
+        **{
+            kind: [{"integration-name": "EvoLink", "python-modules": python_modules}]
+            for kind, python_modules in modules.items()
+        },
+        "connection-types": [
+            {
+                "connection-type": "evolink",
+                "hook-class-name": "evolink_provider.hooks.evolink.EvolinkHook",
+                "hook-name": "EvoLink",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["login", "schema", "port", "extra"],
+                    "relabeling": {"host": "Base URL", "password": "API key"},
+                    "placeholders": {
+                        "host": "https://api.evolink.ai (leave empty for EvoLink's public API)",
+                        "password": "sk-...",
+                    },
+                },
+                "conn-fields": {
+                    "files_base_url": {
+                        "label": "Files API base URL",
+                        "description": "Where local inputs are uploaded; defaults to "
+                        "https://files-api.evolink.ai for the public API and to the base URL otherwise.",
+                        "schema": {"type": ["string", "null"], "format": "url"},
+                    },
+                    "connect_timeout": {
+                        "label": "Connect timeout (s)",
+                        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 10},
+                    },
+                    "read_timeout": {
+                        "label": "Read timeout (s)",
+                        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 60},
+                    },
+                    "max_retries": {
+                        "label": "Retries per call",
+                        "description": "Transient failures are retried with backoff; a POST only with the "
+                        "same Idempotency-Key.",
+                        "schema": {"type": ["integer", "null"], "minimum": 0, "maximum": 20, "default": 4},
+                    },
+                    "backoff_max": {
+                        "label": "Longest backoff (s)",
+                        "schema": {"type": ["number", "null"], "minimum": 0, "default": 30},
+                    },
+                },
+            }
+        ],
+    }

@@ -1,0 +1,636 @@
+"""EvolinkHook: the only place that speaks HTTP to EvoLink.
+
+It owns the connection (base URL, API key, timeouts, retry settings), one request-building and one
+response-parsing path shared by the sync client (``requests``) and the async client (``httpx``), the retry
+policy, and the mapping of EvoLink's error bodies to :mod:`evolink_provider.exceptions`.
+
+Retry rule (the same for both clients):
+
+* ``GET`` is always safe to repeat: it is retried on connection failures, timeouts, garbled bodies, 429,
+  5xx and the transient "no available channel" 400 codes.
+* ``POST /v1/videos/generations`` always carries an ``Idempotency-Key``. It is retried only with that same
+  key, and only where the answer was a connection failure or timeout, 429, 5xx or a transient 400 code.
+  EvoLink's gateway replays the original task for a repeated key (observed, not documented), so a retry
+  after a lost answer does not create a second task. Because the replay is only observed, a POST whose
+  outcome is still unknown when the retries run out raises
+  :class:`~evolink_provider.exceptions.EvolinkSubmissionUnknownError` naming the key, rather than
+  pretending nothing happened; the operators reuse the same key on an Airflow retry.
+* Other 4xx answers are never retried: repeating them cannot succeed.
+
+Waits between attempts grow exponentially with full jitter, bounded by ``backoff_max``; a ``Retry-After``
+header (seconds or an HTTP date) is honoured up to ``retry_after_max``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlsplit
+
+from airflow.sdk import BaseHook
+
+from evolink_provider import __version__
+from evolink_provider.exceptions import (
+    EvolinkAPIError,
+    EvolinkAuthenticationError,
+    EvolinkConfigurationError,
+    EvolinkError,
+    EvolinkSubmissionUnknownError,
+    EvolinkTransportError,
+    error_for_status,
+)
+
+if TYPE_CHECKING:
+    import httpx
+    import requests
+    from airflow.sdk import Connection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.evolink.ai"
+DEFAULT_FILES_BASE_URL = "https://files-api.evolink.ai"
+USER_AGENT = f"airflow-provider-evolink/{__version__}"
+CREATE_VIDEO_PATH = "/v1/videos/generations"
+CREDITS_PATH = "/v1/credits"
+FILES_UPLOAD_PATH = "/api/v1/files/upload/stream"
+TASK_ID_PREFIX = "task-unified-"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a call is repeated (see the module docstring for *which* calls)."""
+
+    max_attempts: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    retry_after_max: float = 120.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
+        ceiling = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        jittered = random.uniform(ceiling / 2, ceiling)
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry_after_max) + random.uniform(0, ceiling / 10)
+        return jittered
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect and read timeouts in seconds, one policy for both clients."""
+
+    connect: float = 10.0
+    read: float = 60.0
+
+
+class _ApiKey:
+    """Holds the key so that no ``repr``, log line or traceback local can show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<EvoLink API key ***>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class EvolinkConnectionSettings:
+    """Everything the hook reads from the Airflow connection, resolved once."""
+
+    conn_id: str
+    base_url: str
+    files_base_url: str
+    api_key: _ApiKey = field(repr=False)
+    timeouts: Timeouts
+    retry: RetryPolicy
+    batch_polling: bool = False
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A request both clients can send: built once, the key only in ``headers``."""
+
+    method: str
+    url: str
+    path: str
+    headers: dict[str, str] = field(repr=False)
+    json_body: Any = None
+
+    @property
+    def is_post(self) -> bool:
+        return self.method == "POST"
+
+
+def resolve_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
+    """Turn the connection's host (which may carry a scheme and port) into a base URL.
+
+    An empty host means EvoLink's public API. Without a scheme, ``schema`` (``http``/``https``) picks one,
+    else https: the key must never travel in clear text by accident.
+    """
+    host = (host or "").strip()
+    if not host:
+        return DEFAULT_BASE_URL
+    if "://" not in host:
+        scheme = schema if schema in ("http", "https") else "https"
+        host = f"{scheme}://{host}"
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EvolinkConfigurationError(
+            f"EvoLink connection host {host!r} is not an http(s) URL; use e.g. https://api.evolink.ai"
+        )
+    netloc = parts.netloc
+    if port and parts.port is None:
+        netloc = f"{netloc}:{port}"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _extra_float(extra: Mapping[str, Any], name: str, default: float) -> float:
+    value = extra.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise EvolinkConfigurationError(
+            f"EvoLink connection extra {name!r} must be a number, got {value!r}"
+        ) from None
+
+
+def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
+    """Read and check the connection; raises before any HTTP call when the key is missing."""
+    key = (conn.password or "").strip()
+    if not key:
+        raise EvolinkConfigurationError(
+            f"Airflow connection {conn.conn_id!r} has no EvoLink API key: put the key in its password "
+            "field (shown as 'API key' in the UI)."
+        )
+    extra = conn.extra_dejson or {}
+    base_url = resolve_base_url(conn.host, conn.schema, conn.port)
+    files_base_url = str(extra.get("files_base_url") or "").rstrip("/")
+    if not files_base_url:
+        # EvoLink's Files API lives on its own host; a custom host (the simulator, a proxy) serves both.
+        files_base_url = DEFAULT_FILES_BASE_URL if base_url == DEFAULT_BASE_URL else base_url
+    defaults = RetryPolicy()
+    return EvolinkConnectionSettings(
+        conn_id=conn.conn_id,
+        base_url=base_url,
+        files_base_url=files_base_url,
+        api_key=_ApiKey(key),
+        timeouts=Timeouts(
+            connect=_extra_float(extra, "connect_timeout", Timeouts.connect),
+            read=_extra_float(extra, "read_timeout", Timeouts.read),
+        ),
+        retry=RetryPolicy(
+            max_attempts=max(1, int(_extra_float(extra, "max_retries", defaults.max_attempts - 1)) + 1),
+            backoff_base=_extra_float(extra, "backoff_base", defaults.backoff_base),
+            backoff_max=_extra_float(extra, "backoff_max", defaults.backoff_max),
+            retry_after_max=_extra_float(extra, "retry_after_max", defaults.retry_after_max),
+        ),
+        batch_polling=str(extra.get("batch_polling", "")).lower() in ("1", "true", "yes", "on"),
+    )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; ``None`` when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def new_idempotency_key() -> str:
+    """A random key for callers that did not derive one (still makes the hook's own retries safe)."""
+    return f"evl-{uuid.uuid4().hex}"
+
+
+def parse_response(
+    request: _Request, status_code: int, headers: Mapping[str, str], content: bytes
+) -> dict[str, Any]:
+    """Decode a JSON answer or raise the typed error its status and body describe."""
+    request_id = headers.get("x-request-id") or headers.get("request-id")
+    if status_code >= 400:
+        code: str | None = None
+        message = ""
+        try:
+            body = json.loads(content)
+            error = body.get("error") if isinstance(body, dict) else None
+            if isinstance(error, dict):
+                code = error.get("code") and str(error.get("code"))
+                message = str(error.get("message") or "")
+            elif isinstance(body, dict):  # the Files API's envelope: {success, code, msg}
+                message = str(body.get("msg") or body.get("message") or "")
+            request_id = request_id or (body.get("request_id") if isinstance(body, dict) else None)
+        except (ValueError, AttributeError):
+            message = content[:200].decode("utf-8", "replace")
+        raise error_for_status(
+            status_code,
+            message or f"HTTP {status_code}",
+            code=code,
+            request_id=request_id,
+            retry_after=parse_retry_after(headers.get("retry-after")),
+            method=request.method,
+            path=request.path,
+        )
+    try:
+        decoded = json.loads(content)
+    except ValueError:
+        raise EvolinkTransportError(
+            f"EvoLink {request.method} {request.path} answered HTTP {status_code} with a body that is not "
+            f"JSON ({len(content)} bytes)" + (f", request_id={request_id}" if request_id else ""),
+            request_sent=True,
+        ) from None
+    if not isinstance(decoded, dict):
+        raise EvolinkTransportError(
+            f"EvoLink {request.method} {request.path} answered a JSON {type(decoded).__name__}, "
+            "not an object",
+            request_sent=True,
+        )
+    if headers.get("idempotency-replayed", "").lower() == "true":
+        log.info("EvoLink replayed the original task for this Idempotency-Key (no new task was created).")
+    return decoded
+
+
+def should_retry(request: _Request, error: EvolinkError) -> bool:
+    """The retry rule of the module docstring, in one place for both clients."""
+    if not error.retryable:
+        return False
+    if not request.is_post:
+        return True
+    # A POST is only ever repeated with its original Idempotency-Key, which _Request carries.
+    return "Idempotency-Key" in request.headers
+
+
+def _outcome_unknown(error: EvolinkError) -> bool:
+    """Whether a failed POST may still have created a task."""
+    if isinstance(error, EvolinkTransportError):
+        return error.request_sent
+    return isinstance(error, EvolinkAPIError) and error.status_code >= 500
+
+
+def _give_up(request: _Request, error: EvolinkError, attempts: int) -> EvolinkError:
+    """The error to raise once retrying stops."""
+    if request.is_post and _outcome_unknown(error):
+        key = request.headers.get("Idempotency-Key", "")
+        return EvolinkSubmissionUnknownError(
+            f"EvoLink may or may not have created the task for POST {request.path} after {attempts} "
+            f"attempt(s) (last error: {error}). Look it up in the EvoLink dashboard by Idempotency-Key "
+            f"{key}; "
+            "an Airflow retry resubmits with the same key, which EvoLink answers with the original task.",
+            idempotency_key=key,
+        )
+    return error
+
+
+# One httpx client (and so one connection pool) per event loop: triggers share it instead of opening a
+# client, and TCP connections, per poll. The triggerer's loop lives as long as the process.
+_ASYNC_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Timeouts, httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
+ASYNC_POOL_SIZE = 64
+
+
+def _async_client(timeouts: Timeouts) -> httpx.AsyncClient:
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    clients = _ASYNC_CLIENTS.setdefault(loop, {})
+    client = clients.get(timeouts)
+    if client is None or client.is_closed:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect, pool=None),
+            limits=httpx.Limits(max_connections=ASYNC_POOL_SIZE, max_keepalive_connections=ASYNC_POOL_SIZE),
+            follow_redirects=False,
+        )
+        clients[timeouts] = client
+    return client
+
+
+async def aclose_async_clients() -> None:
+    """Close this event loop's shared clients (tests and benchmarks; the triggerer never needs it)."""
+    loop = asyncio.get_running_loop()
+    for client in _ASYNC_CLIENTS.pop(loop, {}).values():
+        await client.aclose()
+
+
+class EvolinkHook(BaseHook):
+    """Talks to EvoLink's task gateway with the API key of an Airflow connection.
+
+    :param evolink_conn_id: Airflow connection of type ``evolink``: the password is the API key, the host
+        the base URL (empty for ``https://api.evolink.ai``; may carry scheme and port).
+    """
+
+    conn_name_attr = "evolink_conn_id"
+    default_conn_name = "evolink_default"
+    conn_type = "evolink"
+    hook_name = "EvoLink"
+
+    def __init__(self, evolink_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.evolink_conn_id = evolink_conn_id
+        self._async_settings: EvolinkConnectionSettings | None = None
+
+    def __repr__(self) -> str:
+        return f"<EvolinkHook conn_id={self.evolink_conn_id!r}>"
+
+    # -- connection -------------------------------------------------------------------------------
+
+    @cached_property
+    def settings(self) -> EvolinkConnectionSettings:
+        """The connection, read once per hook (sync lookup: never call this on an event loop)."""
+        settings = settings_from_connection(self.get_connection(self.evolink_conn_id))
+        _mask(settings.api_key)
+        return settings
+
+    async def aget_settings(self) -> EvolinkConnectionSettings:
+        """The connection read without blocking the event loop (``aget_connection``), cached."""
+        if self._async_settings is None:
+            conn = await self.aget_connection(self.evolink_conn_id)
+            settings = settings_from_connection(conn)
+            from airflow.sdk.log import amask_secret
+
+            await amask_secret(settings.api_key.reveal())
+            self._async_settings = settings
+        return self._async_settings
+
+    def _build_request(
+        self,
+        settings: EvolinkConnectionSettings,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        idempotency_key: str | None = None,
+        base_url: str | None = None,
+    ) -> _Request:
+        headers = {
+            "Authorization": f"Bearer {settings.api_key.reveal()}",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return _Request(method, f"{base_url or settings.base_url}{path}", path, headers, json_body)
+
+    # -- sync client ------------------------------------------------------------------------------
+
+    @cached_property
+    def session(self) -> requests.Session:
+        """One ``requests.Session`` per hook, so calls reuse keep-alive connections."""
+        import requests
+
+        session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        return session
+
+    def _send_once(self, request: _Request, timeouts: Timeouts) -> dict[str, Any]:
+        import requests
+
+        try:
+            response = self.session.request(
+                request.method,
+                request.url,
+                headers=request.headers,
+                json=request.json_body,
+                timeout=(timeouts.connect, timeouts.read),
+                allow_redirects=False,
+            )
+            content = response.content
+        except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
+            raise _transport_error(request, exc, request_sent=False) from None
+        except requests.ConnectionError as exc:
+            raise _transport_error(request, exc, request_sent=not _refused(exc)) from None
+        except requests.RequestException as exc:  # read timeouts, chunked-encoding errors, ...
+            raise _transport_error(request, exc, request_sent=True) from None
+        return parse_response(request, response.status_code, response.headers, content)
+
+    def _send(self, request: _Request, settings: EvolinkConnectionSettings) -> dict[str, Any]:
+        policy = settings.retry
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                return self._send_once(request, settings.timeouts)
+            except EvolinkError as error:
+                if attempt == policy.max_attempts or not should_retry(request, error):
+                    raise _give_up(request, error, attempt) from None
+                delay = policy.delay(attempt, getattr(error, "retry_after", None))
+                log.warning(
+                    "EvoLink %s %s failed (%s); attempt %d of %d in %.1fs",
+                    request.method,
+                    request.path,
+                    error,
+                    attempt + 1,
+                    policy.max_attempts,
+                    delay,
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def create_video_task(
+        self, payload: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Submit a generation (``POST /v1/videos/generations``) and return the created task object.
+
+        :param payload: the JSON body, ``model`` included (see :mod:`evolink_provider.models`).
+        :param idempotency_key: 16-96 characters of ``[A-Za-z0-9._-]``; derive it from the work so that a
+            repeat replays the original task. A random one is used when omitted.
+        """
+        settings = self.settings
+        request = self._build_request(
+            settings,
+            "POST",
+            CREATE_VIDEO_PATH,
+            json_body=payload,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return self._send(request, settings)
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        """Read a task (``GET /v1/tasks/{task_id}``)."""
+        settings = self.settings
+        return self._send(self._build_request(settings, "GET", _task_path(task_id)), settings)
+
+    def get_credits(self) -> dict[str, Any]:
+        """Read the account's credits (``GET /v1/credits``; free)."""
+        settings = self.settings
+        return self._send(self._build_request(settings, "GET", CREDITS_PATH), settings)
+
+    def upload_file(self, stream: BinaryIO, filename: str, content_type: str) -> dict[str, Any]:
+        """Upload a file through EvoLink's Files API; returns its ``data`` (``file_url`` expires in 72 h).
+
+        Uploads are not idempotent and are free, so only failures that cannot have stored the file
+        (connection refused, 429, 503) are retried.
+        """
+        settings = self.settings
+        request = self._build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
+        policy = settings.retry
+        for attempt in range(1, policy.max_attempts + 1):
+            stream.seek(0)
+            try:
+                answer = self._send_multipart(request, settings.timeouts, stream, filename, content_type)
+                break
+            except EvolinkError as error:
+                safe = (isinstance(error, EvolinkTransportError) and not error.request_sent) or (
+                    isinstance(error, EvolinkAPIError) and error.status_code in (429, 503)
+                )
+                if attempt == policy.max_attempts or not safe:
+                    raise
+                time.sleep(policy.delay(attempt, getattr(error, "retry_after", None)))
+        data = answer.get("data")
+        if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
+            raise EvolinkTransportError(
+                f"EvoLink Files API did not return a file_url for {filename!r}: {answer.get('msg')!r}",
+                request_sent=True,
+            )
+        return data
+
+    def _send_multipart(
+        self, request: _Request, timeouts: Timeouts, stream: BinaryIO, filename: str, content_type: str
+    ) -> dict[str, Any]:
+        import requests
+
+        try:
+            response = self.session.post(
+                request.url,
+                headers=request.headers,
+                files={"file": (filename, stream, content_type)},
+                timeout=(timeouts.connect, timeouts.read),
+                allow_redirects=False,
+            )
+        except requests.ConnectionError as exc:
+            raise _transport_error(request, exc, request_sent=not _refused(exc)) from None
+        except requests.RequestException as exc:
+            raise _transport_error(request, exc, request_sent=True) from None
+        return parse_response(request, response.status_code, response.headers, response.content)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the key with the free ``GET /v1/credits`` and report the remaining credits."""
+        try:
+            answer = self.get_credits()
+        except EvolinkAuthenticationError as error:
+            return False, f"EvoLink rejected the API key (HTTP 401: {error.api_message})."
+        except EvolinkError as error:
+            return False, str(error)
+        user = (answer.get("data") or {}).get("user") or {}
+        remaining = user.get("remaining_credits")
+        return True, f"Connected to EvoLink at {self.settings.base_url}; remaining credits: {remaining}"
+
+    def close(self) -> None:
+        """Release the sync session's connections."""
+        if "session" in self.__dict__:
+            self.session.close()
+            del self.__dict__["session"]
+
+    # -- async client -----------------------------------------------------------------------------
+
+    async def _asend_once(self, request: _Request, timeouts: Timeouts) -> dict[str, Any]:
+        import httpx
+
+        client = _async_client(timeouts)
+        try:
+            response = await client.request(
+                request.method, request.url, headers=request.headers, json=request.json_body
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise _transport_error(request, exc, request_sent=False) from None
+        except httpx.HTTPError as exc:  # read timeouts, resets mid-answer, protocol errors
+            raise _transport_error(request, exc, request_sent=True) from None
+        return parse_response(request, response.status_code, response.headers, response.content)
+
+    async def _asend(self, request: _Request, settings: EvolinkConnectionSettings) -> dict[str, Any]:
+        policy = settings.retry
+        for attempt in range(1, policy.max_attempts + 1):
+            try:
+                return await self._asend_once(request, settings.timeouts)
+            except EvolinkError as error:
+                if attempt == policy.max_attempts or not should_retry(request, error):
+                    raise _give_up(request, error, attempt) from None
+                delay = policy.delay(attempt, getattr(error, "retry_after", None))
+                log.info(
+                    "EvoLink %s %s failed (%s); attempt %d of %d in %.1fs",
+                    request.method,
+                    request.path,
+                    error,
+                    attempt + 1,
+                    policy.max_attempts,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def aget_task(self, task_id: str) -> dict[str, Any]:
+        """Read a task without blocking the event loop (for triggers)."""
+        settings = await self.aget_settings()
+        return await self._asend(self._build_request(settings, "GET", _task_path(task_id)), settings)
+
+
+def _task_path(task_id: str) -> str:
+    if not isinstance(task_id, str) or not task_id.startswith(TASK_ID_PREFIX) or "/" in task_id:
+        raise EvolinkConfigurationError(
+            f"{task_id!r} is not an EvoLink task id (they look like {TASK_ID_PREFIX}<seconds>-<8 chars>)"
+        )
+    return f"/v1/tasks/{task_id}"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a ``requests`` connection error happened before the request could be sent."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (NewConnectionError, ConnectTimeoutError)):
+            return True
+        reason = getattr(current, "reason", None)
+        nxt = reason if isinstance(reason, BaseException) else None
+        current = (
+            nxt
+            or current.__cause__
+            or current.__context__
+            or (current.args[0] if current.args and isinstance(current.args[0], BaseException) else None)
+        )
+    return False
+
+
+def _transport_error(request: _Request, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
+    # The exception text from requests/httpx names the URL, never headers, so the key cannot leak here.
+    return EvolinkTransportError(
+        f"EvoLink {request.method} {request.path}: {type(exc).__name__}: {exc}",
+        request_sent=request_sent,
+    )
+
+
+def _mask(api_key: _ApiKey) -> None:
+    """Register the key with Airflow's secrets masker (the password field already is; this covers extras)."""
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(api_key.reveal())
