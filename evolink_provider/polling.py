@@ -1,0 +1,196 @@
+"""Decide after each poll: keep waiting (and for how long), succeed, fail or time out.
+
+One function, :func:`decide_after_poll`, serves the operators' synchronous wait, the sensor and the
+deferrable trigger, so the modes cannot drift apart.
+
+Adaptive schedule (why a 40-minute job is not polled every few seconds, yet completion is noticed soon):
+
+* The expected total run time comes from the task's ``progress`` once it is between 0 and 100 (elapsed
+  x 100 / progress: the best estimate, trusted at 85 %), else from ``task_info.estimated_time`` (trusted at
+  50 %, because it is a model-wide figure), else from a 60 s guess.
+* The next poll comes after ``trust x remaining`` seconds, so polls close in on the expected end
+  geometrically, but never sooner than the *tolerance* ``max(poll_interval, 4 % of the expected run
+  time)``: the delay between completion and its detection stays within that tolerance, i.e. within
+  max(5 s, 5 % of the run time) with the default 5 s floor.
+* No delay exceeds ``max_poll_interval`` (default 600 s) nor the time left before the deadline.
+* Delays carry up to 10 % of downward jitter so that many tasks submitted together do not poll in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from typing import Any
+
+RUNNING_STATUSES = frozenset({"pending", "processing"})
+FAILED_STATUSES = frozenset({"failed", "cancelled"})
+COMPLETED_STATUS = "completed"
+
+DEFAULT_POLL_INTERVAL = 5.0
+DEFAULT_MAX_POLL_INTERVAL = 600.0
+#: Without any estimate from the API, assume a minute-long generation.
+FALLBACK_ESTIMATE = 60.0
+TRUST_PROGRESS = 0.85
+TRUST_ESTIMATED_TIME = 0.5
+TOLERANCE_SHARE = 0.04
+
+
+class Outcome(str, enum.Enum):
+    """What a poll means for the wait."""
+
+    WAIT = "wait"
+    SUCCESS = "success"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class PollDecision:
+    """The verdict of one poll; ``delay`` is meaningful only for :attr:`Outcome.WAIT`."""
+
+    outcome: Outcome
+    delay: float = 0.0
+    message: str = ""
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def expected_run_time(task: dict[str, Any], elapsed: float) -> tuple[float, float]:
+    """The expected total run time of ``task`` and how much to trust it (see the module docstring)."""
+    progress = _number(task.get("progress"))
+    if task.get("status") == "processing" and progress is not None and 0 < progress < 100 and elapsed > 0:
+        return elapsed * 100.0 / progress, TRUST_PROGRESS
+    info = task.get("task_info")
+    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
+    if estimate is not None and estimate > 0:
+        return estimate, TRUST_ESTIMATED_TIME
+    return FALLBACK_ESTIMATE, TRUST_ESTIMATED_TIME
+
+
+def next_poll_delay(
+    task: dict[str, Any],
+    *,
+    elapsed: float,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+    jitter: bool = True,
+) -> float:
+    """Seconds until the next poll of a running task ``elapsed`` seconds after it was submitted."""
+    elapsed = max(0.0, elapsed)
+    expected, trust = expected_run_time(task, elapsed)
+    tolerance = max(poll_interval, TOLERANCE_SHARE * max(expected, elapsed))
+    delay = max(tolerance, trust * max(0.0, expected - elapsed))
+    if jitter:
+        delay *= random.uniform(0.9, 1.0)
+    return max(poll_interval, min(delay, max_poll_interval))
+
+
+def task_failure(task: dict[str, Any]) -> tuple[str | None, str]:
+    """``(error.code, error.message)`` of a failed or cancelled task (EvoLink's message may be empty)."""
+    error = task.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        return (str(code) if code else None), str(error.get("message") or "")
+    return None, ""
+
+
+def completed_without_output(task: dict[str, Any]) -> bool:
+    """A ``completed`` task with neither ``results`` nor ``result_data`` has nothing to hand downstream."""
+    results = task.get("results")
+    return not (isinstance(results, list) and results) and not task.get("result_data")
+
+
+def decide_after_poll(
+    task: dict[str, Any],
+    *,
+    now: float,
+    started_at: float,
+    deadline: float | None,
+    poll_interval: float = DEFAULT_POLL_INTERVAL,
+    max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+) -> PollDecision:
+    """Turn one task object into the next step of the wait.
+
+    :param now: current wall-clock time (epoch seconds).
+    :param started_at: when the task was submitted (epoch seconds); drives the adaptive schedule.
+    :param deadline: epoch seconds after which a still-running task ends the wait with TIMEOUT.
+    """
+    status = task.get("status")
+    task_id = task.get("id", "?")
+    if status == COMPLETED_STATUS:
+        if completed_without_output(task):
+            return PollDecision(
+                Outcome.FAILED,
+                message=f"EvoLink task {task_id} is completed but returned no results and no result_data",
+            )
+        return PollDecision(Outcome.SUCCESS, message=f"EvoLink task {task_id} completed")
+    if status in FAILED_STATUSES:
+        code, message = task_failure(task)
+        return PollDecision(
+            Outcome.FAILED,
+            message=f"EvoLink task {task_id} ended {status}"
+            + (f": code={code}" if code else "")
+            + (f", message={message!r}" if message else ""),
+        )
+    if deadline is not None and now >= deadline:
+        return PollDecision(
+            Outcome.TIMEOUT,
+            message=f"EvoLink task {task_id} is still {status} after the wait budget; it keeps running "
+            "remotely (EvoLink has no cancel call) and a retry of this Airflow task reattaches to it",
+        )
+    delay = next_poll_delay(
+        task, elapsed=now - started_at, poll_interval=poll_interval, max_poll_interval=max_poll_interval
+    )
+    if deadline is not None:
+        delay = max(0.0, min(delay, deadline - now))
+    note = "" if status in RUNNING_STATUSES else f"unknown status {status!r} treated as still running"
+    return PollDecision(Outcome.WAIT, delay=delay, message=note)
+
+
+class ProgressReporter:
+    """Remembers what was last reported so that progress is logged on change, not on every poll."""
+
+    def __init__(self) -> None:
+        self._last: tuple[Any, ...] | None = None
+
+    def update(self, task: dict[str, Any]) -> str | None:
+        """A log line when status, progress or the API's estimate changed since the last call, else None."""
+        info = task.get("task_info")
+        if not isinstance(info, dict):
+            info = {}
+        state = (task.get("status"), task.get("progress"), info.get("estimated_time"))
+        if state == self._last:
+            return None
+        self._last = state
+        status, progress, estimate = state
+        line = f"EvoLink task {task.get('id', '?')}: {status}"
+        if progress is not None:
+            line += f", {progress}%"
+        if estimate is not None:
+            line += f", estimated {estimate}s in total"
+        return line
+
+
+class PollFailureBudget:
+    """Counts consecutive failed polls; one success resets it, so only a sustained outage ends a wait."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.consecutive = 0
+
+    def success(self) -> None:
+        self.consecutive = 0
+
+    def failure(self) -> bool:
+        """Record a failed poll; True while the wait may go on."""
+        self.consecutive += 1
+        return self.consecutive < self.limit
+
+    def backoff(self, poll_interval: float, max_poll_interval: float) -> float:
+        """Delay before polling again after a failed poll: doubling from ``poll_interval``, capped."""
+        return min(max_poll_interval, poll_interval * (2 ** (self.consecutive - 1)))

@@ -1,0 +1,112 @@
+"""EvolinkTaskSensor: wait for an EvoLink task that was submitted somewhere else."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
+
+from evolink_provider.exceptions import EvolinkError, EvolinkTaskError
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.operators.evolink import fail_for
+from evolink_provider.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    Outcome,
+    ProgressReporter,
+    decide_after_poll,
+    task_failure,
+)
+from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+
+class EvolinkTaskSensor(BaseSensorOperator):
+    """Wait until an EvoLink task ends; return its task object (``results``, ``result_data``, ``usage``).
+
+    Works in ``poke`` and ``reschedule`` modes and, with ``deferrable=True``, polls once and then hands
+    the wait to :class:`~evolink_provider.triggers.evolink.EvolinkTaskTrigger`. A failed or cancelled task
+    fails the sensor with EvoLink's error code and message.
+
+    :param evolink_task_id: the task to wait for (templated), e.g. ``{{ ti.xcom_pull('submit')['id'] }}``.
+    :param evolink_conn_id: Airflow connection holding the API key.
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    :param max_poll_interval: the longest delay between polls in deferrable mode (seconds); ``poke_interval``
+        is the shortest.
+    """
+
+    template_fields: Sequence[str] = ("evolink_task_id", "evolink_conn_id")
+    ui_color = "#e8defc"
+
+    def __init__(
+        self,
+        *,
+        evolink_task_id: str,
+        evolink_conn_id: str = EvolinkHook.default_conn_name,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        poke_interval: float = DEFAULT_POLL_INTERVAL,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poke_interval=poke_interval, **kwargs)
+        self.evolink_task_id = evolink_task_id
+        self.evolink_conn_id = evolink_conn_id
+        self.deferrable = deferrable
+        self.max_poll_interval = max_poll_interval
+        self._reporter = ProgressReporter()
+
+    @cached_property
+    def hook(self) -> EvolinkHook:
+        return EvolinkHook(self.evolink_conn_id)
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        try:
+            task = self.hook.get_task(self.evolink_task_id)
+        except EvolinkError as error:
+            if error.retryable:  # the next poke tries again; the sensor's timeout bounds the wait
+                self.log.warning("Polling EvoLink task %s failed: %s", self.evolink_task_id, error)
+                return PokeReturnValue(is_done=False)
+            fail_for(error)
+        if line := self._reporter.update(task):
+            self.log.info(line)
+        now = time.time()
+        decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
+        if decision.outcome is Outcome.SUCCESS:
+            return PokeReturnValue(is_done=True, xcom_value=task)
+        if decision.outcome is Outcome.FAILED:
+            code, message = task_failure(task)
+            fail_for(EvolinkTaskError(self.evolink_task_id, str(task.get("status")), code, message or None))
+        if decision.message:
+            self.log.warning(decision.message)
+        return PokeReturnValue(is_done=False)
+
+    def execute(self, context: Context) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        first = self.poke(context)
+        if first.is_done:
+            return first.xcom_value
+        self.defer(
+            trigger=EvolinkTaskTrigger(
+                evolink_task_id=self.evolink_task_id,
+                evolink_conn_id=self.evolink_conn_id,
+                poll_interval=self.poke_interval,
+                max_poll_interval=self.max_poll_interval,
+                end_time=time.time() + float(self.timeout),
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=float(self.timeout) + 2 * self.max_poll_interval + 60),
+        )
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger with the task object, or fail with what the event says."""
+        try:
+            return task_from_event(event)
+        except EvolinkError as error:
+            fail_for(error)

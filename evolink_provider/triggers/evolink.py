@@ -1,0 +1,166 @@
+"""EvolinkTaskTrigger: waits for an EvoLink task in the triggerer, without holding a worker slot.
+
+The trigger only waits: submission happens on the worker (a POST made here would be sent again after a
+triggerer restart). Its kwargs are JSON-safe and hold no secret; the API key is read from the connection
+at run time. The deadline is absolute wall-clock time, so a triggerer restart does not extend the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, EvolinkWaitTimeoutError
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    Outcome,
+    PollFailureBudget,
+    ProgressReporter,
+    decide_after_poll,
+    task_failure,
+)
+
+#: Consecutive failed polls (each already retried inside the hook) that end a wait.
+DEFAULT_MAX_POLL_FAILURES = 8
+
+
+class EvolinkTaskTrigger(BaseTrigger):
+    """Polls ``GET /v1/tasks/{id}`` on the adaptive schedule of :mod:`evolink_provider.polling`.
+
+    Fires exactly one event, a dict with ``status`` in ``success | failed | timeout | error`` and
+    ``evolink_task_id``; ``success`` carries the final ``task`` object, ``failed`` the task's ``code`` and
+    ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``.
+
+    :param evolink_task_id: the EvoLink task to wait for.
+    :param evolink_conn_id: Airflow connection holding the API key.
+    :param poll_interval: the shortest delay between polls (seconds).
+    :param max_poll_interval: the longest delay between polls (seconds).
+    :param end_time: wall-clock deadline (epoch seconds); ``None`` waits for ever.
+    :param started_at: when the task was submitted (epoch seconds); drives the adaptive schedule.
+    :param max_poll_failures: consecutive failed polls that end the wait with an ``error`` event.
+    """
+
+    def __init__(
+        self,
+        evolink_task_id: str,
+        evolink_conn_id: str = EvolinkHook.default_conn_name,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        end_time: float | None = None,
+        started_at: float | None = None,
+        max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
+    ) -> None:
+        super().__init__()
+        self.evolink_task_id = evolink_task_id
+        self.evolink_conn_id = evolink_conn_id
+        self.poll_interval = float(poll_interval)
+        self.max_poll_interval = float(max_poll_interval)
+        self.end_time = None if end_time is None else float(end_time)
+        self.started_at = time.time() if started_at is None else float(started_at)
+        self.max_poll_failures = int(max_poll_failures)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "evolink_task_id": self.evolink_task_id,
+                "evolink_conn_id": self.evolink_conn_id,
+                "poll_interval": self.poll_interval,
+                "max_poll_interval": self.max_poll_interval,
+                "end_time": self.end_time,
+                "started_at": self.started_at,
+                "max_poll_failures": self.max_poll_failures,
+            },
+        )
+
+    def _event(self, status: str, **payload: Any) -> TriggerEvent:
+        return TriggerEvent({"status": status, "evolink_task_id": self.evolink_task_id, **payload})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = EvolinkHook(self.evolink_conn_id)
+        reporter = ProgressReporter()
+        failures = PollFailureBudget(self.max_poll_failures)
+        while True:
+            try:
+                task = await hook.aget_task(self.evolink_task_id)
+            except EvolinkError as error:
+                if not error.retryable or not failures.failure():
+                    yield self._event("error", message=str(error), retryable=error.retryable)
+                    return
+                delay = failures.backoff(self.poll_interval, self.max_poll_interval)
+                if self.end_time is not None and time.time() + delay >= self.end_time:
+                    yield self._event("timeout", message=f"wait budget spent while polls failed: {error}")
+                    return
+                self.log.warning(
+                    "Polling EvoLink task %s failed (%d in a row): %s; next poll in %.1fs",
+                    self.evolink_task_id,
+                    failures.consecutive,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures.success()
+            if line := reporter.update(task):
+                self.log.info(line)
+            decision = decide_after_poll(
+                task,
+                now=time.time(),
+                started_at=self.started_at,
+                deadline=self.end_time,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            )
+            if decision.outcome is Outcome.WAIT:
+                if decision.message:
+                    self.log.warning(decision.message)
+                await asyncio.sleep(decision.delay)
+                continue
+            if decision.outcome is Outcome.SUCCESS:
+                yield self._event("success", task=task)
+            elif decision.outcome is Outcome.TIMEOUT:
+                yield self._event("timeout", message=decision.message)
+            else:
+                code, message = task_failure(task)
+                yield self._event(
+                    "failed", code=code, message=decision.message, api_message=message, task=task
+                )
+            return
+
+    async def on_kill(self) -> None:
+        """A user cleared or marked the deferred task: say that the generation goes on (no cancel call)."""
+        self.log.warning(
+            "EvoLink has no cancel call: task %s keeps generating (and is billed when it completes). "
+            "A retry of this Airflow task reattaches to it instead of submitting again.",
+            self.evolink_task_id,
+        )
+
+
+def task_from_event(event: Any) -> dict[str, Any]:
+    """The task object of a ``success`` event; any other event raised as the error it reports.
+
+    Operators and the sensor call this in ``execute_complete`` so both read the trigger's events one way.
+    """
+    if not isinstance(event, dict) or "status" not in event:
+        raise EvolinkError(f"EvoLink trigger returned no usable event: {event!r}")
+    status = event["status"]
+    task_id = str(event.get("evolink_task_id", "?"))
+    task = event.get("task")
+    if status == "success" and isinstance(task, dict):
+        return task
+    if status == "failed":
+        remote_status = str(task.get("status", "failed")) if isinstance(task, dict) else "failed"
+        raise EvolinkTaskError(
+            task_id, remote_status, event.get("code"), event.get("api_message") or event.get("message")
+        )
+    if status == "timeout":
+        raise EvolinkWaitTimeoutError(str(event.get("message") or f"timed out waiting for {task_id}"))
+    error = EvolinkError(f"Waiting for EvoLink task {task_id} failed: {event.get('message') or event!r}")
+    error.retryable = status == "error" and bool(event.get("retryable"))
+    raise error
