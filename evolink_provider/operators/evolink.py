@@ -79,9 +79,12 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param max_poll_interval: the longest delay between polls, seconds.
     :param timeout: seconds of waiting (from submission or reattachment) before the Airflow task fails;
         the EvoLink task keeps running and a retry reattaches to it.
+    :param output_path: a local directory or an ``ObjectStoragePath`` URI (``file://``, ``s3://``, ...)
+        to stream the results into (their URLs expire after 24 h); the stored paths are returned under
+        ``"files"``.
     """
 
-    template_fields: Sequence[str] = ("evolink_conn_id",)
+    template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
     ui_color = "#e8defc"
 
     def __init__(
@@ -93,10 +96,12 @@ class EvolinkBaseVideoOperator(BaseOperator):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
+        output_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.evolink_conn_id = evolink_conn_id
+        self.output_path = output_path
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -120,12 +125,22 @@ class EvolinkBaseVideoOperator(BaseOperator):
         return EvolinkHook(self.evolink_conn_id)
 
     def validated_payload(self) -> dict[str, Any]:
-        """The JSON body to submit, checked against the model's documented limits (no HTTP)."""
+        """The JSON body to submit, checked against the model's documented limits.
+
+        Every field is checked before the first HTTP call; local or object-storage inputs are then
+        uploaded through EvoLink's Files API and the body is checked again with their URLs.
+        """
         from evolink_provider.models import validate_request
 
         model = self.model_name()
+        fields = self.model_fields()
         try:
-            validated = validate_request(model, self.model_fields())
+            validated = validate_request(model, fields, allow_local_media=True)
+            if validated.local_media:
+                from evolink_provider.storage import upload_local_media
+
+                fields = upload_local_media(self.hook, fields, validated.local_media)
+                validated = validate_request(model, fields)
         except EvolinkError as error:
             fail_for(error)
         for warning in validated.warnings:
@@ -299,6 +314,13 @@ class EvolinkBaseVideoOperator(BaseOperator):
             if task.get("status") == "completed":  # completed, but nothing to hand downstream
                 raise EvolinkTaskError(task["id"], "completed without output", code, decision.message)
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
+        if self.output_path:
+            from evolink_provider.storage import store_results
+
+            try:
+                task = {**task, "files": store_results(self.hook, task, self.output_path)}
+            except EvolinkError as error:
+                fail_for(error)
         usage = task.get("usage") or {}
         self.log.info(
             "EvoLink task %s completed; usage: %s",
@@ -321,7 +343,7 @@ class EvolinkVideoGenerationOperator(EvolinkBaseVideoOperator):
     :param request_fields: further model fields, e.g. ``{"duration": 8, "quality": "1080p"}``.
     """
 
-    template_fields: Sequence[str] = ("evolink_conn_id", "model", "prompt", "request_fields")
+    template_fields: Sequence[str] = ("evolink_conn_id", "output_path", "model", "prompt", "request_fields")
     template_fields_renderers = {"request_fields": "json"}
 
     def __init__(
@@ -375,6 +397,7 @@ class EvolinkHappyHorseReferenceToVideoOperator(EvolinkBaseVideoOperator):
 
     template_fields: Sequence[str] = (
         "evolink_conn_id",
+        "output_path",
         "model",
         "prompt",
         "image_urls",
@@ -441,6 +464,7 @@ class EvolinkSeedanceTextToVideoOperator(EvolinkBaseVideoOperator):
 
     template_fields: Sequence[str] = (
         "evolink_conn_id",
+        "output_path",
         "model",
         "prompt",
         "duration",
@@ -507,7 +531,7 @@ class EvolinkSoraCharacterOperator(EvolinkBaseVideoOperator):
     :param timestamps: ``"a,b"`` seconds, at most 2 s apart (default ``"0,2"``).
     """
 
-    template_fields: Sequence[str] = ("evolink_conn_id", "video_url", "timestamps")
+    template_fields: Sequence[str] = ("evolink_conn_id", "output_path", "video_url", "timestamps")
 
     def __init__(self, *, video_url: str, timestamps: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
