@@ -1,0 +1,122 @@
+"""Test set-up: a private AIRFLOW_HOME and DAGs folder, the EvoLink simulator on loopback, and a connection.
+
+The environment is fixed here, at import, because Airflow reads its configuration when first imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_API_KEY = "sk-sim-pytest-key-5d1c0a97e3"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="evolink-airflow-home-"))
+DAGS_FOLDER = AIRFLOW_HOME / "dags"
+SIMULATOR_PORT = _free_port()
+SIMULATOR_URL = f"http://127.0.0.1:{SIMULATOR_PORT}"
+
+#: Small timeouts and backoffs keep the fault tests fast; the rules are the production ones.
+CONNECTION_EXTRA = {
+    "connect_timeout": 2,
+    "read_timeout": 2,
+    "max_retries": 4,
+    "backoff_base": 0.05,
+    "backoff_max": 0.2,
+    "retry_after_max": 1.5,
+}
+
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "EVOLINK_SIMULATOR_API_KEY": TEST_API_KEY,
+        "AIRFLOW_CONN_EVOLINK_DEFAULT": json.dumps(
+            {
+                "conn_type": "evolink",
+                "password": TEST_API_KEY,
+                "host": SIMULATOR_URL,
+                "extra": CONNECTION_EXTRA,
+            }
+        ),
+    }
+)
+DAGS_FOLDER.mkdir(parents=True, exist_ok=True)
+for source in [*(REPO / "tests" / "dags").glob("*.py"), *(REPO / "example_dags").glob("*.py")]:
+    shutil.copy(source, DAGS_FOLDER / source.name)
+
+
+class SimulatorControl:
+    """The simulator's test-only control endpoints (faults, statistics, reset), over loopback."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def add_faults(self, *rules: dict[str, Any]) -> None:
+        response = requests.post(f"{self.base_url}/_simulator/faults", json={"rules": list(rules)}, timeout=5)
+        response.raise_for_status()
+
+    def clear_faults(self) -> None:
+        requests.delete(f"{self.base_url}/_simulator/faults", timeout=5).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        response = requests.get(f"{self.base_url}/_simulator/stats", timeout=5)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def reset(self) -> None:
+        requests.post(f"{self.base_url}/_simulator/reset", timeout=5).raise_for_status()
+
+    def posts(self) -> int:
+        return int(self.stats()["requests"].get("POST /v1/videos/generations", 0))
+
+
+@pytest.fixture(scope="session")
+def simulator_server() -> Iterator[str]:
+    """The simulator, started once for the session on the port the connection names."""
+    from evolink_provider.simulator import EvolinkSimulator
+
+    with EvolinkSimulator(api_key=TEST_API_KEY, port=SIMULATOR_PORT, task_seconds=2.0) as sim:
+        yield sim.base_url
+
+
+@pytest.fixture
+def sim(simulator_server: str) -> Iterator[SimulatorControl]:
+    """A clean simulator (no tasks, faults or counts) for each test."""
+    control = SimulatorControl(simulator_server)
+    control.reset()
+    yield control
+    control.clear_faults()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one)."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+        env=os.environ.copy(),
+    )
+    return AIRFLOW_HOME

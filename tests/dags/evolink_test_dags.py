@@ -1,0 +1,158 @@
+"""DAGs the operator tests run with ``dag.test()`` against the simulator (one per scenario and mode).
+
+Each DAG ends in a check task that reads what the EvoLink task handed downstream through XCom, so a
+run only succeeds when the values a user's next step would use are really there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+import requests
+from airflow.sdk import DAG, task
+
+from evolink_provider.operators.evolink import (
+    EvolinkHappyHorseReferenceToVideoOperator,
+    EvolinkSeedanceTextToVideoOperator,
+    EvolinkSoraCharacterOperator,
+    EvolinkVideoGenerationOperator,
+)
+from evolink_provider.sensors.evolink import EvolinkTaskSensor
+
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+#: Every DAG of this file by id, for the tests to run.
+DAGS: dict[str, DAG] = {}
+FAST = {"poll_interval": 0.2, "max_poll_interval": 1.0}
+IMAGES = [
+    "https://images.example.com/hero.png",
+    "https://images.example.com/sidekick.jpg",
+]
+
+
+def new_dag(dag_id: str, **kwargs: Any) -> DAG:
+    DAGS[dag_id] = DAG(dag_id, schedule=None, start_date=START, catchup=False, **kwargs)
+    return DAGS[dag_id]
+
+
+@task
+def check_video(generated: dict[str, Any]) -> str:
+    """Downstream step: the task object has a playable result URL."""
+    assert generated["status"] == "completed", generated
+    url = generated["results"][0]
+    head = requests.get(url, timeout=10, stream=True)
+    assert head.status_code == 200 and head.headers["Content-Type"] == "video/mp4", url
+    return str(url)
+
+
+@task
+def check_character(generated: dict[str, Any]) -> str:
+    """Downstream step: the character name and its picture are there."""
+    data = generated["result_data"]
+    assert data["character_name"].startswith("chr_"), data
+    assert requests.get(data["profile_picture_url"], timeout=10).status_code == 200
+    return str(data["character_name"])
+
+
+def seedance(mode: str, **kwargs: Any) -> EvolinkSeedanceTextToVideoOperator:
+    return EvolinkSeedanceTextToVideoOperator(
+        task_id="generate",
+        prompt=kwargs.pop("prompt", "A paper boat sails across a rainy street, cinematic"),
+        duration=kwargs.pop("duration", 4),
+        deferrable=mode == "deferrable",
+        **FAST,
+        **kwargs,
+    )
+
+
+for mode in ("sync", "deferrable"):
+    with new_dag(f"evolink_seedance_{mode}"):
+        check_video(seedance(mode, aspect_ratio="16:9").output)
+
+    with new_dag(f"evolink_happyhorse_{mode}"):
+        happyhorse = EvolinkHappyHorseReferenceToVideoOperator(
+            task_id="generate",
+            prompt="character1 hands character2 a glowing lantern in a snowy forest",
+            image_urls=IMAGES,
+            quality="720p",
+            aspect_ratio="4:5",
+            duration=3,
+            deferrable=mode == "deferrable",
+            **FAST,
+        )
+        check_video(happyhorse.output)
+
+    with new_dag(f"evolink_sora_character_{mode}"):
+        sora = EvolinkSoraCharacterOperator(
+            task_id="generate",
+            video_url="https://videos.example.com/actor.mp4",
+            timestamps="1,3",
+            deferrable=mode == "deferrable",
+            **FAST,
+        )
+        check_character(sora.output)
+
+    with new_dag(f"evolink_generic_{mode}"):
+        known = EvolinkVideoGenerationOperator(
+            task_id="generate",
+            model="seedance-2.0-text-to-video",
+            prompt="Northern lights over a frozen lake",
+            quality="1080p",
+            duration=4,
+            deferrable=mode == "deferrable",
+            **FAST,
+        )
+        unknown = EvolinkVideoGenerationOperator(
+            task_id="generate_future_model",
+            model="evolink-future-video-2",
+            prompt="A hummingbird in slow motion",
+            request_fields={"duration": 4, "style": "documentary"},
+            deferrable=mode == "deferrable",
+            **FAST,
+        )
+        check_video(known.output)
+        check_video.override(task_id="check_future_model")(unknown.output)
+
+    with new_dag(f"evolink_reattach_{mode}"):
+        # The first try gives up waiting after 0.5 s (as a crashed worker would stop waiting); the retry
+        # must reattach to the same EvoLink task, not submit a second one.
+        check_video(
+            seedance(mode, prompt="reattach me [sim:seconds=3]", timeout=0.5, retries=1, retry_delay=0).output
+        )
+
+    with new_dag(f"evolink_sensor_{mode}"):
+        submitted = seedance("sync", wait_for_completion=False)
+        waited = EvolinkTaskSensor(
+            task_id="wait",
+            evolink_task_id="{{ ti.xcom_pull(task_ids='generate')['id'] }}",
+            poke_interval=0.2,
+            max_poll_interval=1.0,
+            timeout=60,
+            mode="reschedule" if mode == "sync" else "poke",
+            deferrable=mode == "deferrable",
+        )
+        submitted >> waited
+        check_video(waited.output)
+
+with new_dag("evolink_bad_input"):
+    seedance("sync", duration=99, retries=2, retry_delay=0)
+
+with new_dag("evolink_templated_fields", params={"seconds": 6}):
+    check_video(seedance("sync", duration="{{ params.seconds }}", generate_audio="{{ 'false' }}").output)
+
+with new_dag("evolink_content_blocked"):
+    seedance("sync", prompt="forbidden [sim:fail=content_policy_violation]", retries=2, retry_delay=0)
+
+with new_dag("evolink_transient_failure"):
+    check_video(
+        seedance("sync", prompt="flaky upstream [sim:fail=service_error:1]", retries=1, retry_delay=0).output
+    )
+
+with new_dag("evolink_wait_timeout"):
+    seedance("deferrable", prompt="never ends [sim:stay=processing]", timeout=1)
+
+with new_dag("evolink_mapped"):
+    generated = EvolinkSeedanceTextToVideoOperator.partial(task_id="generate", duration=4, **FAST).expand(
+        prompt=["A red kite over dunes", "A tram in the fog", "Koi in a pond"]
+    )
+    check_video.expand(generated=generated.output)

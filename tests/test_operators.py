@@ -1,0 +1,150 @@
+"""Operators and the sensor inside real Airflow DAG runs (``dag.test()``), against the simulator.
+
+The DAGs live in ``tests/dags/evolink_test_dags.py`` (copied into the test DAGs folder, where dag.test()
+needs them); each ends in a check task that uses the XCom value as a downstream step would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.conftest import DAGS_FOLDER, SimulatorControl
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+@cache
+def dag_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("evolink_test_dags", DAGS_FOLDER / "evolink_test_dags.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_dag(dag_id: str) -> tuple[str, dict[str, Any]]:
+    """Run a DAG with dag.test(); return the run state and ``{task_id[map_index]: (state, try_number)}``."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    dag = dag_module().DAGS[dag_id]
+    dag_run = dag.test()
+    with create_session() as session:
+        rows = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id)
+            .all()
+        )
+        tasks = {
+            f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: (
+                str(ti.state),
+                ti.try_number,
+            )
+            for ti in rows
+        }
+    return str(dag_run.state), tasks
+
+
+def xcom(dag_id: str, task_id: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = (
+            session.query(XComModel)
+            .filter(XComModel.dag_id == dag_id, XComModel.task_id == task_id, XComModel.key == "return_value")
+            .order_by(XComModel.timestamp.desc())
+            .first()
+        )
+        assert row is not None, f"no XCom from {dag_id}.{task_id}"
+        return XComModel.deserialize_value(row)
+
+
+MODES = ["sync", "deferrable"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scenario", ["seedance", "happyhorse", "sora_character", "generic"])
+def test_every_model_operator_completes(sim: SimulatorControl, scenario: str, mode: str) -> None:
+    dag_id = f"evolink_{scenario}_{mode}"
+
+    state, tasks = run_dag(dag_id)
+
+    assert state == "success", tasks
+    assert all(task_state == "success" for task_state, _ in tasks.values()), tasks
+    generated = xcom(dag_id, "generate")
+    assert generated["id"].startswith("task-unified-")
+    assert generated["status"] == "completed"
+    expected_posts = 2 if scenario == "generic" else 1
+    assert sim.stats()["tasks_created"] == expected_posts
+
+
+def test_character_name_reaches_downstream(sim: SimulatorControl) -> None:
+    state, _ = run_dag("evolink_sora_character_sync")
+    assert state == "success"
+    assert xcom("evolink_sora_character_sync", "check_character").startswith("chr_")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_retry_reattaches_instead_of_submitting_again(sim: SimulatorControl, mode: str) -> None:
+    state, tasks = run_dag(f"evolink_reattach_{mode}")
+
+    assert state == "success", tasks
+    assert tasks["generate"] == ("success", 2), "the first try should time out, the second reattach"
+    stats = sim.stats()
+    assert stats["requests"]["POST /v1/videos/generations"] == 1
+    assert stats["tasks_created"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sensor_waits_for_a_task_submitted_elsewhere(sim: SimulatorControl, mode: str) -> None:
+    state, tasks = run_dag(f"evolink_sensor_{mode}")
+    assert state == "success", tasks
+    assert xcom(f"evolink_sensor_{mode}", "wait")["status"] == "completed"
+
+
+def test_bad_input_fails_before_any_request_and_without_retries(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_bad_input")
+    assert state == "failed"
+    assert tasks["generate"] == ("failed", 1)  # AirflowFailException: retries=2 left unused
+    assert sum(sim.stats()["requests"].values()) == 0
+
+
+def test_templated_strings_are_coerced_after_rendering(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_templated_fields")
+    assert state == "success", tasks
+    assert xcom("evolink_templated_fields", "generate")["task_info"]["video_duration"] == 6
+
+
+def test_a_content_block_fails_at_once_without_retries(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_content_blocked")
+    assert state == "failed"
+    assert tasks["generate"] == ("failed", 1)
+    assert sim.stats()["tasks_created"] == 1
+
+
+def test_a_transient_task_failure_is_resubmitted_by_the_retry(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_transient_failure")
+    assert state == "success", tasks
+    assert tasks["generate"] == ("success", 2)
+    stats = sim.stats()
+    assert stats["tasks_created"] == 2  # the failed one (not billed) and its replacement
+    assert len(stats["posts_by_idempotency_key"]) == 2  # a fresh key for the deliberate resubmission
+
+
+def test_wait_timeout_fails_the_task_and_names_it(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_wait_timeout")
+    assert state == "failed"
+    assert tasks["generate"][0] == "failed"
+
+
+def test_dynamic_mapping_generates_one_video_per_prompt(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_mapped")
+    assert state == "success", tasks
+    assert {k for k in tasks if k.startswith("generate[")} == {"generate[0]", "generate[1]", "generate[2]"}
+    assert sim.stats()["tasks_created"] == 3

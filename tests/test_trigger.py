@@ -1,0 +1,113 @@
+"""EvolinkTaskTrigger: serialization, and real polling of the simulator on an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import pytest
+
+from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients
+from evolink_provider.triggers.evolink import EvolinkTaskTrigger
+from tests.conftest import TEST_API_KEY, SimulatorControl
+
+SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "waves", "duration": 4}
+
+
+def run_trigger(trigger: EvolinkTaskTrigger) -> list[dict[str, Any]]:
+    """Run the trigger to its end on a debug-mode loop that reports any callback blocking for 100 ms."""
+
+    async def collect() -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        loop.slow_callback_duration = 0.1
+        try:
+            return [event.payload async for event in trigger.run()]
+        finally:
+            await aclose_async_clients()
+
+    return asyncio.run(collect(), debug=True)
+
+
+def submit(prompt: str = "waves") -> str:
+    return str(EvolinkHook().create_video_task({**SEEDANCE, "prompt": prompt})["id"])
+
+
+def test_serialize_round_trip_is_json_safe_and_secret_free() -> None:
+    trigger = EvolinkTaskTrigger(
+        evolink_task_id="task-unified-1700000000-abcdefgh", poll_interval=2, end_time=1e10, started_at=1.5e9
+    )
+    classpath, kwargs = trigger.serialize()
+
+    rebuilt = EvolinkTaskTrigger(**json.loads(json.dumps(kwargs)))
+
+    assert classpath == "evolink_provider.triggers.evolink.EvolinkTaskTrigger"
+    assert rebuilt.serialize() == (classpath, kwargs)
+    assert TEST_API_KEY not in json.dumps(kwargs)
+    assert TEST_API_KEY not in repr(trigger)
+
+
+def test_fires_success_with_the_task_object(sim: SimulatorControl, caplog: pytest.LogCaptureFixture) -> None:
+    task_id = submit()
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60))
+
+    assert len(events) == 1
+    assert events[0]["status"] == "success"
+    assert events[0]["task"]["status"] == "completed"
+    assert events[0]["task"]["results"]
+    assert not [r for r in caplog.records if "took" in r.getMessage()], "the event loop was blocked"
+
+
+def test_fires_failed_with_code_and_message(sim: SimulatorControl) -> None:
+    task_id = submit("waves [sim:fail=content_policy_violation]")
+    events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60))
+    assert events[0]["status"] == "failed"
+    assert events[0]["code"] == "content_policy_violation"
+
+
+def test_fires_timeout_when_the_task_outlives_the_budget(sim: SimulatorControl) -> None:
+    task_id = submit("waves [sim:stay=processing]")
+    started = time.monotonic()
+    events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 1.5))
+    assert events[0]["status"] == "timeout"
+    assert task_id in events[0]["evolink_task_id"]
+    assert time.monotonic() - started < 5
+
+
+def test_rides_out_thirty_percent_faulty_polls(sim: SimulatorControl) -> None:
+    task_id = submit()
+    sim.add_faults(
+        {"method": "GET", "path_prefix": "/v1/tasks/", "kind": "status", "status": 503, "share": 0.3},
+        {"method": "GET", "path_prefix": "/v1/tasks/", "kind": "reset", "share": 0.1},
+    )
+    events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60))
+    assert events[0]["status"] == "success"
+
+
+def test_a_sustained_outage_ends_the_wait_with_an_error(sim: SimulatorControl) -> None:
+    task_id = submit()
+    sim.add_faults({"method": "GET", "path_prefix": "/v1/tasks/", "kind": "status", "status": 503})
+    events = run_trigger(
+        EvolinkTaskTrigger(task_id, poll_interval=0.05, max_poll_failures=2, end_time=time.time() + 60)
+    )
+    assert events[0]["status"] == "error"
+    assert "503" in events[0]["message"]
+    assert events[0]["retryable"] is True
+
+
+def test_an_unknown_task_ends_the_wait_at_once(sim: SimulatorControl) -> None:
+    events = run_trigger(EvolinkTaskTrigger("task-unified-1700000000-zzzzzzzz", poll_interval=0.05))
+    assert events[0]["status"] == "error"
+    assert events[0]["retryable"] is False
+    assert sim.stats()["requests"]["GET /v1/tasks"] == 1
+
+
+def test_on_kill_says_the_generation_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    trigger = EvolinkTaskTrigger("task-unified-1700000000-abcdefgh")
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(trigger.on_kill())
+    assert "no cancel call" in caplog.text
+    assert "task-unified-1700000000-abcdefgh" in caplog.text
