@@ -1,0 +1,549 @@
+"""The HTTP side of the simulator: routing, authentication, the documented error bodies, faults, statistics.
+
+Stdlib ``http.server`` (HTTP/1.1, keep-alive, one thread per connection) rather than an ASGI stack, because
+fault injection needs the raw socket: a reset (RST), a body shorter than its Content-Length, a stall.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from email.parser import BytesParser
+from email.policy import HTTP
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from evolink_provider.simulator.faults import FaultPlan, FaultRule
+from evolink_provider.simulator.media import MediaCache, image_size, video_kind
+from evolink_provider.simulator.tasks import RESULT_TTL, Clock, ManualClock, SimTask, TaskStore, pixel_size
+from evolink_provider.simulator.validation import Accepted, RequestRejected, validate_generation
+
+ERROR_BODIES = {
+    400: ("invalid_request", "invalid_request_error"),
+    401: ("unauthorized", "authentication_error"),
+    402: ("insufficient_quota", "insufficient_quota_error"),
+    403: ("permission_denied", "permission_error"),
+    404: ("task_not_found", "not_found_error"),
+    409: ("idempotency_conflict", "invalid_request_error"),
+    429: ("rate_limit_exceeded", "rate_limit_error"),
+    500: ("internal_error", "api_error"),
+    502: ("bad_gateway", "api_error"),
+    503: ("service_unavailable", "api_error"),
+    504: ("gateway_timeout", "api_error"),
+}
+IDEMPOTENCY_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+UPLOAD_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "video/mp4",
+    "video/quicktime",
+    "video/webm",
+}
+CHUNK = 1 << 20
+UPLOAD_TTL = 72 * 3600.0
+
+
+class _Dropped(Exception):
+    """The connection was closed on purpose (a fault); nothing more is written."""
+
+
+class SimulatorState:
+    """Everything the request threads share."""
+
+    def __init__(
+        self,
+        api_keys: set[str],
+        clock: Clock,
+        task_seconds: float,
+        credits: float,
+        media_dir: Path,
+        result_ttl: float = RESULT_TTL,
+    ) -> None:
+        self.api_keys = api_keys
+        self.clock = clock
+        self.store = TaskStore(clock, task_seconds, credits)
+        self.faults = FaultPlan()
+        self.media = MediaCache(media_dir)
+        self.result_ttl = result_ttl
+        self.base_url = ""
+        self.lock = threading.Lock()
+        self.connections_opened = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            self.requests: Counter[str] = Counter()
+            self.tasks_created = 0
+            self.idempotent_replays = 0
+            self.prompts_truncated = 0
+            self.posts_by_key: Counter[str] = Counter()
+            self.tasks_by_key: dict[str, list[str]] = defaultdict(list)
+            self.polls_by_task: Counter[str] = Counter()
+            self.poll_times: dict[str, list[float]] = defaultdict(list)
+            self.uploads: dict[str, tuple[str, str, bytes, float]] = {}
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.faults.clear()
+        self.reset_stats()
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "requests": dict(self.requests),
+                "tasks_created": self.tasks_created,
+                "idempotent_replays": self.idempotent_replays,
+                "prompts_truncated": self.prompts_truncated,
+                "posts_by_idempotency_key": dict(self.posts_by_key),
+                "tasks_by_idempotency_key": {k: list(v) for k, v in self.tasks_by_key.items()},
+                "polls_by_task": dict(self.polls_by_task),
+                "poll_times_by_task": {k: list(v) for k, v in self.poll_times.items()},
+                "faults_injected": self.faults.injected,
+                "connections_opened": self.connections_opened,
+                "credits": {"remaining": self.store.remaining, "used": self.store.used},
+            }
+
+
+def request_label(method: str, path: str) -> str:
+    """Counting key: task reads are one bucket, media one bucket, everything else by path."""
+    if path.startswith("/v1/tasks/") and path != "/v1/tasks/batch":
+        return f"{method} /v1/tasks"
+    if path.startswith("/media/"):
+        return f"{method} /media"
+    return f"{method} {path}"
+
+
+class _Response:
+    def __init__(
+        self,
+        status: int,
+        body: bytes | Path | int = b"",
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+    def length(self) -> int:
+        if isinstance(self.body, Path):
+            return self.body.stat().st_size
+        if isinstance(self.body, int):
+            return self.body
+        return len(self.body)
+
+
+def json_response(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Response:
+    return _Response(status, json.dumps(payload).encode(), headers=headers)
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> _Response:
+    default_code, kind = ERROR_BODIES.get(status, ("internal_error", "api_error"))
+    error: dict[str, Any] = {"code": code or default_code, "message": message, "type": kind}
+    if param:
+        error["param"] = param
+    return json_response(status, {"error": error})
+
+
+class SimulatorHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: SimulatorServer
+
+    @property
+    def state(self) -> SimulatorState:
+        return self.server.state
+
+    def setup(self) -> None:
+        super().setup()
+        with self.state.lock:
+            self.state.connections_opened += 1
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (_Dropped, ConnectionError, TimeoutError, ValueError, OSError):
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # the tests read stats, not logs
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _drop(self) -> None:
+        """Close with RST: SO_LINGER on with a zero timeout makes close() abort the connection."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        raise _Dropped
+
+    def _send(self, response: _Response, *, promise_extra: int = 0, head: bool = False) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(response.length() + promise_extra))
+        self.send_header("X-Request-Id", f"req_{uuid.uuid4().hex[:16]}")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if head:
+            return
+        if isinstance(response.body, Path):
+            with response.body.open("rb") as stream:
+                while chunk := stream.read(CHUNK):
+                    self.wfile.write(chunk)
+        elif isinstance(response.body, int):
+            block = bytes(range(256)) * (CHUNK // 256)
+            remaining = response.body
+            while remaining > 0:
+                self.wfile.write(block[: min(remaining, CHUNK)])
+                remaining -= CHUNK
+        else:
+            self.wfile.write(response.body)
+        if promise_extra:
+            self.wfile.flush()
+            self._drop()
+
+    def _dispatch(self, method: str) -> None:
+        path = urlsplit(self.path).path
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if path.startswith("/_simulator/"):
+            self._send(self._control(method, path, raw))
+            return
+        with self.state.lock:
+            self.state.requests[request_label(method, path)] += 1
+            key = self.headers.get("Idempotency-Key")
+            if key is not None and method == "POST" and path == "/v1/videos/generations":
+                self.state.posts_by_key[key] += 1
+        rule = self.state.faults.pick(method, path)
+        if rule is not None and not rule.after_processing:
+            early = self._fault_before(rule)
+            if early is not None:
+                self._send(early)
+                return
+        response = self._route(method, path, raw)
+        if rule is not None:
+            self._fault_after(rule, response)
+        self._send(response, head=method == "HEAD")
+
+    def _fault_before(self, rule: FaultRule) -> _Response | None:
+        """Faults that replace the answer; None lets the request through (possibly slowed)."""
+        if rule.kind == "status":
+            response = error_response(rule.status, f"simulated HTTP {rule.status}")
+            if rule.retry_after is not None:
+                response.headers["Retry-After"] = rule.retry_after
+            return response
+        if rule.kind == "reset":
+            self._drop()
+        if rule.kind in ("timeout", "slow"):
+            time.sleep(rule.delay)
+        if rule.kind == "garbled":
+            return _Response(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+        if rule.kind == "redirect":
+            return _Response(302, b"", "text/plain", {"Location": rule.location})
+        if rule.kind == "not_found":
+            return error_response(404, "simulated: not found", "not_found")
+        return None
+
+    def _fault_after(self, rule: FaultRule, response: _Response) -> None:
+        """Faults that act on a processed request (the task now exists, the answer is lost or spoilt)."""
+        if rule.after_processing and rule.kind == "reset":
+            self._drop()
+        if rule.after_processing and rule.kind in ("timeout", "slow"):
+            time.sleep(rule.delay)
+        if rule.kind in ("truncated", "content_length_lie"):
+            self._send(response, promise_extra=max(100, response.length() // 2))
+        if rule.kind == "unknown_status" and isinstance(response.body, bytes):
+            payload = json.loads(response.body)
+            if isinstance(payload, dict) and "status" in payload:
+                payload["status"] = "queued_for_review"
+                response.body = json.dumps(payload).encode()
+        if rule.kind == "wrong_content_type":
+            response.content_type = "text/html"
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    def _owner(self) -> str | None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and key.strip() in self.state.api_keys:
+            return key.strip()
+        return None
+
+    def _route(self, method: str, path: str, raw: bytes) -> _Response:
+        if path.startswith("/media/") and method in ("GET", "HEAD"):
+            return self._media(path)
+        found_owner = self._owner()
+        if found_owner is None:
+            return error_response(401, "missing or invalid API key")
+        owner = found_owner
+        if method == "POST" and path == "/v1/videos/generations":
+            return self._create(owner, raw)
+        if method == "POST" and path == "/v1/tasks/batch":
+            return self._batch(owner, raw)
+        if method == "GET" and path.startswith("/v1/tasks/"):
+            return self._task(owner, path.removeprefix("/v1/tasks/"))
+        if method == "GET" and path == "/v1/credits":
+            store = self.state.store
+            return json_response(
+                200,
+                {
+                    "success": True,
+                    "data": {
+                        "user": {
+                            "remaining_credits": round(store.remaining, 4),
+                            "used_credits": round(store.used, 4),
+                        },
+                        "token": {
+                            "remaining_quota": round(store.remaining, 4),
+                            "used_quota": round(store.used, 4),
+                        },
+                    },
+                },
+            )
+        if method == "POST" and path == "/api/v1/files/upload/stream":
+            return self._upload(raw)
+        if method == "GET" and path == "/api/v1/files/quota":
+            return json_response(
+                200, {"success": True, "code": 200, "msg": "ok", "data": {"used": len(self.state.uploads)}}
+            )
+        return error_response(404, f"no route for {method} {path}", "not_found")
+
+    def _create(self, owner: str, raw: bytes) -> _Response:
+        try:
+            body = json.loads(raw or b"null")
+            accepted = validate_generation(body)
+        except ValueError:
+            return error_response(400, "the body is not valid JSON")
+        except RequestRejected as rejected:
+            return error_response(rejected.status, rejected.message, rejected.code, rejected.param)
+        key = self.headers.get("Idempotency-Key")
+        if key is not None and not (16 <= len(key) <= 96 and set(key) <= IDEMPOTENCY_KEY_CHARS):
+            return error_response(
+                400, "Idempotency-Key must be 16-96 characters of [A-Za-z0-9._-]", param="Idempotency-Key"
+            )
+        store = self.state.store
+        with store.lock:
+            if key is not None:
+                earlier = store.replay(owner, key, body)
+                if earlier is False:
+                    # Observed behaviour; the HTTP status is not documented, 409 is the conventional one.
+                    return error_response(409, "this Idempotency-Key was used with a different body")
+                if isinstance(earlier, SimTask):
+                    with self.state.lock:
+                        self.state.idempotent_replays += 1
+                    return json_response(
+                        200, store.task_object(earlier, self.state.base_url), {"Idempotency-Replayed": "true"}
+                    )
+            if store.remaining < store.cost(accepted):
+                return error_response(402, "insufficient credits for this request")
+            task = store.create(owner, accepted, key, self._media_failure(accepted))
+        with self.state.lock:
+            self.state.tasks_created += 1
+            self.state.prompts_truncated += int(accepted.prompt_truncated)
+            if key is not None:
+                self.state.tasks_by_key[key].append(task.id)
+        return json_response(200, store.task_object(task, self.state.base_url))
+
+    def _media_failure(self, accepted: Accepted) -> str | None:
+        """What the real service would fail the task with after fetching its inputs (None: all fine)."""
+        own = urlsplit(self.state.base_url)
+        for url in accepted.media_urls:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if (host, parts.port) == (own.hostname, own.port):
+                failure = self._own_media_failure(parts.path, accepted)
+                if failure:
+                    return failure
+            elif (
+                host in ("localhost",)
+                or host.startswith(("127.", "10.", "192.168.", "169.254."))
+                or any(host.startswith(f"172.{n}.") for n in range(16, 32))
+            ):
+                return "image_processing_error"  # EvoLink cannot reach private hosts
+        return None
+
+    def _own_media_failure(self, path: str, accepted: Accepted) -> str | None:
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["media", "uploads"] and len(parts) >= 3:
+            upload = self.state.uploads.get(parts[2])
+            if upload is None:
+                return "image_processing_error"
+            data = upload[2]
+            size = image_size(data)
+            if size is not None and size[0] != "image/gif":
+                minimum = 300 if accepted.model.endswith("image-to-video") else 400
+                if min(size[1], size[2]) < minimum:
+                    return "image_dimension_mismatch"
+            return None
+        if len(parts) == 3 and parts[0] == "media" and parts[1] in self.state.store.tasks:
+            return None
+        return "image_processing_error"
+
+    def _visible_task(self, owner: str, task_id: str) -> SimTask | _Response:
+        if not task_id.startswith("task-unified-"):
+            return error_response(400, f"invalid task id {task_id}", "invalid_task_id")
+        task = self.state.store.tasks.get(task_id)
+        if task is None:
+            return error_response(404, f"task {task_id} not found", "task_not_found")
+        if task.owner != owner:
+            return error_response(403, "this key may not read this task", "permission_denied")
+        return task
+
+    def _task(self, owner: str, task_id: str) -> _Response:
+        found = self._visible_task(owner, task_id)
+        if isinstance(found, _Response):
+            return found
+        with self.state.lock:
+            self.state.polls_by_task[task_id] += 1
+            self.state.poll_times[task_id].append(self.state.clock.now())
+        return json_response(200, self.state.store.task_object(found, self.state.base_url))
+
+    def _batch(self, owner: str, raw: bytes) -> _Response:
+        """Observed, undocumented ``POST /v1/tasks/batch``: up to 50 ids, the caller's tasks in one answer."""
+        try:
+            ids = json.loads(raw or b"{}").get("task_ids")
+        except (ValueError, AttributeError):
+            ids = None
+        if not isinstance(ids, list) or not 1 <= len(ids) <= 50 or not all(isinstance(i, str) for i in ids):
+            return error_response(400, "task_ids must be a list of 1-50 task ids", param="task_ids")
+        tasks = []
+        for task_id in ids:
+            found = self._visible_task(owner, task_id)
+            if isinstance(found, SimTask):
+                tasks.append(self.state.store.task_object(found, self.state.base_url))
+                with self.state.lock:
+                    self.state.polls_by_task[task_id] += 1
+                    self.state.poll_times[task_id].append(self.state.clock.now())
+        return json_response(200, {"data": tasks})
+
+    def _media(self, path: str) -> _Response:
+        parts = path.strip("/").split("/")
+        if len(parts) == 3 and parts[1] == "blob" and parts[2].endswith(".mp4") and parts[2][:-4].isdigit():
+            return _Response(200, int(parts[2][:-4]), "video/mp4")
+        if len(parts) >= 4 and parts[1] == "uploads":
+            upload = self.state.uploads.get(parts[2])
+            if upload is None or self.state.clock.now() > upload[3]:
+                return error_response(404, "file not found or expired", "not_found")
+            return _Response(200, upload[2], upload[1])
+        task = self.state.store.tasks.get(parts[1]) if len(parts) == 3 else None
+        if task is None or task.state(self.state.clock.now())[0] != "completed":
+            return error_response(404, "no such result", "not_found")
+        if self.state.clock.now() > task.completed_at() + self.state.result_ttl:
+            return error_response(404, "this result link has expired", "not_found")  # 24 h signed links
+        accepted = task.accepted
+        if parts[2] == "profile.png" and accepted.kind == "character":
+            return _Response(200, self.state.media.picture(), "image/png")
+        if parts[2] == "video.mp4" and accepted.kind == "video":
+            width, height = pixel_size(accepted.quality, accepted.aspect_ratio)
+            return _Response(
+                200, self.state.media.video(width, height, accepted.duration, accepted.audio), "video/mp4"
+            )
+        return error_response(404, "no such result", "not_found")
+
+    def _upload(self, raw: bytes) -> _Response:
+        content_type = self.headers.get("Content-Type", "")
+        message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        part = None
+        if message.is_multipart():
+            for candidate in message.iter_parts():
+                if candidate.get_param("name", header="content-disposition") == "file":
+                    part = candidate
+        if part is None:
+            return json_response(
+                400, {"success": False, "code": 400, "msg": "multipart field 'file' is required"}
+            )
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        name = part.get_filename() or "upload"
+        found = image_size(data)
+        # Video uploads are not in the Files API docs (images only); accepted here as an assumption.
+        mime = found[0] if found else video_kind(data)
+        if mime not in UPLOAD_TYPES:
+            return json_response(400, {"success": False, "code": 400, "msg": "unsupported file type"})
+        file_id = f"file_{uuid.uuid4().hex[:20]}"
+        now = self.state.clock.now()
+        with self.state.lock:
+            self.state.uploads[file_id] = (name, mime, data, now + UPLOAD_TTL)
+        url = f"{self.state.base_url}/media/uploads/{file_id}/{name}"
+        return json_response(
+            200,
+            {
+                "success": True,
+                "code": 200,
+                "msg": "uploaded",
+                "data": {
+                    "file_id": file_id,
+                    "file_name": name,
+                    "file_url": url,
+                    "download_url": url,
+                    "file_size": len(data),
+                    "mime_type": mime,
+                    "upload_time": int(now),
+                    "expires_at": int(now + UPLOAD_TTL),
+                },
+            },
+        )
+
+    # -- control ----------------------------------------------------------------------------------
+
+    def _control(self, method: str, path: str, raw: bytes) -> _Response:
+        state = self.state
+        payload = json.loads(raw) if raw else {}
+        action = path.removeprefix("/_simulator/")
+        if action == "stats" and method == "GET":
+            return json_response(200, state.stats())
+        if action == "reset" and method == "POST":
+            state.reset()
+            return json_response(200, {"ok": True})
+        if action == "faults" and method == "POST":
+            try:
+                state.faults.add(list(payload.get("rules", [])))
+            except (TypeError, ValueError) as error:
+                return error_response(400, str(error))
+            return json_response(200, {"ok": True})
+        if action == "faults" and method == "DELETE":
+            state.faults.clear()
+            return json_response(200, {"ok": True})
+        if action == "key_failures" and method == "POST":
+            state.store.key_failures[str(payload["api_key"])] = str(payload["code"])
+            return json_response(200, {"ok": True})
+        if action == "clock" and method == "POST":
+            if not isinstance(state.clock, ManualClock):
+                return error_response(400, "the simulator runs on the real clock")
+            state.clock.advance(float(payload.get("advance", 0)))
+            return json_response(200, {"now": state.clock.now()})
+        return error_response(404, f"no control {method} {path}", "not_found")
+
+
+class SimulatorServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, address: tuple[str, int], state: SimulatorState) -> None:
+        self.state = state
+        super().__init__(address, SimulatorHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # faults close sockets on purpose
+        pass

@@ -1,0 +1,241 @@
+"""Tasks: the clock, the store, the lifecycle and the task objects the simulator answers with."""
+
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import string
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from evolink_provider.simulator.validation import Accepted
+
+#: Seconds a result link lives (EvoLink: 24 h).
+RESULT_TTL = 24 * 3600.0
+_MARKER = re.compile(r"\[sim:([a-z_]+)=([^\]]+)\]")
+#: Credits per generated second (a made-up price: the simulator only needs one to bill and refund).
+CREDITS_PER_SECOND = {"480p": 0.6, "720p": 1.0, "1080p": 2.0, "4k": 4.0}
+CHARACTER_PRICE = 5.0
+
+# Pixel sizes. Seedance's 480p/720p tables are documented; 1080p/4k and all of HappyHorse's are not, so
+# they are the 720p shapes scaled (even numbers, as encoders need).
+SEEDANCE_SIZES = {
+    "480p": {
+        "16:9": (864, 496),
+        "4:3": (752, 560),
+        "1:1": (640, 640),
+        "3:4": (560, 752),
+        "9:16": (496, 864),
+        "21:9": (992, 432),
+    },
+    "720p": {
+        "16:9": (1280, 720),
+        "4:3": (1112, 834),
+        "1:1": (960, 960),
+        "3:4": (834, 1112),
+        "9:16": (720, 1280),
+        "21:9": (1470, 630),
+    },
+}
+_EXTRA_RATIOS = {"4:5": (864, 1080), "5:4": (1080, 864), "9:21": (630, 1470)}
+
+
+def pixel_size(quality: str, aspect_ratio: str) -> tuple[int, int]:
+    ratio = "16:9" if aspect_ratio == "adaptive" else aspect_ratio
+    table = {**SEEDANCE_SIZES["720p"], **_EXTRA_RATIOS}
+    if quality == "480p":
+        table = {**table, **SEEDANCE_SIZES["480p"]}
+    width, height = table.get(ratio, (1280, 720))
+    if quality in ("480p", "720p"):
+        return width, height
+    scale = {"1080p": 1.5, "4k": 3.0}.get(quality, 1.0)
+    return int(width * scale) // 2 * 2, int(height * scale) // 2 * 2
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.time()
+
+
+class ManualClock:
+    """A clock that only moves when told: simulates 40-minute tasks in milliseconds."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self._now = time.time() if start is None else start
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+    def set(self, when: float) -> None:
+        with self._lock:
+            self._now = when
+
+
+def _random_suffix() -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def markers(text: str) -> dict[str, str]:
+    """``[sim:name=value]`` test markers in a prompt (or a sora video URL)."""
+    return dict(_MARKER.findall(text or ""))
+
+
+@dataclass
+class SimTask:
+    id: str
+    owner: str
+    accepted: Accepted
+    created: float
+    seconds: float
+    estimate: int
+    credits: float
+    fail_code: str | None = None
+    stay: str | None = None
+    character_name: str = ""
+    status_override: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state(self, now: float) -> tuple[str, int]:
+        elapsed = max(0.0, now - self.created)
+        if self.stay:
+            return self.stay, 50 if self.stay == "processing" else 0
+        if self.fail_code and elapsed >= self.seconds / 2:
+            return "failed", 50
+        if elapsed >= self.seconds:
+            return "completed", 100
+        if elapsed < self.seconds * 0.1:
+            return "pending", 0
+        return "processing", min(99, int(100 * elapsed / self.seconds))
+
+    def completed_at(self) -> float:
+        return self.created + self.seconds
+
+
+class TaskStore:
+    """All tasks, the idempotency record, credits and marker counters, behind one lock."""
+
+    def __init__(self, clock: Clock, task_seconds: float, credits: float) -> None:
+        self.clock = clock
+        self.task_seconds = task_seconds
+        self.initial_credits = credits
+        self.lock = threading.RLock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.tasks: dict[str, SimTask] = {}
+            self.by_key: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+            self.marker_uses: dict[str, int] = {}
+            self.key_failures: dict[str, str] = {}
+            self.remaining = self.initial_credits
+            self.used = 0.0
+
+    def cost(self, accepted: Accepted) -> float:
+        if accepted.kind == "character":
+            return CHARACTER_PRICE
+        return CREDITS_PER_SECOND.get(accepted.quality, 1.0) * accepted.duration
+
+    def replay(self, owner: str, key: str, body: dict[str, Any]) -> SimTask | bool | None:
+        """The task of an earlier request with this key; False when the body differs (a conflict)."""
+        with self.lock:
+            entry = self.by_key.get((owner, key))
+            if entry is None:
+                return None
+            task_id, original = entry
+            return self.tasks[task_id] if original == body else False
+
+    def create(self, owner: str, accepted: Accepted, key: str | None, media_failure: str | None) -> SimTask:
+        text = accepted.body.get("prompt") or accepted.body.get("video_url") or ""
+        found = markers(text)
+        now = self.clock.now()
+        with self.lock:
+            cost = self.cost(accepted)
+            self.remaining -= cost
+            self.used += cost
+            fail = media_failure or self.key_failures.get(owner)
+            if "fail" in found:
+                code, _, limit = found["fail"].partition(":")
+                marker = f"fail={found['fail']}"
+                uses = self.marker_uses.get(marker, 0)
+                self.marker_uses[marker] = uses + 1
+                if not limit or uses < int(limit):
+                    fail = code
+            seconds = float(found.get("seconds", self.task_seconds))
+            task = SimTask(
+                id=f"task-unified-{int(now)}-{_random_suffix()}",
+                owner=owner,
+                accepted=accepted,
+                created=now,
+                seconds=seconds,
+                estimate=int(found.get("estimate", max(1, round(seconds)))),
+                credits=cost,
+                fail_code=fail,
+                stay=found.get("stay"),
+                character_name="chr_"
+                + "".join(random.choices(string.ascii_letters + string.digits, k=8))
+                + "#",
+            )
+            self.tasks[task.id] = task
+            if key:
+                self.by_key[(owner, key)] = (task.id, accepted.body)
+            return task
+
+    def refund_if_failed(self, task: SimTask) -> None:
+        with self.lock:
+            if task.state(self.clock.now())[0] == "failed" and not task.extra.get("refunded"):
+                task.extra["refunded"] = True
+                self.remaining += task.credits
+                self.used -= task.credits
+
+    def task_object(self, task: SimTask, base_url: str) -> dict[str, Any]:
+        """The task object exactly as EvoLink documents it."""
+        status, progress = task.state(self.clock.now())
+        accepted = task.accepted
+        body: dict[str, Any] = {
+            "id": task.id,
+            "created": int(task.created),
+            "model": accepted.model,
+            "object": "video.generation.task",
+            "status": status,
+            "progress": progress,
+            "type": "video",
+            "task_info": {
+                "can_cancel": False,
+                "estimated_time": task.estimate,
+                "video_duration": accepted.duration,
+            },
+            "usage": {
+                "billing_rule": "per_call" if accepted.kind == "character" else "per_second",
+                "credits_reserved": task.credits,
+                "user_group": "default",
+            },
+        }
+        if status == "completed":
+            if accepted.kind == "character":
+                body["results"] = []
+                body["result_data"] = {
+                    "character_name": task.character_name,
+                    "profile_picture_url": f"{base_url}/media/{task.id}/profile.png",
+                }
+            else:
+                body["results"] = [f"{base_url}/media/{task.id}/video.mp4"]
+        elif status == "failed":
+            self.refund_if_failed(task)
+            body["error"] = {
+                "code": task.fail_code,
+                "message": f"simulated failure: {task.fail_code}\nsee EvoLink's task error table",
+                "type": "task_error",
+            }
+        return body

@@ -1,0 +1,305 @@
+"""The request rules of EvoLink's documented contract, written from the API document alone.
+
+This is deliberately an independent implementation from :mod:`evolink_provider.models`: the simulator is
+the oracle the client's own validation is cross-checked against, so sharing code would make that check
+meaningless. Where the documents are silent the stricter reading is taken (and said).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+HAPPYHORSE_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "4:5", "5:4", "9:21", "21:9")
+SEEDANCE_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "21:9", "adaptive")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+SORA_VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm")
+EDIT_VIDEO_EXTENSIONS = (".mp4", ".mov")
+MAX_SEED = 2147483647
+MAX_SEEDANCE_TOKENS = 10000
+_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+
+class RequestRejected(Exception):
+    """A request the real service answers with an HTTP error."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def bad(message: str, param: str | None = None) -> RequestRejected:
+    return RequestRejected(400, "invalid_request", message, param)
+
+
+def estimate_prompt_tokens(text: str) -> int:
+    """Stand-in for EvoLink's tokenizer, shared by spec with the client: CJK chars + other chars / 4."""
+    cjk = len(_CJK.findall(text))
+    return cjk + math.ceil((len(text) - cjk) / 4)
+
+
+def has_cjk(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+@dataclass
+class Accepted:
+    """What the task store needs from an accepted request."""
+
+    model: str
+    body: dict[str, Any]
+    media_urls: list[str] = field(default_factory=list)
+    prompt_truncated: bool = False
+    duration: int = 5
+    quality: str = "720p"
+    aspect_ratio: str = "16:9"
+    audio: bool = False
+    kind: str = "video"  # or "character"
+
+
+def _check_url(value: Any, param: str, extensions: tuple[str, ...] | None = None) -> str:
+    if not isinstance(value, str):
+        raise bad(f"{param} must be a URL string", param)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise bad(f"{param} must be a public http(s) URL", param)
+    if parts.username or parts.password:
+        raise bad(f"{param} must not carry credentials", param)
+    if extensions is not None:
+        path = parts.path.lower()
+        last = path.rsplit("/", 1)[-1]
+        if "." in last and not path.endswith(extensions):
+            raise bad(f"{param} must be one of {', '.join(extensions)}", param)
+    return value
+
+
+def _url_list(
+    body: dict[str, Any], name: str, low: int, high: int, extensions: tuple[str, ...] | None
+) -> list[str]:
+    value = body.get(name, [] if low == 0 else None)
+    if value is None:
+        raise bad(f"{name} is required", name)
+    if not isinstance(value, list):
+        raise bad(f"{name} must be an array of URLs", name)
+    if not low <= len(value) <= high:
+        raise bad(f"{name} must hold {low}-{high} URLs, got {len(value)}", name)
+    return [_check_url(item, name, extensions) for item in value]
+
+
+def _int(body: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):  # JSON "5" or 5.0 is a type error
+        raise bad(f"{name} must be an integer", name)
+    if not low <= value <= high:
+        raise bad(f"{name} must be between {low} and {high}", name)
+    return value
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise bad(f"{name} must be a boolean", name)
+    return value
+
+
+def _enum(body: dict[str, Any], name: str, allowed: tuple[str, ...], default: str) -> str:
+    value = body.get(name, default)
+    if value not in allowed:
+        raise bad(f"{name} must be one of {', '.join(allowed)}", name)
+    return str(value)
+
+
+def _prompt(body: dict[str, Any], required: bool = True) -> str:
+    value = body.get("prompt")
+    if value is None:
+        if required:
+            raise bad("prompt is required", "prompt")
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise bad("prompt must be a non-empty string", "prompt")
+    return value
+
+
+def check_callback_url(body: dict[str, Any]) -> None:
+    value = body.get("callback_url")
+    if value is None:
+        return
+    if not isinstance(value, str) or len(value) > 2048:
+        raise bad("callback_url must be a string of at most 2048 characters", "callback_url")
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise bad("callback_url must be an https URL", "callback_url")
+    host = parts.hostname.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        raise bad("callback_url must not target a private address", "callback_url")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    if not address.is_global or address.is_multicast:
+        raise bad("callback_url must not target a private address", "callback_url")
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    for name in body:
+        if name not in allowed and name != "model":
+            # Strict: an unknown field is refused rather than silently ignored.
+            raise bad(f"unknown field {name}; allowed: {', '.join(sorted(allowed))}", name)
+
+
+def _references(prompt: str, pattern: str, counts: dict[str, int]) -> None:
+    for kind, number in re.findall(pattern, prompt, flags=re.IGNORECASE):
+        kind = kind.lower()
+        if int(number) < 1 or int(number) > counts.get(kind, 0):
+            raise bad(
+                f"prompt names {kind}{number} but only {counts.get(kind, 0)} {kind} input(s) given", "prompt"
+            )
+
+
+def _happyhorse(model: str, body: dict[str, Any]) -> Accepted:
+    kind = model.split("-", 2)[2]  # text-to-video, image-to-video, reference-to-video, video-edit
+    common = {"prompt", "quality", "seed", "callback_url"}
+    allowed = {
+        "text-to-video": common | {"aspect_ratio", "duration"},
+        "image-to-video": common | {"image_urls", "duration"},
+        "reference-to-video": common | {"image_urls", "aspect_ratio", "duration"},
+        "video-edit": common | {"video_urls", "image_urls", "keep_original_sound"},
+    }.get(kind)
+    if allowed is None or (kind == "video-edit" and not model.startswith("happyhorse-1.0")):
+        raise RequestRejected(400, "invalid_request", f"unknown model {model}", "model")
+    _only(body, allowed)
+    prompt = _prompt(body, required=kind != "image-to-video")
+    quality = _enum(body, "quality", ("720p", "1080p"), "720p")
+    aspect = _enum(body, "aspect_ratio", HAPPYHORSE_RATIOS, "16:9") if "aspect_ratio" in allowed else "16:9"
+    duration = _int(body, "duration", 3, 15, 5) if "duration" in allowed else 5
+    _int(body, "seed", 1, MAX_SEED)
+    check_callback_url(body)
+    media: list[str] = []
+    if kind == "image-to-video":
+        media = _url_list(body, "image_urls", 1, 1, IMAGE_EXTENSIONS)
+    elif kind == "reference-to-video":
+        media = _url_list(body, "image_urls", 1, 9, IMAGE_EXTENSIONS)
+        _references(prompt, r"\b(character)(\d+)\b", {"character": len(media)})
+    elif kind == "video-edit":
+        media = _url_list(body, "video_urls", 1, 1, EDIT_VIDEO_EXTENSIONS)
+        media += _url_list(body, "image_urls", 0, 5, IMAGE_EXTENSIONS)
+        _bool(body, "keep_original_sound", True)
+    limit = 2500 if has_cjk(prompt) else 5000
+    truncated = len(prompt) > limit  # documented: the API cuts the excess silently
+    return Accepted(model, body, media, truncated, duration or 5, quality, aspect, audio=True)
+
+
+def _seedance(model: str, body: dict[str, Any]) -> Accepted:
+    match = re.fullmatch(r"seedance-2\.0-(fast-|mini-)?(text|image|reference)-to-video", model)
+    if not match:
+        raise RequestRejected(400, "invalid_request", f"unknown model {model}", "model")
+    tier, kind = match.group(1) or "", match.group(2)
+    allowed = {
+        "prompt",
+        "duration",
+        "quality",
+        "aspect_ratio",
+        "generate_audio",
+        "content_filter",
+        "model_params",
+        "callback_url",
+    }
+    if kind == "text":
+        for name in ("image_urls", "video_urls", "audio_urls"):
+            if name in body:
+                raise bad(f"{model} is text only: {name} is not accepted", name)
+    elif kind == "image":
+        allowed |= {"image_urls"}
+    else:
+        allowed |= {"image_urls", "video_urls", "audio_urls"}
+    _only(body, allowed)
+    prompt = _prompt(body)
+    if estimate_prompt_tokens(prompt) > MAX_SEEDANCE_TOKENS:
+        raise bad(f"prompt exceeds {MAX_SEEDANCE_TOKENS} tokens", "prompt")
+    duration = _int(body, "duration", 4, 15, 5) or 5
+    qualities = ("480p", "720p", "1080p", "4k") if tier == "" else ("480p", "720p")
+    quality = _enum(body, "quality", qualities, "720p")
+    aspect = _enum(body, "aspect_ratio", SEEDANCE_RATIOS, "adaptive")
+    audio = _bool(body, "generate_audio", True)
+    _bool(body, "content_filter", True)
+    params = body.get("model_params", {})
+    if not isinstance(params, dict):
+        raise bad("model_params must be an object", "model_params")
+    for name, value in params.items():
+        if name != "web_search" or not isinstance(value, bool):
+            raise bad("model_params accepts web_search (boolean) only", "model_params")
+    check_callback_url(body)
+    media: list[str] = []
+    if kind == "image":
+        media = _url_list(body, "image_urls", 1, 2, IMAGE_EXTENSIONS)
+    elif kind == "reference":
+        images = _url_list(body, "image_urls", 0, 9, IMAGE_EXTENSIONS)
+        videos = _url_list(body, "video_urls", 0, 3, None)
+        audios = _url_list(body, "audio_urls", 0, 3, None)
+        if not images and not videos:
+            raise bad("reference-to-video needs at least one image or video", "image_urls")
+        _references(
+            prompt,
+            r"@(image|video|audio)(\d+)",
+            {"image": len(images), "video": len(videos), "audio": len(audios)},
+        )
+        media = images + videos + audios
+    return Accepted(model, body, media, False, duration, quality, aspect, audio)
+
+
+_TIMESTAMPS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*")
+
+
+def _sora_character(body: dict[str, Any]) -> Accepted:
+    # The withdrawn page listed no callback_url for this model: refused, the strict reading.
+    _only(body, {"video_url", "timestamps"})
+    if "video_url" not in body:
+        raise bad("video_url is required", "video_url")
+    url = _check_url(body["video_url"], "video_url")
+    if not urlsplit(url).path.lower().endswith(SORA_VIDEO_EXTENSIONS):
+        raise bad("video_url must be an .mp4, .mov or .webm file", "video_url")
+    stamps = body.get("timestamps", "0,2")
+    match = _TIMESTAMPS.fullmatch(stamps) if isinstance(stamps, str) else None
+    if not match:
+        raise bad('timestamps must be "start,end" in seconds', "timestamps")
+    start, end = float(match.group(1)), float(match.group(2))
+    if not (0 <= start < end and end - start <= 2):
+        raise bad("timestamps must satisfy 0 <= start < end and end - start <= 2", "timestamps")
+    return Accepted("sora-character", body, [url], kind="character")
+
+
+def validate_generation(body: Any) -> Accepted:
+    """Check a ``POST /v1/videos/generations`` body; raise :class:`RequestRejected` as EvoLink would."""
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("model is required", "model")
+    if model.startswith("happyhorse-1.0-") or model.startswith("happyhorse-1.1-"):
+        return _happyhorse(model, body)
+    if model.startswith("seedance-2.0-"):
+        return _seedance(model, body)
+    if model == "sora-character":
+        return _sora_character(body)
+    # Models outside the documented families pass, with the rules common to all generation models.
+    if "prompt" in body and not isinstance(body["prompt"], str):
+        raise bad("prompt must be a string", "prompt")
+    check_callback_url(body)
+    duration = body.get("duration")
+    seconds = (
+        duration
+        if isinstance(duration, int) and not isinstance(duration, bool) and 1 <= duration <= 60
+        else 5
+    )
+    return Accepted(model, body, [], duration=seconds)
