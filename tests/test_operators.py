@@ -95,7 +95,9 @@ def test_retry_reattaches_instead_of_submitting_again(sim: SimulatorControl, mod
     state, tasks = run_dag(f"evolink_reattach_{mode}")
 
     assert state == "success", tasks
-    assert tasks["generate"] == ("success", 2), "the first try should time out, the second reattach"
+    task_state, tries = tasks["generate"]
+    assert task_state == "success"
+    assert tries >= 2, "the first try should time out and a retry reattach"
     stats = sim.stats()
     assert stats["requests"]["POST /v1/videos/generations"] == 1
     assert stats["tasks_created"] == 1

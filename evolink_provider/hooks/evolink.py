@@ -30,12 +30,13 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from airflow.sdk import BaseHook
 
@@ -45,6 +46,7 @@ from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
     EvolinkConfigurationError,
     EvolinkError,
+    EvolinkNotFoundError,
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
     error_for_status,
@@ -549,6 +551,81 @@ class EvolinkHook(BaseHook):
             self.session.close()
             del self.__dict__["session"]
 
+    # -- results (downloads) ----------------------------------------------------------------------
+
+    @contextmanager
+    def open_result(self, url: str) -> Iterator[ResultStream]:
+        """Open a result URL for streaming, following at most 5 redirects by hand.
+
+        Result links are public signed URLs, so no ``Authorization`` header is sent (the key must not
+        reach a third-party host). Every hop must be http(s), carry no credentials, and resolve to a
+        public address, unless it is the connection's own host (the simulator on loopback). Transient
+        failures of the first request are retried with the connection's policy.
+        """
+        import requests
+
+        settings = self.settings
+        headers = {"User-Agent": USER_AGENT}
+        policy = settings.retry
+        current = url
+        for _hop in range(6):
+            check_download_url(current, own_base_url=settings.base_url)
+            response = None
+            for attempt in range(1, policy.max_attempts + 1):
+                try:
+                    response = self.session.get(
+                        current,
+                        headers=headers,
+                        stream=True,
+                        timeout=(settings.timeouts.connect, settings.timeouts.read),
+                        allow_redirects=False,
+                    )
+                except requests.RequestException as exc:
+                    if attempt == policy.max_attempts:
+                        raise EvolinkTransportError(
+                            f"downloading {_redact_query(current)}: {type(exc).__name__}", request_sent=True
+                        ) from None
+                    time.sleep(policy.delay(attempt))
+                    continue
+                if response.status_code in (429, 500, 502, 503, 504) and attempt < policy.max_attempts:
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                    response.close()
+                    time.sleep(policy.delay(attempt, retry_after))
+                    continue
+                break
+            assert response is not None
+            if response.is_redirect:
+                location = response.headers.get("Location", "")
+                response.close()
+                current = urljoin(current, location)
+                continue
+            try:
+                if response.status_code in (403, 404, 410):
+                    raise EvolinkNotFoundError(
+                        "the result link is gone or expired (EvoLink keeps results for 24 h)",
+                        status_code=response.status_code,
+                        method="GET",
+                        path=_redact_query(current),
+                    )
+                if response.status_code != 200:
+                    raise error_for_status(
+                        response.status_code,
+                        "downloading a result failed",
+                        method="GET",
+                        path=_redact_query(current),
+                    )
+                length = response.headers.get("Content-Length")
+                yield ResultStream(
+                    url=current,
+                    content_type=response.headers.get("Content-Type", "").split(";")[0].strip().lower(),
+                    content_length=int(length) if length and length.isdigit() else None,
+                    chunks=_chunks(response),
+                )
+            finally:
+                response.close()
+            return
+        raise EvolinkTransportError(f"too many redirects for {_redact_query(url)}", request_sent=True)
+
     # -- async client -----------------------------------------------------------------------------
 
     async def _asend_once(self, request: _Request, timeouts: Timeouts) -> dict[str, Any]:
@@ -634,3 +711,72 @@ def _mask(api_key: _ApiKey) -> None:
     from airflow.sdk.log import mask_secret
 
     mask_secret(api_key.reveal())
+
+
+@dataclass(frozen=True)
+class ResultStream:
+    """An open result download: what the server says it is, and its body in chunks."""
+
+    url: str
+    content_type: str
+    content_length: int | None
+    chunks: Iterator[bytes]
+
+
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    import requests
+
+    try:
+        yield from response.iter_content(DOWNLOAD_CHUNK)
+    except requests.RequestException as exc:
+        raise EvolinkTransportError(
+            f"the result download broke off: {type(exc).__name__}", request_sent=True
+        ) from None
+
+
+def _port(parts: SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _redact_query(url: str) -> str:
+    """Signed URLs carry their signature in the query: keep it out of logs and errors."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?..." if parts.query else "")
+
+
+def check_download_url(url: str, *, own_base_url: str) -> None:
+    """Refuse what a result URL must never be: another scheme, credentials, or a private address.
+
+    The connection's own host is allowed even when private, so the bundled simulator works.
+    """
+    import ipaddress
+    import socket
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EvolinkConfigurationError(
+            f"refusing to download {parts.scheme or 'a'}: URL {_redact_query(url)}"
+        )
+    if parts.username or parts.password:
+        raise EvolinkConfigurationError("refusing to download a result URL that carries credentials")
+    own = urlsplit(own_base_url)
+    port = _port(parts)
+    if (parts.hostname, port) == (own.hostname, _port(own)):
+        return
+    try:
+        addresses = {
+            str(info[4][0]) for info in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+        }
+    except OSError as exc:
+        raise EvolinkTransportError(f"cannot resolve {parts.hostname}: {exc}", request_sent=False) from None
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        if not ip.is_global:
+            raise EvolinkConfigurationError(
+                f"refusing to download from {parts.hostname} ({ip}): a private address that is not the "
+                "connection's own host"
+            )

@@ -287,6 +287,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 poll_interval=self.poll_interval,
                 max_poll_interval=self.max_poll_interval,
             )
+            if decision.outcome is Outcome.TIMEOUT:
+                raise EvolinkWaitTimeoutError(decision.message)
             if decision.outcome is not Outcome.WAIT:
                 return task
             if decision.message:
@@ -306,9 +308,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     def _finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
         """Turn a terminal task into the XCom value, or into the right Airflow failure."""
-        decision = decide_after_poll(task, now=time.time(), started_at=time.time(), deadline=time.time())
-        if decision.outcome is Outcome.TIMEOUT:
-            raise EvolinkWaitTimeoutError(decision.message)
+        now = time.time()
+        decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
+        if decision.outcome is Outcome.WAIT:
+            raise EvolinkWaitTimeoutError(f"EvoLink task {task['id']} is still {task.get('status')}")
         if decision.outcome is not Outcome.SUCCESS:
             code, message = task_failure(task)
             if task.get("status") == "completed":  # completed, but nothing to hand downstream

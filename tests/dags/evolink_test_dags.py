@@ -114,10 +114,10 @@ for mode in ("sync", "deferrable"):
         check_video.override(task_id="check_future_model")(unknown.output)
 
     with new_dag(f"evolink_reattach_{mode}"):
-        # The first try gives up waiting after 0.5 s (as a crashed worker would stop waiting); the retry
-        # must reattach to the same EvoLink task, not submit a second one.
+        # Each try gives up waiting after 0.5 s (as a crashed worker would stop waiting) while the task
+        # takes 3 s: every retry must reattach to the same EvoLink task, never submit a second one.
         check_video(
-            seedance(mode, prompt="reattach me [sim:seconds=3]", timeout=0.5, retries=1, retry_delay=0).output
+            seedance(mode, prompt="reattach me [sim:seconds=3]", timeout=0.5, retries=10, retry_delay=0).output
         )
 
     with new_dag(f"evolink_sensor_{mode}"):

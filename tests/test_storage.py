@@ -1,0 +1,169 @@
+"""Results into storage and inputs from storage, over loopback against the simulator, with real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evolink_provider.exceptions import EvolinkConfigurationError, EvolinkError, EvolinkNotFoundError
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.models import validate_request
+from evolink_provider.storage import EvolinkStorageError, store_results, upload_local_media
+from tests.conftest import SimulatorControl
+
+SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "storage test", "duration": 4}
+
+
+def completed_task(hook: EvolinkHook) -> dict[str, Any]:
+    task = hook.create_video_task(dict(SEEDANCE))
+    for _ in range(100):
+        task = hook.get_task(task["id"])
+        if task["status"] == "completed":
+            return task
+        time.sleep(0.1)
+    raise AssertionError("the task did not complete")
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture
+def hook() -> EvolinkHook:
+    return EvolinkHook()
+
+
+@pytest.mark.parametrize("as_uri", [False, True], ids=["local-path", "file-uri"])
+def test_result_is_stored_as_a_real_mp4(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path, as_uri: bool
+) -> None:
+    task = completed_task(hook)
+    target = tmp_path.as_uri() if as_uri else str(tmp_path)
+
+    stored = store_results(hook, task, target)
+
+    assert len(stored) == 1
+    path = tmp_path / f"{task['id']}-0.mp4"
+    assert stored[0] == (path.as_uri() if as_uri else str(path))
+    assert path.read_bytes()[4:8] == b"ftyp"
+    assert leftovers(tmp_path) == [path.name]  # no temporary file left behind
+
+
+def test_storing_again_reuses_the_same_result(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    task = completed_task(hook)
+    first = store_results(hook, task, str(tmp_path))
+    assert store_results(hook, task, str(tmp_path)) == first
+
+
+def test_a_different_file_under_the_name_is_never_overwritten(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    task = completed_task(hook)
+    (tmp_path / f"{task['id']}-0.mp4").write_bytes(b"someone else's file")
+    with pytest.raises(EvolinkStorageError, match="refusing to overwrite"):
+        store_results(hook, task, str(tmp_path))
+    assert (tmp_path / f"{task['id']}-0.mp4").read_bytes() == b"someone else's file"
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [
+        ({"kind": "not_found"}, EvolinkNotFoundError),
+        ({"kind": "truncated"}, EvolinkError),
+        ({"kind": "content_length_lie"}, EvolinkError),
+        ({"kind": "wrong_content_type"}, EvolinkStorageError),
+        ({"kind": "redirect", "location": "http://10.0.0.1/video.mp4"}, EvolinkConfigurationError),
+        ({"kind": "redirect", "location": "http://127.0.0.2:9/video.mp4"}, EvolinkConfigurationError),
+        ({"kind": "redirect", "location": "file:///etc/passwd"}, EvolinkConfigurationError),
+    ],
+    ids=["expired", "truncated", "length-lie", "html", "redirect-10", "redirect-loopback", "redirect-file"],
+)
+def test_lying_responses_leave_no_file(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path, fault: dict[str, Any], error: type[Exception]
+) -> None:
+    task = completed_task(hook)
+    sim.add_faults({"method": "GET", "path_prefix": "/media/", **fault})
+    with pytest.raises(error):
+        store_results(hook, task, str(tmp_path / "out"))
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_completed_task_without_results_is_an_error(hook: EvolinkHook, tmp_path: Path) -> None:
+    with pytest.raises(EvolinkStorageError, match="without any result"):
+        store_results(
+            hook, {"id": "task-unified-1-abcdefgh", "status": "completed", "results": []}, str(tmp_path)
+        )
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.com/v.mp4", "https://u:p@example.com/v.mp4"]
+)
+def test_non_http_or_credentialed_result_urls_are_refused(
+    hook: EvolinkHook, tmp_path: Path, url: str
+) -> None:
+    task = {"id": "task-unified-1-abcdefgh", "status": "completed", "results": [url]}
+    with pytest.raises(EvolinkConfigurationError):
+        store_results(hook, task, str(tmp_path))
+
+
+def test_large_result_streams_in_constant_memory(sim: SimulatorControl, tmp_path: Path) -> None:
+    """50 MB through the real code path in a fresh interpreter: peak RSS grows far less than the file."""
+    script = f"""
+import json, resource, sys
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.storage import store_results
+hook = EvolinkHook()
+hook.settings
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+task = {{"id": "task-unified-1-bigblob0", "results": ["{sim.base_url}/media/blob/52428800.mp4"]}}
+path = store_results(hook, task, {str(tmp_path)!r})[0]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"growth_kb": after - before, "path": path}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(report["path"]).stat().st_size == 52428800
+    assert report["growth_kb"] < 30 * 1024, report
+
+
+def test_local_and_uri_inputs_are_uploaded_and_then_valid(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    import imageio_ffmpeg
+
+    pictures = []
+    for name in ("a.png", "b.png"):
+        path = tmp_path / name
+        subprocess.run(
+            [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                "-loglevel",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                "color=blue:size=480x480",
+                "-frames:v",
+                "1",
+                str(path),
+            ],
+            check=True,
+        )
+        pictures.append(path)
+    fields = {"prompt": "character1 meets character2", "image_urls": [str(pictures[0]), pictures[1].as_uri()]}
+    model = "happyhorse-1.0-reference-to-video"
+    refs = validate_request(model, fields, allow_local_media=True).local_media
+
+    uploaded = upload_local_media(hook, fields, refs)
+
+    assert all(url.startswith(f"{sim.base_url}/media/uploads/") for url in uploaded["image_urls"])
+    assert validate_request(model, uploaded).payload["image_urls"] == uploaded["image_urls"]
+    assert sim.stats()["requests"]["POST /api/v1/files/upload/stream"] == 2
