@@ -62,8 +62,9 @@ os.environ.update(
         ),
     }
 )
-DAGS_FOLDER.mkdir(parents=True, exist_ok=True)
-for source in [*(REPO / "tests" / "dags").glob("*.py"), *(REPO / "example_dags").glob("*.py")]:
+# dag.test() runs DAGs from the configured folder: the example DAGs (with their assets) and the test DAGs.
+shutil.copytree(REPO / "example_dags", DAGS_FOLDER, ignore=shutil.ignore_patterns("__pycache__"))
+for source in (REPO / "tests" / "dags").glob("*.py"):
     shutil.copy(source, DAGS_FOLDER / source.name)
 
 
