@@ -117,7 +117,9 @@ for mode in ("sync", "deferrable"):
         # Each try gives up waiting after 0.5 s (as a crashed worker would stop waiting) while the task
         # takes 3 s: every retry must reattach to the same EvoLink task, never submit a second one.
         check_video(
-            seedance(mode, prompt="reattach me [sim:seconds=3]", timeout=0.5, retries=10, retry_delay=0).output
+            seedance(
+                mode, prompt="reattach me [sim:seconds=3]", timeout=0.5, retries=10, retry_delay=0
+            ).output
         )
 
     with new_dag(f"evolink_sensor_{mode}"):
