@@ -90,6 +90,7 @@ class SimulatorState:
             self.polls_by_task: Counter[str] = Counter()
             self.poll_times: dict[str, list[float]] = defaultdict(list)
             self.uploads: dict[str, tuple[str, str, bytes, float]] = {}
+            self.tasks_by_prompt: Counter[str] = Counter()
 
     def reset(self) -> None:
         self.store.reset()
@@ -109,6 +110,7 @@ class SimulatorState:
                 "poll_times_by_task": {k: list(v) for k, v in self.poll_times.items()},
                 "faults_injected": self.faults.injected,
                 "connections_opened": self.connections_opened,
+                "tasks_by_prompt": dict(self.tasks_by_prompt),
                 "credits": {"remaining": self.store.remaining, "used": self.store.used},
             }
 
@@ -361,6 +363,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.tasks_created += 1
             self.state.prompts_truncated += int(accepted.prompt_truncated)
+            self.state.tasks_by_prompt[str(body.get("prompt") or body.get("video_url") or "")] += 1
             if key is not None:
                 self.state.tasks_by_key[key].append(task.id)
         return json_response(200, store.task_object(task, self.state.base_url))
