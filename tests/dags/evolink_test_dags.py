@@ -158,3 +158,35 @@ with new_dag("evolink_mapped"):
         prompt=["A red kite over dunes", "A tram in the fog", "Koi in a pond"]
     )
     check_video.expand(generated=generated.output)
+
+#: EvoLink's task error codes and whether a retry helps (the shared API facts).
+TASK_ERROR_CODES = {
+    "content_policy_violation": False,
+    "invalid_parameters": False,
+    "image_processing_error": False,
+    "image_dimension_mismatch": False,
+    "resource_not_found": False,
+    "request_cancelled": True,
+    "generation_failed_no_content": True,
+    "service_error": True,
+    "generation_timeout": True,
+    "resource_exhausted": True,
+    "quota_exceeded": True,
+    "service_unavailable": True,
+    "unknown_error": True,
+}
+
+with new_dag("evolink_task_error_codes"):
+    for code, retryable in TASK_ERROR_CODES.items():
+        # Retryable codes fail only the first task created with the marker: the Airflow retry succeeds.
+        marker = f"[sim:fail={code}:1]" if retryable else f"[sim:fail={code}]"
+        EvolinkSeedanceTextToVideoOperator(
+            task_id=code, prompt=f"error code {code} {marker}", duration=4, retries=1, retry_delay=0, **FAST
+        )
+
+for mode in ("sync", "deferrable"):
+    with new_dag(f"evolink_faulty_{mode}"):
+        check_video(seedance(mode, prompt=f"through the storm ({mode}) [sim:seconds=4]").output)
+
+with new_dag("evolink_permanent_fault"):
+    seedance("sync", prompt="never reachable")
