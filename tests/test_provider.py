@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,21 @@ def test_cli_lists_the_provider() -> None:
 def test_cli_connection_test_reports_credits(sim: SimulatorControl) -> None:
     result = airflow_cli("connections", "test", "evolink_default", AIRFLOW__CORE__TEST_CONNECTION="Enabled")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "remaining credits" in result.stdout
+    assert "Connection success!" in result.stdout  # the CLI prints our message only on failure
     assert TEST_API_KEY not in result.stdout + result.stderr
     assert sim.stats()["requests"]["GET /v1/credits"] == 1
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_cli_connection_test_explains_a_bad_key(sim: SimulatorControl) -> None:
+    bad = json.dumps({"conn_type": "evolink", "password": "sk-wrong-key-42", "host": sim.base_url})
+    result = airflow_cli(
+        "connections",
+        "test",
+        "evolink_bad",
+        AIRFLOW__CORE__TEST_CONNECTION="Enabled",
+        AIRFLOW_CONN_EVOLINK_BAD=bad,
+    )
+    output = result.stdout + result.stderr
+    assert "rejected the API key" in output, output
+    assert "sk-wrong-key-42" not in output
