@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -24,6 +25,7 @@ from evolink_provider.exceptions import (
     EvolinkRateLimitError,
     EvolinkServerError,
     EvolinkSubmissionUnknownError,
+    EvolinkTransportError,
 )
 from evolink_provider.hooks.evolink import (
     DEFAULT_BASE_URL,
@@ -391,3 +393,24 @@ def test_requests_carry_user_agent_and_bearer(monkeypatch: pytest.MonkeyPatch) -
         server.shutdown()
     assert _HeaderRecorder.seen["User-Agent"] == USER_AGENT
     assert _HeaderRecorder.seen["Authorization"] == "Bearer sk-header-check-1"
+
+
+def test_refused_connection_is_retried_and_reported_as_not_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens on the port: every attempt is refused, so no task can exist and the key is not named
+    as "look this up" (that is only for outcomes that may have created a task)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    set_connection(
+        monkeypatch,
+        "evolink_refused",
+        password=TEST_API_KEY,
+        host=f"http://127.0.0.1:{closed_port}",
+        extra={"max_retries": 2, "backoff_base": 0.01, "backoff_max": 0.02},
+    )
+    with pytest.raises(EvolinkTransportError) as caught:
+        EvolinkHook("evolink_refused").create_video_task(
+            dict(SEEDANCE), idempotency_key="evl-test-refused-000001"
+        )
+    assert not caught.value.request_sent
+    assert not isinstance(caught.value, EvolinkSubmissionUnknownError)
