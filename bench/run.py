@@ -105,16 +105,22 @@ async def _baseline_wait(url: str, task_id: str, poll: float) -> None:
 
 def run_triggers(url: str, count: int, baseline: bool) -> dict[str, float]:
     from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients
+    from evolink_provider.polling import decide_after_poll
     from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 
     hook = EvolinkHook()
-    ids = []
+    ids, first_polls = [], []
     for _ in range(count):
         seconds = random.randint(5, 20)
         prompt = f"bench [sim:seconds={seconds}] [sim:estimate={seconds}]"
-        ids.append(
-            hook.create_video_task({"model": "seedance-2.0-fast-text-to-video", "prompt": prompt})["id"]
+        task = hook.create_video_task({"model": "seedance-2.0-fast-text-to-video", "prompt": prompt})
+        ids.append(task["id"])
+        # As the operator does before deferring: the first poll follows the schedule, not "at once".
+        now = time.time()
+        decision = decide_after_poll(
+            task, now=now, started_at=now, deadline=None, poll_interval=1.0, max_poll_interval=5.0
         )
+        first_polls.append(now + decision.delay)
     hook.close()
     before = stats(url)
 
@@ -126,7 +132,8 @@ def run_triggers(url: str, count: int, baseline: bool) -> dict[str, float]:
             fired = len(ids)
         else:
             triggers = [
-                EvolinkTaskTrigger(task_id, poll_interval=1.0, max_poll_interval=5.0) for task_id in ids
+                EvolinkTaskTrigger(task_id, poll_interval=1.0, max_poll_interval=5.0, first_poll_at=first)
+                for task_id, first in zip(ids, first_polls, strict=True)
             ]
 
             async def first_event(trigger: EvolinkTaskTrigger) -> dict[str, Any]:

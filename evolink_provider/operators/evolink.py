@@ -155,7 +155,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
             return task
         started_at = float(task.get("created") or time.time())
         deadline = time.time() + float(self.timeout)
-        decision = decide_after_poll(task, now=time.time(), started_at=started_at, deadline=deadline)
+        decision = decide_after_poll(
+            task,
+            now=time.time(),
+            started_at=started_at,
+            deadline=deadline,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+        )
         if decision.outcome is Outcome.WAIT and self.deferrable:
             self.defer(
                 trigger=EvolinkTaskTrigger(
@@ -165,6 +172,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     max_poll_interval=self.max_poll_interval,
                     end_time=deadline,
                     started_at=started_at,
+                    first_poll_at=time.time() + decision.delay,
                 ),
                 method_name="execute_complete",
                 # Only a backstop: the trigger's own timeout event, which names the task, comes first.

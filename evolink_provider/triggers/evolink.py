@@ -44,6 +44,9 @@ class EvolinkTaskTrigger(BaseTrigger):
     :param end_time: wall-clock deadline (epoch seconds); ``None`` waits for ever.
     :param started_at: when the task was submitted (epoch seconds); drives the adaptive schedule.
     :param max_poll_failures: consecutive failed polls that end the wait with an ``error`` event.
+    :param first_poll_at: wall-clock time (epoch seconds) of the first poll. The operator sets it from the
+        task it just submitted, so the trigger does not re-read a task it already knows, and many tasks
+        deferred together do not all poll in the same instant. ``None`` polls at once (a sensor, a restart).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         end_time: float | None = None,
         started_at: float | None = None,
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
+        first_poll_at: float | None = None,
     ) -> None:
         super().__init__()
         self.evolink_task_id = evolink_task_id
@@ -64,6 +68,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         self.end_time = None if end_time is None else float(end_time)
         self.started_at = time.time() if started_at is None else float(started_at)
         self.max_poll_failures = int(max_poll_failures)
+        self.first_poll_at = None if first_poll_at is None else float(first_poll_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -76,6 +81,7 @@ class EvolinkTaskTrigger(BaseTrigger):
                 "end_time": self.end_time,
                 "started_at": self.started_at,
                 "max_poll_failures": self.max_poll_failures,
+                "first_poll_at": self.first_poll_at,
             },
         )
 
@@ -86,6 +92,8 @@ class EvolinkTaskTrigger(BaseTrigger):
         hook = EvolinkHook(self.evolink_conn_id)
         reporter = ProgressReporter()
         failures = PollFailureBudget(self.max_poll_failures)
+        if self.first_poll_at is not None:
+            await asyncio.sleep(max(0.0, self.first_poll_at - time.time()))
         while True:
             try:
                 task = await hook.aget_task(self.evolink_task_id)
