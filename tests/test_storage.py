@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from evolink_provider.exceptions import EvolinkConfigurationError, EvolinkError,
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.models import validate_request
 from evolink_provider.storage import EvolinkStorageError, store_results, upload_local_media
-from tests.conftest import SimulatorControl
+from tests.conftest import TEST_API_KEY, SimulatorControl
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "storage test", "duration": 4}
 
@@ -128,7 +129,18 @@ path = store_results(hook, task, {str(tmp_path)!r})[0]
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"growth_kb": after - before, "path": path}}))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    # A longer read timeout than the suite's 2 s: this measures memory, not the machine's load.
+    connection = {
+        "conn_type": "evolink",
+        "password": TEST_API_KEY,
+        "host": sim.base_url,
+        "extra": {"read_timeout": 60},
+    }
+    env = {**os.environ, "AIRFLOW_CONN_EVOLINK_DEFAULT": json.dumps(connection)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(report["path"]).stat().st_size == 52428800
     assert report["growth_kb"] < 30 * 1024, report
