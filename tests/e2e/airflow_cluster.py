@@ -116,7 +116,9 @@ class AirflowCluster:
                 "--api-key",
                 self.api_key,
                 "--task-seconds",
-                "4",
+                # Longer than the scheduler takes to record a deferral under load: a trigger that fires
+                # before that meets an Airflow race ("finished with state success, but ... queued").
+                "10",
                 "--media-dir",
                 str(self.home / "sim-media"),
             ],
