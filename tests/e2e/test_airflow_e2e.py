@@ -1,13 +1,22 @@
-"""End to end on a real Airflow: scheduler, dag-processor, triggerer and api-server against the simulator.
+"""End to end on a real Airflow: api-server, scheduler, dag-processor and triggerer against the simulator.
 
-One module-scoped session triggers every example DAG and the two recovery DAGs, kills a worker mid-wait
-and restarts the triggerer mid-wait, then the tests below check what happened.
+One module-scoped session (``outcome``) starts the cluster, triggers the four example DAGs, the two recovery
+DAGs and a canary DAG at once through the REST API, SIGKILLs the worker of the sync recovery task while it
+polls, restarts the triggerer while the deferrable recovery task's trigger polls, waits for every run, stops
+the cluster, and collects the evidence the tests below check.
+
+Canaries prove the checks can fail: a planted DAG file that cannot be imported must show up in
+``airflow dags list-import-errors``, and a DAG whose trigger cannot be serialized must fail its task with
+the serde error the checks look for.
 """
 
 from __future__ import annotations
 
 import os
-import signal
+import shutil
+import sqlite3
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +25,14 @@ from typing import Any
 import pytest
 
 from evolink_provider.editing import probe
-from tests.e2e.airflow_cluster import AirflowCluster, files_containing
+from tests.e2e.airflow_cluster import (
+    AirflowCluster,
+    ProcessGroups,
+    TIKey,
+    files_containing,
+    processes_marked,
+    secret_leaks,
+)
 from tests.e2e.dags.e2e_evolink_recovery import TRIGGERER_RESTART_PROMPT, WORKER_CRASH_PROMPT
 
 pytestmark = pytest.mark.e2e
@@ -27,13 +43,30 @@ EXAMPLES = [
     "example_evolink_character_to_video",
     "example_evolink_batch_concat",
 ]
-RECOVERY = ["e2e_worker_crash", "e2e_triggerer_restart"]
+WORKER_CRASH, TRIGGERER_RESTART = "e2e_worker_crash", "e2e_triggerer_restart"
+SERIALIZATION_CANARY = "e2e_canary_unserializable_trigger"
+REAL_DAGS = [*EXAMPLES, WORKER_CRASH, TRIGGERER_RESTART]
+#: The deferrable EvoLink tasks of each DAG: (task_id, map indexes).
 DEFERRABLE_TASKS = {
-    ("example_evolink_text_to_video_edit", "generate"),
-    ("example_evolink_reference_images", "generate"),
-    ("example_evolink_character_to_video", "extract_character"),
-    ("e2e_triggerer_restart", "generate"),
+    "example_evolink_text_to_video_edit": [("generate", -1)],
+    "example_evolink_reference_images": [("generate", -1)],
+    "example_evolink_character_to_video": [
+        ("source_clip", -1),
+        ("extract_character", -1),
+        ("cast_character", -1),
+    ],
+    "example_evolink_batch_concat": [("generate", 0), ("generate", 1), ("generate", 2)],
+    TRIGGERER_RESTART: [("generate", -1)],
 }
+EVOLINK_TASKS = {**DEFERRABLE_TASKS, WORKER_CRASH: [("generate", -1)]}
+TRIGGER_CLASSPATH = "evolink_provider.triggers.evolink.EvolinkTaskTrigger"
+BROKEN_DAG_FILE = "e2e_canary_import_error.py"
+BROKEN_DAG_SOURCE = '''"""Planted by the end-to-end test: list-import-errors must report this file."""
+from airflow.sdk import DAG  # noqa: F401
+
+raise RuntimeError("planted import error")
+'''
+RUN_TIMEOUT = 300
 
 
 @dataclass
@@ -42,114 +75,335 @@ class Outcome:
     runs: dict[str, str]
     states: dict[str, str]
     stats: dict[str, Any]
-    killed_pid: int | None = None
-    triggerer_restarted: bool = False
-    leaked_into: list[Path] = field(default_factory=list)
-    import_errors: list[Any] = field(default_factory=list)
+    import_errors: dict[str, str]
+    timings: dict[str, float]
+    killed_pids: list[int] = field(default_factory=list)
+    killed_at: float = 0.0
+    restarted_at: float = 0.0
+    old_triggerers: set[int] = field(default_factory=set)
+    all_runs: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    heartbeat_timeouts: int = 0
+    leaks: list[str] = field(default_factory=list)
+    left_running: list[int] = field(default_factory=list)
+
+    def evolink_task_id(self, dag_id: str, task_id: str, map_index: int = -1) -> str:
+        record = self.cluster.task_state_store(dag_id, self.runs[dag_id], task_id, map_index)
+        return str(record["evolink_submission"]["task_id"])
+
+    def idempotency_key(self, dag_id: str, task_id: str, map_index: int = -1) -> str:
+        record = self.cluster.task_state_store(dag_id, self.runs[dag_id], task_id, map_index)
+        return str(record["evolink_submission"]["idempotency_key"])
+
+    def key(self, dag_id: str, task_id: str, map_index: int = -1) -> TIKey:
+        return (dag_id, self.runs[dag_id], task_id, map_index)
 
 
-def kill_worker_mid_wait(cluster: AirflowCluster, dag_id: str, run_id: str) -> int:
-    """Wait until the sync task is polling, then SIGKILL its task process (a crashed worker)."""
+def kill_worker_mid_wait(cluster: AirflowCluster, run_id: str) -> list[int]:
+    """Once the sync task has submitted and is polling, SIGKILL its worker."""
 
-    def running_pid() -> int | None:
-        state, _, pid = cluster.task_rows(dag_id, run_id).get("generate", (None, 0, None))
-        submitted = cluster.sim_stats()["tasks_by_prompt"].get(WORKER_CRASH_PROMPT, 0)
-        return pid if state == "running" and pid and submitted else None
+    def polling() -> bool:
+        ti = cluster.task_instances(WORKER_CRASH, run_id).get("generate")
+        record = cluster.task_state_store(WORKER_CRASH, run_id, "generate").get("evolink_submission")
+        if ti is None or ti.state != "running" or not record or not record.get("task_id"):
+            return False
+        return cluster.sim_stats()["polls_by_task"].get(record["task_id"], 0) >= 1
 
-    pid = int(cluster.wait_for(running_pid, 180, "the sync task to submit and start waiting"))
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    cluster.wait_for(polling, 180, "the sync task to submit and poll")
+    return cluster.kill_worker(WORKER_CRASH, run_id, "generate")
 
 
-def restart_triggerer_mid_wait(cluster: AirflowCluster, dag_id: str, run_id: str) -> None:
-    def deferred() -> bool:
-        return cluster.task_rows(dag_id, run_id).get("generate", ("",))[0] == "deferred"
+def restart_triggerer_mid_wait(cluster: AirflowCluster, run_id: str) -> set[int]:
+    """Once the deferrable task's trigger runs in the triggerer and has polled, restart the triggerer.
+    Returns the triggerer job ids that held the trigger before the restart."""
+    key = (TRIGGERER_RESTART, run_id, "generate", -1)
 
-    cluster.wait_for(deferred, 180, "the deferrable task to be deferred")
+    def trigger_polling() -> set[int] | None:
+        if "deferred" not in cluster.seen(key):
+            return None
+        held_by = cluster.triggerers_holding(key)
+        record = cluster.task_state_store(TRIGGERER_RESTART, run_id, "generate").get("evolink_submission")
+        polls = cluster.sim_stats()["polls_by_task"].get((record or {}).get("task_id"), 0)
+        return held_by if held_by and polls >= 1 else None
+
+    held_by = cluster.wait_for(trigger_polling, 180, "the deferred task's trigger to poll")
     cluster.restart_triggerer()
+    return held_by
 
 
 @pytest.fixture(scope="module")
-def outcome() -> Iterator[Outcome]:
-    with AirflowCluster() as cluster:
-        cluster.wait_for_dags(set(EXAMPLES + RECOVERY))
-        runs = {dag_id: cluster.trigger(dag_id) for dag_id in RECOVERY}
-        killed = kill_worker_mid_wait(cluster, "e2e_worker_crash", runs["e2e_worker_crash"])
-        restart_triggerer_mid_wait(cluster, "e2e_triggerer_restart", runs["e2e_triggerer_restart"])
-        runs.update({dag_id: cluster.trigger(dag_id) for dag_id in EXAMPLES})
-        states = {
-            dag_id: cluster.wait_for_run(dag_id, run_id, timeout=420) for dag_id, run_id in runs.items()
-        }
-        result = Outcome(
-            cluster,
-            runs,
-            states,
-            cluster.sim_stats(),
-            killed_pid=killed,
-            triggerer_restarted=True,
-            import_errors=cluster.query("select filename, stacktrace from import_error"),
+def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
+    failed_before = request.session.testsfailed
+    timings: dict[str, float] = {}
+    began = time.monotonic()
+    with AirflowCluster(extra_dag_sources={BROKEN_DAG_FILE: BROKEN_DAG_SOURCE}) as cluster:
+        timings["cluster up"] = time.monotonic() - began
+        cluster.wait_for_dags([*REAL_DAGS, SERIALIZATION_CANARY])
+        cluster.wait_for(
+            lambda: cluster.query(
+                "select filename from import_error where filename like ?", f"%{BROKEN_DAG_FILE}"
+            ),
+            120,
+            "the planted import error to be recorded",
         )
-        failures = {d: cluster.task_rows(d, r) for d, r in runs.items() if states[d] != "success"}
-        if failures:
-            print("FAILED RUNS", failures)
+        timings["DAGs parsed"] = time.monotonic() - began
+        runs = {dag_id: cluster.trigger(dag_id) for dag_id in [WORKER_CRASH, TRIGGERER_RESTART, *EXAMPLES]}
+        runs[SERIALIZATION_CANARY] = cluster.trigger(SERIALIZATION_CANARY)
+        timings["runs triggered"] = time.monotonic() - began
+        result = Outcome(cluster, runs, {}, {}, {}, timings)
+        result.killed_pids = kill_worker_mid_wait(cluster, runs[WORKER_CRASH])
+        result.killed_at = time.time()
+        timings["worker killed"] = time.monotonic() - began
+        result.old_triggerers = restart_triggerer_mid_wait(cluster, runs[TRIGGERER_RESTART])
+        result.restarted_at = time.time()
+        timings["triggerer restarted"] = time.monotonic() - began
+        result.states = cluster.wait_for_runs(runs, RUN_TIMEOUT)
+        timings["runs finished"] = time.monotonic() - began
+        result.stats = cluster.sim_stats()
+        result.import_errors = cluster.import_errors()
+        result.all_runs = cluster.runs()
+        result.heartbeat_timeouts = len(
+            cluster.query(
+                "select id from log where event = 'heartbeat timeout' and dag_id = ? and run_id = ?",
+                WORKER_CRASH,
+                runs[WORKER_CRASH],
+            )
+        )
+        if any(result.states[d] != "success" for d in REAL_DAGS):
+            for dag_id in REAL_DAGS:
+                print(dag_id, result.states[dag_id], cluster.task_instances(dag_id, runs[dag_id]))
             for name in ("scheduler", "triggerer"):
                 print(f"--- {name} log ---\n{cluster.log_tail(name)}")
-    result.leaked_into = files_containing(cluster.home, cluster.api_key)
+    timings["stopped"] = time.monotonic() - began
+    result.left_running = processes_marked(cluster.procs.marker)
+    result.leaks = cluster.leaks()
+    print("e2e timings (s):", {k: round(v, 1) for k, v in timings.items()})
     yield result
+    if request.session.testsfailed == failed_before and not os.environ.get("EVOLINK_E2E_KEEP"):
+        shutil.rmtree(cluster.home, ignore_errors=True)
+    else:
+        print(f"e2e AIRFLOW_HOME kept for inspection: {cluster.home}")
 
 
-def test_no_dag_has_an_import_error(outcome: Outcome) -> None:
-    assert outcome.import_errors == []
+# -- the runs -----------------------------------------------------------------------------------
 
 
 def test_every_run_succeeded(outcome: Outcome) -> None:
-    assert outcome.states == dict.fromkeys(outcome.runs, "success")
+    assert {d: outcome.states[d] for d in REAL_DAGS} == dict.fromkeys(REAL_DAGS, "success")
+    # No run the test did not start (a schedule, a catch-up) and none left unfinished.
+    assert outcome.all_runs == {(d, r): outcome.states[d] for d, r in outcome.runs.items()}
+
+
+def test_no_task_failed_or_logged_an_error(outcome: Outcome) -> None:
+    cluster = outcome.cluster
+    for dag_id in REAL_DAGS:
+        instances = cluster.task_instances(dag_id, outcome.runs[dag_id])
+        assert instances and {ti.state for ti in instances.values()} == {"success"}, (dag_id, instances)
+        assert cluster.task_errors(dag_id, outcome.runs[dag_id]) == []
+    assert cluster.watch_errors == []
+
+
+def test_dag_files_import_cleanly_and_a_broken_one_is_reported(outcome: Outcome) -> None:
+    """Exactly the planted file: an import error in any real DAG file would be listed here too."""
+    assert list(outcome.import_errors) == [BROKEN_DAG_FILE]
+    assert "planted import error" in outcome.import_errors[BROKEN_DAG_FILE]
+
+
+def test_an_unserializable_trigger_fails_its_task_and_is_caught(outcome: Outcome) -> None:
+    """The canary shows what a trigger that cannot be serialized does in a real Airflow, and that the
+    checks above (run states, task states, logged errors) catch it."""
+    run_id = outcome.runs[SERIALIZATION_CANARY]
+    assert outcome.states[SERIALIZATION_CANARY] == "failed"
+    assert outcome.cluster.task_instances(SERIALIZATION_CANARY, run_id)["defer"].state == "failed"
+    errors = outcome.cluster.task_errors(SERIALIZATION_CANARY, run_id)
+    assert any("Cannot serialize object" in error for error in errors), errors
+
+
+# -- deferral -----------------------------------------------------------------------------------
 
 
 def test_deferrable_tasks_went_through_the_triggerer(outcome: Outcome) -> None:
-    for key in DEFERRABLE_TASKS:
-        assert "deferred" in outcome.cluster.states_seen[key], (key, outcome.cluster.states_seen[key])
-    assert outcome.cluster.max_triggers >= 1, "no trigger row was ever seen in the metadata DB"
-
-
-def test_edited_video_thumbnail_and_reel_are_real(outcome: Outcome) -> None:
     cluster = outcome.cluster
-    edit = cluster.xcom(
-        "example_evolink_text_to_video_edit", outcome.runs["example_evolink_text_to_video_edit"], "edit"
-    )
-    edited = probe(edit["edited"])
+    for dag_id, tasks in DEFERRABLE_TASKS.items():
+        for task_id, map_index in tasks:
+            key = outcome.key(dag_id, task_id, map_index)
+            assert "deferred" in cluster.states_seen[key], (key, cluster.states_seen[key])
+            triggers = cluster.triggers_of[key]
+            assert triggers, f"no trigger row was seen for {key}"
+            for trigger in triggers:
+                seen = cluster.triggers[trigger]
+                assert seen.classpath == TRIGGER_CLASSPATH
+                assert seen.triggerer_ids, f"trigger {trigger} of {key} was never picked up"
+                kwargs = cluster.trigger_kwargs(trigger)
+                assert kwargs["evolink_task_id"] == outcome.evolink_task_id(dag_id, task_id, map_index)
+                assert kwargs["evolink_conn_id"] == "evolink_default"
+
+
+def test_sync_task_never_deferred(outcome: Outcome) -> None:
+    key = outcome.key(WORKER_CRASH, "generate")
+    assert "deferred" not in outcome.cluster.states_seen[key]
+    assert not outcome.cluster.triggers_of[key]
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+
+def test_edited_video_and_thumbnail(outcome: Outcome) -> None:
+    cluster = outcome.cluster
+    dag_id = "example_evolink_text_to_video_edit"
+    edit = cluster.xcom(dag_id, outcome.runs[dag_id], "edit")
+    for path in edit.values():
+        assert Path(path).is_relative_to(cluster.output), path
+        assert Path(path).stat().st_size > 0, path
+    raw, edited = probe(edit["raw"]), probe(edit["edited"])
+    assert raw.duration == pytest.approx(5.0, abs=0.3)
     assert edited.duration == pytest.approx(4.0, abs=0.3)
-    assert (edited.width, edited.height) == (1280, 720)
-    assert Path(edit["thumbnail"]).stat().st_size > 0
-    batch = cluster.xcom(
-        "example_evolink_batch_concat", outcome.runs["example_evolink_batch_concat"], "assemble"
-    )
-    assert probe(batch["reel"]).duration == pytest.approx(12.0, abs=0.5)
-    assert Path(batch["contact_sheet"]).stat().st_size > 0
+    assert (edited.width, edited.height) == (raw.width, raw.height) == (1280, 720)
+    assert probe(edit["thumbnail"]).width > 0
 
 
-def test_killed_worker_reattached_with_one_post(outcome: Outcome) -> None:
-    rows = outcome.cluster.task_rows("e2e_worker_crash", outcome.runs["e2e_worker_crash"])
-    state, tries, _ = rows["generate"]
-    assert outcome.killed_pid
-    assert (state, tries >= 2) == ("success", True), rows
+def test_reference_images_video_is_stored(outcome: Outcome) -> None:
+    dag_id = "example_evolink_reference_images"
+    generated = outcome.cluster.xcom(dag_id, outcome.runs[dag_id], "generate")
+    (stored,) = generated["files"]
+    assert Path(stored).is_relative_to(outcome.cluster.output)
+    video = probe(stored)
+    assert video.duration == pytest.approx(4.0, abs=0.3)
+    assert (video.width, video.height) == (1280, 720)
+
+
+def test_batch_reel_and_contact_sheet(outcome: Outcome) -> None:
+    dag_id = "example_evolink_batch_concat"
+    assembled = outcome.cluster.xcom(dag_id, outcome.runs[dag_id], "assemble")
+    assert len(assembled["clips"]) == 3
+    for clip in assembled["clips"]:
+        assert probe(clip).duration == pytest.approx(4.0, abs=0.3)
+    reel = probe(assembled["reel"])
+    assert reel.duration == pytest.approx(12.0, abs=0.5)
+    assert (reel.width, reel.height) == (1280, 720)
+    assert Path(assembled["contact_sheet"]).stat().st_size > 0
+
+
+def test_character_flows_into_the_next_generation(outcome: Outcome) -> None:
+    dag_id = "example_evolink_character_to_video"
+    summary = outcome.cluster.xcom(dag_id, outcome.runs[dag_id], "summarize")
+    assert summary["character_name"].startswith("chr_")
+    assert summary["video"].startswith(outcome.cluster.sim_url)
+
+
+# -- crash and restart ----------------------------------------------------------------------------
+
+
+def test_killed_worker_was_detected_retried_and_reattached(outcome: Outcome) -> None:
+    cluster, run_id = outcome.cluster, outcome.runs[WORKER_CRASH]
+    assert len(outcome.killed_pids) == 2
+    assert outcome.heartbeat_timeouts >= 1, "the scheduler never noticed the dead worker"
+    ti = cluster.task_instances(WORKER_CRASH, run_id)["generate"]
+    assert (ti.state, ti.try_number) == ("success", 2)
+    assert "up_for_retry" in cluster.states_seen[outcome.key(WORKER_CRASH, "generate")]
+    evolink_id = outcome.evolink_task_id(WORKER_CRASH, "generate")
+    first, second = (cluster.task_log(WORKER_CRASH, run_id, "generate", attempt) for attempt in (1, 2))
+    assert f"Submitted EvoLink task {evolink_id}" in first
+    assert f"Reattaching to EvoLink task {evolink_id}" in second
+    assert "Submitted EvoLink task" not in second
+    # The retry polled the same task after the kill.
+    assert any(t > outcome.killed_at for t in outcome.stats["poll_times_by_task"][evolink_id])
+
+
+def test_killed_worker_cost_one_post(outcome: Outcome) -> None:
+    key = outcome.idempotency_key(WORKER_CRASH, "generate")
+    assert outcome.stats["posts_by_idempotency_key"][key] == 1
     assert outcome.stats["tasks_by_prompt"][WORKER_CRASH_PROMPT] == 1
 
 
-def test_triggerer_restart_resumed_with_one_post(outcome: Outcome) -> None:
-    assert outcome.triggerer_restarted
+def test_restarted_triggerer_resumed_the_wait(outcome: Outcome) -> None:
+    cluster = outcome.cluster
+    key = outcome.key(TRIGGERER_RESTART, "generate")
+    ti = cluster.task_instances(TRIGGERER_RESTART, outcome.runs[TRIGGERER_RESTART])["generate"]
+    assert (ti.state, ti.try_number) == ("success", 1), "the wait should resume, not be retried"
+    (trigger,) = cluster.triggers_of[key]
+    held_by = cluster.triggers[trigger].triggerer_ids
+    assert outcome.old_triggerers and outcome.old_triggerers < held_by, "no new triggerer took the trigger"
+    old_jobs = dict(cluster.triggerer_jobs())
+    assert all(old_jobs[job] != "running" for job in outcome.old_triggerers)
+    evolink_id = outcome.evolink_task_id(TRIGGERER_RESTART, "generate")
+    assert any(t > outcome.restarted_at for t in outcome.stats["poll_times_by_task"][evolink_id])
+
+
+def test_restarted_triggerer_cost_one_post(outcome: Outcome) -> None:
+    key = outcome.idempotency_key(TRIGGERER_RESTART, "generate")
+    assert outcome.stats["posts_by_idempotency_key"][key] == 1
     assert outcome.stats["tasks_by_prompt"][TRIGGERER_RESTART_PROMPT] == 1
 
 
-def test_no_idempotency_key_ever_created_two_tasks(outcome: Outcome) -> None:
-    assert all(len(ids) == 1 for ids in outcome.stats["tasks_by_idempotency_key"].values())
+def test_one_post_per_generation(outcome: Outcome) -> None:
+    stats = outcome.stats
+    generations = sum(len(tasks) for tasks in EVOLINK_TASKS.values())
+    keys = {outcome.idempotency_key(d, t, m) for d, tasks in EVOLINK_TASKS.items() for t, m in tasks}
+    assert len(keys) == generations
+    assert stats["requests"]["POST /v1/videos/generations"] == generations
+    assert stats["posts_by_idempotency_key"] == dict.fromkeys(keys, 1)
+    assert stats["tasks_created"] == generations
+    assert stats["idempotent_replays"] == 0
+
+
+# -- secrets and clean-up ---------------------------------------------------------------------------
 
 
 def test_the_api_key_appears_nowhere_in_airflow_home(outcome: Outcome) -> None:
-    assert outcome.leaked_into == []
+    cluster = outcome.cluster
+    assert (cluster.home / "airflow.db").stat().st_size > 0
+    assert any(cluster.home.joinpath("logs").rglob("*.log.trigger.*.log")), "no trigger log was written"
+    assert cluster.triggers, "no trigger kwargs were captured to check"
+    assert outcome.leaks == []
 
 
-def test_the_leak_check_can_fail(tmp_path: Path) -> None:
+def test_every_process_was_stopped(outcome: Outcome) -> None:
+    assert outcome.left_running == []
+    assert outcome.cluster.procs.running == {}
+
+
+def test_the_leak_check_finds_a_planted_key(tmp_path: Path) -> None:
+    from cryptography.fernet import Fernet
+
+    secret, fernet_key = "sk-sim-e2e-planted0123456789", Fernet.generate_key().decode()
     (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "task.log").write_text("Authorization: Bearer sk-sim-e2e-planted")
-    assert files_containing(tmp_path, "sk-sim-e2e-planted") == [tmp_path / "logs" / "task.log"]
+    (tmp_path / "logs" / "clean.log").write_text("Authorization: Bearer ***")
+    assert secret_leaks(tmp_path, secret, fernet_key) == []
+    (tmp_path / "logs" / "task.log").write_text(f"Authorization: Bearer {secret}")
+    with sqlite3.connect(tmp_path / "airflow.db") as db:
+        db.execute("create table xcom (value text)")
+        db.execute("insert into xcom values (?)", (f'{{"api_key": "{secret}"}}',))
+    encrypted = Fernet(fernet_key.encode()).encrypt(f'{{"token": "{secret}"}}'.encode()).decode()
+    assert secret.encode() not in encrypted.encode()
+    assert secret_leaks(tmp_path, secret, fernet_key, [encrypted]) == [
+        str(tmp_path / "airflow.db"),
+        str(tmp_path / "logs" / "task.log"),
+        "encrypted trigger kwargs #0",
+    ]
+    assert files_containing(tmp_path, "not-there") == []
+
+
+def test_process_groups_stop_everything_even_on_failure(tmp_path: Path) -> None:
+    """A child that ignores SIGTERM and a grandchild that escaped into its own session: both die."""
+    marker = f"unit-{os.getpid()}-{time.time_ns()}"
+    procs = ProcessGroups(tmp_path, dict(os.environ), marker)
+    stubborn = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', "
+        "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], "
+        "start_new_session=True); time.sleep(600)"
+    )
+    strays: list[int] = []
+    with pytest.raises(RuntimeError, match="the test body failed"):
+        try:
+            procs.spawn("stubborn", [sys.executable, "-c", stubborn])
+            deadline = time.monotonic() + 30
+            while len(processes_marked(marker)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(processes_marked(marker)) == 2
+            raise RuntimeError("the test body failed")
+        finally:
+            strays = procs.stop_all(grace=1)
+    assert processes_marked(marker) == []
+    assert len(strays) == 1
+    assert procs.running == {}
