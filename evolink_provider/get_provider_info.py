@@ -69,6 +69,12 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "Longest backoff (s)",
                         "schema": {"type": ["number", "null"], "minimum": 0, "default": 30},
                     },
+                    "batch_polling": {
+                        "label": "Batch polling (observed endpoint)",
+                        "description": "Triggers in one triggerer read their tasks 50 at a time through "
+                        "the undocumented POST /v1/tasks/batch; falls back to single reads if it is missing.",
+                        "schema": {"type": ["boolean", "null"], "default": False},
+                    },
                 },
             }
         ],

@@ -24,14 +24,16 @@ header (seconds or an HTTP date) is honoured up to ``retry_after_max``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import json
 import logging
 import random
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import cached_property
@@ -51,6 +53,7 @@ from evolink_provider.exceptions import (
     EvolinkTransportError,
     error_for_status,
 )
+from evolink_provider.hooks.task_batcher import TaskBatcher, tasks_in_batch_answer
 
 if TYPE_CHECKING:
     import httpx
@@ -66,6 +69,8 @@ CREATE_VIDEO_PATH = "/v1/videos/generations"
 CREDITS_PATH = "/v1/credits"
 FILES_UPLOAD_PATH = "/api/v1/files/upload/stream"
 TASK_ID_PREFIX = "task-unified-"
+#: Observed, undocumented: reads up to 50 tasks in one call (used only with ``batch_polling``).
+TASK_BATCH_PATH = "/v1/tasks/batch"
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,12 @@ class _Request:
     path: str
     headers: dict[str, str] = field(repr=False)
     json_body: Any = None
+    #: A POST that only reads (the batch task read): safe to repeat, creates nothing.
+    read_only: bool = False
 
     @property
-    def is_post(self) -> bool:
-        return self.method == "POST"
+    def may_create(self) -> bool:
+        return self.method == "POST" and not self.read_only
 
 
 def resolve_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
@@ -282,7 +289,7 @@ def should_retry(request: _Request, error: EvolinkError) -> bool:
     """The retry rule of the module docstring, in one place for both clients."""
     if not error.retryable:
         return False
-    if not request.is_post:
+    if not request.may_create:
         return True
     # A POST is only ever repeated with its original Idempotency-Key, which _Request carries.
     return "Idempotency-Key" in request.headers
@@ -297,7 +304,7 @@ def _outcome_unknown(error: EvolinkError) -> bool:
 
 def _give_up(request: _Request, error: EvolinkError, attempts: int) -> EvolinkError:
     """The error to raise once retrying stops."""
-    if request.is_post and _outcome_unknown(error):
+    if request.may_create and _outcome_unknown(error):
         key = request.headers.get("Idempotency-Key", "")
         return EvolinkSubmissionUnknownError(
             f"EvoLink may or may not have created the task for POST {request.path} after {attempts} "
@@ -309,35 +316,78 @@ def _give_up(request: _Request, error: EvolinkError, attempts: int) -> EvolinkEr
     return error
 
 
-# One httpx client (and so one connection pool) per event loop: triggers share it instead of opening a
-# client, and TCP connections, per poll. The triggerer's loop lives as long as the process.
-_ASYNC_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Timeouts, httpx.AsyncClient]] = (
+class _SharedPool:
+    """The HTTP connections all triggers of one event loop share, as a few small httpx pools.
+
+    Why not one httpx client with a large pool: each time a request starts or ends, httpcore examines
+    every pooled connection (a ``getpeername`` and a readability check each) and every queued request, so
+    a poll costs O(pool + queue). Measured at N=5,000 triggers: 14 ms of CPU per poll with 5,000 requests
+    queued in one pool of 64, 6.3 ms with the queue held outside the pool, 1.6 ms with pools of 16.
+    Small pools, each behind an ``asyncio.Semaphore`` (O(1) to wait on), keep that scan short.
+    """
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        import httpx
+
+        limits = httpx.Limits(
+            max_connections=ASYNC_SHARD_SIZE,
+            max_keepalive_connections=ASYNC_SHARD_SIZE,
+            keepalive_expiry=ASYNC_KEEPALIVE_SECONDS,
+        )
+        timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, pool=None)
+        self._shards = [
+            (
+                httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False),
+                asyncio.Semaphore(ASYNC_SHARD_SIZE),
+            )
+            for _ in range(max(1, ASYNC_POOL_SIZE // ASYNC_SHARD_SIZE))
+        ]
+        self._turn = itertools.count()
+
+    @property
+    def is_closed(self) -> bool:
+        return any(client.is_closed for client, _ in self._shards)
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
+        """The first client with a free connection slot, so that light load reuses few connections;
+        when all are busy, the clients take the waiters in turn."""
+        free = (shard for shard in self._shards if not shard[1].locked())
+        client, slots = next(free, None) or self._shards[next(self._turn) % len(self._shards)]
+        async with slots:
+            yield client
+
+    async def aclose(self) -> None:
+        for client, _ in self._shards:
+            await client.aclose()
+
+
+# One shared pool per event loop: triggers share it instead of opening a client, and TCP connections, per
+# poll. The triggerer's loop lives as long as the process.
+_SHARED_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Timeouts, _SharedPool]] = (
     weakref.WeakKeyDictionary()
 )
-ASYNC_POOL_SIZE = 64
+#: Connections per event loop, and per httpx pool within it (see :class:`_SharedPool`).
+ASYNC_POOL_SIZE = 32
+ASYNC_SHARD_SIZE = 8
+#: Idle pooled connections are kept this long (httpx's default is 5 s, shorter than the adaptive poll
+#: interval, so most polls would open a new connection); below the common 60 s idle limit of load
+#: balancers, and a connection the server closed first is retried like any dropped GET.
+ASYNC_KEEPALIVE_SECONDS = 45.0
 
 
-def _async_client(timeouts: Timeouts) -> httpx.AsyncClient:
-    import httpx
-
-    loop = asyncio.get_running_loop()
-    clients = _ASYNC_CLIENTS.setdefault(loop, {})
-    client = clients.get(timeouts)
-    if client is None or client.is_closed:
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect, pool=None),
-            limits=httpx.Limits(max_connections=ASYNC_POOL_SIZE, max_keepalive_connections=ASYNC_POOL_SIZE),
-            follow_redirects=False,
-        )
-        clients[timeouts] = client
-    return client
+def _shared_pool(timeouts: Timeouts) -> _SharedPool:
+    pools = _SHARED_POOLS.setdefault(asyncio.get_running_loop(), {})
+    pool = pools.get(timeouts)
+    if pool is None or pool.is_closed:
+        pool = pools[timeouts] = _SharedPool(timeouts)
+    return pool
 
 
 async def aclose_async_clients() -> None:
     """Close this event loop's shared clients (tests and benchmarks; the triggerer never needs it)."""
-    loop = asyncio.get_running_loop()
-    for client in _ASYNC_CLIENTS.pop(loop, {}).values():
-        await client.aclose()
+    for pool in _SHARED_POOLS.pop(asyncio.get_running_loop(), {}).values():
+        await pool.aclose()
 
 
 class EvolinkHook(BaseHook):
@@ -389,6 +439,7 @@ class EvolinkHook(BaseHook):
         json_body: Any = None,
         idempotency_key: str | None = None,
         base_url: str | None = None,
+        read_only: bool = False,
     ) -> _Request:
         headers = {
             "Authorization": f"Bearer {settings.api_key.reveal()}",
@@ -399,7 +450,7 @@ class EvolinkHook(BaseHook):
             headers["Content-Type"] = "application/json"
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
-        return _Request(method, f"{base_url or settings.base_url}{path}", path, headers, json_body)
+        return _Request(method, f"{base_url or settings.base_url}{path}", path, headers, json_body, read_only)
 
     # -- sync client ------------------------------------------------------------------------------
 
@@ -631,11 +682,11 @@ class EvolinkHook(BaseHook):
     async def _asend_once(self, request: _Request, timeouts: Timeouts) -> dict[str, Any]:
         import httpx
 
-        client = _async_client(timeouts)
         try:
-            response = await client.request(
-                request.method, request.url, headers=request.headers, json=request.json_body
-            )
+            async with _shared_pool(timeouts).client() as client:
+                response = await client.request(
+                    request.method, request.url, headers=request.headers, json=request.json_body
+                )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise _transport_error(request, exc, request_sent=False) from None
         except httpx.HTTPError as exc:  # read timeouts, resets mid-answer, protocol errors
@@ -664,9 +715,40 @@ class EvolinkHook(BaseHook):
         raise AssertionError("unreachable: the loop returns or raises")
 
     async def aget_task(self, task_id: str) -> dict[str, Any]:
-        """Read a task without blocking the event loop (for triggers)."""
+        """Read a task without blocking the event loop (for triggers).
+
+        With the connection's ``batch_polling`` on, the reads of all triggers on this event loop that use
+        the same key are coalesced into batch calls (see :mod:`evolink_provider.hooks.task_batcher`).
+        """
         settings = await self.aget_settings()
-        return await self._asend(self._build_request(settings, "GET", _task_path(task_id)), settings)
+        path = _task_path(task_id)
+        if settings.batch_polling:
+            return await self._task_batcher(settings).read(task_id)
+        return await self._asend(self._build_request(settings, "GET", path), settings)
+
+    def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:
+        batchers = _TASK_BATCHERS.setdefault(asyncio.get_running_loop(), {})
+        owner = (settings.base_url, hashlib.sha256(settings.api_key.reveal().encode()).hexdigest())
+        batcher = batchers.get(owner)
+        if batcher is None:
+
+            async def read_batch(task_ids: list[str]) -> list[dict[str, Any]]:
+                request = self._build_request(
+                    settings, "POST", TASK_BATCH_PATH, json_body={"task_ids": task_ids}, read_only=True
+                )
+                return tasks_in_batch_answer(await self._asend(request, settings))
+
+            async def read_one(task_id: str) -> dict[str, Any]:
+                return await self._asend(self._build_request(settings, "GET", _task_path(task_id)), settings)
+
+            batcher = batchers[owner] = TaskBatcher(read_batch, read_one)
+        return batcher
+
+
+#: One batcher per event loop and (base URL, API key digest): a batch holds only tasks one key can see.
+_TASK_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], TaskBatcher]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _task_path(task_id: str) -> str:

@@ -1,0 +1,166 @@
+"""Coalesce the task reads of many triggers on one event loop into ``POST /v1/tasks/batch`` calls.
+
+Why: every trigger polls its own task, so a triggerer waiting on thousands of generations sends thousands of
+``GET /v1/tasks/{id}``. EvoLink's own clients read up to 50 tasks per call through a batch endpoint that
+is observed, not documented. The provider therefore uses it only when the connection opts in (extra
+``batch_polling``), and falls back to single reads:
+
+* for good, as soon as the endpoint answers 404, 405, 400 or 422, or an answer of a shape not understood
+  (the endpoint is gone or changed: single reads are the documented contract);
+* per task, when an id is missing from a batch answer (the single read then raises the documented error,
+  a 404 for an unknown id, say).
+
+Other failures of a batch call (after the hook's own retries) reach every trigger in it as that trigger's
+failed poll, exactly as a failed single read would.
+
+Timing: a read waits at most :data:`BATCH_WINDOW_SECONDS` for others to join its batch, and no wait at all
+once :data:`BATCH_MAX_IDS` reads are waiting. The adaptive schedule polls at least ``poll_interval``
+(default 5 s) apart, so the window adds at most a tenth of that to the detection of a completed task.
+
+This module holds no HTTP: the hook hands it the two coroutines that read (the hook owns HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from evolink_provider.exceptions import EvolinkAPIError, EvolinkError
+
+log = logging.getLogger(__name__)
+
+#: The most ids the batch endpoint takes in one call (observed).
+BATCH_MAX_IDS = 50
+#: How long a read waits for others to join its batch.
+BATCH_WINDOW_SECONDS = 0.5
+#: Answers of the batch endpoint that mean "not here, or not in this shape": read singly from then on.
+ENDPOINT_MISSING_STATUSES = frozenset({400, 404, 405, 422})
+
+ReadBatch = Callable[[list[str]], Awaitable[list[dict[str, Any]]]]
+ReadOne = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+class UnexpectedBatchAnswer(EvolinkError):
+    """The batch endpoint answered 2xx with a body this provider does not understand."""
+
+
+class TaskBatcher:
+    """Collects reads for up to :data:`BATCH_WINDOW_SECONDS` and sends them as one batch call.
+
+    One instance serves all triggers of one event loop that share a base URL and API key (a batch can
+    only hold tasks the key can see).
+    """
+
+    def __init__(
+        self, read_batch: ReadBatch, read_one: ReadOne, window: float = BATCH_WINDOW_SECONDS
+    ) -> None:
+        self._read_batch = read_batch
+        self._read_one = read_one
+        self._window = window
+        self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self.batch_supported = True
+
+    async def read(self, task_id: str) -> dict[str, Any]:
+        """The task object of ``task_id``, read in the next batch (or singly once batches are off)."""
+        if not self.batch_supported:
+            return await self._read_one(task_id)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._waiting.setdefault(task_id, []).append(future)
+        if len(self._waiting) >= BATCH_MAX_IDS:
+            self._send_waiting()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._window, self._send_waiting)
+        return await future
+
+    def _send_waiting(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting:
+            ids = list(itertools.islice(self._waiting, BATCH_MAX_IDS))
+            batch = {task_id: self._waiting.pop(task_id) for task_id in ids}
+            running = asyncio.ensure_future(self._settle_batch(batch))
+            self._running.add(running)
+            running.add_done_callback(self._running.discard)
+
+    async def _settle_batch(self, batch: dict[str, list[asyncio.Future[dict[str, Any]]]]) -> None:
+        if not self.batch_supported:  # turned off while this batch waited
+            await self._settle_singly(batch)
+            return
+        try:
+            tasks = await self._read_batch(list(batch))
+        except Exception as error:
+            if _endpoint_missing(error):
+                if self.batch_supported:
+                    self.batch_supported = False
+                    log.warning(
+                        "EvoLink's batch task read is not available (%s); reading tasks one by one now.",
+                        error,
+                    )
+                await self._settle_singly(batch)
+            else:
+                for futures in batch.values():
+                    _settle(futures, error=error)
+            return
+        found = {task.get("id"): task for task in tasks if isinstance(task, dict)}
+        missing = {}
+        for task_id, futures in batch.items():
+            if task_id in found:
+                _settle(futures, result=found[task_id])
+            else:
+                missing[task_id] = futures
+        if missing:
+            await self._settle_singly(missing)
+
+    async def _settle_singly(self, batch: dict[str, list[asyncio.Future[dict[str, Any]]]]) -> None:
+        reads = (self._read_one(task_id) for task_id in batch)
+        answers = await asyncio.gather(*reads, return_exceptions=True)
+        for futures, answer in zip(batch.values(), answers, strict=True):
+            if isinstance(answer, BaseException):
+                _settle(futures, error=answer)
+            else:
+                _settle(futures, result=answer)
+
+
+def _endpoint_missing(error: BaseException) -> bool:
+    if isinstance(error, UnexpectedBatchAnswer):
+        return True
+    # A retryable 400 (EvoLink's transient "no available channel" codes) is an outage, not a missing endpoint.
+    return (
+        isinstance(error, EvolinkAPIError)
+        and error.status_code in ENDPOINT_MISSING_STATUSES
+        and not error.retryable
+    )
+
+
+def _settle(
+    futures: list[asyncio.Future[dict[str, Any]]],
+    result: dict[str, Any] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    for future in futures:
+        if future.done():  # its trigger was cancelled while the batch was in flight
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(dict(result or {}))
+
+
+def tasks_in_batch_answer(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The task objects of a batch answer: ``{"data": [...]}`` as observed, ``{"data": {"tasks": [...]}}``
+    or ``{"tasks": [...]}`` tolerated; anything else raises :class:`UnexpectedBatchAnswer`."""
+    data = answer.get("data", answer)
+    if isinstance(data, dict):
+        data = data.get("tasks")
+    if not isinstance(data, list) or not all(isinstance(task, dict) for task in data):
+        raise UnexpectedBatchAnswer(
+            f"EvoLink's batch task read answered keys {sorted(answer)} without a list of tasks"
+        )
+    return data
