@@ -414,3 +414,30 @@ def test_refused_connection_is_retried_and_reported_as_not_sent(monkeypatch: pyt
         )
     assert not caught.value.request_sent
     assert not isinstance(caught.value, EvolinkSubmissionUnknownError)
+
+
+def test_https_simulator_and_certificate_verification(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator's HTTPS mode (used to measure connection reuse as real clients pay for it): the hook
+    verifies certificates, so it fails until told to trust the simulator's, then works."""
+    from evolink_provider.simulator import EvolinkSimulator
+
+    with EvolinkSimulator(api_key=TEST_API_KEY, tls=True) as tls_sim:
+        assert tls_sim.base_url.startswith("https://127.0.0.1:")
+        assert tls_sim.certificate is not None
+        set_connection(
+            monkeypatch,
+            "evolink_tls",
+            password=TEST_API_KEY,
+            host=tls_sim.base_url,
+            extra={"max_retries": 0},
+        )
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        with pytest.raises(EvolinkTransportError, match="CERTIFICATE_VERIFY_FAILED"):
+            EvolinkHook("evolink_tls").get_credits()
+
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_sim.certificate))
+        hook = EvolinkHook("evolink_tls")
+        task = hook.create_video_task(dict(SEEDANCE))
+        assert hook.get_task(task["id"])["id"] == task["id"]
+        hook.close()
+        assert tls_sim.stats()["connections_opened"] == 2  # the refused handshake, then one kept-alive

@@ -24,6 +24,9 @@ Prompt markers (for sora-character, in the ``video_url`` instead):
 * ``[sim:fail=content_policy_violation]``: the task fails with that code; ``[sim:fail=service_error:1]``
   fails only the first task created with that marker.
 * ``[sim:stay=processing]``: the task never ends.
+
+With ``tls=True`` (``--tls``) it serves HTTPS with a throwaway self-signed certificate, so that the cost of
+new connections can be measured as clients of the real, HTTPS-only API pay it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from types import TracebackType
 
 from evolink_provider.simulator.server import SimulatorServer, SimulatorState
 from evolink_provider.simulator.tasks import RESULT_TTL, Clock, ManualClock, RealClock
+from evolink_provider.simulator.tls import server_context, write_self_signed_certificate
 
 __all__ = ["EvolinkSimulator", "ManualClock", "RealClock"]
 
@@ -55,14 +59,23 @@ class EvolinkSimulator:
         clock: Clock | None = None,
         extra_api_keys: list[str] | None = None,
         result_ttl_seconds: float = RESULT_TTL,
+        tls: bool = False,
     ) -> None:
         media = Path(media_dir) if media_dir else Path(tempfile.gettempdir()) / "evolink-simulator-media"
         self.clock = clock or RealClock()
         self.state = SimulatorState(
             {api_key, *(extra_api_keys or [])}, self.clock, task_seconds, credits, media, result_ttl_seconds
         )
-        self.server = SimulatorServer((host, port), self.state)
-        self.base_url = f"http://{host}:{self.port}"
+        #: With ``tls``, the self-signed certificate clients must trust (``REQUESTS_CA_BUNDLE``).
+        self.certificate: Path | None = None
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        context = None
+        if tls:
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="evolink-simulator-tls-")
+            self.certificate, key = write_self_signed_certificate(Path(self._tls_dir.name), host)
+            context = server_context(self.certificate, key)
+        self.server = SimulatorServer((host, port), self.state, context)
+        self.base_url = f"{'https' if tls else 'http'}://{host}:{self.port}"
         self.state.base_url = self.base_url
         self._thread: threading.Thread | None = None
 
@@ -80,6 +93,8 @@ class EvolinkSimulator:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
 
     def stats(self) -> dict[str, object]:
         return self.state.stats()

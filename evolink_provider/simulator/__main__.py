@@ -17,6 +17,7 @@ def main() -> None:
     parser.add_argument("--task-seconds", type=float, default=5.0, help="how long a generation takes")
     parser.add_argument("--media-dir", default=None, help="where generated clips are cached")
     parser.add_argument("--credits", type=float, default=100000.0)
+    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a self-signed certificate")
     args = parser.parse_args()
     simulator = EvolinkSimulator(
         api_key=args.api_key,
@@ -26,8 +27,11 @@ def main() -> None:
         media_dir=args.media_dir,
         credits=args.credits,
         extra_api_keys=args.extra_api_key,
+        tls=args.tls,
     )
     print(f"EvoLink simulator listening on {simulator.base_url}", flush=True)
+    if simulator.certificate:
+        print(f"certificate: {simulator.certificate}", flush=True)
     try:
         simulator.server.serve_forever()
     except KeyboardInterrupt:

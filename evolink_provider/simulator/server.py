@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -169,9 +170,11 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         return self.server.state
 
     def setup(self) -> None:
-        super().setup()
         with self.state.lock:
-            self.state.connections_opened += 1
+            self.state.connections_opened += 1  # TCP connections, whether or not a TLS handshake succeeds
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
 
     def handle(self) -> None:
         try:
@@ -547,9 +550,19 @@ class SimulatorServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], state: SimulatorState) -> None:
+    def __init__(
+        self, address: tuple[str, int], state: SimulatorState, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.state = state
+        self.tls = tls
         super().__init__(address, SimulatorHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """With TLS, the handshake runs in the connection's own thread, not in the accepting one."""
+        connection, address = super().get_request()
+        if self.tls is not None:
+            connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # faults close sockets on purpose
         pass
