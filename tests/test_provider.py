@@ -25,10 +25,10 @@ def airflow_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_providers_manager_discovers_the_provider_and_its_connection_type() -> None:
     from airflow.providers_manager import ProvidersManager
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
 
-    manager = ProvidersManager()
-    assert "airflow-provider-evolink" in manager.providers
-    hook_info = manager.hooks["evolink"]
+    assert "airflow-provider-evolink" in ProvidersManager().providers
+    hook_info = ProvidersManagerTaskRuntime().hooks["evolink"]
     assert hook_info is not None
     assert hook_info.hook_class_name == "evolink_provider.hooks.evolink.EvolinkHook"
     assert hook_info.connection_id_attribute_name == "evolink_conn_id"
