@@ -6,8 +6,9 @@ policy, and the mapping of EvoLink's error bodies to :mod:`evolink_provider.exce
 
 Retry rule (the same for both clients):
 
-* ``GET`` is always safe to repeat: it is retried on connection failures, timeouts, garbled bodies, 429,
-  5xx and the transient "no available channel" 400 codes.
+* ``GET`` (and the read-only ``POST /v1/tasks/batch``) is always safe to repeat: it is retried on
+  connection failures, timeouts, garbled bodies, 429, 5xx and the transient "no available channel" 400
+  codes.
 * ``POST /v1/videos/generations`` always carries an ``Idempotency-Key``. It is retried only with that same
   key, and only where the answer was a connection failure or timeout, 429, 5xx or a transient 400 code.
   EvoLink's gateway replays the original task for a repeated key (observed, not documented), so a retry
