@@ -336,13 +336,17 @@ def bench_parse() -> list[str]:
 # -- 4. streaming download --------------------------------------------------------------------------
 
 DOWNLOAD_SCRIPT = """
-import json, resource, shutil, sys, tempfile, time
+import json, shutil, sys, tempfile, time
 import requests
 mode, url, folder = sys.argv[1:4]
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.storage import store_results
 hook = EvolinkHook(); hook.settings; hook.session
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status_kb(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # reset the peak (VmHWM) to the current RSS, so imports' peak does not hide growth
+before = status_kb("VmRSS:")
 start = time.perf_counter()
 if mode == "provider":
     store_results(hook, {"id": "task-unified-1-bench000", "results": [url]}, folder)
@@ -350,7 +354,7 @@ else:
     with requests.get(url, stream=True) as response, open(folder + "/plain.mp4", "wb") as sink:
         shutil.copyfileobj(response.raw, sink, 1 << 20)
 elapsed = time.perf_counter() - start
-print(json.dumps({"seconds": elapsed, "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+print(json.dumps({"seconds": elapsed, "rss_growth_mb": (status_kb("VmHWM:") - before) / 1024}))
 """
 
 
@@ -374,9 +378,11 @@ def bench_download() -> list[str]:
     ours = min(r["seconds"] for r in results["provider"])
     plain = min(r["seconds"] for r in results["plain"])
     growth = max(r["rss_growth_mb"] for r in results["provider"])
+    plain_growth = max(r["rss_growth_mb"] for r in results["plain"])
     return [
         f"download 500 MB: provider {size / ours / 2**20:.0f} MB/s vs shutil.copyfileobj {size / plain / 2**20:.0f} MB/s, "
-        f"ratio {plain / ours:.2f} (target >= 0.80); peak RSS growth {growth:.1f} MB (target < 64 MB)"
+        f"ratio {plain / ours:.2f} (target >= 0.80); peak RSS growth {growth:.1f} MB "
+        f"(copyfileobj {plain_growth:.1f} MB; target < 64 MB)"
     ]
 
 

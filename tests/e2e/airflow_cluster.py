@@ -6,7 +6,8 @@
   e2e DAGs of ``tests/e2e/dags`` and any extra DAG sources the caller gives;
 - configures Airflow only through environment variables (short scheduler, dag-processor and heartbeat
   intervals, free ports for the api-server and the two log servers, an explicit Fernet key), with the
-  ``evolink_default`` connection as a JSON ``AIRFLOW_CONN_*`` variable pointing at the simulator;
+  ``evolink_default`` connection (batch polling on) as a JSON ``AIRFLOW_CONN_*`` variable pointing at the
+  simulator;
 - runs ``airflow db migrate``, then starts the simulator, api-server, scheduler, dag-processor and triggerer,
   each in its own process group with its output in ``AIRFLOW_HOME/proc-logs/<name>.log``, and waits until
   the api-server reports every component healthy;
@@ -246,7 +247,15 @@ class AirflowCluster:
             "conn_type": "evolink",
             "password": self.api_key,
             "host": self.sim_url,
-            "extra": {"connect_timeout": 3, "read_timeout": 10, "backoff_base": 0.2, "backoff_max": 2},
+            # Batch polling on, as a large deployment would run it: its coalescing runs in a real triggerer
+            # here, while the dag.test() suites cover single reads.
+            "extra": {
+                "connect_timeout": 3,
+                "read_timeout": 10,
+                "backoff_base": 0.2,
+                "backoff_max": 2,
+                "batch_polling": True,
+            },
         }
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EVOLINK"))}
         self.env = {

@@ -238,6 +238,17 @@ def test_deferrable_tasks_went_through_the_triggerer(outcome: Outcome) -> None:
                 assert kwargs["evolink_conn_id"] == "evolink_default"
 
 
+def test_the_triggerer_read_tasks_in_batches(outcome: Outcome) -> None:
+    """The e2e connection turns batch polling on: the triggerer's waits went through the batch endpoint and
+    never fell back to single reads (the simulator counts each id of a batch call as a poll)."""
+    stats = outcome.stats
+    assert stats["requests"].get("POST /v1/tasks/batch", 0) >= 1
+    deferrable = sum(len(tasks) for tasks in DEFERRABLE_TASKS.values())
+    batch_reads = sum(stats["polls_by_task"].values()) - stats["requests"].get("GET /v1/tasks", 0)
+    assert batch_reads >= deferrable
+    assert files_containing(outcome.cluster.home / "logs", "reading tasks one by one") == []
+
+
 def test_sync_task_never_deferred(outcome: Outcome) -> None:
     key = outcome.key(WORKER_CRASH, "generate")
     assert "deferred" not in outcome.cluster.states_seen[key]
