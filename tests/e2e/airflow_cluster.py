@@ -190,6 +190,10 @@ class ProcessGroups:
         for pid in strays:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # A killed process stays visible until the kernel has torn it down: wait for that.
+        deadline = time.monotonic() + 10
+        while strays and processes_marked(self.marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return strays
 
 
