@@ -303,6 +303,27 @@ def _outcome_unknown(error: EvolinkError) -> bool:
     return isinstance(error, EvolinkAPIError) and error.status_code >= 500
 
 
+def _delay_before_retry(
+    request: _Request, policy: RetryPolicy, attempt: int, error: EvolinkError, level: int
+) -> float:
+    """Seconds to wait before repeating ``request`` after ``error`` on ``attempt``; raises when retrying
+    stops. Both clients' loops call it, so they cannot drift apart."""
+    if attempt >= policy.max_attempts or not should_retry(request, error):
+        raise _give_up(request, error, attempt) from None
+    delay = policy.delay(attempt, getattr(error, "retry_after", None))
+    log.log(
+        level,
+        "EvoLink %s %s failed (%s); attempt %d of %d in %.1fs",
+        request.method,
+        request.path,
+        error,
+        attempt + 1,
+        policy.max_attempts,
+        delay,
+    )
+    return delay
+
+
 def _give_up(request: _Request, error: EvolinkError, attempts: int) -> EvolinkError:
     """The error to raise once retrying stops."""
     if request.may_create and _outcome_unknown(error):
@@ -488,24 +509,11 @@ class EvolinkHook(BaseHook):
         return parse_response(request, response.status_code, response.headers, content)
 
     def _send(self, request: _Request, settings: EvolinkConnectionSettings) -> dict[str, Any]:
-        policy = settings.retry
-        for attempt in range(1, policy.max_attempts + 1):
+        for attempt in range(1, settings.retry.max_attempts + 1):
             try:
                 return self._send_once(request, settings.timeouts)
             except EvolinkError as error:
-                if attempt == policy.max_attempts or not should_retry(request, error):
-                    raise _give_up(request, error, attempt) from None
-                delay = policy.delay(attempt, getattr(error, "retry_after", None))
-                log.warning(
-                    "EvoLink %s %s failed (%s); attempt %d of %d in %.1fs",
-                    request.method,
-                    request.path,
-                    error,
-                    attempt + 1,
-                    policy.max_attempts,
-                    delay,
-                )
-                time.sleep(delay)
+                time.sleep(_delay_before_retry(request, settings.retry, attempt, error, logging.WARNING))
         raise AssertionError("unreachable: the loop returns or raises")
 
     def create_video_task(
@@ -695,23 +703,12 @@ class EvolinkHook(BaseHook):
         return parse_response(request, response.status_code, response.headers, response.content)
 
     async def _asend(self, request: _Request, settings: EvolinkConnectionSettings) -> dict[str, Any]:
-        policy = settings.retry
-        for attempt in range(1, policy.max_attempts + 1):
+        for attempt in range(1, settings.retry.max_attempts + 1):
             try:
                 return await self._asend_once(request, settings.timeouts)
             except EvolinkError as error:
-                if attempt == policy.max_attempts or not should_retry(request, error):
-                    raise _give_up(request, error, attempt) from None
-                delay = policy.delay(attempt, getattr(error, "retry_after", None))
-                log.info(
-                    "EvoLink %s %s failed (%s); attempt %d of %d in %.1fs",
-                    request.method,
-                    request.path,
-                    error,
-                    attempt + 1,
-                    policy.max_attempts,
-                    delay,
-                )
+                # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
+                delay = _delay_before_retry(request, settings.retry, attempt, error, logging.INFO)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
