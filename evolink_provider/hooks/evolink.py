@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from functools import cached_property
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
 
@@ -128,6 +128,11 @@ class EvolinkConnectionSettings:
     timeouts: Timeouts
     retry: RetryPolicy
     batch_polling: bool = False
+
+    @cached_property
+    def batch_owner(self) -> tuple[str, str]:
+        """Whose tasks a batch may hold: the base URL and a digest of the key (never the key itself)."""
+        return self.base_url, hashlib.sha256(self.api_key.reveal().encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -719,15 +724,17 @@ class EvolinkHook(BaseHook):
         the same key are coalesced into batch calls (see :mod:`evolink_provider.hooks.task_batcher`).
         """
         settings = await self.aget_settings()
-        path = _task_path(task_id)
-        if settings.batch_polling:
-            return await self._task_batcher(settings).read(task_id)
-        return await self._asend(self._build_request(settings, "GET", path), settings)
+        if not settings.batch_polling:
+            return await self._aread_task(settings, task_id)
+        _task_path(task_id)  # refuse a malformed id before it joins a batch
+        return await self._task_batcher(settings).read(task_id)
+
+    async def _aread_task(self, settings: EvolinkConnectionSettings, task_id: str) -> dict[str, Any]:
+        return await self._asend(self._build_request(settings, "GET", _task_path(task_id)), settings)
 
     def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:
         batchers = _TASK_BATCHERS.setdefault(asyncio.get_running_loop(), {})
-        owner = (settings.base_url, hashlib.sha256(settings.api_key.reveal().encode()).hexdigest())
-        batcher = batchers.get(owner)
+        batcher = batchers.get(settings.batch_owner)
         if batcher is None:
 
             async def read_batch(task_ids: list[str]) -> list[dict[str, Any]]:
@@ -736,10 +743,8 @@ class EvolinkHook(BaseHook):
                 )
                 return tasks_in_batch_answer(await self._asend(request, settings))
 
-            async def read_one(task_id: str) -> dict[str, Any]:
-                return await self._asend(self._build_request(settings, "GET", _task_path(task_id)), settings)
-
-            batcher = batchers[owner] = TaskBatcher(read_batch, read_one)
+            batcher = TaskBatcher(read_batch, partial(self._aread_task, settings))
+            batchers[settings.batch_owner] = batcher
         return batcher
 
 
