@@ -166,7 +166,7 @@ TASK_ERROR_CODES = {
     "image_processing_error": False,
     "image_dimension_mismatch": False,
     "resource_not_found": False,
-    "request_cancelled": True,
+    "request_cancelled": False,
     "generation_failed_no_content": True,
     "service_error": True,
     "generation_timeout": True,
