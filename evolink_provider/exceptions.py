@@ -11,10 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 #: 400 codes that mean "no upstream channel right now": EvoLink moved them from 503 to 400, but they
-#: describe capacity, not a bad request, so they are retried.
-TRANSIENT_BAD_REQUEST_CODES = frozenset(
-    {"no_available_channel", "model_unavailable", "service_unavailable", "channel_unavailable"}
-)
+#: describe capacity, not a bad request, so they are retried (as are all channel codes, see
+#: :func:`is_channel_code`).
+TRANSIENT_BAD_REQUEST_CODES = frozenset({"no_available_channel", "model_unavailable", "service_unavailable"})
+#: 402 codes of a quota that resets (daily): waiting seconds cannot help, a later Airflow retry can.
+RESETTING_QUOTA_CODES = frozenset({"token_daily_quota_exceeded"})
+#: 409 on a submission: the gateway does not know yet whether the paid request went through. Only a
+#: repeat with the *same* ``Idempotency-Key`` is safe (EvoLink's clients retry it later that way).
+PAID_OUTCOME_UNKNOWN = "paid_outcome_unknown"
 
 #: ``error.code`` of a failed task -> whether resubmitting the same request can succeed
 #: (the "a retry helps?" column of EvoLink's task error table).
@@ -24,7 +28,8 @@ TASK_ERROR_RETRYABLE: dict[str, bool] = {
     "image_processing_error": False,
     "image_dimension_mismatch": False,
     "resource_not_found": False,
-    "request_cancelled": True,
+    # EvoLink's clients never retry a cancellation; the docs leave resubmitting to the user.
+    "request_cancelled": False,
     "generation_failed_no_content": True,
     "service_error": True,
     "generation_timeout": True,
@@ -35,25 +40,45 @@ TASK_ERROR_RETRYABLE: dict[str, bool] = {
 }
 
 
+def is_channel_code(code: str | None) -> bool:
+    """Gateway codes saying the model has no upstream channel right now (``channel_selection_failed``,
+    ``channel_*``, ``channel:...``): every EvoLink client retries them, as an HTTP 400 or a task code."""
+    return bool(code) and str(code).startswith(("channel_", "channel:"))
+
+
 def task_error_is_retryable(code: str | None) -> bool:
     """Whether a failed task with this ``error.code`` is worth resubmitting.
 
-    Unknown codes are treated as retryable except rule codes (``invalid_*``): Airflow's own ``retries``
-    bound the cost, and failed tasks are not charged. ``channel_*`` codes are upstream accounts: transient.
+    Where EvoLink's own clients disagree, this provider resubmits (the Airflow task's ``retries`` bound
+    how often, and failed tasks are not charged, so a wrong guess costs a wait, never credits):
+
+    * ``generation_failed_no_content`` ("sometimes" helps) and ``unknown_error`` ("once"): retried,
+      because a second generation of the same request often succeeds; a user who wants exactly one
+      more attempt sets ``retries=1``.
+    * ``failed`` with no ``error`` object (``code`` is None): retried. Every rule refusal the docs list
+      carries a code, so a bare failure is an upstream fault far more often than a bad request.
+
+    Other unknown codes are retried except rule codes (``invalid_*``). Channel codes are transient.
     """
     if not code:
         return True
     if code in TASK_ERROR_RETRYABLE:
         return TASK_ERROR_RETRYABLE[code]
-    if code.startswith("channel_"):
+    if is_channel_code(code):
         return True
     return not code.startswith("invalid_")
 
 
 class EvolinkError(Exception):
-    """Base of every error this provider raises."""
+    """Base of every error this provider raises.
+
+    ``retryable``: a later attempt (the hook's own retry or an Airflow retry) can succeed.
+    ``retry_now``: repeating within seconds can help, so the hook's retry loop may spend attempts on it
+    (False for a daily quota: only a later Airflow retry can succeed).
+    """
 
     retryable: bool = False
+    retry_now: bool = True
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -93,14 +118,16 @@ class EvolinkAPIError(EvolinkError):
         retry_after: float | None = None,
         method: str = "",
         path: str = "",
+        connection: str = "",
     ) -> None:
-        parts = [f"EvoLink {method} {path} answered HTTP {status_code}".replace("  ", " ")]
-        if code:
-            parts.append(f"code={code}")
-        parts.append(f"message={message!r}")
-        if request_id:
-            parts.append(f"request_id={request_id}")
-        super().__init__(", ".join(parts))
+        where = f"{connection}: {method} {path}" if connection else f"EvoLink {method} {path}"
+        self.detail = ", ".join(
+            [f"HTTP {status_code}"]
+            + ([f"code={code}"] if code else [])
+            + [f"message={message!r}"]
+            + ([f"request_id={request_id}"] if request_id else [])
+        )
+        super().__init__(f"{where.replace('  ', ' ').rstrip()} answered {self.detail}")
         self.status_code = status_code
         self.code = code
         self.api_message = message
@@ -109,11 +136,11 @@ class EvolinkAPIError(EvolinkError):
 
 
 class EvolinkBadRequestError(EvolinkAPIError):
-    """400: the request was refused. Retryable only for the "no available channel" codes."""
+    """400: the request was refused. Retryable only for the "no available channel" and channel codes."""
 
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
-        self.retryable = self.code in TRANSIENT_BAD_REQUEST_CODES
+        self.retryable = self.code in TRANSIENT_BAD_REQUEST_CODES or is_channel_code(self.code)
 
 
 class EvolinkAuthenticationError(EvolinkAPIError):
@@ -121,7 +148,16 @@ class EvolinkAuthenticationError(EvolinkAPIError):
 
 
 class EvolinkInsufficientCreditsError(EvolinkAPIError):
-    """402: balance or key quota exhausted."""
+    """402: balance or key quota exhausted (final), or a daily key quota that resets.
+
+    ``token_daily_quota_exceeded`` is retryable by a later Airflow retry (``retryable``) but not by the
+    hook's retry within seconds (``retry_now`` is False); ``insufficient_quota`` cannot succeed later.
+    """
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = self.code in RESETTING_QUOTA_CODES
+        self.retry_now = False
 
 
 class EvolinkPermissionError(EvolinkAPIError):
@@ -130,6 +166,21 @@ class EvolinkPermissionError(EvolinkAPIError):
 
 class EvolinkNotFoundError(EvolinkAPIError):
     """404: unknown task (or a task record that has expired)."""
+
+
+class EvolinkConflictError(EvolinkAPIError):
+    """409 on a submission. ``paid_outcome_unknown`` is retryable with the same ``Idempotency-Key``
+    (the hook keeps the key; when its attempts run out it raises EvolinkSubmissionUnknownError so the
+    Airflow retry reuses it); ``idempotency_conflict`` (the key was used with another body) is final."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = self.code == PAID_OUTCOME_UNKNOWN
+
+
+class EvolinkRefusedError(EvolinkAPIError):
+    """HTTP 200 with ``"success": false`` (credits, Files API): a refusal with EvoLink's ``code`` and
+    ``msg``, not a transient fault, so it is not retried."""
 
 
 class EvolinkRateLimitError(EvolinkAPIError):
@@ -153,9 +204,11 @@ class EvolinkTransportError(EvolinkError):
 
     retryable = True
 
-    def __init__(self, message: str, *, request_sent: bool) -> None:
+    def __init__(self, message: str, *, request_sent: bool, detail: str | None = None) -> None:
         super().__init__(message)
         self.request_sent = request_sent
+        #: What went wrong without saying where (``connection refused``), for messages that say where.
+        self.detail = detail or message
 
 
 class EvolinkSubmissionUnknownError(EvolinkError):
@@ -186,7 +239,9 @@ class EvolinkTaskError(EvolinkError):
         self.status = status
         self.code = code
         self.api_message = message
-        self.retryable = task_error_is_retryable(code) if status != "cancelled" else True
+        # A cancelled task is never resubmitted (no EvoLink client does; the user decides), with or
+        # without an error code.
+        self.retryable = status != "cancelled" and task_error_is_retryable(code)
 
 
 class EvolinkWaitTimeoutError(EvolinkError):
@@ -204,8 +259,12 @@ def error_for_status(
     retry_after: float | None = None,
     method: str = "",
     path: str = "",
+    connection: str = "",
 ) -> EvolinkAPIError:
-    """Build the typed error for an HTTP error status (one mapping for the sync and async clients)."""
+    """Build the typed error for an HTTP error status (one mapping for the sync and async clients).
+
+    :param connection: who was asked (``EvoLink connection 'id' (base URL)``), so the message names it.
+    """
     cls: type[EvolinkAPIError]
     if status_code == 400:
         cls = EvolinkBadRequestError
@@ -217,6 +276,8 @@ def error_for_status(
         cls = EvolinkPermissionError
     elif status_code == 404:
         cls = EvolinkNotFoundError
+    elif status_code == 409:
+        cls = EvolinkConflictError
     elif status_code == 429:
         cls = EvolinkRateLimitError
     elif status_code >= 500:
@@ -231,4 +292,5 @@ def error_for_status(
         retry_after=retry_after,
         method=method,
         path=path,
+        connection=connection,
     )

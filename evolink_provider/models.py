@@ -26,6 +26,11 @@ from evolink_provider.exceptions import EvolinkValidationError
 HAPPYHORSE_ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "4:5", "5:4", "9:21", "21:9")
 SEEDANCE_ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "21:9", "adaptive")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+#: What EvoLink's Files API stores: images only, so only image fields may name local files.
+FILES_API_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+EDIT_VIDEO_EXTENSIONS = (".mp4", ".mov")
+REFERENCE_VIDEO_EXTENSIONS = (".mp4", ".mov")
+REFERENCE_AUDIO_EXTENSIONS = (".wav", ".mp3")
 MAX_SEED = 2147483647
 MAX_CALLBACK_URL = 2048
 MAX_SEEDANCE_TOKENS = 10000
@@ -34,7 +39,13 @@ HAPPYHORSE_CJK_PROMPT_CHARS = 2500
 STORAGE_SCHEMES = frozenset(
     {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs"}
 )
-MEDIA_FIELDS = frozenset({"image_urls", "video_urls", "audio_urls", "video_url"})
+MEDIA_FIELDS = frozenset({"image_urls", "video_urls", "audio_urls", "video_url", "video"})
+IMAGE_FIELDS = frozenset({"image_urls"})
+#: Fields some models refuse, and where they exist (for an error that says so).
+FIELD_SCOPES = {
+    "model_params": "seedance-2.0-text-to-video and seedance-2.0-fast-text-to-video only (web search)",
+}
+VIDEO_EDIT_SOURCES = ("video_urls", "video_url", "video")
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
@@ -164,9 +175,23 @@ def media(low: int, high: int, extensions: tuple[str, ...] | None = None) -> Coe
 
 
 def _media_item(ctx: _Context, name: str, index: int, item: Any, extensions: tuple[str, ...] | None) -> str:
-    if ctx.allow_local_media and _local_reference(item) and not str(item).startswith(("http://", "https://")):
-        ctx.local_media.append(MediaRef(name, index, str(item)))
-        return str(item)
+    if _local_reference(item):
+        if name not in IMAGE_FIELDS:
+            raise ctx.error(
+                name,
+                item,
+                "a public http(s) URL: EvoLink's Files API takes images only (JPEG, PNG, GIF, WEBP), so "
+                "a local video or audio file cannot be uploaded; put it where EvoLink can fetch it",
+            )
+        if ctx.allow_local_media:
+            image_types = tuple(
+                ext for ext in FILES_API_EXTENSIONS if ext in (extensions or FILES_API_EXTENSIONS)
+            )
+            last = urlsplit(str(item)).path.lower().rsplit("/", 1)[-1]
+            if "." in last and not last.endswith(image_types):
+                raise ctx.error(name, item, "a local image ending in " + ", ".join(image_types))
+            ctx.local_media.append(MediaRef(name, index, str(item)))
+            return str(item)
     return _public_url(ctx, name, item, extensions)
 
 
@@ -300,6 +325,18 @@ def _seedance_references(ctx: _Context, payload: dict[str, Any]) -> None:
     )
 
 
+def _video_edit(ctx: _Context, payload: dict[str, Any]) -> None:
+    """happyhorse-1.0-video-edit takes its one video as ``video_urls``, ``video_url`` or ``video``."""
+    _happyhorse_prompt(ctx, payload)
+    given = [name for name in VIDEO_EDIT_SOURCES if name in payload]
+    if len(given) != 1:
+        raise ctx.error(
+            "video_urls",
+            {name: payload[name] for name in given} or None,
+            "exactly one of video_urls (one URL), video_url or video",
+        )
+
+
 def _happyhorse(version: str) -> list[ModelSchema]:
     common: dict[str, Coercer] = {
         "prompt": text,
@@ -338,12 +375,14 @@ def _happyhorse(version: str) -> list[ModelSchema]:
                 "happyhorse-1.0-video-edit",
                 {
                     **common,
-                    "video_urls": media(1, 1, (".mp4", ".mov")),
+                    "video_urls": media(1, 1, EDIT_VIDEO_EXTENSIONS),
+                    "video_url": single_media(EDIT_VIDEO_EXTENSIONS, False),
+                    "video": single_media(EDIT_VIDEO_EXTENSIONS, False),
                     "image_urls": media(0, 5, IMAGE_EXTENSIONS),
                     "keep_original_sound": boolean,
                 },
-                frozenset({"prompt", "video_urls"}),
-                _happyhorse_prompt,
+                frozenset({"prompt"}),
+                _video_edit,
             )
         )
     return schemas
@@ -358,12 +397,13 @@ def _seedance(tier: str) -> list[ModelSchema]:
         "aspect_ratio": choice(*SEEDANCE_ASPECT_RATIOS),
         "generate_audio": boolean,
         "content_filter": boolean,
-        "model_params": model_params,
         "callback_url": callback_url,
     }
+    # Web search (model_params) exists on the standard and fast text models only.
+    text_fields = {**common, "model_params": model_params} if tier in ("", "fast-") else common
     prefix = f"seedance-2.0-{tier}"
     return [
-        ModelSchema(f"{prefix}text-to-video", common, frozenset({"prompt"}), _seedance_prompt),
+        ModelSchema(f"{prefix}text-to-video", text_fields, frozenset({"prompt"}), _seedance_prompt),
         # The image page is silent on whether a prompt is required; the family requires one, so do we.
         ModelSchema(
             f"{prefix}image-to-video",
@@ -376,8 +416,8 @@ def _seedance(tier: str) -> list[ModelSchema]:
             {
                 **common,
                 "image_urls": media(0, 9, IMAGE_EXTENSIONS),
-                "video_urls": media(0, 3),
-                "audio_urls": media(0, 3),
+                "video_urls": media(0, 3, REFERENCE_VIDEO_EXTENSIONS),
+                "audio_urls": media(0, 3, REFERENCE_AUDIO_EXTENSIONS),
             },
             frozenset({"prompt"}),
             _seedance_references,
@@ -438,6 +478,8 @@ def validate_request(
     payload: dict[str, Any] = {"model": model}
     for name, value in given.items():
         coercer = schema.fields.get(name)
+        if coercer is None and name in FIELD_SCOPES:
+            raise ctx.error(name, value, f"nothing: {model} has no {name}; it exists on {FIELD_SCOPES[name]}")
         if coercer is None:
             raise ctx.error(name, value, "one of the fields " + ", ".join(sorted(schema.fields)))
         payload[name] = coercer(ctx, name, value)

@@ -8,6 +8,12 @@ Adaptive schedule (why a 40-minute job is not polled every few seconds, yet comp
 * The expected total run time comes from the task's ``progress`` once it is between 0 and 100 (elapsed
   x 100 / progress: the best estimate, trusted at 85 %), else from ``task_info.estimated_time`` (trusted at
   50 %, because it is a model-wide figure), else from a 60 s guess.
+* ``estimated_time`` has two readings (EvoLink's CLI shows it as time left, its older MCP server as
+  seconds remaining; the docs say neither): time left from now, or total run time since submission. The
+  schedule takes the *earlier* end of the two, which is always the total reading (submission <= now),
+  so a poll is never late under either reading. Under the time-left reading the total reading runs out
+  halfway; from then on the task counts as overdue and is polled at the tolerance below, which costs
+  about twenty polls in all (measured in the tests) and still notices completion within the tolerance.
 * The next poll comes after ``trust x remaining`` seconds, so polls close in on the expected end
   geometrically, but never sooner than the *tolerance* ``max(poll_interval, 4 % of the expected run
   time)``: the delay between completion and its detection stays within that tolerance, i.e. within
@@ -22,6 +28,8 @@ import enum
 import random
 from dataclasses import dataclass
 from typing import Any
+
+from evolink_provider.storage import result_urls
 
 RUNNING_STATUSES = frozenset({"pending", "processing"})
 FAILED_STATUSES = frozenset({"failed", "cancelled"})
@@ -100,9 +108,12 @@ def task_failure(task: dict[str, Any]) -> tuple[str | None, str]:
 
 
 def completed_without_output(task: dict[str, Any]) -> bool:
-    """A ``completed`` task with neither ``results`` nor ``result_data`` has nothing to hand downstream."""
-    results = task.get("results")
-    return not (isinstance(results, list) and results) and not task.get("result_data")
+    """A ``completed`` task with no result URL (``results``, ``result_data[].video_url``,
+    ``result_data.video_url``, a profile picture) and no sora ``character_name`` has nothing to hand
+    downstream: an error, not a success."""
+    data = task.get("result_data")
+    character = isinstance(data, dict) and isinstance(data.get("character_name"), str)
+    return not result_urls(task) and not character
 
 
 def decide_after_poll(
@@ -172,7 +183,7 @@ class ProgressReporter:
         if progress is not None:
             line += f", {progress}%"
         if estimate is not None:
-            line += f", estimated {estimate}s in total"
+            line += f", estimated_time {estimate}s"
         return line
 
 

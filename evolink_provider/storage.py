@@ -57,12 +57,23 @@ def as_storage_path(location: str) -> ObjectStoragePath:
 
 
 def result_urls(task: dict[str, Any]) -> list[str]:
-    """Every file a completed task hands over: ``results`` and sora-character's profile picture."""
-    urls = [url for url in task.get("results") or [] if isinstance(url, str)]
+    """Every file a completed task hands over, in order and without repeats.
+
+    Most tasks list videos in ``results``; some put them in ``result_data[].video_url`` or
+    ``result_data.video_url`` with ``results`` empty (seen by EvoLink's own clients); sora-character
+    gives a ``result_data.profile_picture_url``. All are collected.
+    """
+    found = [url for url in task.get("results") or [] if isinstance(url, str)]
     data = task.get("result_data")
-    if isinstance(data, dict) and isinstance(data.get("profile_picture_url"), str):
-        urls.append(data["profile_picture_url"])
-    return urls
+    entries = data if isinstance(data, list) else [data]
+    for entry in entries:
+        if isinstance(entry, dict):
+            found += [
+                entry[name]
+                for name in ("video_url", "profile_picture_url")
+                if isinstance(entry.get(name), str)
+            ]
+    return list(dict.fromkeys(url for url in found if url.strip()))
 
 
 def store_results(hook: EvolinkHook, task: dict[str, Any], output_path: str) -> list[str]:

@@ -141,8 +141,12 @@ def test_bad_request_is_typed_and_not_retried(sim: SimulatorControl, hook: Evoli
 def test_wrong_key_is_an_authentication_error(sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch) -> None:
     set_connection(monkeypatch, "evolink_wrong", password="sk-not-the-key-0000", host=sim.base_url)
     with pytest.raises(EvolinkAuthenticationError) as caught:
-        EvolinkHook("evolink_wrong").get_credits()
+        EvolinkHook("evolink_wrong").get_task("task-unified-1700000000-abcdefgh")
     assert caught.value.code == "unauthorized"
+    assert "sk-not-the-key-0000" not in str(caught.value)
+    with pytest.raises(EvolinkAuthenticationError) as caught:
+        EvolinkHook("evolink_wrong").get_credits()
+    assert caught.value.code == "401"  # GET /v1/credits errors carry an integer code
     assert "sk-not-the-key-0000" not in str(caught.value)
 
 

@@ -45,11 +45,13 @@ from airflow.sdk import BaseHook
 
 from evolink_provider import __version__
 from evolink_provider.exceptions import (
+    PAID_OUTCOME_UNKNOWN,
     EvolinkAPIError,
     EvolinkAuthenticationError,
     EvolinkConfigurationError,
     EvolinkError,
     EvolinkNotFoundError,
+    EvolinkRefusedError,
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
     error_for_status,
@@ -69,6 +71,7 @@ USER_AGENT = f"airflow-provider-evolink/{__version__}"
 CREATE_VIDEO_PATH = "/v1/videos/generations"
 CREDITS_PATH = "/v1/credits"
 FILES_UPLOAD_PATH = "/api/v1/files/upload/stream"
+FILES_QUOTA_PATH = "/api/v1/files/quota"
 TASK_ID_PREFIX = "task-unified-"
 #: Observed, undocumented: reads up to 50 tasks in one call (used only with ``batch_polling``).
 TASK_BATCH_PATH = "/v1/tasks/batch"
@@ -146,6 +149,8 @@ class _Request:
     json_body: Any = None
     #: A POST that only reads (the batch task read): safe to repeat, creates nothing.
     read_only: bool = False
+    #: Who is asked, for error messages: ``EvoLink connection 'id' (base URL)``; never the key.
+    connection: str = ""
 
     @property
     def may_create(self) -> bool:
@@ -250,27 +255,22 @@ def parse_response(
     """Decode a JSON answer or raise the typed error its status and body describe."""
     request_id = headers.get("x-request-id") or headers.get("request-id")
     if status_code >= 400:
-        code: str | None = None
-        message = ""
         try:
             body = json.loads(content)
-            error = body.get("error") if isinstance(body, dict) else None
-            if isinstance(error, dict):
-                code = error.get("code") and str(error.get("code"))
-                message = str(error.get("message") or "")
-            elif isinstance(body, dict):  # the Files API's envelope: {success, code, msg}
-                message = str(body.get("msg") or body.get("message") or "")
-            request_id = request_id or (body.get("request_id") if isinstance(body, dict) else None)
-        except (ValueError, AttributeError):
-            message = content[:200].decode("utf-8", "replace")
+        except ValueError:
+            body = None
+        code, message, body_request_id = error_fields(body)
+        if body is None:
+            message = content[:200].decode("utf-8", "replace").strip()
         raise error_for_status(
             status_code,
             message or f"HTTP {status_code}",
             code=code,
-            request_id=request_id,
+            request_id=body_request_id or request_id,
             retry_after=parse_retry_after(headers.get("retry-after")),
             method=request.method,
             path=request.path,
+            connection=request.connection,
         )
     try:
         decoded = json.loads(content)
@@ -286,14 +286,57 @@ def parse_response(
             "not an object",
             request_sent=True,
         )
+    _raise_if_refused(request, decoded, request_id)
     if headers.get("idempotency-replayed", "").lower() == "true":
         log.info("EvoLink replayed the original task for this Idempotency-Key (no new task was created).")
     return decoded
 
 
+def error_fields(body: Any) -> tuple[str | None, str, str | None]:
+    """``(code, message, request_id)`` of every error body shape EvoLink's clients have seen.
+
+    * ``{"error": {"code", "message", "type", "param"?, "request_id"?}}`` (the usual one; ``code`` is an
+      integer on ``GET /v1/credits``);
+    * OAuth-shaped 401s: ``{"error": "invalid_token", "error_description": "..."}``;
+    * envelopes ``{"success": false, "code", "msg"}`` (Files API) or ``{"code", "message"}``;
+    * the request id inside ``error``, at the top level, or (read by the caller) in a header.
+    """
+    if not isinstance(body, dict):
+        return None, "", None
+    error = body.get("error")
+    if isinstance(error, dict):
+        code, message, request_id = error.get("code"), error.get("message"), error.get("request_id")
+    elif isinstance(error, str):
+        code, message, request_id = error, body.get("error_description"), None
+    else:
+        code, message, request_id = body.get("code"), body.get("msg") or body.get("message"), None
+    request_id = request_id or body.get("request_id")
+    return (
+        str(code) if code not in (None, "") and not isinstance(code, bool) else None,
+        str(message or ""),
+        str(request_id) if request_id else None,
+    )
+
+
+def _raise_if_refused(request: _Request, answer: dict[str, Any], request_id: str | None) -> None:
+    """An HTTP 200 saying ``"success": false`` (credits, Files API) is a refusal, not an answer."""
+    if answer.get("success") is not False:
+        return
+    code, message, body_request_id = error_fields(answer)
+    raise EvolinkRefusedError(
+        message or "success: false",
+        status_code=200,
+        code=code,
+        request_id=body_request_id or request_id,
+        method=request.method,
+        path=request.path,
+        connection=request.connection,
+    )
+
+
 def should_retry(request: _Request, error: EvolinkError) -> bool:
     """The retry rule of the module docstring, in one place for both clients."""
-    if not error.retryable:
+    if not error.retryable or not error.retry_now:
         return False
     if not request.may_create:
         return True
@@ -305,6 +348,8 @@ def _outcome_unknown(error: EvolinkError) -> bool:
     """Whether a failed POST may still have created a task."""
     if isinstance(error, EvolinkTransportError):
         return error.request_sent
+    if isinstance(error, EvolinkAPIError) and error.code == PAID_OUTCOME_UNKNOWN:
+        return True  # the gateway itself does not know yet whether it billed
     return isinstance(error, EvolinkAPIError) and error.status_code >= 500
 
 
@@ -316,16 +361,7 @@ def _delay_before_retry(
     if attempt >= policy.max_attempts or not should_retry(request, error):
         raise _give_up(request, error, attempt) from None
     delay = policy.delay(attempt, getattr(error, "retry_after", None))
-    log.log(
-        level,
-        "EvoLink %s %s failed (%s); attempt %d of %d in %.1fs",
-        request.method,
-        request.path,
-        error,
-        attempt + 1,
-        policy.max_attempts,
-        delay,
-    )
+    log.log(level, "%s; attempt %d of %d in %.1fs", error, attempt + 1, policy.max_attempts, delay)
     return delay
 
 
@@ -333,11 +369,12 @@ def _give_up(request: _Request, error: EvolinkError, attempts: int) -> EvolinkEr
     """The error to raise once retrying stops."""
     if request.may_create and _outcome_unknown(error):
         key = request.headers.get("Idempotency-Key", "")
+        detail = getattr(error, "detail", None) or str(error)
         return EvolinkSubmissionUnknownError(
-            f"EvoLink may or may not have created the task for POST {request.path} after {attempts} "
-            f"attempt(s) (last error: {error}). Look it up in the EvoLink dashboard by Idempotency-Key "
-            f"{key}; "
-            "an Airflow retry resubmits with the same key, which EvoLink answers with the original task.",
+            f"{request.connection}: {request.method} {request.path}: whether EvoLink created (and bills) "
+            f"the task is unknown after {attempts} attempt(s) (last: {detail}). Look it up in the "
+            f"EvoLink dashboard by Idempotency-Key {key}; an Airflow retry resubmits with the same key, "
+            "which EvoLink answers with the original task.",
             idempotency_key=key,
         )
     return error
@@ -493,7 +530,9 @@ class EvolinkHook(BaseHook):
             headers["Content-Type"] = "application/json"
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
-        return _Request(method, f"{base_url or settings.base_url}{path}", path, headers, json_body, read_only)
+        base = base_url or settings.base_url
+        connection = f"EvoLink connection {settings.conn_id!r} ({base})"
+        return _Request(method, f"{base}{path}", path, headers, json_body, read_only, connection)
 
     # -- sync client ------------------------------------------------------------------------------
 
@@ -566,6 +605,19 @@ class EvolinkHook(BaseHook):
         settings = self.settings
         return self._send(self._build_request(settings, "GET", CREDITS_PATH), settings)
 
+    def get_files_quota(self) -> dict[str, Any]:
+        """The Files API quota (``GET /api/v1/files/quota``): ``user_group``, ``used_files``,
+        ``max_files``, ``remain_files``, ``is_custom``, ``quota_reason``."""
+        settings = self.settings
+        request = self._build_request(settings, "GET", FILES_QUOTA_PATH, base_url=settings.files_base_url)
+        data = self._send(request, settings).get("data")
+        if not isinstance(data, dict):
+            raise EvolinkTransportError(
+                f"{request.connection}: GET {FILES_QUOTA_PATH} answered without a data object",
+                request_sent=True,
+            )
+        return data
+
     def upload_file(self, stream: BinaryIO, filename: str, content_type: str) -> dict[str, Any]:
         """Upload a file through EvoLink's Files API; returns its ``data`` (``file_url`` expires in 72 h).
 
@@ -623,7 +675,7 @@ class EvolinkHook(BaseHook):
         except EvolinkError as error:
             return False, str(error)
         user = (answer.get("data") or {}).get("user") or {}
-        remaining = user.get("remaining_credits")
+        remaining = "unlimited" if user.get("unlimited_credits") is True else user.get("remaining_credits")
         return True, f"Connected to EvoLink at {self.settings.base_url}; remaining credits: {remaining}"
 
     def close(self) -> None:
@@ -782,29 +834,61 @@ def _refused(exc: BaseException) -> bool:
     """Whether a ``requests`` connection error happened before the request could be sent."""
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+    return any(isinstance(item, (NewConnectionError, ConnectTimeoutError)) for item in _exception_chain(exc))
+
+
+def _transport_error(request: _Request, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
+    detail = transport_failure(exc)
+    return EvolinkTransportError(
+        f"{request.connection}: {request.method} {request.path}: {detail}",
+        request_sent=request_sent,
+        detail=detail,
+    )
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it (causes, contexts, urllib3 reasons, wrapped first args)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, (NewConnectionError, ConnectTimeoutError)):
-            return True
+        yield current
         reason = getattr(current, "reason", None)
-        nxt = reason if isinstance(reason, BaseException) else None
+        wrapped = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
         current = (
-            nxt
+            (reason if isinstance(reason, BaseException) else None)
             or current.__cause__
             or current.__context__
-            or (current.args[0] if current.args and isinstance(current.args[0], BaseException) else None)
+            or wrapped
         )
-    return False
 
 
-def _transport_error(request: _Request, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
-    # The exception text from requests/httpx names the URL, never headers, so the key cannot leak here.
-    return EvolinkTransportError(
-        f"EvoLink {request.method} {request.path}: {type(exc).__name__}: {exc}",
-        request_sent=request_sent,
-    )
+def transport_failure(exc: BaseException) -> str:
+    """What a ``requests``/``httpx`` failure means, in a few words (their own texts repeat the URL and
+    nest three exceptions deep)."""
+    import socket
+    import ssl
+
+    chain = list(_exception_chain(exc))
+    texts = " ".join(str(item) for item in chain).lower()
+    names = " ".join(type(item).__name__.lower() for item in chain)
+    if any(isinstance(item, ssl.SSLCertVerificationError) for item in chain) or "certificate_verify" in texts:
+        return "TLS certificate verification failed (CERTIFICATE_VERIFY_FAILED)"
+    if any(isinstance(item, ConnectionRefusedError) for item in chain) or "refused" in texts:
+        return "connection refused"
+    if any(isinstance(item, socket.gaierror) for item in chain) or "resolution" in names:
+        return "host name not found"
+    if "connecttimeout" in names or "connect timeout" in texts:
+        return "connection timed out"
+    if "timeout" in names or "timed out" in texts:
+        return "no answer in time (read timeout)"
+    if "ssl" in names:
+        return "TLS handshake failed"
+    if "reset" in texts or "aborted" in texts or "remotedisconnected" in names or "disconnected" in texts:
+        return "the connection was closed before a complete answer"
+    if "incomplete" in names or "chunked" in names or "incomplete" in texts:
+        return "the answer was cut short"
+    return type(exc).__name__
 
 
 def _mask(api_key: _ApiKey) -> None:

@@ -24,6 +24,17 @@ Prompt markers (for sora-character, in the ``video_url`` instead):
 * ``[sim:fail=content_policy_violation]``: the task fails with that code; ``[sim:fail=service_error:1]``
   fails only the first task created with that marker.
 * ``[sim:stay=processing]``: the task never ends.
+* ``[sim:fail=none]``: the task fails without an ``error`` object. ``[sim:cancel=request_cancelled]`` /
+  ``[sim:cancel=none]``: the task ends ``cancelled`` with that error code / without an error.
+* ``[sim:output=result_data_list]`` / ``result_data_object`` / ``none``: the completed task lists its
+  video in ``result_data[].video_url`` / ``result_data.video_url`` (``results`` empty), or nowhere.
+* ``[sim:reject=CODE]`` (``CODE:N``: the first N submissions only): the submission is refused with that
+  gateway code and its status: ``invalid_token`` (an OAuth-shaped 401), ``token_daily_quota_exceeded`` /
+  ``insufficient_quota`` (402), ``paid_outcome_unknown`` (409, after the task *was* created: only the
+  same Idempotency-Key finds it), ``channel_selection_failed`` and other channel codes (400), ...
+
+Marker counts (``:N``) live until ``reset``. Fault rules take ``code`` too, and a ``refused`` kind
+answers HTTP 200 ``{"success": false, "code", "msg"}`` as the credits and Files API endpoints do.
 
 With ``tls=True`` (``--tls``) it serves HTTPS with a throwaway self-signed certificate, so that the cost of
 new connections can be measured as clients of the real, HTTPS-only API pay it.

@@ -9,7 +9,8 @@ from typing import Any
 
 KINDS = frozenset(
     {
-        "status",  # answer `status` with the documented error body (429 may carry `retry_after`)
+        "status",  # answer `status` with the documented error body and `code` (429 may carry `retry_after`)
+        "refused",  # HTTP 200 {"success": false, "code": `status`, "msg"} (credits, Files API refusals)
         "reset",  # close the TCP connection with RST, before or (after_processing) after handling
         "timeout",  # wait `delay` seconds (longer than the client's read timeout), then answer
         "slow",  # wait `delay` seconds, then answer
@@ -32,6 +33,9 @@ class FaultRule:
     share: float = 1.0
     count: int | None = None
     status: int = 500
+    #: The error body's ``code`` (default: the status's usual one); ``invalid_token`` on a 401 gives
+    #: the OAuth-shaped body.
+    code: str | None = None
     retry_after: str | None = None
     delay: float = 0.0
     location: str = ""

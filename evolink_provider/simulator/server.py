@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from datetime import datetime, timezone
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,35 +23,61 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from evolink_provider.simulator.faults import FaultPlan, FaultRule
-from evolink_provider.simulator.media import MediaCache, image_size, video_kind
-from evolink_provider.simulator.tasks import RESULT_TTL, Clock, ManualClock, SimTask, TaskStore, pixel_size
+from evolink_provider.simulator.media import MediaCache, image_size
+from evolink_provider.simulator.tasks import (
+    RESULT_TTL,
+    Clock,
+    ManualClock,
+    SimTask,
+    TaskStore,
+    markers,
+    pixel_size,
+)
 from evolink_provider.simulator.validation import Accepted, RequestRejected, validate_generation
 
+# (default code, error type). Documented types: 402 insufficient_quota, 403/404 invalid_request_error,
+# 503 service_unavailable_error, and 429 on task reads evo_api_error (TASK_READ_429_TYPE); the others are
+# not documented and keep the conventional names.
 ERROR_BODIES = {
     400: ("invalid_request", "invalid_request_error"),
     401: ("unauthorized", "authentication_error"),
-    402: ("insufficient_quota", "insufficient_quota_error"),
-    403: ("permission_denied", "permission_error"),
-    404: ("task_not_found", "not_found_error"),
+    402: ("insufficient_quota", "insufficient_quota"),
+    403: ("permission_denied", "invalid_request_error"),
+    404: ("task_not_found", "invalid_request_error"),
     409: ("idempotency_conflict", "invalid_request_error"),
     429: ("rate_limit_exceeded", "rate_limit_error"),
     500: ("internal_error", "api_error"),
     502: ("bad_gateway", "api_error"),
-    503: ("service_unavailable", "api_error"),
+    503: ("service_unavailable", "service_unavailable_error"),
     504: ("gateway_timeout", "api_error"),
 }
-IDEMPOTENCY_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-UPLOAD_TYPES = {
-    "image/png",
-    "image/jpeg",
-    "image/gif",
-    "image/webp",
-    "video/mp4",
-    "video/quicktime",
-    "video/webm",
+TASK_READ_429_TYPE = "evo_api_error"
+#: The status each ``[sim:reject=CODE]`` marker answers with (EvoLink's gateway codes).
+REJECT_STATUS = {
+    "invalid_token": 401,
+    "insufficient_quota": 402,
+    "token_daily_quota_exceeded": 402,
+    "model_access_denied": 403,
+    "paid_outcome_unknown": 409,
+    "idempotency_conflict": 409,
+    "rate_limit_exceeded": 429,
+    "service_unavailable": 503,
 }
+CREDITS_PATH = "/v1/credits"
+IDEMPOTENCY_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+#: The Files API's documented types: images only.
+UPLOAD_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
+UPLOAD_QUOTA = 100
 CHUNK = 1 << 20
 UPLOAD_TTL = 72 * 3600.0
+
+
+PAID_OUTCOME_UNKNOWN = "paid_outcome_unknown"
+
+
+def reject_status(code: str) -> int:
+    """The HTTP status of a gateway code; channel codes (and unknown ones) are 400s."""
+    return REJECT_STATUS.get(code, 400)
 
 
 class _Dropped(Exception):
@@ -150,12 +177,47 @@ def json_response(status: int, payload: Any, headers: dict[str, str] | None = No
     return _Response(status, json.dumps(payload).encode(), headers=headers)
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> _Response:
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex[:16]}"
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    *,
+    path: str = "",
+    method: str = "",
+) -> _Response:
+    """The error body EvoLink's clients see for ``path``, its request id in the body and the header.
+
+    ``GET /v1/credits`` carries an integer ``code``; a 401 ``invalid_token`` comes OAuth-shaped.
+    """
+    request_id = new_request_id()
+    headers = {"X-Request-Id": request_id}
     default_code, kind = ERROR_BODIES.get(status, ("internal_error", "api_error"))
+    if status == 401 and code == "invalid_token":
+        body: dict[str, Any] = {"error": "invalid_token", "error_description": message}
+        return json_response(status, body, headers)
+    if status == 429 and method == "GET" and path.startswith("/v1/tasks/"):
+        kind = TASK_READ_429_TYPE
     error: dict[str, Any] = {"code": code or default_code, "message": message, "type": kind}
+    if path == CREDITS_PATH:
+        error["code"] = status
     if param:
         error["param"] = param
-    return json_response(status, {"error": error})
+    error["request_id"] = request_id
+    return json_response(status, {"error": error}, headers)
+
+
+def refusal_response(code: int, message: str) -> _Response:
+    """The Files API's and credits' refusal: HTTP 200 with ``success: false``."""
+    return json_response(200, {"success": False, "code": code, "msg": message, "data": None})
+
+
+def iso_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class SimulatorHandler(BaseHTTPRequestHandler):
@@ -209,7 +271,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(response.length() + promise_extra))
-        self.send_header("X-Request-Id", f"req_{uuid.uuid4().hex[:16]}")
+        if "X-Request-Id" not in response.headers:
+            self.send_header("X-Request-Id", new_request_id())
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -245,22 +308,19 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 self.state.posts_by_key[key] += 1
         rule = self.state.faults.pick(method, path)
         if rule is not None and not rule.after_processing:
-            early = self._fault_before(rule)
+            early = self._fault_before(rule, method, path)
             if early is not None:
                 self._send(early)
                 return
         response = self._route(method, path, raw)
         if rule is not None:
-            self._fault_after(rule, response)
+            response = self._fault_after(rule, response, method, path)
         self._send(response, head=method == "HEAD")
 
-    def _fault_before(self, rule: FaultRule) -> _Response | None:
+    def _fault_before(self, rule: FaultRule, method: str, path: str) -> _Response | None:
         """Faults that replace the answer; None lets the request through (possibly slowed)."""
-        if rule.kind == "status":
-            response = error_response(rule.status, f"simulated HTTP {rule.status}")
-            if rule.retry_after is not None:
-                response.headers["Retry-After"] = rule.retry_after
-            return response
+        if rule.kind in ("status", "refused"):
+            return self._fault_answer(rule, method, path)
         if rule.kind == "reset":
             self._drop()
         if rule.kind in ("timeout", "slow"):
@@ -273,8 +333,21 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return error_response(404, "simulated: not found", "not_found")
         return None
 
-    def _fault_after(self, rule: FaultRule, response: _Response) -> None:
+    def _fault_answer(self, rule: FaultRule, method: str, path: str) -> _Response:
+        """The answer of a ``status`` fault (with its ``code``) or a ``refused`` one (200, success false)."""
+        if rule.kind == "refused":
+            return refusal_response(rule.status, f"simulated refusal {rule.status}")
+        response = error_response(
+            rule.status, f"simulated HTTP {rule.status}", rule.code, path=path, method=method
+        )
+        if rule.retry_after is not None:
+            response.headers["Retry-After"] = rule.retry_after
+        return response
+
+    def _fault_after(self, rule: FaultRule, response: _Response, method: str, path: str) -> _Response:
         """Faults that act on a processed request (the task now exists, the answer is lost or spoilt)."""
+        if rule.after_processing and rule.kind in ("status", "refused"):
+            return self._fault_answer(rule, method, path)
         if rule.after_processing and rule.kind == "reset":
             self._drop()
         if rule.after_processing and rule.kind in ("timeout", "slow"):
@@ -288,6 +361,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 response.body = json.dumps(payload).encode()
         if rule.kind == "wrong_content_type":
             response.content_type = "text/html"
+        return response
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -303,7 +377,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return self._media(path)
         found_owner = self._owner()
         if found_owner is None:
-            return error_response(401, "missing or invalid API key")
+            return error_response(401, "missing or invalid API key", path=path, method=method)
         owner = found_owner
         if method == "POST" and path == "/v1/videos/generations":
             return self._create(owner, raw)
@@ -311,29 +385,46 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return self._batch(owner, raw)
         if method == "GET" and path.startswith("/v1/tasks/"):
             return self._task(owner, path.removeprefix("/v1/tasks/"))
-        if method == "GET" and path == "/v1/credits":
+        if method == "GET" and path == CREDITS_PATH:
             store = self.state.store
             return json_response(
                 200,
                 {
-                    "success": True,
                     "data": {
                         "user": {
                             "remaining_credits": round(store.remaining, 4),
                             "used_credits": round(store.used, 4),
+                            "unlimited_credits": False,
                         },
                         "token": {
                             "remaining_quota": round(store.remaining, 4),
                             "used_quota": round(store.used, 4),
+                            "unlimited_quota": False,
                         },
                     },
+                    "message": "success",
                 },
             )
         if method == "POST" and path == "/api/v1/files/upload/stream":
             return self._upload(raw)
         if method == "GET" and path == "/api/v1/files/quota":
+            with self.state.lock:
+                used = len(self.state.uploads)
             return json_response(
-                200, {"success": True, "code": 200, "msg": "ok", "data": {"used": len(self.state.uploads)}}
+                200,
+                {
+                    "success": True,
+                    "code": 200,
+                    "msg": "ok",
+                    "data": {
+                        "user_group": "default",
+                        "used_files": used,
+                        "max_files": UPLOAD_QUOTA,
+                        "remain_files": max(0, UPLOAD_QUOTA - used),
+                        "is_custom": False,
+                        "quota_reason": "default quota",
+                    },
+                },
             )
         return error_response(404, f"no route for {method} {path}", "not_found")
 
@@ -351,28 +442,44 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 400, "Idempotency-Key must be 16-96 characters of [A-Za-z0-9._-]", param="Idempotency-Key"
             )
         store = self.state.store
+        reject = store.take_marker(markers(str(body.get("prompt") or body.get("video_url") or "")), "reject")
+        if reject is not None and reject != PAID_OUTCOME_UNKNOWN:
+            return error_response(reject_status(reject), f"simulated: {reject}", reject)
         with store.lock:
             if key is not None:
                 earlier = store.replay(owner, key, body)
                 if earlier is False:
                     # Observed behaviour; the HTTP status is not documented, 409 is the conventional one.
                     return error_response(409, "this Idempotency-Key was used with a different body")
-                if isinstance(earlier, SimTask):
+                if isinstance(earlier, SimTask) and reject is None:
                     with self.state.lock:
                         self.state.idempotent_replays += 1
                     return json_response(
                         200, store.task_object(earlier, self.state.base_url), {"Idempotency-Replayed": "true"}
                     )
+                if isinstance(earlier, SimTask):  # still paid_outcome_unknown for this key
+                    return error_response(409, "the outcome of this paid request is not known yet", reject)
             if store.remaining < store.cost(accepted):
                 return error_response(402, "insufficient credits for this request")
             task = store.create(owner, accepted, key, self._media_failure(accepted))
+        if reject == PAID_OUTCOME_UNKNOWN:
+            # The paid request went through, but the gateway cannot tell yet: only the same key finds it.
+            self._count_created(key, body, accepted, task)
+            return error_response(
+                409, "the outcome of this paid request is not known yet; retry later", reject
+            )
+        self._count_created(key, body, accepted, task)
+        return json_response(200, store.task_object(task, self.state.base_url))
+
+    def _count_created(
+        self, key: str | None, body: dict[str, Any], accepted: Accepted, task: SimTask
+    ) -> None:
         with self.state.lock:
             self.state.tasks_created += 1
             self.state.prompts_truncated += int(accepted.prompt_truncated)
             self.state.tasks_by_prompt[str(body.get("prompt") or body.get("video_url") or "")] += 1
             if key is not None:
                 self.state.tasks_by_key[key].append(task.id)
-        return json_response(200, store.task_object(task, self.state.base_url))
 
     def _media_failure(self, accepted: Accepted) -> str | None:
         """What the real service would fail the task with after fetching its inputs (None: all fine)."""
@@ -486,15 +593,18 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         data = payload if isinstance(payload, bytes) else b""
         name = part.get_filename() or "upload"
         found = image_size(data)
-        # Video uploads are not in the Files API docs (images only); accepted here as an assumption.
-        mime = found[0] if found else video_kind(data)
+        mime = found[0] if found else None
         if mime not in UPLOAD_TYPES:
-            return json_response(400, {"success": False, "code": 400, "msg": "unsupported file type"})
-        file_id = f"file_{uuid.uuid4().hex[:20]}"
-        now = self.state.clock.now()
+            # A refusal, as the Files API answers it: HTTP 200 with success false.
+            return refusal_response(400, "unsupported file type: only JPEG, PNG, GIF and WEBP images")
         with self.state.lock:
+            if len(self.state.uploads) >= UPLOAD_QUOTA:
+                return refusal_response(429, "file quota reached")
+            file_id = f"file_{uuid.uuid4().hex[:20]}"
+            now = self.state.clock.now()
             self.state.uploads[file_id] = (name, mime, data, now + UPLOAD_TTL)
-        url = f"{self.state.base_url}/media/uploads/{file_id}/{name}"
+        upload_path = f"uploads/{file_id}/{name}"
+        url = f"{self.state.base_url}/media/{upload_path}"
         return json_response(
             200,
             {
@@ -503,13 +613,14 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 "msg": "uploaded",
                 "data": {
                     "file_id": file_id,
-                    "file_name": name,
                     "file_url": url,
                     "download_url": url,
                     "file_size": len(data),
                     "mime_type": mime,
-                    "upload_time": int(now),
-                    "expires_at": int(now + UPLOAD_TTL),
+                    "original_name": name,
+                    "upload_path": upload_path,
+                    "upload_time": iso_time(now),
+                    "expires_at": iso_time(now + UPLOAD_TTL),
                 },
             },
         )

@@ -92,6 +92,12 @@ def markers(text: str) -> dict[str, str]:
     return dict(_MARKER.findall(text or ""))
 
 
+def split_limit(value: str) -> tuple[str, int | None]:
+    """``code:N`` -> (code, N): the marker acts on the first N uses only; codes may hold colons."""
+    head, _, tail = value.rpartition(":")
+    return (head, int(tail)) if head and tail.isdigit() else (value, None)
+
+
 @dataclass
 class SimTask:
     id: str
@@ -102,6 +108,11 @@ class SimTask:
     estimate: int
     credits: float
     fail_code: str | None = None
+    #: How the task ends when it does not complete: "failed" or "cancelled" (``fail_code`` may be None).
+    ends: str | None = None
+    #: Where a completed video is listed: "results" (default), "result_data_list", "result_data_object",
+    #: or "none" (a completed task without output).
+    output: str = "results"
     stay: str | None = None
     character_name: str = ""
     status_override: str | None = None
@@ -111,8 +122,8 @@ class SimTask:
         elapsed = max(0.0, now - self.created)
         if self.stay:
             return self.stay, 50 if self.stay == "processing" else 0
-        if self.fail_code and elapsed >= self.seconds / 2:
-            return "failed", 50
+        if self.ends and elapsed >= self.seconds / 2:
+            return self.ends, 50
         if elapsed >= self.seconds:
             return "completed", 100
         if elapsed < self.seconds * 0.1:
@@ -142,6 +153,18 @@ class TaskStore:
             self.remaining = self.initial_credits
             self.used = 0.0
 
+    def take_marker(self, found: dict[str, str], name: str) -> str | None:
+        """The value of marker ``name`` (``value`` or ``value:N``, acting on its first N uses), counting
+        this use; None when absent or used up."""
+        if name not in found:
+            return None
+        value, limit = split_limit(found[name])
+        with self.lock:
+            counter = f"{name}={found[name]}"
+            uses = self.marker_uses.get(counter, 0)
+            self.marker_uses[counter] = uses + 1
+        return value if limit is None or uses < limit else None
+
     def cost(self, accepted: Accepted) -> float:
         if accepted.kind == "character":
             return CHARACTER_PRICE
@@ -164,14 +187,10 @@ class TaskStore:
             cost = self.cost(accepted)
             self.remaining -= cost
             self.used += cost
-            fail = media_failure or self.key_failures.get(owner)
-            if "fail" in found:
-                code, _, limit = found["fail"].partition(":")
-                marker = f"fail={found['fail']}"
-                uses = self.marker_uses.get(marker, 0)
-                self.marker_uses[marker] = uses + 1
-                if not limit or uses < int(limit):
-                    fail = code
+            fail = self.take_marker(found, "fail") or media_failure or self.key_failures.get(owner)
+            cancel = self.take_marker(found, "cancel")
+            ends = "cancelled" if cancel else "failed" if fail else None
+            code = cancel or fail
             seconds = float(found.get("seconds", self.task_seconds))
             task = SimTask(
                 id=f"task-unified-{int(now)}-{_random_suffix()}",
@@ -181,7 +200,9 @@ class TaskStore:
                 seconds=seconds,
                 estimate=int(found.get("estimate", max(1, round(seconds)))),
                 credits=cost,
-                fail_code=fail,
+                fail_code=None if code == "none" else code,
+                ends=ends,
+                output=found.get("output", "results"),
                 stay=found.get("stay"),
                 character_name="chr_"
                 + "".join(random.choices(string.ascii_letters + string.digits, k=8))
@@ -194,7 +215,8 @@ class TaskStore:
 
     def refund_if_failed(self, task: SimTask) -> None:
         with self.lock:
-            if task.state(self.clock.now())[0] == "failed" and not task.extra.get("refunded"):
+            ended = task.state(self.clock.now())[0] in ("failed", "cancelled")
+            if ended and not task.extra.get("refunded"):
                 task.extra["refunded"] = True
                 self.remaining += task.credits
                 self.used -= task.credits
@@ -230,12 +252,18 @@ class TaskStore:
                     "profile_picture_url": f"{base_url}/media/{task.id}/profile.png",
                 }
             else:
-                body["results"] = [f"{base_url}/media/{task.id}/video.mp4"]
-        elif status == "failed":
+                video = f"{base_url}/media/{task.id}/video.mp4"
+                body["results"] = [video] if task.output == "results" else []
+                if task.output == "result_data_list":
+                    body["result_data"] = [{"video_url": video}]
+                elif task.output == "result_data_object":
+                    body["result_data"] = {"video_url": video}
+        elif status in ("failed", "cancelled"):
             self.refund_if_failed(task)
-            body["error"] = {
-                "code": task.fail_code,
-                "message": f"simulated failure: {task.fail_code}\nsee EvoLink's task error table",
-                "type": "task_error",
-            }
+            if task.fail_code:
+                body["error"] = {
+                    "code": task.fail_code,
+                    "message": f"simulated {status}: {task.fail_code}\nsee EvoLink's task error table",
+                    "type": "task_error",
+                }
         return body

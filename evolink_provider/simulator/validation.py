@@ -19,6 +19,8 @@ SEEDANCE_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "21:9", "adaptive")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 SORA_VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm")
 EDIT_VIDEO_EXTENSIONS = (".mp4", ".mov")
+REFERENCE_VIDEO_EXTENSIONS = (".mp4", ".mov")
+REFERENCE_AUDIO_EXTENSIONS = (".wav", ".mp3")
 MAX_SEED = 2147483647
 MAX_SEEDANCE_TOKENS = 10000
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
@@ -174,7 +176,8 @@ def _happyhorse(model: str, body: dict[str, Any]) -> Accepted:
         "text-to-video": common | {"aspect_ratio", "duration"},
         "image-to-video": common | {"image_urls", "duration"},
         "reference-to-video": common | {"image_urls", "aspect_ratio", "duration"},
-        "video-edit": common | {"video_urls", "image_urls", "keep_original_sound"},
+        # The edit's one video may come as video_urls, video_url or video (the docs' compatible fields).
+        "video-edit": common | {"video_urls", "video_url", "video", "image_urls", "keep_original_sound"},
     }.get(kind)
     if allowed is None or (kind == "video-edit" and not model.startswith("happyhorse-1.0")):
         raise RequestRejected(400, "invalid_request", f"unknown model {model}", "model")
@@ -192,7 +195,13 @@ def _happyhorse(model: str, body: dict[str, Any]) -> Accepted:
         media = _url_list(body, "image_urls", 1, 9, IMAGE_EXTENSIONS)
         _references(prompt, r"\b(character)(\d+)\b", {"character": len(media)})
     elif kind == "video-edit":
-        media = _url_list(body, "video_urls", 1, 1, EDIT_VIDEO_EXTENSIONS)
+        sources = [name for name in ("video_urls", "video_url", "video") if name in body]
+        if len(sources) != 1:
+            raise bad("give the video as exactly one of video_urls, video_url or video", "video_urls")
+        if sources[0] == "video_urls":
+            media = _url_list(body, "video_urls", 1, 1, EDIT_VIDEO_EXTENSIONS)
+        else:
+            media = [_check_url(body[sources[0]], sources[0], EDIT_VIDEO_EXTENSIONS)]
         media += _url_list(body, "image_urls", 0, 5, IMAGE_EXTENSIONS)
         _bool(body, "keep_original_sound", True)
     limit = 2500 if has_cjk(prompt) else 5000
@@ -212,9 +221,10 @@ def _seedance(model: str, body: dict[str, Any]) -> Accepted:
         "aspect_ratio",
         "generate_audio",
         "content_filter",
-        "model_params",
         "callback_url",
     }
+    if kind == "text" and tier in ("", "fast-"):
+        allowed |= {"model_params"}  # web search: standard and fast text-to-video only
     if kind == "text":
         for name in ("image_urls", "video_urls", "audio_urls"):
             if name in body:
@@ -245,8 +255,8 @@ def _seedance(model: str, body: dict[str, Any]) -> Accepted:
         media = _url_list(body, "image_urls", 1, 2, IMAGE_EXTENSIONS)
     elif kind == "reference":
         images = _url_list(body, "image_urls", 0, 9, IMAGE_EXTENSIONS)
-        videos = _url_list(body, "video_urls", 0, 3, None)
-        audios = _url_list(body, "audio_urls", 0, 3, None)
+        videos = _url_list(body, "video_urls", 0, 3, REFERENCE_VIDEO_EXTENSIONS)
+        audios = _url_list(body, "audio_urls", 0, 3, REFERENCE_AUDIO_EXTENSIONS)
         if not images and not videos:
             raise bad("reference-to-video needs at least one image or video", "image_urls")
         _references(

@@ -6,6 +6,8 @@ run only succeeds when the values a user's next step would use are really there.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 import pendulum
@@ -166,7 +168,7 @@ TASK_ERROR_CODES = {
     "image_processing_error": False,
     "image_dimension_mismatch": False,
     "resource_not_found": False,
-    "request_cancelled": True,
+    "request_cancelled": False,
     "generation_failed_no_content": True,
     "service_error": True,
     "generation_timeout": True,
@@ -190,3 +192,69 @@ for mode in ("sync", "deferrable"):
 
 with new_dag("evolink_permanent_fault"):
     seedance("sync", prompt="never reachable")
+
+# -- EvoLink's real answers (tests/test_real_answers.py) -------------------------------------------------
+
+with new_dag("evolink_daily_quota_then_success"):
+    # 402 token_daily_quota_exceeded: not AirflowFailException, so the Airflow retry submits again.
+    check_video(
+        seedance(
+            "sync", prompt="quota resets [sim:reject=token_daily_quota_exceeded:1]", retries=1, retry_delay=0
+        ).output
+    )
+
+with new_dag("evolink_insufficient_quota"):
+    seedance("sync", prompt="no balance [sim:reject=insufficient_quota]", retries=2, retry_delay=0)
+
+with new_dag("evolink_paid_outcome_unknown"):
+    # Six 409s: more than the hook's five attempts, so the first try ends unknown and the Airflow retry
+    # must come back with the same Idempotency-Key to find the task the first POST created.
+    check_video(
+        seedance(
+            "sync", prompt="unsure gateway [sim:reject=paid_outcome_unknown:6]", retries=1, retry_delay=0
+        ).output
+    )
+
+with new_dag("evolink_channel_busy"):
+    check_video(
+        seedance(
+            "deferrable", prompt="busy upstream [sim:fail=channel:seedance-busy:1]", retries=1, retry_delay=0
+        ).output
+    )
+
+for marker in ("cancel=none", "cancel=request_cancelled", "fail=request_cancelled"):
+    with new_dag(f"evolink_cancelled_{marker.replace('=', '_')}"):
+        seedance("deferrable", prompt=f"stopped [sim:{marker}]", retries=2, retry_delay=0)
+
+with new_dag("evolink_bare_failure_is_retried"):
+    check_video(seedance("sync", prompt="no reason given [sim:fail=none:1]", retries=1, retry_delay=0).output)
+
+
+@task
+def check_result_data_video(generated: dict[str, Any]) -> str:
+    """Downstream step: the video listed only in result_data[].video_url was stored."""
+    assert generated["results"] == [] and generated["result_data"][0]["video_url"], generated
+    stored = generated["files"]
+    assert len(stored) == 1, stored
+    with open(stored[0], "rb") as video:
+        assert video.read(12)[4:8] == b"ftyp", stored
+    return str(stored[0])
+
+
+for mode in ("sync", "deferrable"):
+    with new_dag(f"evolink_result_data_video_{mode}"):
+        check_result_data_video(
+            seedance(
+                mode,
+                prompt="listed elsewhere [sim:output=result_data_list]",
+                output_path=os.path.join(tempfile.gettempdir(), "evolink-test-output"),
+            ).output
+        )
+
+with new_dag("evolink_completed_without_output"):
+    seedance("sync", prompt="nothing to show [sim:output=none]")
+
+with new_dag("evolink_local_video_reference"):
+    EvolinkSoraCharacterOperator(
+        task_id="generate", video_url="/tmp/a-local-clip.mp4", retries=2, retry_delay=0, **FAST
+    )
