@@ -26,7 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from evolink_provider.answers import checked_task
+from evolink_provider.answers import MAX_RESULTS_PER_TASK, checked_task, is_task_id
 from evolink_provider.exceptions import EvolinkError, EvolinkTransportError
 
 if TYPE_CHECKING:
@@ -102,8 +102,13 @@ def store_results(
     :param deadline: epoch seconds by which every download must have ended (the operator's timeout).
     :param max_bytes: the most bytes stored per result.
     """
-    task = checked_task(task)  # the id becomes a file name: only in EvoLink's format
+    if not is_task_id(task.get("id")):  # the id becomes a file name: only in EvoLink's format
+        checked_task(task)  # raises, naming the rule the id breaks
     urls = result_urls(task)
+    if len(urls) > MAX_RESULTS_PER_TASK + 1:  # + sora-character's profile picture
+        raise EvolinkStorageError(
+            f"EvoLink task {task['id']} lists {len(urls)} results; at most {MAX_RESULTS_PER_TASK} are stored"
+        )
     if not urls:
         raise EvolinkStorageError(f"EvoLink task {task.get('id')} completed without any result to store")
     remote = as_storage_path(output_path)
