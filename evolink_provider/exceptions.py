@@ -294,3 +294,25 @@ def error_for_status(
         path=path,
         connection=connection,
     )
+
+
+class EvolinkBadAnswerError(EvolinkTransportError):
+    """EvoLink (or whatever answers at the base URL) sent a 2xx answer outside the documented contract:
+    an id of the wrong format or for another task, a field of the wrong type, NaN, deep nesting, too many
+    results, too many bytes.
+
+    It is a transport fault, not a verdict on the task: the answer cannot be trusted, so a poll counts it as
+    a failed poll (retried within the wait's budget) and a submission repeats with the same
+    ``Idempotency-Key`` and ends as an unknown outcome if it never gets a valid answer.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, request_sent=True)
+
+
+class EvolinkInputRefusedError(EvolinkValidationError):
+    """A local or storage input that must not be uploaded (outside the allowed folders, not a regular
+    file, not an allowed image, too large); raised before any HTTP call."""
+
+    def __init__(self, field: str, value: Any, rule: str) -> None:
+        super().__init__("local input", field, value, rule)

@@ -69,6 +69,13 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "Longest backoff (s)",
                         "schema": {"type": ["number", "null"], "minimum": 0, "default": 30},
                     },
+                    "upload_allowed_dirs": {
+                        "label": "Folders local inputs may be uploaded from",
+                        "description": "Comma-separated local folders or storage-URI prefixes (s3://bucket/"
+                        "refs/) whose images may be uploaded to EvoLink's Files API; empty means the DAGs "
+                        "folder only. Files elsewhere, /proc, /dev, /sys, FIFOs and non-images are refused.",
+                        "schema": {"type": ["string", "null"]},
+                    },
                     "batch_polling": {
                         "label": "Batch polling (observed endpoint)",
                         "description": "Triggers in one triggerer read their tasks 50 at a time through "

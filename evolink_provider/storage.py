@@ -4,18 +4,29 @@ Result URLs expire after 24 h and editing steps need files, so the operators cop
 or any ``ObjectStoragePath`` (``file://``, ``s3://``, ``gs://``, ...). Copies stream chunk by chunk (constant
 memory), land under a temporary name first and are renamed only once complete and the size matches
 ``Content-Length``, so no half-written file ever carries the final name. HTTP stays in the hook.
+
+Trust boundary: the answer that names the results is not trusted. File names are built only from the task
+id (checked against EvoLink's format) and the result's index; the extension comes from the file's first
+bytes (an allow-list of video and image formats), never from the URL or ``Content-Type``; a symlink in the
+output folder is never followed, replaced or taken for a stored result; each result is capped at
+:data:`DEFAULT_MAX_RESULT_BYTES` and every download ends by the operator's deadline. Local inputs are
+checked by :mod:`evolink_provider.uploads` before anything is sent.
 """
 
 from __future__ import annotations
 
 import ast
+import itertools
 import logging
-import mimetypes
+import os
+import re
 import secrets
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, cast
 
+from evolink_provider.answers import MAX_RESULTS_PER_TASK, checked_task, is_task_id
 from evolink_provider.exceptions import EvolinkError, EvolinkTransportError
 
 if TYPE_CHECKING:
@@ -27,20 +38,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACCEPTED_TYPES = ("video/", "image/")
-EXTENSIONS = {
-    "video/mp4": "mp4",
-    "video/quicktime": "mov",
-    "video/webm": "webm",
-    "image/png": "png",
-    "image/jpeg": "jpg",
-    "image/webp": "webp",
-}
-MAGIC = [
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF8", "image/gif"),
-    (b"\x1a\x45\xdf\xa3", "video/webm"),
-]
+#: EvoLink's own CLI refuses results above 1 GiB.
+DEFAULT_MAX_RESULT_BYTES = 1 << 30
+#: ``ftyp`` major brands of MP4 video (QuickTime's ``qt  `` is MOV); others (HEIC, AVIF, M4A) are refused.
+MP4_BRANDS = frozenset(
+    {b"isom", b"iso2", b"iso3", b"iso4", b"iso5", b"iso6", b"mp41", b"mp42", b"avc1", b"dash", b"mmp4"}
+    | {b"M4V ", b"M4VP", b"M4VH", b"MSNV", b"f4v "}
+)
+#: Bytes read before the type is decided (WebM names its DocType within its first few dozen bytes).
+HEAD_BYTES = 64
+STORED_NAME = re.compile(r"task-unified-[0-9]+-[a-z0-9]+-[0-9]+\.(mp4|mov|webm|png|jpg|webp)")
 
 
 class EvolinkStorageError(EvolinkError):
@@ -54,6 +61,22 @@ def as_storage_path(location: str) -> ObjectStoragePath:
     if "://" not in location:
         location = Path(location).expanduser().resolve().as_uri()
     return ObjectStoragePath(location)
+
+
+def result_extension(head: bytes) -> str | None:
+    """The extension of an allowed result format shown by its first bytes, else ``None``."""
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        return "mov" if brand == b"qt  " else "mp4" if brand in MP4_BRANDS else None
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: WebM only when its DocType says so (not Matroska)
+        return "webm" if b"webm" in head[:HEAD_BYTES] else None
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
 
 
 def result_urls(task: dict[str, Any]) -> list[str]:
@@ -76,44 +99,83 @@ def result_urls(task: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(url for url in found if url.strip()))
 
 
-def store_results(hook: EvolinkHook, task: dict[str, Any], output_path: str) -> list[str]:
+def store_results(
+    hook: EvolinkHook,
+    task: dict[str, Any],
+    output_path: str,
+    deadline: float | None = None,
+    max_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+) -> list[str]:
     """Stream every result of ``task`` into ``output_path``; return the stored locations, in order.
 
     Locations are plain paths when ``output_path`` is one, URIs otherwise.
+
+    :param deadline: epoch seconds by which every download must have ended (the operator's timeout).
+    :param max_bytes: the most bytes stored per result.
     """
+    if not is_task_id(task.get("id")):  # the id becomes a file name: only in EvoLink's format
+        checked_task(task)  # raises, naming the rule the id breaks
     urls = result_urls(task)
+    if len(urls) > MAX_RESULTS_PER_TASK + 1:  # + sora-character's profile picture
+        raise EvolinkStorageError(
+            f"EvoLink task {task['id']} lists {len(urls)} results; at most {MAX_RESULTS_PER_TASK} are stored"
+        )
     if not urls:
         raise EvolinkStorageError(f"EvoLink task {task.get('id')} completed without any result to store")
     remote = as_storage_path(output_path)
     # Local folders go through pathlib: same API, without fsspec's per-write overhead (~40 % throughput).
     folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
     folder.mkdir(parents=True, exist_ok=True)
-    stored = [_store_one(hook, url, folder, f"{task['id']}-{index}") for index, url in enumerate(urls)]
+    stored = [
+        _store_one(hook, url, folder, f"{task['id']}-{index}", deadline, max_bytes)
+        for index, url in enumerate(urls)
+    ]
     if "://" not in output_path:
         return [str(path) for path in stored]
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in stored]
 
 
 def _store_one(
-    hook: EvolinkHook, url: str, folder: Path | ObjectStoragePath, stem: str
+    hook: EvolinkHook,
+    url: str,
+    folder: Path | ObjectStoragePath,
+    stem: str,
+    deadline: float | None,
+    max_bytes: int,
 ) -> Path | ObjectStoragePath:
-    with hook.open_result(url) as result:
+    with hook.open_result(url, deadline=deadline) as result:
         kind = result.content_type
         if not kind.startswith(ACCEPTED_TYPES) and kind != "application/octet-stream":
             raise EvolinkStorageError(f"result {stem} is {kind or 'untyped'}, not a video or image")
-        suffix = EXTENSIONS.get(kind) or PurePosixPath(urlsplit(url).path).suffix.lstrip(".") or "bin"
-        target = folder / f"{stem}.{suffix}"
+        if result.content_length is not None and result.content_length > max_bytes:
+            raise EvolinkStorageError(
+                f"result {stem} announces {result.content_length} bytes, more than the {max_bytes} allowed"
+            )
+        chunks = iter(result.chunks)
+        head = _head(chunks)
+        suffix = result_extension(head)
+        if suffix is None:
+            raise EvolinkStorageError(
+                f"result {stem} (served as {kind or 'untyped'}) is not an MP4, MOV, WebM, PNG, JPEG or WebP "
+                "file by its first bytes; nothing stored"
+            )
+        target = _target(folder, f"{stem}.{suffix}")
         if target.exists():
             if result.content_length is not None and target.stat().st_size == result.content_length:
                 log.info("%s is already stored from an earlier try; kept.", target)
                 return target
             raise EvolinkStorageError(f"{target} exists and is not this result; refusing to overwrite it")
+        _remove_stale_parts(folder, stem)
         partial = folder / f".{stem}.part-{secrets.token_hex(4)}"
         written = 0
         try:
-            with partial.open("wb") as sink:
-                for chunk in result.chunks:
+            with _create_new(partial) as sink:
+                for chunk in itertools.chain((head,), chunks):
                     written += len(chunk)
+                    if written > max_bytes:
+                        raise EvolinkStorageError(
+                            f"result {stem} is larger than the {max_bytes} bytes allowed"
+                        )
                     sink.write(chunk)
             if result.content_length is not None and written != result.content_length:
                 raise EvolinkTransportError(
@@ -128,40 +190,87 @@ def _store_one(
     return target
 
 
-def sniff_content_type(head: bytes, name: str) -> str:
-    """The upload's MIME type from its first bytes, else from its name."""
-    for magic, kind in MAGIC:
-        if head.startswith(magic):
-            return kind
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[4:8] == b"ftyp":
-        return "video/quicktime" if head[8:10] == b"qt" else "video/mp4"
-    return mimetypes.guess_type(name)[0] or "application/octet-stream"
+def _head(chunks: Iterator[bytes]) -> bytes:
+    """At least :data:`HEAD_BYTES` of the body (fewer only if it is that short), however it trickles in."""
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= HEAD_BYTES:
+            break
+    return head
+
+
+def _target(folder: Path | ObjectStoragePath, name: str) -> Path | ObjectStoragePath:
+    """``folder / name``, refused unless it stays directly inside ``folder`` and is not a symlink."""
+    if not STORED_NAME.fullmatch(name):
+        raise EvolinkStorageError(f"refusing to store a result as {name!r}: not a name this provider builds")
+    target = folder / name
+    if isinstance(target, Path) and isinstance(folder, Path):
+        if target.is_symlink():
+            raise EvolinkStorageError(f"{target} is a symbolic link; it is never followed or replaced")
+        if target.resolve().parent != folder.resolve():
+            raise EvolinkStorageError(f"refusing to store {name!r} outside {folder}")
+    return target
+
+
+def _remove_stale_parts(folder: Path | ObjectStoragePath, stem: str) -> None:
+    """Delete the temporary files a killed download of the same result left behind."""
+    try:
+        for stale in folder.glob(f".{stem}.part-*"):
+            stale.unlink(missing_ok=True)
+            log.info("Removed %s, left by an interrupted download.", stale)
+    except OSError as error:
+        log.warning("Could not clear stale partial downloads of %s: %s", stem, error)
+
+
+def _create_new(partial: Path | ObjectStoragePath) -> IO[bytes]:
+    """Open ``partial`` for writing; a local one only if nothing (not even a symlink) is in its place."""
+    if isinstance(partial, Path):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        return os.fdopen(os.open(partial, flags, 0o644), "wb")
+    return cast(IO[bytes], partial.open("wb"))
 
 
 def upload_local_media(hook: EvolinkHook, fields: dict[str, Any], refs: list[MediaRef]) -> dict[str, Any]:
-    """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place."""
+    """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place.
+
+    Every input is checked (see :mod:`evolink_provider.uploads`) before the first one is sent, so a
+    refused input means no HTTP call at all.
+    """
+    from evolink_provider.uploads import allowed_locations, open_checked_input
+
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs)
     updated = dict(fields)
-    for ref in refs:
-        source = as_storage_path(ref.value)
-        with source.open("rb") as stream:
-            head = stream.read(16)
-            stream.seek(0)
-            data = hook.upload_file(stream, source.name, sniff_content_type(head, source.name))
-        log.info(
-            "Uploaded %s to EvoLink's Files API (%s bytes; the URL expires %s).",
-            ref.value,
-            data.get("file_size"),
-            data.get("expires_at"),
-        )
-        current = updated[ref.field]
-        if isinstance(current, str) and current.strip().startswith("["):
-            current = ast.literal_eval(current)  # a rendered list, already checked by validate_request
-        if isinstance(current, (list, tuple)):
-            items = list(current)
-            items[ref.position] = data["file_url"]
-            updated[ref.field] = items
-        else:
-            updated[ref.field] = data["file_url"]
+    with ExitStack() as stack:
+        inputs = []
+        for ref in refs:
+            checked = open_checked_input(ref, _field_label(fields, ref), allowed)
+            stack.callback(checked.stream.close)
+            inputs.append((ref, checked))
+        for ref, checked in inputs:
+            data = hook.upload_file(cast(Any, checked.stream), checked.name, checked.content_type)
+            log.info(
+                "Uploaded %s to EvoLink's Files API (%s bytes; the URL expires %s).",
+                ref.value,
+                data.get("file_size"),
+                data.get("expires_at"),
+            )
+            current = updated[ref.field]
+            if isinstance(current, str) and current.strip().startswith("["):
+                current = ast.literal_eval(current)  # a rendered list, already checked by validate_request
+            if isinstance(current, (list, tuple)):
+                items = list(current)
+                items[ref.position] = data["file_url"]
+                updated[ref.field] = items
+            else:
+                updated[ref.field] = data["file_url"]
     return updated
+
+
+def _field_label(fields: dict[str, Any], ref: MediaRef) -> str:
+    """``image_urls[1]`` for an item of a list field, else the field's name."""
+    current = fields.get(ref.field)
+    listed = isinstance(current, (list, tuple)) or (
+        isinstance(current, str) and current.strip().startswith("[")
+    )
+    return f"{ref.field}[{ref.position}]" if listed else ref.field

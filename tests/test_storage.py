@@ -16,7 +16,7 @@ from evolink_provider.exceptions import EvolinkConfigurationError, EvolinkError,
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.models import validate_request
 from evolink_provider.storage import EvolinkStorageError, store_results, upload_local_media
-from tests.conftest import TEST_API_KEY, SimulatorControl
+from tests.conftest import CONNECTION_EXTRA, TEST_API_KEY, SimulatorControl, _free_port
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "storage test", "duration": 4}
 
@@ -118,10 +118,31 @@ def test_non_http_or_credentialed_result_urls_are_refused(
 def test_large_result_streams_in_constant_memory(sim: SimulatorControl, tmp_path: Path) -> None:
     """50 MB through the real code path in a fresh interpreter: peak RSS grows far less than the file,
     while reading the same body into memory (the control) shows the measurement sees such growth."""
+    # The result is 50 MB of a valid MP4 header and padding, served from a thread of the measured
+    # process itself (constant memory: one block resent): storage only keeps files that start like one.
+    port = _free_port()
     script = f"""
-import json
+import json, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.storage import store_results
+SIZE = 52428800
+BLOCK = bytes(1 << 20)
+HEAD = b"\\x00\\x00\\x00\\x18ftypisom\\x00\\x00\\x02\\x00isommp41"
+class Blob(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Length", str(SIZE))
+        self.end_headers()
+        self.wfile.write(HEAD + BLOCK[len(HEAD):])
+        for _ in range(SIZE // len(BLOCK) - 1):
+            self.wfile.write(BLOCK)
+server = ThreadingHTTPServer(("127.0.0.1", {port}), Blob)
+threading.Thread(target=server.serve_forever, daemon=True).start()
 def peak_growth_kb(action):
     # Reset the peak (VmHWM) to the current RSS first, so the imports' own peak cannot hide growth.
     status = lambda field: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
@@ -132,7 +153,7 @@ def peak_growth_kb(action):
     return status("VmHWM:") - before, result
 hook = EvolinkHook()
 hook.settings
-url = "{sim.base_url}/media/blob/52428800.mp4"
+url = "http://127.0.0.1:{port}/media/blob.mp4"
 task = {{"id": "task-unified-1-bigblob0", "results": [url]}}
 growth, paths = peak_growth_kb(lambda: store_results(hook, task, {str(tmp_path)!r}))
 control, body = peak_growth_kb(lambda: hook.session.get(url, timeout=60).content)
@@ -143,7 +164,7 @@ print(json.dumps(report))
     connection = {
         "conn_type": "evolink",
         "password": TEST_API_KEY,
-        "host": sim.base_url,
+        "host": f"http://127.0.0.1:{port}",
         "extra": {"read_timeout": 60},
     }
     env = {**os.environ, "AIRFLOW_CONN_EVOLINK_DEFAULT": json.dumps(connection)}
@@ -158,9 +179,18 @@ print(json.dumps(report))
 
 
 def test_local_and_uri_inputs_are_uploaded_and_then_valid(
-    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import imageio_ffmpeg
+
+    # Uploads come only from allowed folders (default: the DAGs folder): allow this test's folder.
+    connection = {
+        "conn_type": "evolink",
+        "password": TEST_API_KEY,
+        "host": sim.base_url,
+        "extra": {**CONNECTION_EXTRA, "upload_allowed_dirs": [str(tmp_path)]},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_EVOLINK_DEFAULT", json.dumps(connection))
 
     pictures = []
     for name in ("a.png", "b.png"):

@@ -19,7 +19,12 @@ Retry rule (the same for both clients):
 * Other 4xx answers are never retried: repeating them cannot succeed.
 
 Waits between attempts grow exponentially with full jitter, bounded by ``backoff_max``; a ``Retry-After``
-header (seconds or an HTTP date) is honoured up to ``retry_after_max``.
+header (seconds or an HTTP date) is honoured up to ``retry_after_max``. A call given a ``deadline`` (the
+operator's wait budget) does not sleep past it: it raises the last error instead.
+
+Nothing received is trusted (see :mod:`evolink_provider.answers`): answers are read with a size cap and
+decoded strictly, task objects are checked before they are returned, and result downloads connect only to
+the address that passed the private-address check.
 """
 
 from __future__ import annotations
@@ -27,33 +32,35 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 import random
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from airflow.sdk import BaseHook
 
 from evolink_provider import __version__
+from evolink_provider.answers import MAX_ANSWER_BYTES, checked_task, loads_strict, task_id_to_send
 from evolink_provider.exceptions import (
     PAID_OUTCOME_UNKNOWN,
     EvolinkAPIError,
     EvolinkAuthenticationError,
+    EvolinkBadAnswerError,
     EvolinkConfigurationError,
     EvolinkError,
     EvolinkNotFoundError,
     EvolinkRefusedError,
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
+    EvolinkWaitTimeoutError,
     error_for_status,
 )
 from evolink_provider.hooks.task_batcher import TaskBatcher, tasks_in_batch_answer
@@ -65,6 +72,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DEFAULT_BASE_URL = "https://api.evolink.ai"
 DEFAULT_FILES_BASE_URL = "https://files-api.evolink.ai"
 USER_AGENT = f"airflow-provider-evolink/{__version__}"
@@ -72,7 +81,6 @@ CREATE_VIDEO_PATH = "/v1/videos/generations"
 CREDITS_PATH = "/v1/credits"
 FILES_UPLOAD_PATH = "/api/v1/files/upload/stream"
 FILES_QUOTA_PATH = "/api/v1/files/quota"
-TASK_ID_PREFIX = "task-unified-"
 #: Observed, undocumented: reads up to 50 tasks in one call (used only with ``batch_polling``).
 TASK_BATCH_PATH = "/v1/tasks/batch"
 
@@ -131,6 +139,8 @@ class EvolinkConnectionSettings:
     timeouts: Timeouts
     retry: RetryPolicy
     batch_polling: bool = False
+    #: Folders and storage-URI prefixes local inputs may be uploaded from; empty means the DAGs folder.
+    upload_allowed_dirs: tuple[str, ...] = ()
 
     @cached_property
     def batch_owner(self) -> tuple[str, str]:
@@ -192,13 +202,40 @@ def _extra_float(extra: Mapping[str, Any], name: str, default: float) -> float:
         ) from None
 
 
+def _allowed_dirs(value: Any) -> tuple[str, ...]:
+    """The ``upload_allowed_dirs`` extra: a list, or one string separated by commas or ``os.pathsep``."""
+    import os
+    import re
+
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        items: list[Any] = re.split(f"[,{re.escape(os.pathsep)}]", value)
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise EvolinkConfigurationError(
+            f"EvoLink connection extra 'upload_allowed_dirs' must be a list of folders or a comma-separated "
+            f"string, got {type(value).__name__}"
+        )
+    if not all(isinstance(item, str) for item in items):
+        raise EvolinkConfigurationError("EvoLink connection extra 'upload_allowed_dirs' must hold strings")
+    return tuple(item.strip() for item in items if item.strip())
+
+
 def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
-    """Read and check the connection; raises before any HTTP call when the key is missing."""
+    """Read and check the connection; raises before any HTTP call when the key is missing or malformed."""
     key = (conn.password or "").strip()
     if not key:
         raise EvolinkConfigurationError(
             f"Airflow connection {conn.conn_id!r} has no EvoLink API key: put the key in its password "
             "field (shown as 'API key' in the UI)."
+        )
+    if not key.isprintable() or any(char.isspace() for char in key):
+        # Never echo it: the key is a secret, and the HTTP libraries would put it in their error text.
+        raise EvolinkConfigurationError(
+            f"The EvoLink API key of Airflow connection {conn.conn_id!r} contains whitespace or control "
+            "characters (a line break pasted with it?); the key itself is not shown. Re-enter it."
         )
     extra = conn.extra_dejson or {}
     base_url = resolve_base_url(conn.host, conn.schema, conn.port)
@@ -223,6 +260,7 @@ def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
             retry_after_max=_extra_float(extra, "retry_after_max", defaults.retry_after_max),
         ),
         batch_polling=str(extra.get("batch_polling", "")).lower() in ("1", "true", "yes", "on"),
+        upload_allowed_dirs=_allowed_dirs(extra.get("upload_allowed_dirs")),
     )
 
 
@@ -256,7 +294,7 @@ def parse_response(
     request_id = headers.get("x-request-id") or headers.get("request-id")
     if status_code >= 400:
         try:
-            body = json.loads(content)
+            body = loads_strict(content)
         except ValueError:
             body = None
         code, message, body_request_id = error_fields(body)
@@ -273,18 +311,17 @@ def parse_response(
             connection=request.connection,
         )
     try:
-        decoded = json.loads(content)
-    except ValueError:
-        raise EvolinkTransportError(
-            f"EvoLink {request.method} {request.path} answered HTTP {status_code} with a body that is not "
-            f"JSON ({len(content)} bytes)" + (f", request_id={request_id}" if request_id else ""),
-            request_sent=True,
+        decoded = loads_strict(content)
+    except ValueError as exc:
+        reason = str(exc) if "JSON" in str(exc) else "not JSON"
+        raise EvolinkBadAnswerError(
+            f"{request.connection}: {request.method} {request.path} answered HTTP {status_code} with a body "
+            f"that is {reason} ({len(content)} bytes)" + (f", request_id={request_id}" if request_id else "")
         ) from None
     if not isinstance(decoded, dict):
-        raise EvolinkTransportError(
-            f"EvoLink {request.method} {request.path} answered a JSON {type(decoded).__name__}, "
-            "not an object",
-            request_sent=True,
+        raise EvolinkBadAnswerError(
+            f"{request.connection}: {request.method} {request.path} answered a JSON "
+            f"{type(decoded).__name__}, not an object"
         )
     _raise_if_refused(request, decoded, request_id)
     if headers.get("idempotency-replayed", "").lower() == "true":
@@ -354,13 +391,22 @@ def _outcome_unknown(error: EvolinkError) -> bool:
 
 
 def _delay_before_retry(
-    request: _Request, policy: RetryPolicy, attempt: int, error: EvolinkError, level: int
+    request: _Request,
+    policy: RetryPolicy,
+    attempt: int,
+    error: EvolinkError,
+    level: int,
+    deadline: float | None = None,
 ) -> float:
     """Seconds to wait before repeating ``request`` after ``error`` on ``attempt``; raises when retrying
-    stops. Both clients' loops call it, so they cannot drift apart."""
+    stops, or when the wait would end past ``deadline`` (epoch seconds). Both clients' loops call it, so
+    they cannot drift apart."""
     if attempt >= policy.max_attempts or not should_retry(request, error):
         raise _give_up(request, error, attempt) from None
     delay = policy.delay(attempt, getattr(error, "retry_after", None))
+    if deadline is not None and time.time() + delay > deadline:
+        log.log(level, "%s; no time left to retry", error)
+        raise _give_up(request, error, attempt) from None
     log.log(level, "%s; attempt %d of %d in %.1fs", error, attempt + 1, policy.max_attempts, delay)
     return delay
 
@@ -495,8 +541,12 @@ class EvolinkHook(BaseHook):
     @cached_property
     def settings(self) -> EvolinkConnectionSettings:
         """The connection, read once per hook (sync lookup: never call this on an event loop)."""
-        settings = settings_from_connection(self.get_connection(self.evolink_conn_id))
-        _mask(settings.api_key)
+        conn = self.get_connection(self.evolink_conn_id)
+        settings = settings_from_connection(conn)
+        if _needs_masking(settings.api_key, conn.password):
+            from airflow.sdk.log import mask_secret
+
+            mask_secret(settings.api_key.reveal())
         return settings
 
     async def aget_settings(self) -> EvolinkConnectionSettings:
@@ -504,9 +554,10 @@ class EvolinkHook(BaseHook):
         if self._async_settings is None:
             conn = await self.aget_connection(self.evolink_conn_id)
             settings = settings_from_connection(conn)
-            from airflow.sdk.log import amask_secret
+            if _needs_masking(settings.api_key, conn.password):
+                from airflow.sdk.log import amask_secret
 
-            await amask_secret(settings.api_key.reveal())
+                await amask_secret(settings.api_key.reveal())
             self._async_settings = settings
         return self._async_settings
 
@@ -558,8 +609,9 @@ class EvolinkHook(BaseHook):
                 json=request.json_body,
                 timeout=(timeouts.connect, timeouts.read),
                 allow_redirects=False,
+                stream=True,
             )
-            content = response.content
+            content = _read_capped(request, response)
         except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
             raise _transport_error(request, exc, request_sent=False) from None
         except requests.ConnectionError as exc:
@@ -568,12 +620,23 @@ class EvolinkHook(BaseHook):
             raise _transport_error(request, exc, request_sent=True) from None
         return parse_response(request, response.status_code, response.headers, content)
 
-    def _send(self, request: _Request, settings: EvolinkConnectionSettings) -> dict[str, Any]:
+    def _send(
+        self,
+        request: _Request,
+        settings: EvolinkConnectionSettings,
+        accept: Callable[[dict[str, Any]], T],
+        deadline: float | None = None,
+    ) -> T:
+        """Send with retries; ``accept`` checks the answer inside the loop, so a malformed answer is
+        retried like a garbled one."""
         for attempt in range(1, settings.retry.max_attempts + 1):
             try:
-                return self._send_once(request, settings.timeouts)
+                return accept(self._send_once(request, settings.timeouts))
             except EvolinkError as error:
-                time.sleep(_delay_before_retry(request, settings.retry, attempt, error, logging.WARNING))
+                delay = _delay_before_retry(
+                    request, settings.retry, attempt, error, logging.WARNING, deadline
+                )
+                time.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
     def create_video_task(
@@ -593,24 +656,28 @@ class EvolinkHook(BaseHook):
             json_body=payload,
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
-        return self._send(request, settings)
+        return self._send(request, settings, checked_task)
 
-    def get_task(self, task_id: str) -> dict[str, Any]:
-        """Read a task (``GET /v1/tasks/{task_id}``)."""
+    def get_task(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        """Read a task (``GET /v1/tasks/{task_id}``); the answer must be that task, well formed.
+
+        :param deadline: epoch seconds; retries that would sleep past it give up with the last error.
+        """
         settings = self.settings
-        return self._send(self._build_request(settings, "GET", _task_path(task_id)), settings)
+        request = self._build_request(settings, "GET", _task_path(task_id))
+        return self._send(request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def get_credits(self) -> dict[str, Any]:
         """Read the account's credits (``GET /v1/credits``; free)."""
         settings = self.settings
-        return self._send(self._build_request(settings, "GET", CREDITS_PATH), settings)
+        return self._send(self._build_request(settings, "GET", CREDITS_PATH), settings, _as_is)
 
     def get_files_quota(self) -> dict[str, Any]:
         """The Files API quota (``GET /api/v1/files/quota``): ``user_group``, ``used_files``,
         ``max_files``, ``remain_files``, ``is_custom``, ``quota_reason``."""
         settings = self.settings
         request = self._build_request(settings, "GET", FILES_QUOTA_PATH, base_url=settings.files_base_url)
-        data = self._send(request, settings).get("data")
+        data = self._send(request, settings, _as_is).get("data")
         if not isinstance(data, dict):
             raise EvolinkTransportError(
                 f"{request.connection}: GET {FILES_QUOTA_PATH} answered without a data object",
@@ -652,19 +719,22 @@ class EvolinkHook(BaseHook):
     ) -> dict[str, Any]:
         import requests
 
+        body = _MultipartBody(stream, filename, content_type)
         try:
             response = self.session.post(
                 request.url,
-                headers=request.headers,
-                files={"file": (filename, stream, content_type)},
+                headers={**request.headers, "Content-Type": body.content_type},
+                data=body,
                 timeout=(timeouts.connect, timeouts.read),
                 allow_redirects=False,
+                stream=True,
             )
+            content = _read_capped(request, response)
         except requests.ConnectionError as exc:
             raise _transport_error(request, exc, request_sent=not _refused(exc)) from None
         except requests.RequestException as exc:
             raise _transport_error(request, exc, request_sent=True) from None
-        return parse_response(request, response.status_code, response.headers, response.content)
+        return parse_response(request, response.status_code, response.headers, content)
 
     def test_connection(self) -> tuple[bool, str]:
         """Check the key with the free ``GET /v1/credits`` and report the remaining credits."""
@@ -686,44 +756,65 @@ class EvolinkHook(BaseHook):
 
     # -- results (downloads) ----------------------------------------------------------------------
 
+    @cached_property
+    def _download_session(self) -> tuple[requests.Session, dict[tuple[str, int], str]]:
+        """A session for result downloads whose connections go only to addresses that were checked,
+        and the ``(host, port) -> address`` pins it connects by."""
+        pins: dict[tuple[str, int], str] = {}
+        return _pinned_session(pins), pins
+
     @contextmanager
-    def open_result(self, url: str) -> Iterator[ResultStream]:
+    def open_result(self, url: str, deadline: float | None = None) -> Iterator[ResultStream]:
         """Open a result URL for streaming, following at most 5 redirects by hand.
 
         Result links are public signed URLs, so no ``Authorization`` header is sent (the key must not
         reach a third-party host). Every hop must be http(s), carry no credentials, and resolve to a
-        public address, unless it is the connection's own host (the simulator on loopback). Transient
-        failures of the first request are retried with the connection's policy.
+        public address, unless it is the connection's own host (the simulator on loopback); the connection
+        is then made to the very address that was checked (no second DNS lookup to rebind). Transient
+        failures of the first request are retried with the connection's policy. With a ``deadline``
+        (epoch seconds) no retry sleeps past it and the body stops with an error once it has passed.
         """
         import requests
 
         settings = self.settings
-        headers = {"User-Agent": USER_AGENT}
+        session, pins = self._download_session
+        # Compressed bodies are refused (see ResultStream): ask for none, so the byte cap counts file bytes.
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         policy = settings.retry
         current = url
         for _hop in range(6):
-            check_download_url(current, own_base_url=settings.base_url)
+            parts = urlsplit(current)
+            pins[((parts.hostname or "").rstrip("."), _port(parts))] = check_download_url(
+                current, own_base_url=settings.base_url
+            )
             response = None
             for attempt in range(1, policy.max_attempts + 1):
                 try:
-                    response = self.session.get(
+                    response = session.get(
                         current,
                         headers=headers,
                         stream=True,
-                        timeout=(settings.timeouts.connect, settings.timeouts.read),
+                        timeout=(settings.timeouts.connect, _time_left(settings.timeouts.read, deadline)),
                         allow_redirects=False,
                     )
                 except requests.RequestException as exc:
+                    error: EvolinkError = EvolinkTransportError(
+                        f"downloading {_redact_query(current)}: {type(exc).__name__}", request_sent=True
+                    )
                     if attempt == policy.max_attempts:
-                        raise EvolinkTransportError(
-                            f"downloading {_redact_query(current)}: {type(exc).__name__}", request_sent=True
-                        ) from None
-                    time.sleep(policy.delay(attempt))
+                        raise error from None
+                    _sleep_before(deadline, policy.delay(attempt), error)
                     continue
                 if response.status_code in (429, 500, 502, 503, 504) and attempt < policy.max_attempts:
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
                     response.close()
-                    time.sleep(policy.delay(attempt, retry_after))
+                    error = error_for_status(
+                        response.status_code,
+                        "downloading a result failed",
+                        method="GET",
+                        path=_redact_query(current),
+                    )
+                    _sleep_before(deadline, policy.delay(attempt, retry_after), error)
                     continue
                 break
             assert response is not None
@@ -747,12 +838,19 @@ class EvolinkHook(BaseHook):
                         method="GET",
                         path=_redact_query(current),
                     )
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise EvolinkTransportError(
+                        f"the result {_redact_query(current)} came {encoding}-encoded although none was "
+                        "asked for; refusing it (its size could not be bounded before decoding)",
+                        request_sent=True,
+                    )
                 length = response.headers.get("Content-Length")
                 yield ResultStream(
                     url=current,
                     content_type=response.headers.get("Content-Type", "").split(";")[0].strip().lower(),
                     content_length=int(length) if length and length.isdigit() else None,
-                    chunks=_chunks(response),
+                    chunks=_chunks(response, deadline),
                 )
             finally:
                 response.close()
@@ -765,40 +863,62 @@ class EvolinkHook(BaseHook):
         import httpx
 
         try:
-            async with (await _shared_pool(timeouts)).client() as client:
-                response = await client.request(
+            async with (
+                (await _shared_pool(timeouts)).client() as client,
+                client.stream(
                     request.method, request.url, headers=request.headers, json=request.json_body
-                )
+                ) as response,
+            ):
+                content = await _aread_capped(request, response)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise _transport_error(request, exc, request_sent=False) from None
         except httpx.HTTPError as exc:  # read timeouts, resets mid-answer, protocol errors
             raise _transport_error(request, exc, request_sent=True) from None
-        return parse_response(request, response.status_code, response.headers, response.content)
+        return parse_response(request, response.status_code, response.headers, content)
 
-    async def _asend(self, request: _Request, settings: EvolinkConnectionSettings) -> dict[str, Any]:
+    async def _asend(
+        self,
+        request: _Request,
+        settings: EvolinkConnectionSettings,
+        accept: Callable[[dict[str, Any]], T],
+        deadline: float | None = None,
+    ) -> T:
         for attempt in range(1, settings.retry.max_attempts + 1):
             try:
-                return await self._asend_once(request, settings.timeouts)
+                return accept(await self._asend_once(request, settings.timeouts))
             except EvolinkError as error:
                 # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
-                delay = _delay_before_retry(request, settings.retry, attempt, error, logging.INFO)
+                delay = _delay_before_retry(request, settings.retry, attempt, error, logging.INFO, deadline)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    async def aget_task(self, task_id: str) -> dict[str, Any]:
-        """Read a task without blocking the event loop (for triggers).
+    async def aget_task(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        """Read a task without blocking the event loop (for triggers); the answer must be that task.
 
         With the connection's ``batch_polling`` on, the reads of all triggers on this event loop that use
         the same key are coalesced into batch calls (see :mod:`evolink_provider.hooks.task_batcher`).
+
+        :param deadline: epoch seconds; the read gives up with its last error rather than wait past it.
         """
         settings = await self.aget_settings()
         if not settings.batch_polling:
-            return await self._aread_task(settings, task_id)
+            return await self._aread_task(settings, task_id, deadline)
         _task_path(task_id)  # refuse a malformed id before it joins a batch
-        return await self._task_batcher(settings).read(task_id)
+        read = self._task_batcher(settings).read(task_id)
+        if deadline is None:
+            return await read
+        try:
+            return await asyncio.wait_for(read, timeout=max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            raise EvolinkWaitTimeoutError(
+                f"reading EvoLink task {task_id} in a batch did not finish before the wait's deadline"
+            ) from None
 
-    async def _aread_task(self, settings: EvolinkConnectionSettings, task_id: str) -> dict[str, Any]:
-        return await self._asend(self._build_request(settings, "GET", _task_path(task_id)), settings)
+    async def _aread_task(
+        self, settings: EvolinkConnectionSettings, task_id: str, deadline: float | None = None
+    ) -> dict[str, Any]:
+        request = self._build_request(settings, "GET", _task_path(task_id))
+        return await self._asend(request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:
         batchers = _TASK_BATCHERS.setdefault(asyncio.get_running_loop(), {})
@@ -809,7 +929,7 @@ class EvolinkHook(BaseHook):
                 request = self._build_request(
                     settings, "POST", TASK_BATCH_PATH, json_body={"task_ids": task_ids}, read_only=True
                 )
-                return tasks_in_batch_answer(await self._asend(request, settings))
+                return await self._asend(request, settings, _checked_batch)
 
             batcher = TaskBatcher(read_batch, partial(self._aread_task, settings))
             batchers[settings.batch_owner] = batcher
@@ -823,11 +943,95 @@ _TASK_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[
 
 
 def _task_path(task_id: str) -> str:
-    if not isinstance(task_id, str) or not task_id.startswith(TASK_ID_PREFIX) or "/" in task_id:
-        raise EvolinkConfigurationError(
-            f"{task_id!r} is not an EvoLink task id (they look like {TASK_ID_PREFIX}<seconds>-<8 chars>)"
-        )
-    return f"/v1/tasks/{task_id}"
+    return f"/v1/tasks/{task_id_to_send(task_id)}"
+
+
+def _as_is(answer: dict[str, Any]) -> dict[str, Any]:
+    return answer
+
+
+def _checked_batch(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every task of a batch answer checked; one malformed task makes the whole answer untrusted."""
+    return [checked_task(task) for task in tasks_in_batch_answer(answer)]
+
+
+def _read_capped(request: _Request, response: requests.Response) -> bytes:
+    """The body of a streamed ``requests`` answer, refused past :data:`MAX_ANSWER_BYTES`."""
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            response.close()  # the rest is never read: drop the connection
+            raise _too_large(request)
+    return bytes(body)
+
+
+async def _aread_capped(request: _Request, response: httpx.Response) -> bytes:
+    """The body of a streamed ``httpx`` answer, refused past :data:`MAX_ANSWER_BYTES`."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _too_large(request)
+    return bytes(body)
+
+
+def _too_large(request: _Request) -> EvolinkBadAnswerError:
+    return EvolinkBadAnswerError(
+        f"EvoLink {request.method} {request.path} answered more than {MAX_ANSWER_BYTES} bytes; "
+        "a task answer is about a kilobyte, so it was not read further"
+    )
+
+
+class _MultipartBody:
+    """A ``multipart/form-data`` body with one file part, read from ``stream`` while it is sent, so an
+    upload never sits whole in memory; its length is known up front (``Content-Length``)."""
+
+    def __init__(self, stream: BinaryIO, filename: str, content_type: str) -> None:
+        import re
+
+        boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:200] or "upload"  # no header injection
+        self._head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        self._tail = f"\r\n--{boundary}--\r\n".encode()
+        self._stream = stream
+        start = stream.tell()
+        self._size = stream.seek(0, 2) - start
+        stream.seek(start)
+        self._parts = iter((self._head, stream, self._tail))
+        self._current: Any = next(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._head) + self._size + len(self._tail)
+
+    def read(self, size: int = -1) -> bytes:
+        while self._current is not None:
+            if isinstance(self._current, bytes):
+                chunk, self._current = self._current, next(self._parts, None)
+                return chunk
+            chunk = self._current.read(size if size and size > 0 else 64 * 1024)
+            if chunk:
+                return bytes(chunk)
+            self._current = next(self._parts, None)
+        return b""
+
+
+def _time_left(read_timeout: float, deadline: float | None) -> float:
+    """The read timeout of a request, shortened so that it cannot outlast ``deadline``."""
+    if deadline is None:
+        return read_timeout
+    return max(0.1, min(read_timeout, deadline - time.time()))
+
+
+def _sleep_before(deadline: float | None, delay: float, error: EvolinkError) -> None:
+    """Sleep before a retry, or raise ``error`` when the sleep would end past ``deadline``."""
+    if deadline is not None and time.time() + delay > deadline:
+        raise error
+    time.sleep(delay)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -891,11 +1095,27 @@ def transport_failure(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _mask(api_key: _ApiKey) -> None:
-    """Register the key with Airflow's secrets masker (the password field already is; this covers extras)."""
-    from airflow.sdk.log import mask_secret
+#: Digests of keys this process has registered with the secrets masker itself.
+_MASKED_KEY_DIGESTS: set[str] = set()
 
-    mask_secret(api_key.reveal())
+
+def _needs_masking(api_key: _ApiKey, password: str | None) -> bool:
+    """Whether the hook must register the key with Airflow's secrets masker.
+
+    Airflow masks a connection's password every time it hands the connection out, so a key that *is* the
+    password is masked already. Masking it again is not free: inside a task, every ``mask_secret`` call
+    sends the secret to the supervisor, and at DEBUG level ``dag.test()`` logs that message, key and all.
+    Only a key that differs from the password (surrounding whitespace stripped) is masked here, once per
+    process.
+    """
+    value = api_key.reveal()
+    if value == password:
+        return False
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    if digest in _MASKED_KEY_DIGESTS:
+        return False
+    _MASKED_KEY_DIGESTS.add(digest)
+    return True
 
 
 @dataclass(frozen=True)
@@ -911,18 +1131,83 @@ class ResultStream:
 DOWNLOAD_CHUNK = 1 << 20
 
 
-def _chunks(response: requests.Response) -> Iterator[bytes]:
+def _chunks(response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
+    """The body as it arrives, cut off once ``deadline`` (epoch seconds) has passed.
+
+    ``read1`` returns what has arrived instead of waiting for a full chunk, so a server that trickles a
+    few bytes at a time is noticed at the deadline (at worst one read timeout later), not after 1 MiB.
+    """
     import requests
     import urllib3
 
     # Straight from urllib3 (iter_content adds a generator layer per chunk and costs ~30 % throughput).
     try:
-        while chunk := response.raw.read(DOWNLOAD_CHUNK, decode_content=True):
+        while chunk := response.raw.read1(DOWNLOAD_CHUNK, decode_content=False):
             yield chunk
-    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            if deadline is not None and time.time() > deadline:
+                raise EvolinkWaitTimeoutError(
+                    f"downloading {_redact_query(response.url)} ran past the operator's timeout; "
+                    "a retry of the Airflow task reattaches to the completed task and downloads again"
+                )
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise EvolinkTransportError(
             f"the result download broke off: {type(exc).__name__}", request_sent=True
         ) from None
+
+
+def _pinned_session(pins: dict[tuple[str, int], str]) -> requests.Session:
+    """A ``requests`` session whose direct connections go to ``pins[(host, port)]``, the address that
+    passed :func:`check_download_url`, and nowhere else; TLS still verifies (and SNI still names) the
+    host. Without the pin a second DNS lookup at connect time could answer a private address (DNS
+    rebinding). Connections through a proxy are the proxy's business and are not pinned."""
+    import socket
+
+    import requests
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
+
+    def new_pinned_conn(connection: HTTPConnection) -> socket.socket:
+        address = pins.get((connection.host, connection.port or 80))
+        if address is None:
+            raise NewConnectionError(connection, f"{connection.host} was not checked before connecting")
+        try:
+            return create_connection(
+                (address, connection.port),
+                connection.timeout,
+                source_address=connection.source_address,
+                socket_options=connection.socket_options,
+            )
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(connection, f"connection to {connection.host} timed out") from exc
+        except OSError as exc:
+            raise NewConnectionError(connection, f"failed to connect to {connection.host}: {exc}") from exc
+
+    class PinnedHTTPConnection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return new_pinned_conn(self)
+
+    class PinnedHTTPSConnection(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return new_pinned_conn(self)
+
+    class PinnedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = PinnedHTTPConnection
+
+    class PinnedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = PinnedHTTPSConnection
+
+    class PinnedAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": PinnedHTTPPool, "https": PinnedHTTPSPool}
+
+    session = requests.Session()
+    adapter = PinnedAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
 
 
 def _port(parts: SplitResult) -> int:
@@ -935,8 +1220,9 @@ def _redact_query(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?..." if parts.query else "")
 
 
-def check_download_url(url: str, *, own_base_url: str) -> None:
-    """Refuse what a result URL must never be: another scheme, credentials, or a private address.
+def check_download_url(url: str, *, own_base_url: str) -> str:
+    """Refuse what a result URL must never be: another scheme, credentials, or a private address; return
+    the checked address to connect to (connecting by name would resolve it again).
 
     The connection's own host is allowed even when private, so the bundled simulator works.
     """
@@ -952,14 +1238,16 @@ def check_download_url(url: str, *, own_base_url: str) -> None:
         raise EvolinkConfigurationError("refusing to download a result URL that carries credentials")
     own = urlsplit(own_base_url)
     port = _port(parts)
-    if (parts.hostname, port) == (own.hostname, _port(own)):
-        return
     try:
-        addresses = {
+        addresses = [
             str(info[4][0]) for info in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-        }
+        ]
     except OSError as exc:
         raise EvolinkTransportError(f"cannot resolve {parts.hostname}: {exc}", request_sent=False) from None
+    if not addresses:
+        raise EvolinkTransportError(f"cannot resolve {parts.hostname}", request_sent=False)
+    if (parts.hostname, port) == (own.hostname, _port(own)):
+        return addresses[0]
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip
@@ -968,3 +1256,4 @@ def check_download_url(url: str, *, own_base_url: str) -> None:
                 f"refusing to download from {parts.hostname} ({ip}): a private address that is not the "
                 "connection's own host"
             )
+    return addresses[0]

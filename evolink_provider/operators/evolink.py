@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException
 
+from evolink_provider.answers import created_at
 from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkNotFoundError,
@@ -153,7 +154,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
         if not self.wait_for_completion:
             return task
-        started_at = float(task.get("created") or time.time())
+        started_at = created_at(task, default=time.time())
         deadline = time.time() + float(self.timeout)
         decision = decide_after_poll(
             task,
@@ -180,15 +181,18 @@ class EvolinkBaseVideoOperator(BaseOperator):
             )
         if decision.outcome is Outcome.WAIT:
             task = self._wait_here(task, started_at, deadline)
-        return self._finish(context, task)
+        return self._finish(context, task, deadline)
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Resume after the trigger: check the event, then collect the results."""
+        """Resume after the trigger: check the event, then collect the results (within the same
+        deadline the trigger waited for)."""
         try:
             task = task_from_event(event)
         except EvolinkError as error:
             fail_for(error)
-        return self._finish(context, task)
+        end_time = event.get("end_time") if isinstance(event, dict) else None
+        deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
+        return self._finish(context, task, deadline)
 
     def on_kill(self) -> None:
         record = getattr(self, "_current_task_id", None)
@@ -303,19 +307,24 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 self.log.warning(decision.message)
             time.sleep(decision.delay)
             try:
-                task = self.hook.get_task(task_id)
+                task = self.hook.get_task(task_id, deadline=deadline)
                 failures.success()
             except EvolinkError as error:
                 if not error.retryable or not failures.failure():
                     fail_for(error)
                 delay = failures.backoff(self.poll_interval, self.max_poll_interval)
+                if time.time() + delay >= deadline:
+                    raise EvolinkWaitTimeoutError(
+                        f"EvoLink task {task_id}: the wait budget ran out while polls failed: {error}"
+                    ) from error
                 self.log.warning(
                     "Polling EvoLink task %s failed: %s; next poll in %.1fs", task_id, error, delay
                 )
                 time.sleep(delay)
 
-    def _finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
-        """Turn a terminal task into the XCom value, or into the right Airflow failure."""
+    def _finish(self, context: Context, task: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Turn a terminal task into the XCom value, or into the right Airflow failure; results are
+        stored by ``deadline`` (epoch seconds), so ``timeout`` covers downloads too."""
         now = time.time()
         decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
         if decision.outcome is Outcome.WAIT:
@@ -329,7 +338,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
             from evolink_provider.storage import store_results
 
             try:
-                task = {**task, "files": store_results(self.hook, task, self.output_path)}
+                task = {**task, "files": store_results(self.hook, task, self.output_path, deadline)}
             except EvolinkError as error:
                 fail_for(error)
         usage = task.get("usage") or {}

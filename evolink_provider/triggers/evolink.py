@@ -34,8 +34,9 @@ class EvolinkTaskTrigger(BaseTrigger):
     """Polls ``GET /v1/tasks/{id}`` on the adaptive schedule of :mod:`evolink_provider.polling`.
 
     Fires exactly one event, a dict with ``status`` in ``success | failed | timeout | error`` and
-    ``evolink_task_id``; ``success`` carries the final ``task`` object, ``failed`` the task's ``code`` and
-    ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``.
+    ``evolink_task_id``; ``success`` carries the final ``task`` object (checked against the documented
+    shape by the hook) and the ``end_time`` that also bounds storing its results, ``failed`` the task's
+    ``code`` and ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``.
 
     :param evolink_task_id: the EvoLink task to wait for.
     :param evolink_conn_id: Airflow connection holding the API key.
@@ -96,7 +97,7 @@ class EvolinkTaskTrigger(BaseTrigger):
             await asyncio.sleep(max(0.0, self.first_poll_at - time.time()))
         while True:
             try:
-                task = await hook.aget_task(self.evolink_task_id)
+                task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
             except EvolinkError as error:
                 if not error.retryable or not failures.failure():
                     yield self._event("error", message=str(error), retryable=error.retryable)
@@ -131,7 +132,7 @@ class EvolinkTaskTrigger(BaseTrigger):
                 await asyncio.sleep(decision.delay)
                 continue
             if decision.outcome is Outcome.SUCCESS:
-                yield self._event("success", task=task)
+                yield self._event("success", task=task, end_time=self.end_time)
             elif decision.outcome is Outcome.TIMEOUT:
                 yield self._event("timeout", message=decision.message)
             else:

@@ -1,0 +1,164 @@
+"""What an answer from the base URL must look like before anything else reads it.
+
+Trust boundary: the Airflow connection is trusted (an operator of the deployment wrote it); every answer
+that comes back is not. A compromised proxy, a wrong base URL or a hostile server must not be able to pick
+file names, crash the triggerer or fill XCom. So every JSON answer is decoded strictly
+(:func:`loads_strict`: no NaN/Infinity, bounded nesting) after being read with a size cap
+(:data:`MAX_ANSWER_BYTES`, enforced by the hook's readers), and every task object passes
+:func:`checked_task` (documented id format, the id asked for, field types, bounded results) in the hook,
+for submissions, single reads and batch reads alike. A failed check is an
+:class:`~evolink_provider.exceptions.EvolinkBadAnswerError`: a failed poll, never another exception.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, NoReturn
+
+from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkConfigurationError
+
+#: EvoLink's documented id: ``task-unified-<unix seconds>-<8 lowercase alphanumerics>``; a little slack on
+#: the lengths, none on the characters (the id becomes a URL path segment and a file name).
+TASK_ID_PATTERN = re.compile(r"task-unified-[0-9]{1,20}-[a-z0-9]{8,32}")
+#: The most bytes read of one JSON answer (a task object is about 1 KB; a batch of 50 about 50 KB).
+MAX_ANSWER_BYTES = 1 << 20
+#: The deepest nesting accepted in a JSON answer (a task object nests 3 levels).
+MAX_NESTING_DEPTH = 32
+#: The most result URLs one task may hand over (every model documents one video; sora-character adds a
+#: picture).
+MAX_RESULTS_PER_TASK = 16
+MAX_URL_LENGTH = 8192
+#: ``created`` is Unix seconds: anything beyond the year 5138 is not a timestamp.
+MAX_EPOCH_SECONDS = 10**11
+MAX_STATUS_LENGTH = 64
+#: Integers in an answer are timestamps, counts and credits: 20 digits is plenty, and keeps every one
+#: convertible to a float.
+MAX_INT_DIGITS = 20
+
+
+def is_task_id(value: object) -> bool:
+    """Whether ``value`` is an EvoLink task id in the documented format, exactly."""
+    return isinstance(value, str) and TASK_ID_PATTERN.fullmatch(value) is not None
+
+
+def task_id_to_send(task_id: object) -> str:
+    """``task_id`` if it may be put in a request path; refuses (before any HTTP) ids with ``/``, ``?``,
+    ``%``, CR/LF or anything else outside the documented format."""
+    if not is_task_id(task_id):
+        raise EvolinkConfigurationError(
+            f"{_shown(task_id)} is not an EvoLink task id: they look like "
+            "task-unified-<unix seconds>-<8 lowercase letters or digits>"
+        )
+    return str(task_id)
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a JSON integer of {len(text)} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the JSON number {text[:20]} overflows a float")
+    return value
+
+
+def loads_strict(content: bytes | str) -> Any:
+    """``json.loads`` that refuses ``NaN``/``Infinity``, numbers no float can hold and nesting deeper than
+    :data:`MAX_NESTING_DEPTH`; every refusal (deep recursion included) is a ``ValueError``."""
+    try:
+        decoded = json.loads(
+            content, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if _depth_exceeds(decoded, MAX_NESTING_DEPTH):
+        raise ValueError(f"JSON nested deeper than {MAX_NESTING_DEPTH} levels")
+    return decoded
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    if not isinstance(value, (dict, list)):
+        return False
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = current.values() if isinstance(current, dict) else current
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def epoch_seconds(value: object) -> float | None:
+    """``created`` as Unix seconds when it is int-like (an int, an integral float or a digit string)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        value = int(value)
+    if not isinstance(value, (int, float)) or not _is_number(value) or not float(value).is_integer():
+        return None
+    seconds = float(value)
+    return seconds if 0 <= seconds < MAX_EPOCH_SECONDS else None
+
+
+def created_at(task: dict[str, Any], default: float) -> float:
+    """When ``task`` was created (Unix seconds), or ``default`` when it does not say."""
+    seconds = epoch_seconds(task.get("created"))
+    return default if seconds is None else seconds
+
+
+def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
+    """``answer`` if it is a task object as documented (and the one asked for); else
+    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError` saying which field breaks which rule."""
+    about = f"for {expected_id} " if expected_id else ""
+
+    def refuse(problem: str) -> NoReturn:
+        raise EvolinkBadAnswerError(f"EvoLink's answer {about}is not a valid task object: {problem}")
+
+    if not isinstance(answer, dict):
+        refuse(f"a JSON {type(answer).__name__}, not an object")
+    task_id = answer.get("id")
+    if not is_task_id(task_id):
+        refuse(f"id={_shown(task_id)} is not of the form task-unified-<digits>-<8-32 of a-z0-9>")
+    if expected_id is not None and task_id != expected_id:
+        refuse(f"it is task {task_id}, not the task asked for")
+    status = answer.get("status")
+    if not isinstance(status, str) or not 0 < len(status) <= MAX_STATUS_LENGTH:
+        refuse(f"status={_shown(status)} is not a short string")
+    progress = answer.get("progress")
+    if progress is not None and not (_is_number(progress) and 0 <= progress <= 100):
+        refuse(f"progress={_shown(progress)} is not a number from 0 to 100")
+    created = answer.get("created")
+    if created is not None and epoch_seconds(created) is None:
+        refuse(f"created={_shown(created)} is not Unix seconds")
+    results = answer.get("results")
+    if results is not None:
+        if not isinstance(results, list) or len(results) > MAX_RESULTS_PER_TASK:
+            refuse(f"results is not a list of at most {MAX_RESULTS_PER_TASK} URLs")
+        if not all(isinstance(url, str) and len(url) <= MAX_URL_LENGTH for url in results):
+            refuse(f"results holds something other than URLs of at most {MAX_URL_LENGTH} characters")
+    if not isinstance(answer.get("result_data"), (dict, list, type(None))):
+        refuse(f"result_data={_shown(answer.get('result_data'))} is neither an object nor a list")
+    for name in ("error", "task_info", "usage"):
+        if not isinstance(answer.get(name), (dict, type(None))):
+            refuse(f"{name}={_shown(answer.get(name))} is not an object")
+    for name in ("model", "object", "type"):
+        if not isinstance(answer.get(name), (str, type(None))):
+            refuse(f"{name}={_shown(answer.get(name))} is not a string")
+    return answer

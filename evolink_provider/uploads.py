@@ -1,0 +1,202 @@
+"""Which local inputs may be uploaded to EvoLink's Files API, checked before any HTTP call.
+
+Trust boundary: ``image_urls`` and the other media fields are templated, so whoever can trigger a run with
+``conf`` chooses them. A path there makes the worker read a file and publish it on EvoLink's public Files
+API, so only what the deployment allows goes: a regular file (no ``/proc``, ``/dev``, ``/sys``, FIFO,
+socket, device or directory), inside the folders of the connection extra ``upload_allowed_dirs`` (default:
+Airflow's DAGs folder; a symlink counts where it points), of a type the Files API documents (JPEG, PNG, WEBP,
+GIF) by extension *and* by its first bytes, and at most :data:`MAX_UPLOAD_BYTES`. Storage URIs (``s3://``,
+``gs://``, ...) go only when a listed entry is a prefix of them. The file is then streamed with its checked
+size: one that grows or shrinks meanwhile is refused rather than sent.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from evolink_provider.exceptions import EvolinkInputRefusedError
+
+if TYPE_CHECKING:
+    from evolink_provider.models import MediaRef
+
+#: EvoLink's documented limit for a reference image.
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+#: Extensions of the image types the Files API documents, and the type their first bytes must show.
+IMAGE_EXTENSIONS = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+}
+#: Pseudo-filesystems: never uploaded, whatever the allowed folders say.
+SYSTEM_ROOTS = (Path("/proc"), Path("/dev"), Path("/sys"))
+RULE_FOLDERS = (
+    "files inside the folders of the connection extra upload_allowed_dirs (default: the DAGs folder)"
+)
+
+
+def image_type(head: bytes) -> str | None:
+    """The image type the first bytes show, for the types the Files API documents."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+@dataclass(frozen=True)
+class AllowedLocations:
+    """Where uploads may come from: resolved local folders and storage-URI prefixes."""
+
+    folders: tuple[Path, ...]
+    uri_prefixes: tuple[str, ...]
+
+
+def allowed_locations(configured: tuple[str, ...]) -> AllowedLocations:
+    """The connection's ``upload_allowed_dirs``, or Airflow's DAGs folder when it lists none."""
+    entries = list(configured)
+    if not entries:
+        from airflow.sdk import conf
+
+        entries = [conf.get("core", "dags_folder")]
+    folders, prefixes = [], []
+    for entry in entries:
+        if entry.startswith("file://"):
+            entry = unquote(urlsplit(entry).path)
+        if "://" in entry:
+            prefixes.append(entry if entry.endswith("/") else entry + "/")
+        else:
+            folders.append(Path(os.path.realpath(Path(entry).expanduser())))
+    return AllowedLocations(tuple(folders), tuple(prefixes))
+
+
+@dataclass
+class CheckedInput:
+    """An input that passed every check, open for streaming."""
+
+    stream: CheckedStream
+    name: str
+    content_type: str
+
+
+def open_checked_input(ref: MediaRef, label: str, allowed: AllowedLocations) -> CheckedInput:
+    """Open ``ref`` for upload, or raise :class:`EvolinkInputRefusedError` naming ``label``, the value and
+    the rule it breaks. The caller closes ``stream``."""
+
+    def refuse(rule: str) -> EvolinkInputRefusedError:
+        return EvolinkInputRefusedError(label, ref.value, rule)
+
+    value = ref.value
+    if value.startswith("file://"):
+        parts = urlsplit(value)
+        if parts.netloc not in ("", "localhost"):
+            raise refuse("file:// URIs of this machine only")
+        value = unquote(parts.path)
+    if "://" in value:
+        return _open_storage_uri(value, refuse, allowed)
+    return _open_local_file(Path(value).expanduser(), refuse, allowed)
+
+
+def _open_local_file(path: Path, refuse: Any, allowed: AllowedLocations) -> CheckedInput:
+    real = Path(os.path.realpath(path))  # symlinks count where they point
+    if any(real == root or real.is_relative_to(root) for root in SYSTEM_ROOTS):
+        raise refuse("regular image files; /proc, /dev and /sys are never uploaded")
+    if not any(real.is_relative_to(folder) for folder in allowed.folders):
+        raise refuse(RULE_FOLDERS)
+    content_type = IMAGE_EXTENSIONS.get(real.suffix.lower())
+    if content_type is None:
+        raise refuse(f"images named {', '.join(IMAGE_EXTENSIONS)} (the Files API takes images only)")
+    try:
+        info = os.stat(real)
+    except OSError:
+        raise refuse("an existing, readable file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise refuse("regular files, not a directory, FIFO, socket or device")
+    if info.st_size > MAX_UPLOAD_BYTES:
+        raise refuse(f"at most {MAX_UPLOAD_BYTES} bytes (EvoLink's 10 MB limit); it has {info.st_size}")
+    # O_NONBLOCK: should a FIFO replace the file after the check, opening it cannot hang.
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        descriptor = os.open(real, flags)
+    except OSError:
+        raise refuse("an existing, readable regular file") from None
+    raw = os.fdopen(descriptor, "rb")
+    opened = os.fstat(descriptor)
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+        raw.close()
+        raise refuse("a file that stays the same while it is checked")
+    return _checked(raw, opened.st_size, real.name, content_type, refuse)
+
+
+def _open_storage_uri(uri: str, refuse: Any, allowed: AllowedLocations) -> CheckedInput:
+    from evolink_provider.storage import as_storage_path
+
+    segments = urlsplit(uri).path.split("/")
+    if ".." in segments or "." in segments or not any(uri.startswith(p) for p in allowed.uri_prefixes):
+        raise refuse("storage URIs under a prefix listed in the connection extra upload_allowed_dirs")
+    source = as_storage_path(uri)
+    content_type = IMAGE_EXTENSIONS.get(Path(source.name).suffix.lower())
+    if content_type is None:
+        raise refuse(f"images named {', '.join(IMAGE_EXTENSIONS)} (the Files API takes images only)")
+    try:
+        size = source.stat().st_size
+    except (OSError, AttributeError, KeyError):
+        raise refuse("an existing object whose size the storage reports") from None
+    if not isinstance(size, int) or size > MAX_UPLOAD_BYTES:
+        raise refuse(f"at most {MAX_UPLOAD_BYTES} bytes (EvoLink's 10 MB limit); it has {size}")
+    return _checked(source.open("rb"), size, source.name, content_type, refuse)
+
+
+def _checked(raw: IO[bytes], size: int, name: str, content_type: str, refuse: Any) -> CheckedInput:
+    head = raw.read(16)
+    if image_type(head) != content_type:
+        raw.close()
+        raise refuse(f"files whose content is the {content_type} their name says (its first bytes differ)")
+    raw.seek(0)
+    return CheckedInput(CheckedStream(raw, size, refuse), name, content_type)
+
+
+class CheckedStream:
+    """The file as checked: exactly ``size`` bytes (its ``seek(0, 2)`` says so, for Content-Length), and
+    refused mid-stream if the file turns out longer or shorter, so a file that grows after the check (or
+    a sparse giant) is never sent beyond its checked size."""
+
+    def __init__(self, raw: IO[bytes], size: int, refuse: Any) -> None:
+        self._raw = raw
+        self._size = size
+        self._refuse = refuse
+        self._position = 0
+
+    def read(self, limit: int | None = -1) -> bytes:
+        left = self._size - self._position
+        if left <= 0:
+            if self._raw.read(1):
+                raise self._refuse("a file that does not grow while it is uploaded")
+            return b""
+        chunk = self._raw.read(left if limit is None or limit < 0 else min(limit, left))
+        if not chunk:
+            raise self._refuse("a file that does not shrink while it is uploaded")
+        self._position += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        self._position = max(0, min(base + offset, self._size))
+        self._raw.seek(self._position)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self._raw.close()

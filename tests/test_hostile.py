@@ -1,0 +1,687 @@
+"""The trust boundaries (issue 10) against a hostile HTTP server on loopback.
+
+The server below answers whatever each test sets; the connection ``evolink_hostile`` points at it, so
+the provider treats it exactly as it would treat EvoLink. Every test asserts the safe outcome: the right
+``EvolinkError``, no file outside the output folder, no HTTP call for a refused input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evolink_provider.answers import MAX_ANSWER_BYTES, checked_task, created_at, loads_strict
+from evolink_provider.exceptions import (
+    EvolinkBadAnswerError,
+    EvolinkConfigurationError,
+    EvolinkError,
+    EvolinkInputRefusedError,
+    EvolinkRateLimitError,
+    EvolinkSubmissionUnknownError,
+    EvolinkWaitTimeoutError,
+)
+from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients, check_download_url
+from evolink_provider.models import MediaRef
+from evolink_provider.storage import EvolinkStorageError, store_results, upload_local_media
+from evolink_provider.triggers.evolink import EvolinkTaskTrigger
+from evolink_provider.uploads import CheckedStream
+
+TASK_ID = "task-unified-1767225600-abcd1234"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + b"\x00\x00\x01\x90" * 2 + b"\x08\x02\x00\x00\x00"
+MP4 = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + b"\x00" * 4000
+HTML = b"<!doctype html><html><body>Sign in to continue</body></html>" * 10
+
+Respond = Callable[[BaseHTTPRequestHandler], None]
+
+
+class HostileServer:
+    """A stdlib HTTP server on 127.0.0.1: each path prefix answers what the test set; every request is
+    recorded as ``(method, path)``."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Respond] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.bodies: list[bytes] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _dispatch(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                server.bodies.append(self.rfile.read(length) if length else b"")
+                server.requests.append((self.command, self.path))
+                matches = [prefix for prefix in server.routes if self.path.startswith(prefix)]
+                if not matches:
+                    send(self, 404, b'{"error": {"code": "not_found", "message": "nothing here"}}')
+                    return
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    server.routes[max(matches, key=len)](self)
+
+            do_GET = do_POST = _dispatch
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def json(self, prefix: str, body: Any, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.routes[prefix] = lambda handler: send(handler, status, raw, headers=headers)
+
+    def file(self, prefix: str, body: bytes, content_type: str, announce_length: bool = True) -> None:
+        self.routes[prefix] = lambda handler: send(
+            handler, 200, body, content_type=content_type, announce_length=announce_length
+        )
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def send(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    announce_length: bool = True,
+) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    if announce_length:
+        handler.send_header("Content-Length", str(len(body)))
+    else:
+        handler.send_header("Connection", "close")
+        handler.close_connection = True
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def task(**fields: Any) -> dict[str, Any]:
+    return {
+        "id": TASK_ID,
+        "object": "video.generation.task",
+        "status": "processing",
+        "progress": 40,
+        "created": 1767225600,
+        "model": "seedance-2.0-fast-text-to-video",
+        **fields,
+    }
+
+
+def set_connection(monkeypatch: pytest.MonkeyPatch, conn_id: str, host: str, **extra: Any) -> None:
+    extra = {
+        "connect_timeout": 2,
+        "read_timeout": 2,
+        "max_retries": 1,
+        "backoff_base": 0.01,
+        "backoff_max": 0.02,
+        **extra,
+    }
+    connection = {
+        "conn_type": "evolink",
+        "password": "sk-hostile-test-key-0123",
+        "host": host,
+        "extra": extra,
+    }
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(connection))
+
+
+@pytest.fixture
+def hostile(monkeypatch: pytest.MonkeyPatch) -> Iterator[HostileServer]:
+    server = HostileServer()
+    set_connection(monkeypatch, "evolink_hostile", server.url)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hook(hostile: HostileServer) -> EvolinkHook:
+    return EvolinkHook("evolink_hostile")
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# -- task ids and answers ---------------------------------------------------------------------------------
+
+ESCAPING_ID = "/" + "../" * 12 + "tmp/x/escaped"
+
+
+def test_an_escaping_id_in_the_submission_answer_never_becomes_a_task(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    hostile.json("/v1/videos/generations", task(id=ESCAPING_ID))
+    with pytest.raises(EvolinkSubmissionUnknownError, match="Idempotency-Key"):
+        hook.create_video_task({"model": "m", "prompt": "p"}, idempotency_key="evl-trust-test-key-0001")
+    # Retried with the same key (the answer was not usable), never accepted.
+    assert hostile.requests == [("POST", "/v1/videos/generations")] * 2
+
+
+def test_a_poll_answer_for_another_task_is_a_bad_answer(hostile: HostileServer, hook: EvolinkHook) -> None:
+    hostile.json("/v1/tasks/", task(id="task-unified-1767225600-zzzz9999"))
+    with pytest.raises(EvolinkBadAnswerError, match="not the task asked for"):
+        hook.get_task(TASK_ID)
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        f"{TASK_ID}?x=1",
+        "task-unified-1-abc%2F..%2Fv1",
+        f"{TASK_ID}\r\nX-Evil: 1",
+        "task-unified-1/../../v1",
+        "TASK-UNIFIED-1-ABCDEFGH",
+        "task-unified-1-abcdefg",
+        f"{TASK_ID}\n",
+    ],
+)
+def test_ids_we_send_are_checked_before_any_http(
+    hostile: HostileServer, hook: EvolinkHook, task_id: str
+) -> None:
+    with pytest.raises(EvolinkConfigurationError):
+        hook.get_task(task_id)
+    with pytest.raises(EvolinkConfigurationError):
+        asyncio.run(hook.aget_task(task_id))
+    assert hostile.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (task(created="yesterday"), "created"),
+        (task(status=None), "status"),
+        (task(progress="50%"), "progress"),
+        (task(results=[f"https://x.example/{i}.mp4" for i in range(10_000)]), "results"),
+        (task(results=[{"url": "x"}]), "results"),
+        (task(result_data="x"), "result_data"),
+        (b'{"id": "' + TASK_ID.encode() + b'", "status": "processing", "progress": NaN}', "NaN"),
+        (b'{"id": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+        (b"[" * 50 + b"]" * 50, "nested"),
+        (b'{"id": "' + TASK_ID.encode() + b'", "pad": "' + b"x" * (2 * MAX_ANSWER_BYTES) + b'"}', "bytes"),
+        (b"<html>gateway</html>", "not JSON"),
+        (b'["not", "an", "object"]', "list"),
+    ],
+    ids=[
+        "created",
+        "status",
+        "progress",
+        "10k-results",
+        "results-type",
+        "result_data",
+        "nan",
+        "deep",
+        "nested-33",
+        "2MiB",
+        "html",
+        "list",
+    ],
+)
+def test_malformed_poll_answers_are_bad_answers_sync_and_async(
+    hostile: HostileServer, hook: EvolinkHook, body: Any, match: str
+) -> None:
+    hostile.json("/v1/tasks/", body)
+    with pytest.raises(EvolinkBadAnswerError, match=match) as sync_error:
+        hook.get_task(TASK_ID)
+
+    async def poll() -> None:
+        try:
+            await EvolinkHook("evolink_hostile").aget_task(TASK_ID)
+        finally:
+            await aclose_async_clients()
+
+    with pytest.raises(EvolinkBadAnswerError, match=match) as async_error:
+        asyncio.run(poll())
+    assert sync_error.value.retryable and async_error.value.retryable  # a failed poll, counted
+
+
+def test_bad_created_never_breaks_the_operator_start_time() -> None:
+    assert created_at({"created": "yesterday"}, default=5.0) == 5.0
+    assert created_at({"created": "1767225600"}, default=5.0) == 1767225600.0
+    assert created_at({"created": 1e300}, default=5.0) == 5.0
+
+
+def test_a_malformed_task_in_a_batch_answer_fails_the_poll_not_the_triggerer(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_connection(monkeypatch, "evolink_hostile_batch", hostile.url, batch_polling=True, max_retries=0)
+    hostile.json("/v1/tasks/batch", {"data": [task(id=ESCAPING_ID)]})
+    events = run_trigger(
+        EvolinkTaskTrigger(
+            TASK_ID,
+            "evolink_hostile_batch",
+            poll_interval=0.01,
+            end_time=time.time() + 30,
+            max_poll_failures=2,
+        )
+    )
+    assert [event["status"] for event in events] == ["error"]
+    assert "task-unified-<digits>" in events[0]["message"]
+
+
+def run_trigger(trigger: EvolinkTaskTrigger) -> list[dict[str, Any]]:
+    async def collect() -> list[dict[str, Any]]:
+        try:
+            return [event.payload async for event in trigger.run()]
+        finally:
+            await aclose_async_clients()
+
+    return asyncio.run(collect())
+
+
+def test_the_trigger_counts_bad_polls_and_recovers(hostile: HostileServer) -> None:
+    answers = iter([b"[" * 5000 + b"]" * 5000, b'{"progress": NaN}'])
+    good = json.dumps(task(status="completed", progress=100, results=["https://x.example/v.mp4"])).encode()
+    hostile.routes["/v1/tasks/"] = lambda handler: send(handler, 200, next(answers, good))
+    trigger = EvolinkTaskTrigger(
+        TASK_ID, "evolink_hostile", poll_interval=0.01, end_time=time.time() + 30, max_poll_failures=3
+    )
+    events = run_trigger(trigger)
+    assert [event["status"] for event in events] == ["success"]
+    assert events[0]["task"]["id"] == TASK_ID
+
+
+# -- results into storage ----------------------------------------------------------------------------------
+
+
+def completed(*urls: str, task_id: str = TASK_ID) -> dict[str, Any]:
+    return task(id=task_id, status="completed", progress=100, results=list(urls))
+
+
+def test_an_escaping_id_never_names_a_file(hostile: HostileServer, hook: EvolinkHook, tmp_path: Path) -> None:
+    hostile.file("/media/", MP4, "application/octet-stream")
+    out = tmp_path / "out"
+    with pytest.raises(EvolinkBadAnswerError):
+        store_results(hook, completed(f"{hostile.url}/media/x.pth", task_id=ESCAPING_ID), str(out))
+    assert files_under(tmp_path) == []
+    assert hostile.requests == []
+
+
+def test_the_extension_comes_from_the_bytes_not_the_url(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    hostile.file("/media/ok", MP4, "application/octet-stream")
+    hostile.file("/media/code", b"import os; os.system('id')\n" * 10, "application/octet-stream")
+
+    stored = store_results(hook, completed(f"{hostile.url}/media/ok.pth"), str(tmp_path))
+    assert stored == [str(tmp_path / f"{TASK_ID}-0.mp4")]
+    with pytest.raises(EvolinkStorageError, match="first bytes"):
+        store_results(
+            hook, completed(f"{hostile.url}/media/code.pth", task_id=TASK_ID[:-1] + "9"), str(tmp_path)
+        )
+    assert files_under(tmp_path) == [f"{TASK_ID}-0.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (HTML, "video/mp4"),
+        (b"\x1a\x45\xdf\xa3" + b"\x00" * 100, "video/webm"),
+        (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 100, "video/mp4"),
+    ],
+    ids=["html-as-mp4", "matroska-not-webm", "heic-brand"],
+)
+def test_content_that_is_not_an_allowed_format_is_refused(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path, body: bytes, kind: str
+) -> None:
+    hostile.file("/media/", body, kind)
+    with pytest.raises(EvolinkStorageError, match="first bytes"):
+        store_results(hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path))
+    assert files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("announce", [True, False], ids=["with-length", "no-length"])
+def test_a_result_over_the_byte_cap_is_refused(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path, announce: bool
+) -> None:
+    hostile.file("/media/", MP4 + b"\x00" * 300_000, "video/mp4", announce_length=announce)
+    with pytest.raises(EvolinkStorageError, match="100000"):
+        store_results(hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path), max_bytes=100_000)
+    assert files_under(tmp_path) == []
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    stop = threading.Event()
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "video/mp4")
+        handler.send_header("Content-Length", str(len(MP4) + 10_000))
+        handler.end_headers()
+        handler.wfile.write(MP4)
+        handler.wfile.flush()
+        while not stop.wait(0.05):  # a byte at a time, each well inside the read timeout
+            handler.wfile.write(b"\x00")
+            handler.wfile.flush()
+
+    hostile.routes["/media/"] = trickle
+    try:
+        with pytest.raises(EvolinkWaitTimeoutError, match="timeout"):
+            store_results(
+                hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path), deadline=time.time() + 1
+            )
+    finally:
+        stop.set()
+    assert files_under(tmp_path) == []  # the partial file is gone too
+
+
+def test_stale_partial_files_are_removed_and_symlinks_never_count(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    hostile.file("/media/", MP4, "video/mp4")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".{TASK_ID}-0.part-deadbeef"
+    stale.write_bytes(b"killed mid-download")
+    victim = tmp_path / "victim.mp4"
+    victim.write_bytes(b"x" * len(MP4))  # same size as the result: must still not count as stored
+    (out / f"{TASK_ID}-1.mp4").symlink_to(victim)
+
+    with pytest.raises(EvolinkStorageError, match="symbolic link"):
+        store_results(hook, completed(f"{hostile.url}/media/a.mp4", f"{hostile.url}/media/b.mp4"), str(out))
+
+    assert not stale.exists()
+    assert victim.read_bytes() == b"x" * len(MP4)
+    assert sorted(p.name for p in out.iterdir()) == [f"{TASK_ID}-0.mp4", f"{TASK_ID}-1.mp4"]
+    assert (out / f"{TASK_ID}-1.mp4").is_symlink()
+
+
+def test_downloads_connect_to_the_checked_address_not_a_rebound_one(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The name resolves to a public address when checked and to loopback afterwards (DNS rebinding):
+    the connection goes to the checked address, so the loopback server never sees a request."""
+    set_connection(monkeypatch, "evolink_rebind", hostile.url, connect_timeout=0.5, max_retries=0)
+    port = int(hostile.url.rsplit(":", 1)[1])
+    real_getaddrinfo = socket.getaddrinfo
+    lookups = []
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "media.rebind.example":
+            return real_getaddrinfo(host, *args, **kwargs)
+        lookups.append(host)
+        address = "192.0.43.8" if len(lookups) == 1 else "127.0.0.1"  # public, then loopback
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    hostile.file("/media/", MP4, "video/mp4")
+    with pytest.raises(EvolinkError):
+        store_results(
+            EvolinkHook("evolink_rebind"),
+            completed(f"http://media.rebind.example:{port}/v.mp4"),
+            str(tmp_path),
+        )
+    assert lookups == ["media.rebind.example"]  # resolved once, when checked
+    assert hostile.requests == []
+    assert check_download_url(f"{hostile.url}/v.mp4", own_base_url=hostile.url) == "127.0.0.1"
+
+
+# -- local inputs ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def allowed(hostile: HostileServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # A short path: a Unix socket's path must fit in 108 bytes.
+    folder = Path(tempfile.mkdtemp(prefix="up-", dir="/tmp"))
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, upload_allowed_dirs=f"{folder},s3://refs/ok/")
+    hostile.json(
+        "/api/v1/files/upload/stream",
+        {"success": True, "data": {"file_url": "https://files.example/u/1.png"}},
+    )
+    yield folder
+    shutil.rmtree(folder)
+
+
+def upload(value: str) -> dict[str, Any]:
+    fields = {"prompt": "p", "image_urls": [value]}
+    return upload_local_media(EvolinkHook("evolink_hostile"), fields, [MediaRef("image_urls", 0, value)])
+
+
+def test_an_allowed_image_is_streamed_with_its_checked_length(hostile: HostileServer, allowed: Path) -> None:
+    picture = allowed / "hero.png"
+    picture.write_bytes(PNG + b"\x00" * 1000)
+    assert upload(str(picture))["image_urls"] == ["https://files.example/u/1.png"]
+    assert hostile.requests == [("POST", "/api/v1/files/upload/stream")]
+    assert picture.read_bytes() in hostile.bodies[0]
+
+
+def make_socket(path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+
+
+@pytest.mark.parametrize(
+    ("make", "rule"),
+    [
+        (lambda d: Path("/proc/self/environ"), "/proc"),
+        (lambda d: Path("/etc/passwd"), "upload_allowed_dirs"),
+        (lambda d: (d / "link.png").symlink_to("/etc/passwd") or d / "link.png", "upload_allowed_dirs"),
+        (lambda d: (d / "env.png").symlink_to("/proc/self/environ") or d / "env.png", "/proc"),
+        (lambda d: os.mkfifo(d / "fifo.png") or d / "fifo.png", "regular files"),
+        (lambda d: make_socket(d / "sock.png") or d / "sock.png", "regular files"),
+        (lambda d: (d / "dir.png").mkdir() or d / "dir.png", "regular files"),
+        (lambda d: os.truncate(_touch(d / "sparse.png"), 2 << 30) or d / "sparse.png", "at most"),
+        (lambda d: (d / "notes.png").write_bytes(b"password=hunter2\n") and d / "notes.png", "first bytes"),
+        (lambda d: (d / "secret.txt").write_bytes(b"x") and d / "secret.txt", "images named"),
+        (lambda d: d / "missing.png", "existing"),
+        (lambda d: Path("s3://other-bucket/x.png"), "prefix"),
+        (lambda d: Path("s3://refs/ok/../../other/x.png"), "prefix"),
+    ],
+    ids=[
+        "proc",
+        "etc",
+        "symlink-out",
+        "symlink-proc",
+        "fifo",
+        "socket",
+        "directory",
+        "sparse-2GB",
+        "not-an-image",
+        "extension",
+        "missing",
+        "uri-not-listed",
+        "uri-dotdot",
+    ],
+)
+def test_inputs_the_deployment_does_not_allow_are_refused_before_any_http(
+    hostile: HostileServer, allowed: Path, make: Callable[[Path], Path], rule: str
+) -> None:
+    value = str(make(allowed)).replace("s3:/", "s3://")
+    with pytest.raises(EvolinkInputRefusedError, match=rule) as refused:
+        upload(value)
+    assert "image_urls[0]" in str(refused.value) and value[:40] in str(refused.value)
+    assert hostile.requests == []
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(PNG)
+    return path
+
+
+def test_the_default_allows_only_the_dags_folder(hostile: HostileServer, tmp_path: Path) -> None:
+    outside = tmp_path / "hero.png"
+    outside.write_bytes(PNG)
+    with pytest.raises(EvolinkInputRefusedError, match="DAGs folder"):
+        upload(str(outside))
+    assert hostile.requests == []
+
+
+def test_a_file_that_grows_after_the_check_is_not_sent_beyond_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "grow.png"
+    path.write_bytes(PNG * 3)
+
+    def refuse(rule: str) -> EvolinkInputRefusedError:
+        return EvolinkInputRefusedError("image_urls[0]", str(path), rule)
+
+    with path.open("rb") as raw:
+        stream = CheckedStream(raw, len(PNG), refuse)
+        assert stream.seek(0, os.SEEK_END) == len(PNG)
+        stream.seek(0)
+        assert stream.read(1 << 20) == PNG
+        with pytest.raises(EvolinkInputRefusedError, match="grow"):
+            stream.read(1 << 20)
+
+
+# -- retries, secrets, discovery ------------------------------------------------------------------------
+
+
+def test_retry_after_beyond_the_deadline_fails_with_the_error(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, max_retries=3, retry_after_max=600)
+    hostile.json(
+        "/v1/tasks/",
+        {"error": {"code": "rate_limited", "message": "slow down"}},
+        status=429,
+        headers={"Retry-After": "120"},
+    )
+    with pytest.raises(EvolinkRateLimitError):
+        EvolinkHook("evolink_hostile").get_task(TASK_ID, deadline=time.time() + 5)
+
+    async def poll() -> None:
+        try:
+            await EvolinkHook("evolink_hostile").aget_task(TASK_ID, deadline=time.time() + 5)
+        finally:
+            await aclose_async_clients()
+
+    with pytest.raises(EvolinkRateLimitError):
+        asyncio.run(poll())
+    assert len(hostile.requests) == 2  # one attempt each: the 120 s wait was never started
+
+
+def test_a_key_with_a_line_break_is_refused_without_showing_it(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-live-secret-part1\nsk-live-secret-part2"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_EVOLINK_NEWLINE",
+        json.dumps({"conn_type": "evolink", "password": key, "host": hostile.url}),
+    )
+    with pytest.raises(EvolinkConfigurationError, match="whitespace") as refused:
+        EvolinkHook("evolink_newline").get_credits()
+    assert "secret-part" not in str(refused.value) and "secret-part" not in repr(refused.value)
+    assert hostile.requests == []
+
+
+def test_the_hook_does_not_send_the_key_to_the_masker_again(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow masks the password whenever it hands out the connection; each further ``mask_secret``
+    call is logged with the key at DEBUG by dag.test(), so the hook adds none for a key that is the
+    password, and one per process for a key that differs from it (surrounding whitespace)."""
+    import airflow.sdk.log
+
+    keys_sent: list[object] = []
+
+    def record(secret: object, name: str | None = None) -> None:
+        if "sk-" in str(secret):  # Airflow's extra_dejson masks the extras through the same function
+            keys_sent.append(secret)
+
+    monkeypatch.setattr(airflow.sdk.log, "mask_secret", record)
+    EvolinkHook("evolink_hostile").settings  # noqa: B018
+    assert keys_sent == []
+    padded = {"conn_type": "evolink", "password": " sk-padded-key-777 ", "host": hostile.url}
+    monkeypatch.setenv("AIRFLOW_CONN_EVOLINK_PADDED", json.dumps(padded))
+    EvolinkHook("evolink_padded").settings  # noqa: B018
+    EvolinkHook("evolink_padded").settings  # noqa: B018
+    assert keys_sent == ["sk-padded-key-777"]
+
+
+def test_example_dag_discovery_imports_the_provider_by_its_distribution_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from airflow.dag_processing.bundles.manager import _add_provider_example_dags_to_bundle
+
+    assert importlib.import_module("airflow_provider_evolink").__version__
+    with caplog.at_level(logging.ERROR):
+        _add_provider_example_dags_to_bundle([])
+    assert "airflow_provider_evolink" not in caplog.text
+
+
+# -- hypothesis: malformed answers end as EvolinkError in both modes ------------------------------------
+
+JSON_LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=30)
+)
+ANY_JSON = st.recursive(
+    JSON_LEAF,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+MALFORMED_TASK = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.one_of(st.just(TASK_ID), st.just(ESCAPING_ID), st.text(max_size=40), ANY_JSON),
+        "status": st.one_of(st.sampled_from(["completed", "failed", "processing", "cancelled"]), ANY_JSON),
+        "progress": ANY_JSON,
+        "created": ANY_JSON,
+        "results": st.one_of(st.lists(st.text(max_size=20), max_size=20), ANY_JSON),
+        "result_data": ANY_JSON,
+        "error": ANY_JSON,
+        "task_info": ANY_JSON,
+        "usage": ANY_JSON,
+    },
+)
+RAW_BODIES = st.sampled_from(
+    [b"", b"{", b"[" * 3000 + b"]" * 3000, b'{"id": 1e999}', b"\xff\xfe", b'{"a": ' + b"9" * 5000 + b"}"]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    body=st.one_of(
+        MALFORMED_TASK.map(lambda t: json.dumps(t).encode()),
+        ANY_JSON.map(lambda v: json.dumps(v).encode()),
+        RAW_BODIES,
+    )
+)
+def test_any_answer_ends_as_a_task_or_an_evolink_error_in_both_modes(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, body: bytes
+) -> None:
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, max_retries=0)
+    hostile.json("/v1/tasks/", body)
+    try:
+        answer = EvolinkHook("evolink_hostile").get_task(TASK_ID)
+    except EvolinkError:
+        accepted = False
+    else:
+        accepted = True
+        assert checked_task(answer, TASK_ID) is answer
+        assert loads_strict(body) == answer
+
+    events = run_trigger(
+        EvolinkTaskTrigger(
+            TASK_ID, "evolink_hostile", poll_interval=0.01, end_time=time.time() + 0.3, max_poll_failures=1
+        )
+    )
+    assert len(events) == 1
+    status = events[0]["status"]
+    assert status in ({"success", "failed", "timeout"} if accepted else {"error"}), events[0]
