@@ -129,21 +129,35 @@ def sniff_content_type(head: bytes, name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def upload_local_media(hook: EvolinkHook, fields: dict[str, Any], refs: list[MediaRef]) -> dict[str, Any]:
-    """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place."""
+def upload_local_media(
+    hook: EvolinkHook,
+    fields: dict[str, Any],
+    refs: list[MediaRef],
+    uploads: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place.
+
+    :param uploads: by source (``ref.value``), uploads of an earlier try that are still valid: their
+        ``file_url`` is used instead of uploading again. Each new upload's ``data`` is added to it, so
+        that the caller can record it.
+    """
     updated = dict(fields)
     for ref in refs:
-        source = as_storage_path(ref.value)
-        with source.open("rb") as stream:
-            head = stream.read(16)
-            stream.seek(0)
-            data = hook.upload_file(stream, source.name, sniff_content_type(head, source.name))
-        log.info(
-            "Uploaded %s to EvoLink's Files API (%s bytes; the URL expires %s).",
-            ref.value,
-            data.get("file_size"),
-            data.get("expires_at"),
-        )
+        data = (uploads or {}).get(ref.value)
+        if data is None:
+            source = as_storage_path(ref.value)
+            with source.open("rb") as stream:
+                head = stream.read(16)
+                stream.seek(0)
+                data = hook.upload_file(stream, source.name, sniff_content_type(head, source.name))
+            log.info(
+                "Uploaded %s to EvoLink's Files API (%s bytes; the URL expires %s).",
+                ref.value,
+                data.get("file_size"),
+                data.get("expires_at"),
+            )
+            if uploads is not None:
+                uploads[ref.value] = data
         current = updated[ref.field]
         if isinstance(current, str) and current.strip().startswith("["):
             current = ast.literal_eval(current)  # a rendered list, already checked by validate_request
@@ -154,3 +168,26 @@ def upload_local_media(hook: EvolinkHook, fields: dict[str, Any], refs: list[Med
         else:
             updated[ref.field] = data["file_url"]
     return updated
+
+
+def stored_results(task_id: str, output_path: str, expected: int | None = None) -> list[str] | None:
+    """The results of ``task_id`` an earlier try stored under ``output_path``, or None unless complete.
+
+    A result only ever carries its final name (``<task id>-<n>.<ext>``) once fully written, so a file with
+    that name is complete; ``expected`` results must all be there (at least one when it is unknown).
+    """
+    remote = as_storage_path(output_path)
+    folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
+    if not folder.exists():
+        return None
+    found: list[Path | ObjectStoragePath] = []
+    while expected is None or len(found) < expected:
+        matches = sorted(folder.glob(f"{task_id}-{len(found)}.*"), key=str)
+        if len(matches) != 1:
+            break
+        found.append(cast("Path | ObjectStoragePath", matches[0]))
+    if not found or (expected is not None and len(found) != expected):
+        return None
+    if "://" not in output_path:
+        return [str(path) for path in found]
+    return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
