@@ -24,6 +24,7 @@ Prompt markers (for sora-character, in the ``video_url`` instead):
 * ``[sim:fail=content_policy_violation]``: the task fails with that code; ``[sim:fail=service_error:1]``
   fails only the first task created with that marker.
 * ``[sim:stay=processing]``: the task never ends.
+* ``[sim:empty=results]``: the task completes with an empty ``results`` and no ``result_data``.
 
 With ``tls=True`` (``--tls``) it serves HTTPS with a throwaway self-signed certificate, so that the cost of
 new connections can be measured as clients of the real, HTTPS-only API pay it.

@@ -103,6 +103,7 @@ class SimTask:
     credits: float
     fail_code: str | None = None
     stay: str | None = None
+    empty: bool = False
     character_name: str = ""
     status_override: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -183,6 +184,7 @@ class TaskStore:
                 credits=cost,
                 fail_code=fail,
                 stay=found.get("stay"),
+                empty=found.get("empty") == "results",
                 character_name="chr_"
                 + "".join(random.choices(string.ascii_letters + string.digits, k=8))
                 + "#",
@@ -222,7 +224,9 @@ class TaskStore:
                 "user_group": "default",
             },
         }
-        if status == "completed":
+        if status == "completed" and task.empty:
+            body["results"] = []  # seen on the real service: completed, yet nothing to collect
+        elif status == "completed":
             if accepted.kind == "character":
                 body["results"] = []
                 body["result_data"] = {
