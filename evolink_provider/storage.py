@@ -1,4 +1,4 @@
-"""Files in and out of EvoLink: results streamed into storage, local inputs uploaded through the Files API.
+"""Results out of EvoLink: streamed into a local folder or any object storage.
 
 Result URLs expire after 24 h and editing steps need files, so the operators copy results into a local folder
 or any ``ObjectStoragePath`` (``file://``, ``s3://``, ``gs://``, ...). Copies stream chunk by chunk (constant
@@ -10,19 +10,17 @@ id (checked against EvoLink's format) and the result's index; the extension come
 bytes (an allow-list of video and image formats), never from the URL or ``Content-Type``; a symlink in the
 output folder is never followed, replaced or taken for a stored result; each result is capped at
 :data:`DEFAULT_MAX_RESULT_BYTES` and every download ends by the operator's deadline. Local inputs are
-checked by :mod:`evolink_provider.uploads` before anything is sent.
+checked and uploaded by :mod:`evolink_provider.uploads`.
 """
 
 from __future__ import annotations
 
-import ast
 import itertools
 import logging
 import os
 import re
 import secrets
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -33,7 +31,6 @@ if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.models import MediaRef
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +132,37 @@ def store_results(
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in stored]
 
 
+def stored_results(task_id: str, output_path: str, expected: int | None = None) -> list[str] | None:
+    """The results of ``task_id`` an earlier try stored under ``output_path``, or None unless complete.
+
+    A result carries its final name (``<task id>-<n>.<ext>``) only once fully written, so a regular file of
+    that name is complete; a symlink never counts, and the id must be in EvoLink's format (it is globbed).
+    ``expected`` results must all be there; when it is unknown (the task record is gone), the consecutive
+    results from ``-0`` on, at least one.
+    """
+    if not is_task_id(task_id):
+        return None
+    remote = as_storage_path(output_path)
+    folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
+    if not folder.exists():
+        return None
+    found: list[Path | ObjectStoragePath] = []
+    for index in range(MAX_RESULTS_PER_TASK + 1 if expected is None else expected):
+        matches = [
+            match
+            for match in folder.glob(f"{task_id}-{index}.*")
+            if STORED_NAME.fullmatch(match.name) and not (isinstance(match, Path) and match.is_symlink())
+        ]
+        if len(matches) != 1:
+            break
+        found.append(matches[0])
+    if not found or (expected is not None and len(found) != expected):
+        return None
+    if "://" not in output_path:
+        return [str(path) for path in found]
+    return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
+
+
 def _store_one(
     hook: EvolinkHook,
     url: str,
@@ -229,48 +257,3 @@ def _create_new(partial: Path | ObjectStoragePath) -> IO[bytes]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         return os.fdopen(os.open(partial, flags, 0o644), "wb")
     return cast(IO[bytes], partial.open("wb"))
-
-
-def upload_local_media(hook: EvolinkHook, fields: dict[str, Any], refs: list[MediaRef]) -> dict[str, Any]:
-    """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place.
-
-    Every input is checked (see :mod:`evolink_provider.uploads`) before the first one is sent, so a
-    refused input means no HTTP call at all.
-    """
-    from evolink_provider.uploads import allowed_locations, open_checked_input
-
-    allowed = allowed_locations(hook.settings.upload_allowed_dirs)
-    updated = dict(fields)
-    with ExitStack() as stack:
-        inputs = []
-        for ref in refs:
-            checked = open_checked_input(ref, _field_label(fields, ref), allowed)
-            stack.callback(checked.stream.close)
-            inputs.append((ref, checked))
-        for ref, checked in inputs:
-            data = hook.upload_file(cast(Any, checked.stream), checked.name, checked.content_type)
-            log.info(
-                "Uploaded %s to EvoLink's Files API (%s bytes; the URL expires %s).",
-                ref.value,
-                data.get("file_size"),
-                data.get("expires_at"),
-            )
-            current = updated[ref.field]
-            if isinstance(current, str) and current.strip().startswith("["):
-                current = ast.literal_eval(current)  # a rendered list, already checked by validate_request
-            if isinstance(current, (list, tuple)):
-                items = list(current)
-                items[ref.position] = data["file_url"]
-                updated[ref.field] = items
-            else:
-                updated[ref.field] = data["file_url"]
-    return updated
-
-
-def _field_label(fields: dict[str, Any], ref: MediaRef) -> str:
-    """``image_urls[1]`` for an item of a list field, else the field's name."""
-    current = fields.get(ref.field)
-    listed = isinstance(current, (list, tuple)) or (
-        isinstance(current, str) and current.strip().startswith("[")
-    )
-    return f"{ref.field}[{ref.position}]" if listed else ref.field

@@ -12,17 +12,24 @@ size: one that grows or shrinks meanwhile is refused rather than sent.
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import logging
 import os
 import stat
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 from evolink_provider.exceptions import EvolinkInputRefusedError
 
 if TYPE_CHECKING:
+    from evolink_provider.hooks.evolink import EvolinkHook
     from evolink_provider.models import MediaRef
+
+log = logging.getLogger(__name__)
 
 #: EvoLink's documented limit for a reference image.
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -200,3 +207,79 @@ class CheckedStream:
 
     def close(self) -> None:
         self._raw.close()
+
+
+def local_media_digests(hook: EvolinkHook, fields: dict[str, Any], refs: list[MediaRef]) -> dict[str, str]:
+    """sha256 of each local input's bytes, by source: the identity of a request with local inputs.
+
+    Read through the same checks as an upload, so an input that may not be uploaded is not even read.
+    """
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs)
+    digests: dict[str, str] = {}
+    for ref in refs:
+        checked = open_checked_input(ref, _field_label(fields, ref), allowed)
+        digest = hashlib.sha256()
+        try:
+            while chunk := checked.stream.read(1 << 20):
+                digest.update(chunk)
+        finally:
+            checked.stream.close()
+        digests[ref.value] = digest.hexdigest()
+    return digests
+
+
+def upload_local_media(
+    hook: EvolinkHook,
+    fields: dict[str, Any],
+    refs: list[MediaRef],
+    uploads: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place.
+
+    Every input to upload is checked before the first one is sent, so a refused input means no HTTP call.
+
+    :param uploads: by source (``ref.value``), uploads of an earlier try that are still valid: their
+        ``file_url`` is used instead of uploading again. Each new upload's ``data`` is added to it, so
+        that the caller can record it with the submission.
+    """
+    known = dict(uploads or {})
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs)
+    with ExitStack() as stack:
+        pending = []
+        for ref in refs:
+            if ref.value not in known:
+                checked = open_checked_input(ref, _field_label(fields, ref), allowed)
+                stack.callback(checked.stream.close)
+                pending.append((ref, checked))
+        for ref, checked in pending:
+            data = hook.upload_file(cast(Any, checked.stream), checked.name, checked.content_type)
+            log.info(
+                "Uploaded %s to EvoLink's Files API (%s bytes; the URL expires %s).",
+                ref.value,
+                data.get("file_size"),
+                data.get("expires_at"),
+            )
+            known[ref.value] = data
+            if uploads is not None:
+                uploads[ref.value] = data
+    updated = dict(fields)
+    for ref in refs:
+        current = updated[ref.field]
+        if isinstance(current, str) and current.strip().startswith("["):
+            current = ast.literal_eval(current)  # a rendered list, already checked by validate_request
+        if isinstance(current, (list, tuple)):
+            items = list(current)
+            items[ref.position] = known[ref.value]["file_url"]
+            updated[ref.field] = items
+        else:
+            updated[ref.field] = known[ref.value]["file_url"]
+    return updated
+
+
+def _field_label(fields: dict[str, Any], ref: MediaRef) -> str:
+    """``image_urls[1]`` for an item of a list field, else the field's name."""
+    current = fields.get(ref.field)
+    listed = isinstance(current, (list, tuple)) or (
+        isinstance(current, str) and current.strip().startswith("[")
+    )
+    return f"{ref.field}[{ref.position}]" if listed else ref.field

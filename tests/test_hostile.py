@@ -39,9 +39,9 @@ from evolink_provider.exceptions import (
 )
 from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients, check_download_url
 from evolink_provider.models import MediaRef
-from evolink_provider.storage import EvolinkStorageError, store_results, upload_local_media
+from evolink_provider.storage import EvolinkStorageError, store_results
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
-from evolink_provider.uploads import CheckedStream
+from evolink_provider.uploads import CheckedStream, upload_local_media
 
 TASK_ID = "task-unified-1767225600-abcd1234"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + b"\x00\x00\x01\x90" * 2 + b"\x08\x02\x00\x00\x00"

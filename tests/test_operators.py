@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -27,13 +28,18 @@ def dag_module() -> ModuleType:
     return module
 
 
-def run_dag(dag_id: str) -> tuple[str, dict[str, Any]]:
-    """Run a DAG with dag.test(); return the run state and ``{task_id[map_index]: (state, try_number)}``."""
+def run_dag(
+    dag_id: str, logical_date: Any = None, run_conf: dict[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Run a DAG with dag.test(); return the run state and ``{task_id[map_index]: (state, try_number)}``.
+
+    With the ``logical_date`` of an earlier run, dag.test() re-runs that run after clearing it.
+    """
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
     dag = dag_module().DAGS[dag_id]
-    dag_run = dag.test()
+    dag_run = dag.test(run_conf=run_conf) if logical_date is None else dag.test(logical_date=logical_date)
     with create_session() as session:
         rows = (
             session.query(TaskInstance)
@@ -150,3 +156,119 @@ def test_dynamic_mapping_generates_one_video_per_prompt(sim: SimulatorControl) -
     assert state == "success", tasks
     assert {k for k in tasks if k.startswith("generate[")} == {"generate[0]", "generate[1]", "generate[2]"}
     assert sim.stats()["tasks_created"] == 3
+
+
+def clear_run(dag_id: str, logical_date: Any) -> None:
+    """What a user's "Clear" does: Airflow's own clear_task_instances on every task of the run."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance, clear_task_instances
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.logical_date == logical_date).one()
+        tis = (
+            session.query(TaskInstance)
+            .filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run.run_id)
+            .all()
+        )
+        clear_task_instances(tis, session, dag_run_state=DagRunState.RUNNING)
+
+
+def uploads(sim: SimulatorControl) -> int:
+    return int(sim.stats()["requests"].get("POST /api/v1/files/upload/stream", 0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("inputs", ["local", "storage_uri"])
+def test_retries_with_local_inputs_reattach_without_uploading_again(
+    sim: SimulatorControl, inputs: str, mode: str
+) -> None:
+    state, tasks = run_dag(f"evolink_reattach_{inputs}_images_{mode}")
+
+    assert state == "success", tasks
+    assert tasks["generate"][1] >= 2, "the first try should time out and a retry reattach"
+    stats = sim.stats()
+    assert stats["tasks_created"] == 1
+    assert stats["requests"]["POST /v1/videos/generations"] == 1
+    assert uploads(sim) == 2  # each image once, by the first try; the retries reused them
+
+
+def test_mapped_local_inputs_reattach_per_map_index(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_mapped_local_images")
+
+    assert state == "success", tasks
+    assert all(tries >= 2 for name, (_, tries) in tasks.items() if name.startswith("generate[")), tasks
+    assert sim.stats()["tasks_created"] == 2
+    assert uploads(sim) == 2
+
+
+def test_a_cleared_completed_task_submits_a_new_generation(sim: SimulatorControl, tmp_path: Path) -> None:
+    import pendulum
+
+    when = pendulum.datetime(2026, 3, 1, tz="UTC")
+    dag = dag_module().DAGS["evolink_clearable"]
+    assert str(dag.test(logical_date=when, run_conf={"output_dir": str(tmp_path)}).state) == "success"
+    first = xcom("evolink_clearable", "generate")
+    assert sim.stats()["tasks_created"] == 1
+
+    clear_run("evolink_clearable", when)
+    state, tasks = run_dag("evolink_clearable", logical_date=when)
+
+    assert state == "success", tasks
+    second = xcom("evolink_clearable", "generate")
+    assert sim.stats()["tasks_created"] == 2
+    assert second["id"] != first["id"]
+
+
+def test_a_cleared_task_whose_results_expired_generates_anew(sim: SimulatorControl, tmp_path: Path) -> None:
+    import pendulum
+
+    when = pendulum.datetime(2026, 3, 2, tz="UTC")
+    dag = dag_module().DAGS["evolink_clearable"]
+    assert str(dag.test(logical_date=when, run_conf={"output_dir": str(tmp_path)}).state) == "success"
+    first = xcom("evolink_clearable", "generate")
+    # From now on every result link answers as an expired one does.
+    sim.add_faults({"kind": "not_found", "method": "GET", "path_prefix": f"/media/{first['id']}"})
+
+    clear_run("evolink_clearable", when)
+    state, tasks = run_dag("evolink_clearable", logical_date=when)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 2
+    assert xcom("evolink_clearable", "generate")["id"] != first["id"]
+
+
+def test_a_retry_whose_results_expired_before_storing_generates_anew(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    """The first download answers 404 (an expired link) and nothing is stored: a new generation, no 403."""
+    import pendulum
+
+    sim.add_faults({"kind": "not_found", "method": "GET", "path_prefix": "/media/task-", "count": 1})
+    when = pendulum.datetime(2026, 3, 3, tz="UTC")
+    dag = dag_module().DAGS["evolink_clearable"]
+
+    run = dag.test(logical_date=when, run_conf={"output_dir": str(tmp_path)})
+
+    assert str(run.state) == "success"
+    generated = xcom("evolink_clearable", "generate")
+    assert sim.stats()["tasks_created"] == 2
+    assert [Path(f).name.startswith(generated["id"]) for f in generated["files"]] == [True]
+
+
+def test_reattach_never_submits_on_every_try(sim: SimulatorControl) -> None:
+    import pendulum
+
+    when = pendulum.datetime(2026, 3, 4, tz="UTC")
+    assert run_dag("evolink_clearable_never_reattach", logical_date=when)[0] == "success"
+    clear_run("evolink_clearable_never_reattach", when)
+    assert run_dag("evolink_clearable_never_reattach", logical_date=when)[0] == "success"
+    assert sim.stats()["tasks_created"] == 2
+
+
+def test_a_completed_task_without_results_fails_once(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_completed_without_output")
+    assert state == "failed"
+    assert tasks["generate"] == ("failed", 1)  # AirflowFailException: retries=3 left unused
+    assert sim.stats()["tasks_created"] == 1

@@ -15,7 +15,8 @@ import pytest
 from evolink_provider.exceptions import EvolinkConfigurationError, EvolinkError, EvolinkNotFoundError
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.models import validate_request
-from evolink_provider.storage import EvolinkStorageError, store_results, upload_local_media
+from evolink_provider.storage import EvolinkStorageError, store_results
+from evolink_provider.uploads import upload_local_media
 from tests.conftest import CONNECTION_EXTRA, TEST_API_KEY, SimulatorControl, _free_port
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "storage test", "duration": 4}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache, cached_property
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from airflow.sdk import BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException
@@ -24,6 +25,7 @@ from evolink_provider.exceptions import (
     EvolinkNotFoundError,
     EvolinkTaskError,
     EvolinkWaitTimeoutError,
+    task_error_is_retryable,
 )
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.polling import (
@@ -34,14 +36,20 @@ from evolink_provider.polling import (
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
+    expected_run_time,
     task_failure,
 )
 from evolink_provider.resume import (
+    REATTACH_MODES,
     SubmissionRecord,
     SubmissionStore,
+    UploadRecord,
+    expiry_epoch,
     idempotency_key,
-    payload_fingerprint,
+    request_fingerprint,
     task_instance_identity,
+    tries_in_sequence,
+    try_generation,
 )
 from evolink_provider.triggers.evolink import (
     DEFAULT_MAX_POLL_FAILURES,
@@ -52,11 +60,52 @@ from evolink_provider.triggers.evolink import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from evolink_provider.models import MediaRef
+
 #: Default wait budget: generations take minutes to tens of minutes.
 DEFAULT_TIMEOUT = 2 * 60 * 60
-#: Past this many failed replays in a row something is wrong with the keys; stop rather than loop.
-MAX_RESUBMISSIONS = 20
 XCOM_TASK_ID_KEY = "evolink_task_id"
+#: Seconds after a deferral before the trigger may fire, and the expected remaining run time up to which a
+#: deferrable operator waits on the worker instead: Airflow 3.2-3.3's scheduler can fail a task instance
+#: whose trigger fires seconds after the deferral (docs/reliability.md, "Fast triggers").
+TRIGGER_MIN_DELAY = 15.0
+WAIT_ON_WORKER_WINDOW = TRIGGER_MIN_DELAY
+
+
+class ResultsExpiredError(EvolinkError):
+    """A reused task's result links expired before its results were stored under ``output_path``."""
+
+
+class PreparedRequest(NamedTuple):
+    """A validated request: ``payload`` still holds local inputs as their paths, ``digests`` their
+    sha256 by path, and ``fingerprint`` the identity of the whole (:func:`request_fingerprint`)."""
+
+    model: str
+    fields: dict[str, Any]
+    payload: dict[str, Any]
+    local_media: list[MediaRef]
+    digests: dict[str, str]
+    fingerprint: str
+
+
+@dataclass
+class Attempt:
+    """The submission being prepared: counter, try sequence, and the uploads that can be reused."""
+
+    request: PreparedRequest
+    generation: str
+    submission: int
+    uploads: dict[str, UploadRecord]
+    resending: bool = False
+
+    def upload_records(self) -> tuple[UploadRecord, ...]:
+        return tuple(self.uploads[source] for source in sorted(self.uploads))
+
+
+def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
+    """Seconds the task is expected to run still (the polling module's estimate)."""
+    expected, _trust = expected_run_time(task, max(0.0, elapsed))
+    return max(0.0, expected - elapsed)
 
 
 def fail_for(error: EvolinkError) -> NoReturn:
@@ -83,6 +132,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param output_path: a local directory or an ``ObjectStoragePath`` URI (``file://``, ``s3://``, ...)
         to stream the results into (their URLs expire after 24 h); the stored paths are returned under
         ``"files"``.
+    :param reattach: ``auto`` (default): an automatic retry of the same try sequence (a crash, a killed
+        worker, a wait timeout, a triggerer restart) reattaches to the EvoLink task it submitted, while a
+        cleared task instance or a new DAG run submits a new generation. ``never``: every try submits its
+        own generation (each one is billed).
     """
 
     template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
@@ -98,11 +151,13 @@ class EvolinkBaseVideoOperator(BaseOperator):
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
         output_path: str | None = None,
+        reattach: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.evolink_conn_id = evolink_conn_id
         self.output_path = output_path
+        self.reattach = reattach
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -125,34 +180,92 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def hook(self) -> EvolinkHook:
         return EvolinkHook(self.evolink_conn_id)
 
-    def validated_payload(self) -> dict[str, Any]:
-        """The JSON body to submit, checked against the model's documented limits.
+    def validated_request(self) -> PreparedRequest:
+        """Check the rendered fields (no HTTP before that) and fingerprint what the user asked for.
 
-        Every field is checked before the first HTTP call; local or object-storage inputs are then
-        uploaded through EvoLink's Files API and the body is checked again with their URLs.
+        Local or object-storage inputs stay as their paths here; their bytes are hashed (sha256) into the
+        fingerprint, so that the request's identity does not depend on the temporary URLs an upload
+        returns. They are uploaded only when a submission is actually made (:meth:`_payload_for_post`).
         """
         from evolink_provider.models import validate_request
+        from evolink_provider.uploads import local_media_digests
 
         model = self.model_name()
         fields = self.model_fields()
         try:
             validated = validate_request(model, fields, allow_local_media=True)
-            if validated.local_media:
-                from evolink_provider.storage import upload_local_media
-
-                fields = upload_local_media(self.hook, fields, validated.local_media)
-                validated = validate_request(model, fields)
+            digests = local_media_digests(self.hook, fields, validated.local_media)
         except EvolinkError as error:
             fail_for(error)
+        except OSError as error:
+            raise AirflowFailException(f"{model}: cannot read a local input: {error}") from error
         for warning in validated.warnings:
             self.log.warning("%s: %s", model, warning)
-        return validated.payload
+        return PreparedRequest(
+            model,
+            fields,
+            validated.payload,
+            validated.local_media,
+            digests,
+            request_fingerprint(validated.payload, digests),
+        )
+
+    def validated_payload(self) -> dict[str, Any]:
+        """The JSON body to POST, local inputs uploaded (a convenience for callers outside ``execute``)."""
+        return self._payload_for_post(self.validated_request(), {})
+
+    def _payload_for_post(self, request: PreparedRequest, uploads: dict[str, UploadRecord]) -> dict[str, Any]:
+        """The body with every local input replaced by its Files API URL.
+
+        ``uploads`` holds what earlier tries uploaded: an upload of the same bytes whose URL is still valid
+        is reused; new uploads are added to it (the caller records them with the submission).
+        """
+        if not request.local_media:
+            return request.payload
+        from evolink_provider.models import validate_request
+        from evolink_provider.uploads import upload_local_media
+
+        known = {
+            source: {"file_url": upload.file_url, "expires_at": upload.expires_at}
+            for source, upload in uploads.items()
+            if upload.reusable(request.digests.get(source, ""))
+        }
+        if known:
+            self.log.info("Reusing %d upload(s) of an earlier try: %s", len(known), ", ".join(sorted(known)))
+        fresh = dict(known)
+        uploaded_at = time.time()
+        try:
+            fields = upload_local_media(self.hook, request.fields, request.local_media, fresh)
+            payload = validate_request(request.model, fields).payload
+        except EvolinkError as error:
+            fail_for(error)
+        for source, data in fresh.items():
+            if source not in known:
+                uploads[source] = UploadRecord(
+                    source,
+                    request.digests[source],
+                    str(data["file_url"]),
+                    expiry_epoch(data.get("expires_at"), uploaded_at),
+                )
+        return payload
 
     def execute(self, context: Context) -> dict[str, Any]:
-        payload = self.validated_payload()
-        task = self._submit_or_reattach(context, payload)
+        request = self.validated_request()
+        task = self._submit_or_reattach(context, request)
+        try:
+            return self._wait_and_finish(context, task)
+        except ResultsExpiredError as expired:
+            return self._renew(context, request, expired)
+
+    def _renew(self, context: Context, request: PreparedRequest | None, expired: ResultsExpiredError) -> Any:
+        """The reused task's results expired before they were stored: say so, and generate anew."""
+        self.log.warning("%s; submitting a new generation instead of failing.", expired)
+        task = self._submit_or_reattach(context, request or self.validated_request(), renew=True)
+        return self._wait_and_finish(context, task)
+
+    def _wait_and_finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
         context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
-        if not self.wait_for_completion:
+        if not self.wait_for_completion or task.get("from_storage"):
             return task
         started_at = created_at(task, default=time.time())
         deadline = time.time() + float(self.timeout)
@@ -165,20 +278,38 @@ class EvolinkBaseVideoOperator(BaseOperator):
             max_poll_interval=self.max_poll_interval,
         )
         if decision.outcome is Outcome.WAIT and self.deferrable:
-            self.defer(
-                trigger=EvolinkTaskTrigger(
-                    evolink_task_id=task["id"],
-                    evolink_conn_id=self.evolink_conn_id,
+            # A trigger that fires seconds after the deferral can get the task instance failed by
+            # Airflow 3.2-3.3's scheduler (apache/airflow#66374): a task expected to end soon is waited
+            # for here, and only one still running after that window is deferred.
+            if expected_remaining(task, time.time() - started_at) <= WAIT_ON_WORKER_WINDOW:
+                task = self._wait_here(task, started_at, deadline, until=time.time() + WAIT_ON_WORKER_WINDOW)
+                decision = decide_after_poll(
+                    task,
+                    now=time.time(),
+                    started_at=started_at,
+                    deadline=deadline,
                     poll_interval=self.poll_interval,
                     max_poll_interval=self.max_poll_interval,
-                    end_time=deadline,
-                    started_at=started_at,
-                    first_poll_at=time.time() + decision.delay,
-                ),
-                method_name="execute_complete",
-                # Only a backstop: the trigger's own timeout event, which names the task, comes first.
-                timeout=timedelta(seconds=float(self.timeout) + 2 * self.max_poll_interval + 60),
-            )
+                )
+            if decision.outcome is Outcome.WAIT:
+                deferred_at = time.time()
+                self.defer(
+                    trigger=EvolinkTaskTrigger(
+                        evolink_task_id=task["id"],
+                        evolink_conn_id=self.evolink_conn_id,
+                        poll_interval=self.poll_interval,
+                        max_poll_interval=self.max_poll_interval,
+                        end_time=deadline,
+                        started_at=started_at,
+                        first_poll_at=deferred_at + decision.delay,
+                        not_before=deferred_at + TRIGGER_MIN_DELAY,
+                    ),
+                    method_name="execute_complete",
+                    # Only a backstop: the trigger's own timeout event, which names the task, comes first.
+                    timeout=timedelta(
+                        seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + TRIGGER_MIN_DELAY
+                    ),
+                )
         if decision.outcome is Outcome.WAIT:
             task = self._wait_here(task, started_at, deadline)
         return self._finish(context, task, deadline)
@@ -192,7 +323,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
             fail_for(error)
         end_time = event.get("end_time") if isinstance(event, dict) else None
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
-        return self._finish(context, task, deadline)
+        try:
+            return self._finish(context, task, deadline)
+        except ResultsExpiredError as expired:
+            return self._renew(context, None, expired)
 
     def on_kill(self) -> None:
         record = getattr(self, "_current_task_id", None)
@@ -204,24 +338,52 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     # -- submission and reattachment --------------------------------------------------------------
 
-    def _submit_or_reattach(self, context: Context, payload: dict[str, Any]) -> dict[str, Any]:
+    def _submit_or_reattach(
+        self, context: Context, request: PreparedRequest, *, renew: bool = False
+    ) -> dict[str, Any]:
+        """Reattach to this try sequence's EvoLink task, or submit (see :mod:`evolink_provider.resume`).
+
+        :param renew: submit anew even when the recorded task belongs to this try sequence (its results
+            expired before they were stored).
+        """
+        if self.reattach not in REATTACH_MODES:
+            raise AirflowFailException(f"reattach={self.reattach!r}: allowed values are 'auto' and 'never'")
         store = SubmissionStore(context)
         if not store.durable:
             self.log.warning(
                 "This Airflow has no task_state_store (3.3+): a retry cannot look up the earlier EvoLink "
                 "task and relies on EvoLink replaying the Idempotency-Key instead."
             )
-        fingerprint = payload_fingerprint(payload)
-        submission = 0
+        generation = try_generation(context, self.reattach)
         record = store.load()
-        if record is not None and record.fingerprint != fingerprint:
+        attempt = Attempt(request, generation, 0, uploads={})
+        if record is None:
+            return self._submit(context, store, attempt)
+        attempt.uploads.update({upload.source: upload for upload in record.uploads})
+        same_generation = record.generation in (None, generation)
+        if renew:
+            attempt.submission = record.submission + 1
+        elif not same_generation:
+            self.log.info(
+                "This task instance was cleared (or reattach='never'): a new generation is submitted; "
+                "the earlier EvoLink task %s is left alone.",
+                record.task_id or "(unknown)",
+            )
+            attempt.submission = record.submission + 1
+        elif record.fingerprint != request.fingerprint:
             self.log.warning(
                 "The request changed since the earlier try; its EvoLink task %s is left alone.",
                 record.task_id or "(unknown)",
             )
-        elif record is not None and record.task_id:
+            attempt.submission = record.submission + 1
+        elif record.task_id:
             existing = self._existing_task(record.task_id)
-            if existing is not None and existing.get("status") not in FAILED_STATUSES:
+            if existing is None:
+                stored = self._stored_results(record.task_id)
+                if stored is not None:
+                    return stored
+                self.log.info("EvoLink task %s is gone: submitting again.", record.task_id)
+            elif existing.get("status") not in FAILED_STATUSES:
                 self.log.info(
                     "Reattaching to EvoLink task %s (%s) from an earlier try; nothing is submitted.",
                     record.task_id,
@@ -229,13 +391,16 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 )
                 self._current_task_id = record.task_id
                 return existing
-            submission = record.submission + 1
-            self.log.info("EvoLink task %s failed or is gone: submitting again.", record.task_id)
-        elif record is not None:
+            else:
+                self._refuse_unfixable(existing)
+                self.log.info("EvoLink task %s failed: submitting once more.", record.task_id)
+            attempt.submission = record.submission + 1
+        else:
             # The earlier try crashed or lost the answer after the intent was recorded: same key, so
             # EvoLink answers with the task it may already have created.
-            submission = record.submission
-        return self._submit(context, store, payload, fingerprint, submission)
+            attempt.submission = record.submission
+            attempt.resending = True
+        return self._submit(context, store, attempt)
 
     def _existing_task(self, task_id: str) -> dict[str, Any] | None:
         try:
@@ -245,28 +410,61 @@ class EvolinkBaseVideoOperator(BaseOperator):
         except EvolinkError as error:
             fail_for(error)
 
-    def _submit(
-        self,
-        context: Context,
-        store: SubmissionStore,
-        payload: dict[str, Any],
-        fingerprint: str,
-        submission: int,
-    ) -> dict[str, Any]:
+    @staticmethod
+    def _refuse_unfixable(task: dict[str, Any]) -> None:
+        """A failed task whose error code no resubmission can fix ends the Airflow task, clearly."""
+        code, message = task_failure(task)
+        if task.get("status") == "failed" and not task_error_is_retryable(code):
+            raise AirflowFailException(
+                f"EvoLink task {task.get('id')} failed with {code}: {message or '(no message)'}; "
+                "a resubmission cannot fix that code, so nothing is submitted again."
+            )
+
+    def _submit(self, context: Context, store: SubmissionStore, attempt: Attempt) -> dict[str, Any]:
+        """POST the request; follow a replayed failed task with a fresh key, once per such failure.
+
+        A failed answer is a replay of an earlier failed task when the key had been sent before: by the
+        try whose intent is recorded (``resending``) or, without ``task_state_store``, by one of the
+        earlier tries of this try sequence (each created at most one task, keys 0..n-2). Anything else
+        is a fresh task that failed at once, handed to :meth:`_finish` like any failure.
+        """
         identity = task_instance_identity(context)
-        for _ in range(MAX_RESUBMISSIONS):
-            key = idempotency_key(identity, fingerprint, submission)
-            store.save(SubmissionRecord(fingerprint, submission, key))
+        earlier_tries = tries_in_sequence(context) - 1
+        payload: dict[str, Any] | None = None
+        fingerprint = attempt.request.fingerprint
+        while True:
+            key = idempotency_key(identity, fingerprint, attempt.submission, attempt.generation)
+            record = SubmissionRecord(
+                fingerprint, attempt.submission, key, None, attempt.generation, attempt.upload_records()
+            )
+            if payload is None:
+                store.save(record)  # the intent, with the uploads of earlier tries
+                payload = self._payload_for_post(attempt.request, attempt.uploads)
+                record = SubmissionRecord(
+                    fingerprint, attempt.submission, key, None, attempt.generation, attempt.upload_records()
+                )
+            store.save(record)
             try:
                 task = self.hook.create_video_task(payload, idempotency_key=key)
             except EvolinkError as error:
                 fail_for(error)
-            store.save(SubmissionRecord(fingerprint, submission, key, task["id"]))
+            store.save(
+                SubmissionRecord(
+                    fingerprint,
+                    attempt.submission,
+                    key,
+                    task["id"],
+                    attempt.generation,
+                    attempt.upload_records(),
+                )
+            )
             self._current_task_id = task["id"]
-            if task.get("status") in FAILED_STATUSES:
-                # A replay of an earlier submission that has since failed: the next key is a fresh one.
-                self.log.info("EvoLink replayed failed task %s; submitting anew.", task["id"])
-                submission += 1
+            replayed = attempt.resending or (not store.durable and attempt.submission < earlier_tries)
+            if task.get("status") in FAILED_STATUSES and replayed:
+                self._refuse_unfixable(task)
+                self.log.info("EvoLink replayed failed task %s; submitting once more.", task["id"])
+                attempt.submission += 1
+                attempt.resending = False
                 continue
             usage = task.get("usage") or {}
             self.log.info(
@@ -277,14 +475,31 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 usage.get("billing_rule"),
             )
             return task
-        raise AirflowFailException(
-            f"EvoLink answered {MAX_RESUBMISSIONS} submissions in a row with failed tasks; giving up."
+
+    def _stored_results(self, task_id: str) -> dict[str, Any] | None:
+        """The results of ``task_id`` already stored under ``output_path``, when every one is there."""
+        if not self.output_path:
+            return None
+        from evolink_provider.storage import stored_results
+
+        files = stored_results(task_id, self.output_path)
+        if files is None:
+            return None
+        self.log.info(
+            "EvoLink task %s can no longer be read, but its results are stored under %s: %s",
+            task_id,
+            self.output_path,
+            files,
         )
+        return {"id": task_id, "status": "completed", "results": [], "files": files, "from_storage": True}
 
     # -- waiting and collecting -------------------------------------------------------------------
 
-    def _wait_here(self, task: dict[str, Any], started_at: float, deadline: float) -> dict[str, Any]:
-        """Poll on the worker until the task ends (the synchronous twin of the trigger)."""
+    def _wait_here(
+        self, task: dict[str, Any], started_at: float, deadline: float, until: float | None = None
+    ) -> dict[str, Any]:
+        """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
+        ``until`` (epoch seconds) passes with the task still running."""
         reporter = ProgressReporter()
         failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES)
         task_id = task["id"]
@@ -303,9 +518,13 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 raise EvolinkWaitTimeoutError(decision.message)
             if decision.outcome is not Outcome.WAIT:
                 return task
+            if until is not None and time.time() >= until:
+                return task
             if decision.message:
                 self.log.warning(decision.message)
-            time.sleep(decision.delay)
+            time.sleep(
+                decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
+            )
             try:
                 task = self.hook.get_task(task_id, deadline=deadline)
                 failures.success()
@@ -331,14 +550,31 @@ class EvolinkBaseVideoOperator(BaseOperator):
             raise EvolinkWaitTimeoutError(f"EvoLink task {task['id']} is still {task.get('status')}")
         if decision.outcome is not Outcome.SUCCESS:
             code, message = task_failure(task)
-            if task.get("status") == "completed":  # completed, but nothing to hand downstream
-                raise EvolinkTaskError(task["id"], "completed without output", code, decision.message)
+            if task.get("status") == "completed":
+                # Completed (and so billed) with nothing to hand downstream: end it once. A retry would
+                # only reattach to the same empty task, and a resubmission would pay again for what may
+                # come back empty again; clearing the task asks for a new generation deliberately.
+                raise AirflowFailException(
+                    f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
+                    "same empty task. Clear the task to generate anew."
+                )
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
         if self.output_path:
-            from evolink_provider.storage import store_results
+            from evolink_provider.storage import result_urls, store_results, stored_results
 
             try:
                 task = {**task, "files": store_results(self.hook, task, self.output_path, deadline)}
+            except EvolinkNotFoundError as error:
+                files = stored_results(task["id"], self.output_path, len(result_urls(task)))
+                if files is None:
+                    raise ResultsExpiredError(
+                        f"The results of EvoLink task {task['id']} expired ({error.status_code}) before "
+                        f"all were stored under {self.output_path}"
+                    ) from error
+                self.log.info(
+                    "The results of EvoLink task %s expired; they are stored: %s", task["id"], files
+                )
+                task = {**task, "files": files}
             except EvolinkError as error:
                 fail_for(error)
         usage = task.get("usage") or {}

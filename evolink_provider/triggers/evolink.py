@@ -48,6 +48,9 @@ class EvolinkTaskTrigger(BaseTrigger):
     :param first_poll_at: wall-clock time (epoch seconds) of the first poll. The operator sets it from the
         task it just submitted, so the trigger does not re-read a task it already knows, and many tasks
         deferred together do not all poll in the same instant. ``None`` polls at once (a sensor, a restart).
+    :param not_before: wall-clock time (epoch seconds) before which no event fires, whatever the polls
+        say. Airflow 3.2-3.3's scheduler can fail a task instance whose trigger fires seconds after its
+        deferral (apache/airflow#66374); the operator sets this to the deferral time plus a safe delay.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         started_at: float | None = None,
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
         first_poll_at: float | None = None,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         self.evolink_task_id = evolink_task_id
@@ -70,6 +74,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         self.started_at = time.time() if started_at is None else float(started_at)
         self.max_poll_failures = int(max_poll_failures)
         self.first_poll_at = None if first_poll_at is None else float(first_poll_at)
+        self.not_before = None if not_before is None else float(not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -83,6 +88,7 @@ class EvolinkTaskTrigger(BaseTrigger):
                 "started_at": self.started_at,
                 "max_poll_failures": self.max_poll_failures,
                 "first_poll_at": self.first_poll_at,
+                "not_before": self.not_before,
             },
         )
 
@@ -90,6 +96,13 @@ class EvolinkTaskTrigger(BaseTrigger):
         return TriggerEvent({"status": status, "evolink_task_id": self.evolink_task_id, **payload})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for event in self._wait():
+            if self.not_before is not None:
+                await asyncio.sleep(max(0.0, self.not_before - time.time()))
+            yield event
+            return
+
+    async def _wait(self) -> AsyncIterator[TriggerEvent]:
         hook = EvolinkHook(self.evolink_conn_id)
         reporter = ProgressReporter()
         failures = PollFailureBudget(self.max_poll_failures)

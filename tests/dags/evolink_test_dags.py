@@ -251,10 +251,52 @@ for mode in ("sync", "deferrable"):
             ).output
         )
 
-with new_dag("evolink_completed_without_output"):
-    seedance("sync", prompt="nothing to show [sim:output=none]")
 
 with new_dag("evolink_local_video_reference"):
     EvolinkSoraCharacterOperator(
         task_id="generate", video_url="/tmp/a-local-clip.mp4", retries=2, retry_delay=0, **FAST
     )
+
+#: The example DAGs' reference images (copied into the test DAGs folder with them).
+ASSETS = __import__("pathlib").Path(__file__).resolve().parent / "assets"
+for mode in ("sync", "deferrable"):
+    for inputs, images in (
+        ("local", [str(ASSETS / "hero.png"), str(ASSETS / "sidekick.png")]),
+        ("storage_uri", [(ASSETS / "hero.png").as_uri(), (ASSETS / "robot.png").as_uri()]),
+    ):
+        with new_dag(f"evolink_reattach_{inputs}_images_{mode}"):
+            # As evolink_reattach_*: every try stops waiting after 0.5 s of a 3 s generation, so each
+            # retry must reattach, without uploading the images again.
+            check_video(
+                EvolinkHappyHorseReferenceToVideoOperator(
+                    task_id="generate",
+                    prompt="character1 and character2 share an umbrella [sim:seconds=3]",
+                    image_urls=images,
+                    duration=3,
+                    deferrable=mode == "deferrable",
+                    timeout=0.5,
+                    retries=10,
+                    retry_delay=0,
+                    **FAST,
+                ).output
+            )
+
+with new_dag("evolink_clearable", params={"output_dir": ""}):
+    seedance("sync", prompt="clear me to get a new take", output_path="{{ params.output_dir }}")
+
+with new_dag("evolink_clearable_never_reattach"):
+    seedance("sync", prompt="every try is its own take", reattach="never")
+
+with new_dag("evolink_mapped_local_images"):
+    EvolinkHappyHorseReferenceToVideoOperator.partial(
+        task_id="generate",
+        prompt="character1 waves [sim:seconds=3]",
+        duration=3,
+        timeout=0.5,
+        retries=10,
+        retry_delay=0,
+        **FAST,
+    ).expand(image_urls=[[str(ASSETS / "hero.png")], [(ASSETS / "robot.png").as_uri()]])
+
+with new_dag("evolink_completed_without_output"):
+    seedance("sync", prompt="empty handed [sim:output=none]", retries=3, retry_delay=0)

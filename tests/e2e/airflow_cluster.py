@@ -226,7 +226,8 @@ class AirflowCluster:
         self,
         *,
         extra_dag_sources: dict[str, str] | None = None,
-        task_seconds: float = 10,
+        # Longer than the operators' 15 s wait-on-worker window, so that deferrable examples defer.
+        task_seconds: float = 20,
         parallelism: int = 8,
     ) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="evolink-e2e-"))

@@ -34,6 +34,7 @@ from tests.e2e.airflow_cluster import (
     secret_leaks,
 )
 from tests.e2e.dags.e2e_evolink_recovery import TRIGGERER_RESTART_PROMPT, WORKER_CRASH_PROMPT
+from tests.e2e.dags.e2e_fast_generations import FAST_GENERATIONS, PROMPTS, REATTACHED
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +46,7 @@ EXAMPLES = [
 ]
 WORKER_CRASH, TRIGGERER_RESTART = "e2e_worker_crash", "e2e_triggerer_restart"
 SERIALIZATION_CANARY = "e2e_canary_unserializable_trigger"
+FAST = "e2e_fast_generations"
 REAL_DAGS = [*EXAMPLES, WORKER_CRASH, TRIGGERER_RESTART]
 #: The deferrable EvoLink tasks of each DAG: (task_id, map indexes).
 DEFERRABLE_TASKS = {
@@ -67,6 +69,8 @@ from airflow.sdk import DAG  # noqa: F401
 raise RuntimeError("planted import error")
 '''
 RUN_TIMEOUT = 300
+#: The 200 fast generations share the cluster's 8 slots with everything else.
+FAST_RUN_EXTRA = 600
 
 
 @dataclass
@@ -137,7 +141,7 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
     began = time.monotonic()
     with AirflowCluster(extra_dag_sources={BROKEN_DAG_FILE: BROKEN_DAG_SOURCE}) as cluster:
         timings["cluster up"] = time.monotonic() - began
-        cluster.wait_for_dags([*REAL_DAGS, SERIALIZATION_CANARY])
+        cluster.wait_for_dags([*REAL_DAGS, SERIALIZATION_CANARY, FAST])
         cluster.wait_for(
             lambda: cluster.query(
                 "select filename from import_error where filename like ?", f"%{BROKEN_DAG_FILE}"
@@ -148,6 +152,7 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
         timings["DAGs parsed"] = time.monotonic() - began
         runs = {dag_id: cluster.trigger(dag_id) for dag_id in [WORKER_CRASH, TRIGGERER_RESTART, *EXAMPLES]}
         runs[SERIALIZATION_CANARY] = cluster.trigger(SERIALIZATION_CANARY)
+        runs[FAST] = cluster.trigger(FAST)
         timings["runs triggered"] = time.monotonic() - began
         result = Outcome(cluster, runs, {}, {}, {}, timings)
         result.killed_pids = kill_worker_mid_wait(cluster, runs[WORKER_CRASH])
@@ -156,7 +161,7 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
         result.old_triggerers = restart_triggerer_mid_wait(cluster, runs[TRIGGERER_RESTART])
         result.restarted_at = time.time()
         timings["triggerer restarted"] = time.monotonic() - began
-        result.states = cluster.wait_for_runs(runs, RUN_TIMEOUT)
+        result.states = cluster.wait_for_runs(runs, RUN_TIMEOUT + FAST_RUN_EXTRA)
         timings["runs finished"] = time.monotonic() - began
         result.stats = cluster.sim_stats()
         result.import_errors = cluster.import_errors()
@@ -351,10 +356,32 @@ def test_one_post_per_generation(outcome: Outcome) -> None:
     generations = sum(len(tasks) for tasks in EVOLINK_TASKS.values())
     keys = {outcome.idempotency_key(d, t, m) for d, tasks in EVOLINK_TASKS.items() for t, m in tasks}
     assert len(keys) == generations
-    assert stats["requests"]["POST /v1/videos/generations"] == generations
-    assert stats["posts_by_idempotency_key"] == dict.fromkeys(keys, 1)
-    assert stats["tasks_created"] == generations
+    fast = {k: n for k, n in stats["posts_by_idempotency_key"].items() if k not in keys}
+    assert stats["requests"]["POST /v1/videos/generations"] == generations + FAST_GENERATIONS
+    assert {k: n for k, n in stats["posts_by_idempotency_key"].items() if k in keys} == dict.fromkeys(keys, 1)
+    assert len(fast) == FAST_GENERATIONS and set(fast.values()) == {1}
+    assert stats["tasks_created"] == generations + FAST_GENERATIONS
     assert stats["idempotent_replays"] == 0
+
+
+def test_fast_deferrable_generations_survive_the_scheduler_race(outcome: Outcome) -> None:
+    """200 mapped 1-5 s deferrable generations with retries=0 (docs/reliability.md, "Fast triggers")."""
+    instances = outcome.cluster.task_instances(FAST, outcome.runs[FAST])
+    generations = {k: ti for k, ti in instances.items() if k.startswith("generate[")}
+    sensors = {k: ti for k, ti in instances.items() if k.startswith("reattach[")}
+    assert len(generations) == FAST_GENERATIONS and len(sensors) == REATTACHED
+    failed = {k: ti.state for k, ti in instances.items() if ti.state != "success"}
+    assert failed == {}, failed
+    assert {ti.try_number for ti in instances.values()} == {1}
+    assert outcome.states[FAST] == "success"
+    # One billable task per generation; the sensors reattached to finished tasks and created none.
+    assert {p: outcome.stats["tasks_by_prompt"].get(p) for p in PROMPTS} == dict.fromkeys(PROMPTS, 1)
+    deferred = [
+        i
+        for i in range(FAST_GENERATIONS)
+        if "deferred" in outcome.cluster.seen(outcome.key(FAST, "generate", i))
+    ]
+    assert len(deferred) >= FAST_GENERATIONS // 2  # the odd ones at least went through the triggerer
 
 
 # -- secrets and clean-up ---------------------------------------------------------------------------
