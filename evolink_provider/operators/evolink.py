@@ -493,6 +493,27 @@ class EvolinkHappyHorseReferenceToVideoOperator(EvolinkModelOperator):
         self.keep_model_fields(locals())
 
 
+class EvolinkHappyHorseTextToVideoOperator(EvolinkModelOperator):
+    """Generate a video from text with HappyHorse (``happyhorse-1.0-text-to-video``)."""
+
+    evolink_models = ("happyhorse-1.0-text-to-video", "happyhorse-1.1-text-to-video")
+
+    def __init__(
+        self,
+        *,
+        prompt: str,
+        quality: str | None = None,
+        aspect_ratio: str | None = None,
+        duration: int | str | None = None,
+        seed: int | str | None = None,
+        callback_url: str | None = None,
+        model: str = "happyhorse-1.0-text-to-video",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.keep_model_fields(locals())
+
+
 class EvolinkSeedanceTextToVideoOperator(EvolinkModelOperator):
     """Generate a video from text with Seedance 2.0 (``seedance-2.0-fast-text-to-video`` by default)."""
 
