@@ -46,6 +46,7 @@ STORAGE_SCHEMES = frozenset(
 MEDIA_FIELDS = frozenset({"image_urls", "video_urls", "audio_urls", "video_url"})
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 class MediaRef(NamedTuple):
@@ -65,7 +66,8 @@ class ValidatedRequest(NamedTuple):
 def estimate_prompt_tokens(text: str) -> int:
     """Seedance's 10,000-token limit without its tokenizer: CJK characters + other characters / 4.
 
-    Approximate by nature; the simulator applies the same rule so the two agree on the boundary.
+    Approximate by nature. The simulator counts in its own way; a test checks that the two agree on the
+    documented boundary (10,000 Chinese characters, 40,000 Latin ones).
     """
     cjk = len(_CJK.findall(text))
     return cjk + math.ceil((len(text) - cjk) / 4)
@@ -195,12 +197,15 @@ def callback_url(ctx: _Context, name: str, value: Any) -> str:
     if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
         raise ctx.error(name, value, allowed)
     parts = urlsplit(value)
-    host = (parts.hostname or "").lower()
+    host = (parts.hostname or "").lower().rstrip(".")
     if parts.scheme != "https" or not host or host == "localhost" or host.endswith(".localhost"):
         raise ctx.error(name, value, allowed)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
+        if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+            # No top-level domain is a number: "127.1", "2130706433", "0x7f.1" are addresses in shorthand.
+            raise ctx.error(name, value, allowed + " (write an address in full, a.b.c.d)") from None
         return value
     address = getattr(address, "ipv4_mapped", None) or address
     if not address.is_global or address.is_multicast:
