@@ -448,7 +448,11 @@ def _checked_field_names(cls: type[EvolinkModelOperator], docs: dict[str, str]) 
     schema = schema_for(default)
     required = schema.required if schema else frozenset()
     problems = [f"no parameter {name}" for name in docs if name not in parameters]
-    problems += [f"{name} is not a field of {default}" for name in parameters if name not in docs]
+    problems += [
+        f"{name} is not a field of {' or '.join(cls.evolink_models)}"
+        for name in parameters
+        if name not in docs
+    ]
     problems += [
         f"{name} must {'have no default' if name in required else 'default to None'}"
         for name, parameter in parameters.items()
@@ -456,7 +460,9 @@ def _checked_field_names(cls: type[EvolinkModelOperator], docs: dict[str, str]) 
         or (name not in required and parameter.default is not None)
     ]
     if (model is None) != (len(cls.evolink_models) == 1) or (model and model.default != default):
-        problems.append(f"model must be a parameter defaulting to {default!r} when there is a choice")
+        problems.append(
+            f"model must be a parameter (defaulting to {default!r}) if and only if there is a choice"
+        )
     if problems:
         raise TypeError(f"{cls.__name__}.__init__ does not match the schema: {'; '.join(problems)}")
     return tuple(parameters)
