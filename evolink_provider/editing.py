@@ -104,18 +104,27 @@ def thumbnail(source: str | Path, output: str | Path, at_seconds: float = 1.0) -
     return _run(["-ss", f"{at_seconds}", "-i", str(source), "-frames:v", "1"], output)
 
 
+def _fitted(
+    paths: Sequence[str | Path], width: int, height: int, then: str, label: str
+) -> tuple[list[str], list[str]]:
+    """ffmpeg inputs for ``paths``, and a filter chain each that scales and pads it to fit
+    ``width`` x ``height`` (followed by the filters in ``then``), labelled ``[<label><index>]``."""
+    inputs: list[str] = []
+    chains = []
+    for index, path in enumerate(paths):
+        inputs += ["-i", str(path)]
+        chains.append(
+            f"[{index}:v]scale={width}:{height}:force_original_aspect_ratio=decrease,"
+            f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2{then}[{label}{index}]"
+        )
+    return inputs, chains
+
+
 def concat(sources: Sequence[str | Path], output: str | Path, width: int = 1280, height: int = 720) -> Path:
     """Join clips end to end, scaled and padded to one size so clips of any shape fit together."""
     if not sources:
         raise EditingError("nothing to concatenate")
-    inputs: list[str] = []
-    chains = []
-    for index, source in enumerate(sources):
-        inputs += ["-i", str(source)]
-        chains.append(
-            f"[{index}:v]scale={width}:{height}:force_original_aspect_ratio=decrease,"
-            f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2,setsar=1,fps=24,format=yuv420p[v{index}]"
-        )
+    inputs, chains = _fitted(sources, width, height, ",setsar=1,fps=24,format=yuv420p", "v")
     joined = "".join(f"[v{index}]" for index in range(len(sources)))
     graph = ";".join([*chains, f"{joined}concat=n={len(sources)}:v=1:a=0[out]"])
     return _run([*inputs, "-filter_complex", graph, "-map", "[out]", *_encode_video()], output)
@@ -130,14 +139,7 @@ def contact_sheet(
     columns = max(1, min(columns, len(images)))
     rows = -(-len(images) // columns)
     height = width * 9 // 16
-    inputs: list[str] = []
-    scaled = []
-    for index, image in enumerate(images):
-        inputs += ["-i", str(image)]
-        scaled.append(
-            f"[{index}:v]scale={width}:{height}:force_original_aspect_ratio=decrease,"
-            f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2[t{index}]"
-        )
+    inputs, scaled = _fitted(images, width, height, "", "t")
     cells = len(images)
     layout = "|".join(f"{(i % columns) * width}_{(i // columns) * height}" for i in range(cells))
     stacked = "".join(f"[t{i}]" for i in range(cells))

@@ -1,5 +1,13 @@
 """Request schemas of EvoLink's video models: every documented field, default and limit, in one place.
 
+This is the provider's client-side check. The server-side oracle it is tested against,
+:mod:`evolink_provider.simulator.validation`, is written independently from the API document and shares
+no code with this module, so that a mistake made here is not repeated there and caught by neither.
+
+Each model's fields are declared once, here: the schema names them and checks them, :data:`FIELD_DOCS`
+documents them, and the dedicated operators derive their templated fields, payload and parameter
+documentation from the two (:class:`evolink_provider.operators.evolink.EvolinkModelOperator`).
+
 Operators call :func:`validate_request` after template rendering and before any HTTP call, so a bad value
 costs nothing. Rendered templates are strings, so values are coerced *exactly*: ``"5"`` is 5 and
 ``"true"`` is true, but ``"5.5"``, ``"yes"`` or ``"1"`` for a boolean are refused rather than guessed.
@@ -12,6 +20,7 @@ and the allowed values, and the coercion rules above differ from pydantic's lax 
 from __future__ import annotations
 
 import ast
+import fnmatch
 import ipaddress
 import json
 import math
@@ -48,6 +57,7 @@ FIELD_SCOPES = {
 VIDEO_EDIT_SOURCES = ("video_urls", "video_url", "video")
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 class MediaRef(NamedTuple):
@@ -67,7 +77,8 @@ class ValidatedRequest(NamedTuple):
 def estimate_prompt_tokens(text: str) -> int:
     """Seedance's 10,000-token limit without its tokenizer: CJK characters + other characters / 4.
 
-    Approximate by nature; the simulator applies the same rule so the two agree on the boundary.
+    Approximate by nature. The simulator counts in its own way; a test checks that the two agree on the
+    documented boundary (10,000 Chinese characters, 40,000 Latin ones).
     """
     cjk = len(_CJK.findall(text))
     return cjk + math.ceil((len(text) - cjk) / 4)
@@ -211,12 +222,15 @@ def callback_url(ctx: _Context, name: str, value: Any) -> str:
     if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
         raise ctx.error(name, value, allowed)
     parts = urlsplit(value)
-    host = (parts.hostname or "").lower()
+    host = (parts.hostname or "").lower().rstrip(".")
     if parts.scheme != "https" or not host or host == "localhost" or host.endswith(".localhost"):
         raise ctx.error(name, value, allowed)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
+        if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+            # No top-level domain is a number: "127.1", "2130706433", "0x7f.1" are addresses in shorthand.
+            raise ctx.error(name, value, allowed + " (write an address in full, a.b.c.d)") from None
         return value
     address = getattr(address, "ipv4_mapped", None) or address
     if not address.is_global or address.is_multicast:
@@ -450,6 +464,73 @@ TEXT_ONLY_MEDIA = ("image_urls", "video_urls", "audio_urls")
 def schema_for(model: str) -> ModelSchema | None:
     """The schema of a known model; None for models outside the documented families."""
     return _SCHEMAS.get(model)
+
+
+#: What each field means, with its limits and the API's default: the ``:param:`` lines of the dedicated
+#: operators. Keys are model-name patterns (:func:`fnmatch.fnmatchcase`); a later match overrides an earlier.
+FIELD_DOCS: dict[str, dict[str, str]] = {
+    "*": {"callback_url": "https URL EvoLink calls when the task ends (public hosts only)."},
+    "happyhorse-*": {
+        "prompt": "up to 5,000 characters (2,500 with Chinese); EvoLink silently cuts longer prompts, so a "
+        "warning is logged.",
+        "quality": "``720p`` (default) or ``1080p``.",
+        "aspect_ratio": "``16:9`` (default), ``9:16``, ``1:1``, ``4:3``, ``3:4``, ``4:5``, ``5:4``, "
+        "``9:21``, ``21:9``.",
+        "duration": "seconds, 3-15 (default 5).",
+        "seed": "1-2147483647 for reproducible output (default random).",
+    },
+    "happyhorse-*-image-to-video": {
+        "prompt": "optional; up to 5,000 characters (2,500 with Chinese), longer prompts are cut (warned).",
+        "image_urls": "exactly 1 public http(s) URL of a JPEG/PNG/WEBP image, short side at least 300 px, "
+        "aspect ratio between 1:2.5 and 2.5:1.",
+    },
+    "happyhorse-*-reference-to-video": {
+        "image_urls": "1-9 public http(s) URLs of JPEG/PNG/WEBP images, short side at least 400 px.",
+    },
+    "happyhorse-1.0-video-edit": {
+        "video_urls": "exactly 1 public http(s) URL of an MP4/MOV video, 3-60 s, at most 100 MB.",
+        "video_url": "the source video as one URL, in place of ``video_urls`` (give exactly one of the three).",
+        "video": "the source video as one URL, in place of ``video_urls`` (give exactly one of the three).",
+        "image_urls": "0-5 public http(s) URLs of JPEG/PNG/WEBP reference images.",
+        "keep_original_sound": "keep the sound of the source video.",
+    },
+    "seedance-2.0-*": {
+        "prompt": "up to 10,000 tokens (EvoLink advises at most 500 Chinese characters or 1,000 words).",
+        "duration": "seconds, 4-15 (default 5).",
+        "quality": "``480p`` or ``720p`` (default); the standard tier also ``1080p`` and ``4k``.",
+        "aspect_ratio": "``adaptive`` (default since 2026-08), ``16:9``, ``9:16``, ``1:1``, ``4:3``, "
+        "``3:4``, ``21:9``.",
+        "generate_audio": "synchronised sound at no extra cost (default true).",
+        "content_filter": "false relaxes moderation and costs x1.1 (default true).",
+        "model_params": 'e.g. ``{"web_search": true}`` (billed only when used).',
+    },
+    "seedance-2.0-*image-to-video": {
+        "image_urls": "1-2 public http(s) URLs of JPEG/PNG/WEBP images: the first frame, then the last.",
+    },
+    "seedance-2.0-*reference-to-video": {
+        "image_urls": "0-9 public http(s) URLs of JPEG/PNG/WEBP images, ``@image1``... in the prompt "
+        "(at least one image or video in all).",
+        "video_urls": "0-3 public http(s) URLs of MP4/MOV videos, ``@video1``... in the prompt.",
+        "audio_urls": "0-3 public http(s) URLs of WAV/MP3 audio, ``@audio1``... in the prompt.",
+    },
+    "sora-character": {
+        "video_url": "public http(s) URL of an ``.mp4``, ``.mov`` or ``.webm`` video.",
+        "timestamps": '``"a,b"`` seconds, at most 2 s apart (default ``"0,2"``).',
+    },
+}
+
+
+def field_docs(model: str) -> dict[str, str]:
+    """The documentation of each field of a known model, in the schema's order."""
+    docs: dict[str, str] = {}
+    for pattern, table in FIELD_DOCS.items():
+        if fnmatch.fnmatchcase(model, pattern):
+            docs.update(table)
+    fields = _SCHEMAS[model].fields
+    missing = [name for name in fields if name not in docs]
+    if missing:
+        raise LookupError(f"{model}: FIELD_DOCS documents no {', '.join(missing)}")
+    return {name: docs[name] for name in fields}
 
 
 def validate_request(

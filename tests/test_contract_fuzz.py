@@ -8,6 +8,8 @@ of the API document, so agreement means something.
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from evolink_provider.exceptions import EvolinkValidationError
-from evolink_provider.models import validate_request
+from evolink_provider.models import estimate_prompt_tokens, validate_request
+from evolink_provider.simulator import validation as oracle
 from tests.conftest import SIMULATOR_URL, TEST_API_KEY, SimulatorControl
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -70,6 +73,10 @@ callbacks = mostly(
         "https://10.1.2.3/x",
         "https://[::1]/x",
         "https://localhost/x",
+        "https://localhost./x",
+        "https://127.1/x",
+        "https://2130706433/x",
+        "https://0x7f000001/x",
         "https://" + "a" * 2050 + ".com",
     ],
 )
@@ -151,3 +158,50 @@ def test_schema_and_simulator_agree(sim: SimulatorControl, model: str) -> None:
 
     check()
     assert verdicts["accepted"] and verdicts["refused"], verdicts  # both sides were exercised
+
+
+#: The documented prompt limit of Seedance (10,000 tokens), at the boundary in Chinese, in English and mixed.
+TOKEN_BOUNDARY = [
+    ("长" * 10000, True),
+    ("长" * 10001, False),
+    ("a" * 40000, True),
+    ("a" * 40001, False),
+    ("长" * 5000 + "a" * 20000, True),
+    ("长" * 5000 + "a" * 20001, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "within"), TOKEN_BOUNDARY, ids=[f"{len(p)}-chars-{w}" for p, w in TOKEN_BOUNDARY]
+)
+def test_client_and_oracle_count_tokens_their_own_way_but_agree_on_the_documented_boundary(
+    prompt: str, within: bool
+) -> None:
+    body = {"model": "seedance-2.0-fast-text-to-video", "prompt": prompt}
+    assert (estimate_prompt_tokens(prompt) <= 10000) is within
+    assert (oracle.estimate_prompt_tokens(prompt) <= 10000) is within
+    try:
+        oracle.validate_generation(body)
+        accepted = True
+    except oracle.RequestRejected as rejection:
+        assert rejection.param == "prompt"
+        accepted = False
+    assert accepted is within
+    try:
+        validate_request(body["model"], {"prompt": prompt})
+        assert within
+    except EvolinkValidationError as error:
+        assert not within and error.field == "prompt"
+
+
+def test_the_oracle_shares_no_code_with_the_client() -> None:
+    """The simulator imports nothing of the provider outside itself, so no mistake can pass both."""
+    imported: set[str] = set()
+    for source in Path(oracle.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    provider = {name for name in imported if name.startswith("evolink_provider")}
+    assert provider and all(name.startswith("evolink_provider.simulator") for name in provider), provider

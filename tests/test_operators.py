@@ -75,7 +75,9 @@ MODES = ["sync", "deferrable"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("scenario", ["seedance", "happyhorse", "sora_character", "generic"])
+@pytest.mark.parametrize(
+    "scenario", ["seedance", "happyhorse", "happyhorse_text", "sora_character", "generic"]
+)
 def test_every_model_operator_completes(sim: SimulatorControl, scenario: str, mode: str) -> None:
     dag_id = f"evolink_{scenario}_{mode}"
 
@@ -88,6 +90,16 @@ def test_every_model_operator_completes(sim: SimulatorControl, scenario: str, mo
     assert generated["status"] == "completed"
     expected_posts = 2 if scenario == "generic" else 1
     assert sim.stats()["tasks_created"] == expected_posts
+
+
+def test_an_operator_derived_from_its_schema_sends_its_fields(sim: SimulatorControl) -> None:
+    """EvolinkHappyHorseTextToVideoOperator is only a typed signature: model, duration reach EvoLink."""
+    state, tasks = run_dag("evolink_happyhorse_text_sync")
+
+    assert state == "success", tasks
+    generated = xcom("evolink_happyhorse_text_sync", "generate")
+    assert generated["model"] == "happyhorse-1.1-text-to-video"
+    assert generated["task_info"]["video_duration"] == 3  # the rendered template "3", sent as 3
 
 
 def test_character_name_reaches_downstream(sim: SimulatorControl) -> None:

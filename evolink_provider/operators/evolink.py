@@ -28,6 +28,7 @@ from evolink_provider.exceptions import (
     task_error_is_retryable,
 )
 from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.models import field_docs, schema_for
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
@@ -634,35 +635,97 @@ def _operator_argument_names() -> frozenset[str]:
     return frozenset(names - {"self", "kwargs", "args"})
 
 
-class EvolinkHappyHorseReferenceToVideoOperator(EvolinkBaseVideoOperator):
+class EvolinkModelOperator(EvolinkBaseVideoOperator):
+    """Base of the operators dedicated to a model, whose fields come from the model's schema.
+
+    A subclass names its models in ``evolink_models`` (the default first) and writes a typed, keyword-only
+    ``__init__`` whose parameters are exactly the models' fields, plus ``model`` when there is a choice,
+    and whose body is ``super().__init__(**kwargs)`` then ``self.keep_model_fields(locals())``. From the
+    schema in :mod:`evolink_provider.models` the class then gets its ``template_fields``, its payload
+    (:meth:`model_fields`) and the ``:param:`` lines of its docstring; a signature that differs from the
+    schema fails when the class is defined, so the two cannot drift apart.
+    """
+
+    #: The models this operator runs; the first is the default of its ``model`` argument.
+    evolink_models: tuple[str, ...] = ()
+    #: The model fields, in the order of the signature (set from it when the class is defined).
+    evolink_field_names: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.evolink_models:
+            return
+        docs: dict[str, str] = {}
+        for model in reversed(cls.evolink_models):  # the default model's wording wins
+            docs.update(field_docs(model))
+        names = _checked_field_names(cls, docs)
+        switch = ("model",) if len(cls.evolink_models) > 1 else ()
+        cls.evolink_field_names = names
+        cls.template_fields = (*EvolinkBaseVideoOperator.template_fields, *switch, *names)
+        lines = [f":param {name}: {docs[name]}" for name in names]
+        if switch:
+            lines.append(f":param model: {_spoken_list(cls.evolink_models)}.")
+        cls.__doc__ = "\n\n".join([inspect.cleandoc(cls.__doc__ or ""), "\n".join(lines)])
+
+    def keep_model_fields(self, arguments: dict[str, Any]) -> None:
+        """Store the ``__init__`` arguments (its ``locals()``) that are model fields, or the model."""
+        for name in (*self.evolink_field_names, "model"):
+            if name in arguments:
+                setattr(self, name, arguments[name])
+
+    def model_name(self) -> str:
+        return str(getattr(self, "model", self.evolink_models[0]))
+
+    def model_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.evolink_field_names}
+
+
+def _checked_field_names(cls: type[EvolinkModelOperator], docs: dict[str, str]) -> tuple[str, ...]:
+    """The model fields of ``cls.__init__``, which must be the schemas' fields: required ones without a
+    default, the others defaulting to ``None``, and ``model`` defaulting to the first model."""
+    parameters = {
+        name: parameter
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    model = parameters.pop("model", None)
+    default = cls.evolink_models[0]
+    schema = schema_for(default)
+    required = schema.required if schema else frozenset()
+    problems = [f"no parameter {name}" for name in docs if name not in parameters]
+    problems += [
+        f"{name} is not a field of {' or '.join(cls.evolink_models)}"
+        for name in parameters
+        if name not in docs
+    ]
+    problems += [
+        f"{name} must {'have no default' if name in required else 'default to None'}"
+        for name, parameter in parameters.items()
+        if (parameter.default is inspect.Parameter.empty) != (name in required)
+        or (name not in required and parameter.default is not None)
+    ]
+    if (model is None) != (len(cls.evolink_models) == 1) or (model and model.default != default):
+        problems.append(
+            f"model must be a parameter (defaulting to {default!r}) if and only if there is a choice"
+        )
+    if problems:
+        raise TypeError(f"{cls.__name__}.__init__ does not match the schema: {'; '.join(problems)}")
+    return tuple(parameters)
+
+
+def _spoken_list(models: Sequence[str]) -> str:
+    names = [f"``{model}``" for model in models]
+    names[0] += " (default)"
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+class EvolinkHappyHorseReferenceToVideoOperator(EvolinkModelOperator):
     """Generate a video from 1-9 reference images with HappyHorse (``happyhorse-1.0-reference-to-video``).
 
     The prompt names the images ``character1``, ``character2``, ... in list order.
-
-    :param prompt: up to 5,000 characters (2,500 with Chinese); EvoLink silently cuts longer prompts, so a
-        warning is logged.
-    :param image_urls: 1-9 public http(s) URLs of JPEG/PNG/WEBP images, short side at least 400 px.
-    :param quality: ``720p`` (default) or ``1080p``.
-    :param aspect_ratio: ``16:9`` (default), ``9:16``, ``1:1``, ``4:3``, ``3:4``, ``4:5``, ``5:4``, ``9:21``,
-        ``21:9``.
-    :param duration: seconds, 3-15 (default 5).
-    :param seed: 1-2147483647 for reproducible output (default random).
-    :param callback_url: https URL EvoLink calls when the task ends (public hosts only).
-    :param model: ``happyhorse-1.0-reference-to-video`` or ``happyhorse-1.1-reference-to-video``.
     """
 
-    template_fields: Sequence[str] = (
-        "evolink_conn_id",
-        "output_path",
-        "model",
-        "prompt",
-        "image_urls",
-        "quality",
-        "aspect_ratio",
-        "duration",
-        "seed",
-        "callback_url",
-    )
+    evolink_models = ("happyhorse-1.0-reference-to-video", "happyhorse-1.1-reference-to-video")
 
     def __init__(
         self,
@@ -678,58 +741,37 @@ class EvolinkHappyHorseReferenceToVideoOperator(EvolinkBaseVideoOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.prompt = prompt
-        self.image_urls = image_urls
-        self.quality = quality
-        self.aspect_ratio = aspect_ratio
-        self.duration = duration
-        self.seed = seed
-        self.callback_url = callback_url
-        self.model = model
-
-    def model_name(self) -> str:
-        return self.model
-
-    def model_fields(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "image_urls": self.image_urls,
-            "quality": self.quality,
-            "aspect_ratio": self.aspect_ratio,
-            "duration": self.duration,
-            "seed": self.seed,
-            "callback_url": self.callback_url,
-        }
+        self.keep_model_fields(locals())
 
 
-class EvolinkSeedanceTextToVideoOperator(EvolinkBaseVideoOperator):
-    """Generate a video from text with Seedance 2.0 (``seedance-2.0-fast-text-to-video`` by default).
+class EvolinkHappyHorseTextToVideoOperator(EvolinkModelOperator):
+    """Generate a video from text with HappyHorse (``happyhorse-1.0-text-to-video``)."""
 
-    :param prompt: up to 10,000 tokens (EvoLink advises at most 500 Chinese characters or 1,000 words).
-    :param duration: seconds, 4-15 (default 5).
-    :param quality: ``480p`` or ``720p`` (default); the standard tier also ``1080p`` and ``4k``.
-    :param aspect_ratio: ``adaptive`` (default since 2026-08), ``16:9``, ``9:16``, ``1:1``, ``4:3``, ``3:4``,
-        ``21:9``.
-    :param generate_audio: synchronised sound at no extra cost (default true).
-    :param content_filter: false relaxes moderation and costs x1.1 (default true).
-    :param model_params: e.g. ``{"web_search": true}`` (billed only when used).
-    :param callback_url: https URL EvoLink calls when the task ends (public hosts only).
-    :param model: ``seedance-2.0-fast-text-to-video``, ``seedance-2.0-text-to-video`` or
-        ``seedance-2.0-mini-text-to-video``.
-    """
+    evolink_models = ("happyhorse-1.0-text-to-video", "happyhorse-1.1-text-to-video")
 
-    template_fields: Sequence[str] = (
-        "evolink_conn_id",
-        "output_path",
-        "model",
-        "prompt",
-        "duration",
-        "quality",
-        "aspect_ratio",
-        "generate_audio",
-        "content_filter",
-        "model_params",
-        "callback_url",
+    def __init__(
+        self,
+        *,
+        prompt: str,
+        quality: str | None = None,
+        aspect_ratio: str | None = None,
+        duration: int | str | None = None,
+        seed: int | str | None = None,
+        callback_url: str | None = None,
+        model: str = "happyhorse-1.0-text-to-video",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.keep_model_fields(locals())
+
+
+class EvolinkSeedanceTextToVideoOperator(EvolinkModelOperator):
+    """Generate a video from text with Seedance 2.0 (``seedance-2.0-fast-text-to-video`` by default)."""
+
+    evolink_models = (
+        "seedance-2.0-fast-text-to-video",
+        "seedance-2.0-text-to-video",
+        "seedance-2.0-mini-text-to-video",
     )
     template_fields_renderers = {"model_params": "json"}
 
@@ -748,33 +790,10 @@ class EvolinkSeedanceTextToVideoOperator(EvolinkBaseVideoOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.prompt = prompt
-        self.duration = duration
-        self.quality = quality
-        self.aspect_ratio = aspect_ratio
-        self.generate_audio = generate_audio
-        self.content_filter = content_filter
-        self.model_params = model_params
-        self.callback_url = callback_url
-        self.model = model
-
-    def model_name(self) -> str:
-        return self.model
-
-    def model_fields(self) -> dict[str, Any]:
-        return {
-            "prompt": self.prompt,
-            "duration": self.duration,
-            "quality": self.quality,
-            "aspect_ratio": self.aspect_ratio,
-            "generate_audio": self.generate_audio,
-            "content_filter": self.content_filter,
-            "model_params": self.model_params,
-            "callback_url": self.callback_url,
-        }
+        self.keep_model_fields(locals())
 
 
-class EvolinkSoraCharacterOperator(EvolinkBaseVideoOperator):
+class EvolinkSoraCharacterOperator(EvolinkModelOperator):
     """Extract a reusable character from a video with ``sora-character``.
 
     Returns the task object; ``result_data["character_name"]`` (e.g. ``chr_Axtjik3O#``) and
@@ -782,20 +801,10 @@ class EvolinkSoraCharacterOperator(EvolinkBaseVideoOperator):
 
     Availability depends on the EvoLink account: the model's page left EvoLink's public docs in 2026-05
     with the Sora-2 beta models, and a key without access gets HTTP 403 ``model_access_denied``.
-
-    :param video_url: public http(s) URL of an ``.mp4``, ``.mov`` or ``.webm`` video.
-    :param timestamps: ``"a,b"`` seconds, at most 2 s apart (default ``"0,2"``).
     """
 
-    template_fields: Sequence[str] = ("evolink_conn_id", "output_path", "video_url", "timestamps")
+    evolink_models = ("sora-character",)
 
     def __init__(self, *, video_url: str, timestamps: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.video_url = video_url
-        self.timestamps = timestamps
-
-    def model_name(self) -> str:
-        return "sora-character"
-
-    def model_fields(self) -> dict[str, Any]:
-        return {"video_url": self.video_url, "timestamps": self.timestamps}
+        self.keep_model_fields(locals())

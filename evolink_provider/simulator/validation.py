@@ -1,8 +1,11 @@
 """The request rules of EvoLink's documented contract, written from the API document alone.
 
-This is deliberately an independent implementation from :mod:`evolink_provider.models`: the simulator is
-the oracle the client's own validation is cross-checked against, so sharing code would make that check
-meaningless. Where the documents are silent the stricter reading is taken (and said).
+This is the server-side oracle: it plays the part of EvoLink's own checks. The provider's client-side
+check is :mod:`evolink_provider.models`; this module was written independently from the API document
+(``shared/evolink-api.md``) and shares no code, constant or counting rule with it, so that one mistake
+cannot pass both. Where the two need the same number, each transcribes it from the document; where they
+need an approximation (the token count), each has its own, and a test checks that they agree on the
+documented boundary. Where the documents are silent the stricter reading is taken (and said).
 """
 
 from __future__ import annotations
@@ -10,20 +13,23 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import socket
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-HAPPYHORSE_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "4:5", "5:4", "9:21", "21:9")
-SEEDANCE_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "21:9", "adaptive")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# The documented values, transcribed from the document's field tables (defaults first).
+_HAPPYHORSE_SEED_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4")  # the seed document's five
+HAPPYHORSE_RATIOS = (*_HAPPYHORSE_SEED_RATIOS, "4:5", "5:4", "9:21", "21:9")  # and 2026-06's four
+SEEDANCE_RATIOS = ("adaptive", "16:9", "9:16", "1:1", "4:3", "3:4", "21:9")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".webp")  # "JPEG/JPG/PNG/WEBP"
 SORA_VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm")
 EDIT_VIDEO_EXTENSIONS = (".mp4", ".mov")
 REFERENCE_VIDEO_EXTENSIONS = (".mp4", ".mov")
 REFERENCE_AUDIO_EXTENSIONS = (".wav", ".mp3")
-MAX_SEED = 2147483647
-MAX_SEEDANCE_TOKENS = 10000
-_CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+MAX_SEED = 2**31 - 1  # "1-2147483647"
+MAX_SEEDANCE_TOKENS = 10_000
 
 
 class RequestRejected(Exception):
@@ -42,13 +48,19 @@ def bad(message: str, param: str | None = None) -> RequestRejected:
 
 
 def estimate_prompt_tokens(text: str) -> int:
-    """Stand-in for EvoLink's tokenizer, shared by spec with the client: CJK chars + other chars / 4."""
-    cjk = len(_CJK.findall(text))
-    return cjk + math.ceil((len(text) - cjk) / 4)
+    """The simulator's own stand-in for EvoLink's tokenizer, which the document does not name.
+
+    Counted in quarter tokens: a character Unicode calls East Asian wide or fullwidth (Chinese, Japanese
+    kana, Hangul, fullwidth forms) is a whole token, any other character a quarter, as English runs at
+    about four characters a token. Wider than "Chinese" on purpose: the oracle must not be looser.
+    """
+    quarters = sum(4 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
+    return math.ceil(quarters / 4)
 
 
 def has_cjk(text: str) -> bool:
-    return bool(_CJK.search(text))
+    """Whether the prompt holds Chinese, which halves HappyHorse's prompt limit: any CJK ideograph."""
+    return any(unicodedata.name(char, "").startswith("CJK ") for char in text)
 
 
 @dataclass
@@ -131,7 +143,25 @@ def _prompt(body: dict[str, Any], required: bool = True) -> str:
     return value
 
 
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: no public host
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names when it is one, read the way resolvers read it: ``inet_aton`` also takes
+    the shorthand forms ("127.1", "2130706433", "0x7f.0.0.1") that reach the same machine."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        pass
+    try:
+        address = ipaddress.IPv6Address(host)
+    except ValueError:
+        return None
+    return address.ipv4_mapped or address
+
+
 def check_callback_url(body: dict[str, Any]) -> None:
+    """The document: HTTPS only, at most 2048 characters, private and loopback targets refused."""
     value = body.get("callback_url")
     if value is None:
         return
@@ -140,16 +170,20 @@ def check_callback_url(body: dict[str, Any]) -> None:
     parts = urlsplit(value)
     if parts.scheme != "https" or not parts.hostname:
         raise bad("callback_url must be an https URL", "callback_url")
-    host = parts.hostname.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        raise bad("callback_url must not target a private address", "callback_url")
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return
-    mapped = getattr(address, "ipv4_mapped", None)
-    address = mapped or address
-    if not address.is_global or address.is_multicast:
+    host = parts.hostname.lower().rstrip(".")
+    address = _literal_address(host)
+    private = host == "localhost" or host.endswith(".localhost")
+    if address is not None:
+        private = (
+            address.is_private
+            or address.is_loopback
+            or address.is_link_local
+            or address.is_multicast
+            or address.is_reserved
+            or address.is_unspecified
+            or address in _SHARED_ADDRESS_SPACE
+        )
+    if private:
         raise bad("callback_url must not target a private address", "callback_url")
 
 
@@ -268,7 +302,16 @@ def _seedance(model: str, body: dict[str, Any]) -> Accepted:
     return Accepted(model, body, media, False, duration, quality, aspect, audio)
 
 
-_TIMESTAMPS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*")
+_BAD_TIMESTAMPS = 'timestamps must be "start,end" in seconds'
+
+
+def _seconds(text: str) -> float:
+    """A plain decimal number of seconds ("1", "1.5"); signs, exponents, "nan" and non-ASCII digits are
+    refused, as the document's "comma-separated seconds" does not cover them."""
+    whole, dot, fraction = text.strip().partition(".")
+    if not (whole + fraction).isascii() or not whole.isdigit() or (dot and not fraction.isdigit()):
+        raise bad(_BAD_TIMESTAMPS, "timestamps")
+    return float(text)
 
 
 def _sora_character(body: dict[str, Any]) -> Accepted:
@@ -280,10 +323,10 @@ def _sora_character(body: dict[str, Any]) -> Accepted:
     if not urlsplit(url).path.lower().endswith(SORA_VIDEO_EXTENSIONS):
         raise bad("video_url must be an .mp4, .mov or .webm file", "video_url")
     stamps = body.get("timestamps", "0,2")
-    match = _TIMESTAMPS.fullmatch(stamps) if isinstance(stamps, str) else None
-    if not match:
-        raise bad('timestamps must be "start,end" in seconds', "timestamps")
-    start, end = float(match.group(1)), float(match.group(2))
+    parts = stamps.split(",") if isinstance(stamps, str) else []
+    if len(parts) != 2:
+        raise bad(_BAD_TIMESTAMPS, "timestamps")
+    start, end = _seconds(parts[0]), _seconds(parts[1])
     if not (0 <= start < end and end - start <= 2):
         raise bad("timestamps must satisfy 0 <= start < end and end - start <= 2", "timestamps")
     return Accepted("sora-character", body, [url], kind="character")

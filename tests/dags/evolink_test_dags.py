@@ -16,6 +16,7 @@ from airflow.sdk import DAG, task
 
 from evolink_provider.operators.evolink import (
     EvolinkHappyHorseReferenceToVideoOperator,
+    EvolinkHappyHorseTextToVideoOperator,
     EvolinkSeedanceTextToVideoOperator,
     EvolinkSoraCharacterOperator,
     EvolinkVideoGenerationOperator,
@@ -83,6 +84,18 @@ for mode in ("sync", "deferrable"):
             **FAST,
         )
         check_video(happyhorse.output)
+
+    with new_dag(f"evolink_happyhorse_text_{mode}"):
+        horse = EvolinkHappyHorseTextToVideoOperator(
+            task_id="generate",
+            prompt="A wooden horse gallops along a moonlit beach",
+            aspect_ratio="9:21",
+            duration="{{ 1 + 2 }}",
+            model="happyhorse-1.1-text-to-video",
+            deferrable=mode == "deferrable",
+            **FAST,
+        )
+        check_video(horse.output)
 
     with new_dag(f"evolink_sora_character_{mode}"):
         sora = EvolinkSoraCharacterOperator(
