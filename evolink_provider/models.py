@@ -489,8 +489,8 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     },
     "happyhorse-1.0-video-edit": {
         "video_urls": "exactly 1 public http(s) URL of an MP4/MOV video, 3-60 s, at most 100 MB.",
-        "video_url": "the source video as one URL, in place of ``video_urls`` (give exactly one of the three).",
-        "video": "the source video as one URL, in place of ``video_urls`` (give exactly one of the three).",
+        "video_url": "one source video URL in place of ``video_urls`` (give exactly one of the three).",
+        "video": "one source video URL in place of ``video_urls`` (give exactly one of the three).",
         "image_urls": "0-5 public http(s) URLs of JPEG/PNG/WEBP reference images.",
         "keep_original_sound": "keep the sound of the source video.",
     },
