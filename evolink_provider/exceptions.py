@@ -8,7 +8,7 @@ the key.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 #: 400 codes that mean "no upstream channel right now": EvoLink moved them from 503 to 400, but they
 #: describe capacity, not a bad request, so they are retried (as are all channel codes, see
@@ -316,3 +316,16 @@ class EvolinkInputRefusedError(EvolinkValidationError):
 
     def __init__(self, field: str, value: Any, rule: str) -> None:
         super().__init__("local input", field, value, rule)
+
+
+def fail_for(error: EvolinkError) -> NoReturn:
+    """Raise ``error`` so that Airflow retries only what a retry can fix.
+
+    Non-retryable errors (validation, 401/402/403, rule-breaking task codes) become
+    ``AirflowFailException``, which skips the remaining Airflow retries and so spends no more credits.
+    """
+    if error.retryable:
+        raise error
+    from airflow.sdk.exceptions import AirflowFailException
+
+    raise AirflowFailException(str(error)) from error

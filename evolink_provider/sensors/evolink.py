@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 
-from evolink_provider.exceptions import EvolinkError, EvolinkTaskError
+from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, fail_for
 from evolink_provider.hooks.evolink import EvolinkHook
-from evolink_provider.operators.evolink import fail_for
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,

@@ -1,0 +1,326 @@
+"""The orchestration every EvoLink generation operator shares: validate, submit or reattach, wait, collect.
+
+The flow is one-way: validate the rendered fields (no HTTP before that), reattach to or submit the EvoLink
+task (:mod:`evolink_provider.operators.submission`, the only code that spends credits), wait (here, or in
+the triggerer when ``deferrable``), then collect the results into XCom (and into storage when
+``output_path`` is set). "What does this poll mean" is :func:`evolink_provider.polling.decide_after_poll`,
+shared with the trigger and the sensor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator, conf
+from airflow.sdk.exceptions import AirflowFailException
+
+from evolink_provider.answers import created_at
+from evolink_provider.exceptions import (
+    EvolinkError,
+    EvolinkNotFoundError,
+    EvolinkTaskError,
+    EvolinkWaitTimeoutError,
+    fail_for,
+)
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.operators.submission import (
+    PreparedRequest,
+    Submitter,
+    payload_for_post,
+    prepare_request,
+)
+from evolink_provider.polling import (
+    DEFAULT_MAX_POLL_INTERVAL,
+    DEFAULT_POLL_INTERVAL,
+    Outcome,
+    PollFailureBudget,
+    ProgressReporter,
+    decide_after_poll,
+    expected_run_time,
+    task_failure,
+)
+from evolink_provider.triggers.evolink import (
+    DEFAULT_MAX_POLL_FAILURES,
+    EvolinkTaskTrigger,
+    task_from_event,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Default wait budget: generations take minutes to tens of minutes.
+DEFAULT_TIMEOUT = 2 * 60 * 60
+XCOM_TASK_ID_KEY = "evolink_task_id"
+#: Seconds after a deferral before the trigger may fire, and the expected remaining run time up to which a
+#: deferrable operator waits on the worker instead: Airflow 3.2-3.3's scheduler can fail a task instance
+#: whose trigger fires seconds after the deferral (docs/reliability.md, "Fast triggers").
+TRIGGER_MIN_DELAY = 15.0
+WAIT_ON_WORKER_WINDOW = TRIGGER_MIN_DELAY
+
+
+class ResultsExpiredError(EvolinkError):
+    """A reused task's result links expired before its results were stored under ``output_path``."""
+
+
+def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
+    """Seconds the task is expected to run still (the polling module's estimate)."""
+    expected, _trust = expected_run_time(task, max(0.0, elapsed))
+    return max(0.0, expected - elapsed)
+
+
+class EvolinkBaseVideoOperator(BaseOperator):
+    """Orchestration shared by every EvoLink generation operator (subclasses only name the fields).
+
+    :param evolink_conn_id: Airflow connection of type ``evolink`` (password = API key).
+    :param wait_for_completion: wait for the task to end; when False, return the created task at once.
+    :param deferrable: wait in the triggerer instead of holding a worker slot.
+    :param poll_interval: the shortest delay between polls, seconds (the schedule adapts above it).
+    :param max_poll_interval: the longest delay between polls, seconds.
+    :param timeout: seconds of waiting (from submission or reattachment) before the Airflow task fails;
+        the EvoLink task keeps running and a retry reattaches to it.
+    :param output_path: a local directory or an ``ObjectStoragePath`` URI (``file://``, ``s3://``, ...)
+        to stream the results into (their URLs expire after 24 h); the stored paths are returned under
+        ``"files"``.
+    :param reattach: ``auto`` (default): an automatic retry of the same try sequence (a crash, a killed
+        worker, a wait timeout, a triggerer restart) reattaches to the EvoLink task it submitted, while a
+        cleared task instance or a new DAG run submits a new generation. ``never``: every try submits its
+        own generation (each one is billed).
+    """
+
+    template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
+    ui_color = "#e8defc"
+
+    def __init__(
+        self,
+        *,
+        evolink_conn_id: str = EvolinkHook.default_conn_name,
+        wait_for_completion: bool = True,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        timeout: float = DEFAULT_TIMEOUT,
+        output_path: str | None = None,
+        reattach: str = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.evolink_conn_id = evolink_conn_id
+        self.output_path = output_path
+        self.reattach = reattach
+        self.wait_for_completion = wait_for_completion
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.timeout = timeout
+
+    # -- what subclasses provide ------------------------------------------------------------------
+
+    def model_name(self) -> str:
+        """The EvoLink model to run (after template rendering)."""
+        raise NotImplementedError
+
+    def model_fields(self) -> dict[str, Any]:
+        """The model's fields as the user set them (after rendering); ``None`` means "API default"."""
+        raise NotImplementedError
+
+    # -- orchestration ----------------------------------------------------------------------------
+
+    @cached_property
+    def hook(self) -> EvolinkHook:
+        return EvolinkHook(self.evolink_conn_id)
+
+    @cached_property
+    def submitter(self) -> Submitter:
+        return Submitter(self.hook, self.log, self.reattach, self.output_path)
+
+    def validated_request(self) -> PreparedRequest:
+        """The rendered fields checked against the model's documented limits (no HTTP before that), with
+        the request's identity (see :func:`~evolink_provider.operators.submission.prepare_request`)."""
+        return prepare_request(self.hook, self.model_name(), self.model_fields(), self.log)
+
+    def validated_payload(self) -> dict[str, Any]:
+        """The JSON body to POST, local inputs uploaded (a convenience for callers outside ``execute``)."""
+        return payload_for_post(self.hook, self.validated_request(), {}, self.log)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        request = self.validated_request()
+        task = self.submitter.submit_or_reattach(context, request)
+        try:
+            return self._wait_and_finish(context, task)
+        except ResultsExpiredError as expired:
+            return self._renew(context, request, expired)
+
+    def _renew(self, context: Context, request: PreparedRequest | None, expired: ResultsExpiredError) -> Any:
+        """The reused task's results expired before they were stored: say so, and generate anew."""
+        self.log.warning("%s; submitting a new generation instead of failing.", expired)
+        task = self.submitter.submit_or_reattach(context, request or self.validated_request(), renew=True)
+        return self._wait_and_finish(context, task)
+
+    def _wait_and_finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
+        context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
+        if not self.wait_for_completion or task.get("from_storage"):
+            return task
+        started_at = created_at(task, default=time.time())
+        deadline = time.time() + float(self.timeout)
+        decision = decide_after_poll(
+            task,
+            now=time.time(),
+            started_at=started_at,
+            deadline=deadline,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+        )
+        if decision.outcome is Outcome.WAIT and self.deferrable:
+            # A trigger that fires seconds after the deferral can get the task instance failed by
+            # Airflow 3.2-3.3's scheduler (apache/airflow#66374): a task expected to end soon is waited
+            # for here, and only one still running after that window is deferred.
+            if expected_remaining(task, time.time() - started_at) <= WAIT_ON_WORKER_WINDOW:
+                task = self._wait_here(task, started_at, deadline, until=time.time() + WAIT_ON_WORKER_WINDOW)
+                decision = decide_after_poll(
+                    task,
+                    now=time.time(),
+                    started_at=started_at,
+                    deadline=deadline,
+                    poll_interval=self.poll_interval,
+                    max_poll_interval=self.max_poll_interval,
+                )
+            if decision.outcome is Outcome.WAIT:
+                deferred_at = time.time()
+                self.defer(
+                    trigger=EvolinkTaskTrigger(
+                        evolink_task_id=task["id"],
+                        evolink_conn_id=self.evolink_conn_id,
+                        poll_interval=self.poll_interval,
+                        max_poll_interval=self.max_poll_interval,
+                        end_time=deadline,
+                        started_at=started_at,
+                        first_poll_at=deferred_at + decision.delay,
+                        not_before=deferred_at + TRIGGER_MIN_DELAY,
+                    ),
+                    method_name="execute_complete",
+                    # Only a backstop: the trigger's own timeout event, which names the task, comes first.
+                    timeout=timedelta(
+                        seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + TRIGGER_MIN_DELAY
+                    ),
+                )
+        if decision.outcome is Outcome.WAIT:
+            task = self._wait_here(task, started_at, deadline)
+        return self._finish(context, task, deadline)
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the trigger: check the event, then collect the results (within the same
+        deadline the trigger waited for)."""
+        try:
+            task = task_from_event(event)
+        except EvolinkError as error:
+            fail_for(error)
+        end_time = event.get("end_time") if isinstance(event, dict) else None
+        deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
+        try:
+            return self._finish(context, task, deadline)
+        except ResultsExpiredError as expired:
+            return self._renew(context, None, expired)
+
+    def on_kill(self) -> None:
+        record = self.submitter.current_task_id if "submitter" in self.__dict__ else None
+        self.log.warning(
+            "EvoLink has no cancel call: task %s keeps generating and is billed when it completes. "
+            "A retry of this Airflow task reattaches to it instead of submitting again.",
+            record or "(not submitted yet)",
+        )
+
+    # -- waiting and collecting -------------------------------------------------------------------
+
+    def _wait_here(
+        self, task: dict[str, Any], started_at: float, deadline: float, until: float | None = None
+    ) -> dict[str, Any]:
+        """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
+        ``until`` (epoch seconds) passes with the task still running."""
+        reporter = ProgressReporter()
+        failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES)
+        task_id = task["id"]
+        while True:
+            if line := reporter.update(task):
+                self.log.info(line)
+            decision = decide_after_poll(
+                task,
+                now=time.time(),
+                started_at=started_at,
+                deadline=deadline,
+                poll_interval=self.poll_interval,
+                max_poll_interval=self.max_poll_interval,
+            )
+            if decision.outcome is Outcome.TIMEOUT:
+                raise EvolinkWaitTimeoutError(decision.message)
+            if decision.outcome is not Outcome.WAIT:
+                return task
+            if until is not None and time.time() >= until:
+                return task
+            if decision.message:
+                self.log.warning(decision.message)
+            time.sleep(
+                decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
+            )
+            try:
+                task = self.hook.get_task(task_id, deadline=deadline)
+                failures.success()
+            except EvolinkError as error:
+                if not error.retryable or not failures.failure():
+                    fail_for(error)
+                delay = failures.backoff(self.poll_interval, self.max_poll_interval)
+                if time.time() + delay >= deadline:
+                    raise EvolinkWaitTimeoutError(
+                        f"EvoLink task {task_id}: the wait budget ran out while polls failed: {error}"
+                    ) from error
+                self.log.warning(
+                    "Polling EvoLink task %s failed: %s; next poll in %.1fs", task_id, error, delay
+                )
+                time.sleep(delay)
+
+    def _finish(self, context: Context, task: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Turn a terminal task into the XCom value, or into the right Airflow failure; results are
+        stored by ``deadline`` (epoch seconds), so ``timeout`` covers downloads too."""
+        now = time.time()
+        decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
+        if decision.outcome is Outcome.WAIT:
+            raise EvolinkWaitTimeoutError(f"EvoLink task {task['id']} is still {task.get('status')}")
+        if decision.outcome is not Outcome.SUCCESS:
+            code, message = task_failure(task)
+            if task.get("status") == "completed":
+                # Completed (and so billed) with nothing to hand downstream: end it once. A retry would
+                # only reattach to the same empty task, and a resubmission would pay again for what may
+                # come back empty again; clearing the task asks for a new generation deliberately.
+                raise AirflowFailException(
+                    f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
+                    "same empty task. Clear the task to generate anew."
+                )
+            fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
+        if self.output_path:
+            from evolink_provider.storage import result_urls, store_results, stored_results
+
+            try:
+                task = {**task, "files": store_results(self.hook, task, self.output_path, deadline)}
+            except EvolinkNotFoundError as error:
+                files = stored_results(task["id"], self.output_path, len(result_urls(task)))
+                if files is None:
+                    raise ResultsExpiredError(
+                        f"The results of EvoLink task {task['id']} expired ({error.status_code}) before "
+                        f"all were stored under {self.output_path}"
+                    ) from error
+                self.log.info(
+                    "The results of EvoLink task %s expired; they are stored: %s", task["id"], files
+                )
+                task = {**task, "files": files}
+            except EvolinkError as error:
+                fail_for(error)
+        usage = task.get("usage") or {}
+        self.log.info(
+            "EvoLink task %s completed; usage: %s",
+            task["id"],
+            {k: v for k, v in usage.items() if k != "user_group"} or "(not reported)",
+        )
+        return task
