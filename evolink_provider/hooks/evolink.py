@@ -41,9 +41,8 @@ from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import SplitResult, urljoin, urlsplit
 
-from airflow.sdk import BaseHook
-
 from evolink_provider import __version__
+from evolink_provider.compat import BaseHook, hook_field_behaviour
 from evolink_provider.exceptions import (
     EvolinkAPIError,
     EvolinkAuthenticationError,
@@ -437,6 +436,11 @@ class EvolinkHook(BaseHook):
     def __repr__(self) -> str:
         return f"<EvolinkHook conn_id={self.evolink_conn_id!r}>"
 
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """The connection form for Airflow 3.0 and 3.1 (3.2+ read it from the provider info instead)."""
+        return hook_field_behaviour(cls.conn_type)
+
     # -- connection -------------------------------------------------------------------------------
 
     @cached_property
@@ -451,7 +455,7 @@ class EvolinkHook(BaseHook):
         if self._async_settings is None:
             conn = await self.aget_connection(self.evolink_conn_id)
             settings = settings_from_connection(conn)
-            from airflow.sdk.log import amask_secret
+            from evolink_provider.compat import amask_secret
 
             await amask_secret(settings.api_key.reveal())
             self._async_settings = settings

@@ -15,9 +15,9 @@ from datetime import timedelta
 from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from airflow.sdk import BaseOperator, conf
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import BaseOperator
 
+from evolink_provider.compat import AirflowFailException, conf, log_once
 from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkNotFoundError,
@@ -56,6 +56,10 @@ DEFAULT_TIMEOUT = 2 * 60 * 60
 #: Past this many failed replays in a row something is wrong with the keys; stop rather than loop.
 MAX_RESUBMISSIONS = 20
 XCOM_TASK_ID_KEY = "evolink_task_id"
+NO_TASK_STATE_STORE = (
+    "This Airflow has no task_state_store (3.3+): a retry cannot look up the earlier EvoLink task and "
+    "relies on EvoLink replaying the Idempotency-Key instead (said once per process)."
+)
 
 
 def fail_for(error: EvolinkError) -> NoReturn:
@@ -203,10 +207,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def _submit_or_reattach(self, context: Context, payload: dict[str, Any]) -> dict[str, Any]:
         store = SubmissionStore(context)
         if not store.durable:
-            self.log.warning(
-                "This Airflow has no task_state_store (3.3+): a retry cannot look up the earlier EvoLink "
-                "task and relies on EvoLink replaying the Idempotency-Key instead."
-            )
+            log_once(self.log, NO_TASK_STATE_STORE)
         fingerprint = payload_fingerprint(payload)
         submission = 0
         record = store.load()
