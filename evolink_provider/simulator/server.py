@@ -52,9 +52,9 @@ UPLOAD_TYPES = {
     "video/webm",
 }
 CHUNK = 1 << 20
+UPLOAD_TTL = 72 * 3600.0
 #: One line per request at DEBUG (``-v`` on the command line); unexpected errors at ERROR.
 log = logging.getLogger("evolink_provider.simulator")
-UPLOAD_TTL = 72 * 3600.0
 
 
 class _Dropped(Exception):
@@ -168,6 +168,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     # delayed ACK add ~40 ms to every answer on a kept-alive connection.
     disable_nagle_algorithm = True
     server: SimulatorServer
+    #: When the current request's line was read, and the status it was answered with (for the log line).
+    _started: float | None = None
+    _status = "no answer"
 
     @property
     def state(self) -> SimulatorState:
@@ -187,7 +190,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def parse_request(self) -> bool:
-        self._started: float | None = time.monotonic()
+        self._started = time.monotonic()
         self._status = "no answer"
         return super().parse_request()
 
