@@ -326,6 +326,6 @@ def fail_for(error: EvolinkError) -> NoReturn:
     """
     if error.retryable:
         raise error
-    from airflow.sdk.exceptions import AirflowFailException
+    from evolink_provider.compat import AirflowFailException
 
     raise AirflowFailException(str(error)) from error

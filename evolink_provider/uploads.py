@@ -73,7 +73,7 @@ def allowed_locations(configured: tuple[str, ...]) -> AllowedLocations:
     """The connection's ``upload_allowed_dirs``, or Airflow's DAGs folder when it lists none."""
     entries = list(configured)
     if not entries:
-        from airflow.sdk import conf
+        from evolink_provider.compat import conf
 
         entries = [conf.get("core", "dags_folder")]
     folders, prefixes = [], []

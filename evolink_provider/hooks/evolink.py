@@ -45,10 +45,9 @@ from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import SplitResult, urljoin, urlsplit
 
-from airflow.sdk import BaseHook
-
 from evolink_provider import __version__
 from evolink_provider.answers import MAX_ANSWER_BYTES, checked_task, loads_strict, task_id_to_send
+from evolink_provider.compat import BaseHook, hook_field_behaviour
 from evolink_provider.exceptions import (
     PAID_OUTCOME_UNKNOWN,
     EvolinkAPIError,
@@ -536,6 +535,11 @@ class EvolinkHook(BaseHook):
     def __repr__(self) -> str:
         return f"<EvolinkHook conn_id={self.evolink_conn_id!r}>"
 
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """The connection form for Airflow 3.0 and 3.1 (3.2+ read it from the provider info instead)."""
+        return hook_field_behaviour(cls.conn_type)
+
     # -- connection -------------------------------------------------------------------------------
 
     @cached_property
@@ -555,7 +559,7 @@ class EvolinkHook(BaseHook):
             conn = await self.aget_connection(self.evolink_conn_id)
             settings = settings_from_connection(conn)
             if _needs_masking(settings.api_key, conn.password):
-                from airflow.sdk.log import amask_secret
+                from evolink_provider.compat import amask_secret
 
                 await amask_secret(settings.api_key.reveal())
             self._async_settings = settings

@@ -15,10 +15,10 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseOperator, conf
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import BaseOperator
 
 from evolink_provider.answers import created_at
+from evolink_provider.compat import AirflowFailException, conf
 from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkNotFoundError,

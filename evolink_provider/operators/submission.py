@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from airflow.sdk.exceptions import AirflowFailException
-
+from evolink_provider.compat import AirflowFailException, log_once
 from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkNotFoundError,
@@ -41,6 +40,12 @@ if TYPE_CHECKING:
 
     from evolink_provider.hooks.evolink import EvolinkHook
     from evolink_provider.models import MediaRef
+
+
+NO_TASK_STATE_STORE = (
+    "This Airflow has no task_state_store (3.3+): a retry cannot look up the earlier EvoLink task and "
+    "relies on EvoLink replaying the Idempotency-Key instead (said once per process)."
+)
 
 
 class PreparedRequest(NamedTuple):
@@ -169,10 +174,7 @@ class Submitter:
             raise AirflowFailException(f"reattach={self.reattach!r}: allowed values are 'auto' and 'never'")
         store = SubmissionStore(context)
         if not store.durable:
-            self.log.warning(
-                "This Airflow has no task_state_store (3.3+): a retry cannot look up the earlier EvoLink "
-                "task and relies on EvoLink replaying the Idempotency-Key instead."
-            )
+            log_once(self.log, NO_TASK_STATE_STORE)
         generation = try_generation(context, self.reattach)
         record = store.load()
         attempt = Attempt(request, generation, 0, uploads={})

@@ -8,8 +8,9 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
+from evolink_provider.compat import conf
 from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, fail_for
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.polling import (

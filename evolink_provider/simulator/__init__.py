@@ -42,6 +42,7 @@ new connections can be measured as clients of the real, HTTPS-only API pay it.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 from pathlib import Path
@@ -54,6 +55,8 @@ from evolink_provider.simulator.tls import server_context, write_self_signed_cer
 __all__ = ["EvolinkSimulator", "ManualClock", "RealClock"]
 
 DEFAULT_API_KEY = "sk-sim-local-demo-key"
+
+log = logging.getLogger(__name__)
 
 
 class EvolinkSimulator:
@@ -95,6 +98,7 @@ class EvolinkSimulator:
         return int(self.server.server_address[1])
 
     def start(self) -> EvolinkSimulator:
+        log.info("EvoLink simulator on %s: %s", self.base_url, self.state.media.describe())
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="evolink-simulator", daemon=True
         )

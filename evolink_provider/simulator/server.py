@@ -7,9 +7,11 @@ fault injection needs the raw socket: a reset (RST), a body shorter than its Con
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -70,6 +72,8 @@ UPLOAD_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 UPLOAD_QUOTA = 100
 CHUNK = 1 << 20
 UPLOAD_TTL = 72 * 3600.0
+#: One line per request at DEBUG (``-v`` on the command line); unexpected errors at ERROR.
+log = logging.getLogger("evolink_provider.simulator")
 
 
 PAID_OUTCOME_UNKNOWN = "paid_outcome_unknown"
@@ -226,6 +230,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     # delayed ACK add ~40 ms to every answer on a kept-alive connection.
     disable_nagle_algorithm = True
     server: SimulatorServer
+    #: When the current request's line was read, and the status it was answered with (for the log line).
+    _started: float | None = None
+    _status = "no answer"
 
     @property
     def state(self) -> SimulatorState:
@@ -244,8 +251,26 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         except (_Dropped, ConnectionError, TimeoutError, ValueError, OSError):
             self.close_connection = True
 
-    def log_message(self, format: str, *args: Any) -> None:  # the tests read stats, not logs
-        pass
+    def parse_request(self) -> bool:
+        self._started = time.monotonic()
+        self._status = "no answer"
+        return super().parse_request()
+
+    def handle_one_request(self) -> None:
+        self._started = None
+        try:
+            super().handle_one_request()
+        finally:
+            if self._started is not None and log.isEnabledFor(logging.DEBUG):
+                elapsed = (time.monotonic() - self._started) * 1000
+                log.debug("%s %s %s %.1f ms", self.command, self.path, self._status, elapsed)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Keep the status for the one line that :meth:`handle_one_request` logs when the answer is out."""
+        self._status = str(int(code)) if isinstance(code, int) else str(code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s: " + format, self.address_string(), *args)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -675,5 +700,8 @@ class SimulatorServer(ThreadingHTTPServer):
             connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
         return connection, address
 
-    def handle_error(self, request: Any, client_address: Any) -> None:  # faults close sockets on purpose
-        pass
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Closed sockets are expected (faults close them on purpose); anything else is a simulator bug."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (OSError, _Dropped)):
+            log.error("The simulator failed while answering %s", client_address[0], exc_info=error)

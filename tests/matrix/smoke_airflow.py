@@ -1,0 +1,88 @@
+"""The Airflow-version smoke test: what a user of each supported Airflow minor does first.
+
+``.ci/airflow_matrix.sh`` runs this file in one fresh virtualenv per Airflow version, with the provider
+installed without extras; the main suite (3.3 only) does not collect it (no ``test_`` prefix). It uses the
+main suite's set-up (``tests/conftest.py``: the simulator on loopback, a migrated DB, the connection) and its
+DAGs (``tests/dags/evolink_test_dags.py``), each ending in a check task that fetches the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+
+import evolink_provider.operators.submission as submission
+from evolink_provider import compat
+from evolink_provider.operators.submission import NO_TASK_STATE_STORE
+from tests.conftest import SimulatorControl
+from tests.test_operators import run_dag, xcom
+
+AIRFLOW = tuple(int(part) for part in version("apache-airflow").split(".")[:2])
+
+
+def test_providers_manager_registers_the_provider_and_its_hook() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    assert manager.providers["airflow-provider-evolink"].version == version("airflow-provider-evolink")
+    try:  # 3.2+: hooks are looked up through the task SDK's own manager
+        from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
+
+        hook = ProvidersManagerTaskRuntime().hooks["evolink"]
+    except ImportError:
+        hook = manager.hooks["evolink"]
+    assert hook is not None
+    assert hook.hook_class_name == "evolink_provider.hooks.evolink.EvolinkHook"
+    behaviour = manager.field_behaviours["evolink"]  # 3.0, 3.1: from the hook method (needs wtforms)
+    assert behaviour["relabeling"]["password"] == "API key"
+
+
+#: The DAG runs of this module, and every warning ``log_once`` let through while they ran.
+DAG_RUNS = {
+    "evolink_seedance_sync": "generate",
+    "evolink_seedance_deferrable": "generate",
+    "evolink_sora_character_deferrable": "generate",
+    "evolink_sensor_deferrable": "wait",
+}
+RAN: set[str] = set()
+SAID: list[str] = []
+
+
+class _Recorder:
+    """Passes warnings on to the task's logger and notes them (console output repeats lines on 3.0)."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def warning(self, message: str) -> None:
+        SAID.append(message)
+        self.logger.warning(message)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def record_what_is_said_once() -> Iterator[None]:
+    real = compat.log_once
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(submission, "log_once", lambda logger, message: real(_Recorder(logger), message))
+        yield
+
+
+@pytest.mark.usefixtures("airflow_db")
+@pytest.mark.parametrize(("dag_id", "result_task"), DAG_RUNS.items())
+def test_dag_runs_to_success(sim: SimulatorControl, dag_id: str, result_task: str) -> None:
+    state, tasks = run_dag(dag_id)
+    RAN.add(dag_id)
+
+    assert state == "success", tasks
+    assert all(task_state == "success" for task_state, _ in tasks.values()), tasks
+    assert xcom(dag_id, result_task)["status"] == "completed"
+    assert sim.stats()["tasks_created"] == 1
+
+
+def test_missing_task_state_store_is_said_once_per_process() -> None:
+    """Four submissions in this process: before 3.3 the limitation is said once, on 3.3 never."""
+    assert set(DAG_RUNS) == RAN, "run the whole file: this counts over the DAG runs above"
+    assert SAID.count(NO_TASK_STATE_STORE) == (0 if AIRFLOW >= (3, 3) else 1), SAID

@@ -1,0 +1,66 @@
+"""Airflow-version branches live in evolink_provider.compat only (the matrix runs them on each version)."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from evolink_provider import compat
+from tests.conftest import REPO
+
+#: Names whose home depends on the Airflow version: (module, name) pairs, or a whole module.
+VERSION_DEPENDENT = {
+    ("airflow.sdk", "BaseHook"),
+    ("airflow.sdk", "conf"),
+    ("airflow.sdk.log", "amask_secret"),
+    ("airflow.sdk.exceptions", "*"),
+    ("airflow.exceptions", "*"),
+    ("airflow.configuration", "*"),
+    ("airflow.hooks.base", "*"),
+}
+
+
+def version_dependent_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                if {(node.module, alias.name), (node.module, "*")} & VERSION_DEPENDENT:
+                    found.append(f"from {node.module} import {alias.name}")
+    return found
+
+
+def test_only_compat_imports_names_that_moved_between_airflow_versions() -> None:
+    offenders = {
+        path.relative_to(REPO).as_posix(): imports
+        for path in (REPO / "evolink_provider").rglob("*.py")
+        if path.name != "compat.py" and (imports := version_dependent_imports(path))
+    }
+    assert offenders == {}, "import these from evolink_provider.compat"
+
+
+def test_log_once_says_each_message_once_per_process(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.compat")
+    first, second = "limitation A of this test", "limitation B of this test"
+    with caplog.at_level(logging.WARNING, logger="tests.compat"):
+        for _ in range(3):
+            compat.log_once(logger, first)
+        compat.log_once(logger, second)
+
+    assert [record.getMessage() for record in caplog.records] == [first, second]
+
+
+def test_connection_form_for_airflow_3_0_and_3_1_mirrors_the_provider_info() -> None:
+    from evolink_provider.get_provider_info import get_provider_info
+    from evolink_provider.hooks.evolink import EvolinkHook
+
+    (declared,) = get_provider_info()["connection-types"]
+    behaviour = EvolinkHook.get_ui_field_behaviour()
+
+    assert behaviour["relabeling"] == declared["ui-field-behaviour"]["relabeling"]
+    assert behaviour["placeholders"] == declared["ui-field-behaviour"]["placeholders"]
+    # 3.0/3.1 do not show the conn-fields that stand in for the extra on 3.2+, so the extra stays visible.
+    assert set(behaviour["hidden_fields"]) == set(declared["ui-field-behaviour"]["hidden-fields"]) - {"extra"}
