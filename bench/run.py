@@ -127,7 +127,8 @@ ASSUMED_SUBMIT_RATE = 450
 
 def run_triggers(url: str, count: int, baseline: bool, conn_id: str = "evolink_default") -> dict[str, float]:
     """N triggers, with the provider's default poll settings, on one fresh event loop in this process."""
-    from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.hooks.transport import aclose_async_clients
     from evolink_provider.polling import DEFAULT_POLL_INTERVAL, decide_after_poll
     from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 
@@ -215,7 +216,7 @@ TRIGGER_LINE = (
 
 
 def bench_triggerer() -> list[str]:
-    from evolink_provider.hooks.evolink import ASYNC_POOL_SIZE
+    from evolink_provider.hooks.transport import ASYNC_POOL_SIZE
 
     lines = []
     sizes = [int(n) for n in os.environ.get("BENCH_TRIGGER_SIZES", "1000,5000,10000").split(",")]

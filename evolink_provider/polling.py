@@ -29,6 +29,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from evolink_provider.exceptions import EvolinkError
+from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
 from evolink_provider.storage import result_urls
 
 RUNNING_STATUSES = frozenset({"pending", "processing"})
@@ -188,20 +190,27 @@ class ProgressReporter:
 
 
 class PollFailureBudget:
-    """Counts consecutive failed polls; one success resets it, so only a sustained outage ends a wait."""
+    """Counts a wait's consecutive failed polls (one success resets it, so only a sustained outage ends
+    a wait) and asks the retry policy's *poll* row whether, and when, to poll again."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
+    def __init__(
+        self,
+        limit: int,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+    ) -> None:
+        self.policy = RetryPolicy.for_polls(limit, poll_interval, max_poll_interval)
         self.consecutive = 0
+
+    @property
+    def limit(self) -> int:
+        return self.policy.max_attempts
 
     def success(self) -> None:
         self.consecutive = 0
 
-    def failure(self) -> bool:
-        """Record a failed poll; True while the wait may go on."""
+    def after_failure(self, error: EvolinkError, deadline: float | None = None) -> RetryDecision:
+        """Record a failed poll: poll again after ``delay`` (:attr:`Verdict.REPEAT`), end the wait with
+        ``error`` (:attr:`Verdict.GIVE_UP`), or time out (:attr:`Verdict.OUT_OF_TIME`, by ``deadline``)."""
         self.consecutive += 1
-        return self.consecutive < self.limit
-
-    def backoff(self, poll_interval: float, max_poll_interval: float) -> float:
-        """Delay before polling again after a failed poll: doubling from ``poll_interval``, capped."""
-        return min(max_poll_interval, poll_interval * (2 ** (self.consecutive - 1)))
+        return self.policy.decide(Kind.POLL, self.consecutive, error, deadline)

@@ -37,7 +37,9 @@ from evolink_provider.exceptions import (
     EvolinkSubmissionUnknownError,
     EvolinkWaitTimeoutError,
 )
-from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients, check_download_url
+from evolink_provider.hooks.downloads import check_download_url
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.models import MediaRef
 from evolink_provider.storage import EvolinkStorageError, store_results
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger

@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from evolink_provider.exceptions import EvolinkTransportError
+from evolink_provider.hooks.retry import Verdict
 from evolink_provider.polling import (
     Outcome,
     PollFailureBudget,
@@ -130,9 +132,11 @@ def test_progress_is_reported_on_change_only() -> None:
 
 
 def test_failure_budget_resets_on_success() -> None:
-    budget = PollFailureBudget(3)
-    assert budget.failure() and budget.failure()
+    budget = PollFailureBudget(3, poll_interval=1.0, max_poll_interval=60.0)
+    transient = EvolinkTransportError("reset", request_sent=True)
+    assert budget.after_failure(transient).verdict is Verdict.REPEAT
+    assert budget.after_failure(transient).verdict is Verdict.REPEAT
     budget.success()
-    assert budget.failure() and budget.failure()
-    assert not budget.failure()
-    assert budget.backoff(1.0, 60.0) == 4.0
+    assert budget.after_failure(transient).delay == 1.0
+    assert budget.after_failure(transient).delay == 2.0
+    assert budget.after_failure(transient).verdict is Verdict.GIVE_UP

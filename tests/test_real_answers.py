@@ -30,7 +30,9 @@ from evolink_provider.exceptions import (
     is_channel_code,
     task_error_is_retryable,
 )
-from evolink_provider.hooks.evolink import EvolinkHook, _Request, aclose_async_clients, parse_response
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks.responses import parse_response
+from evolink_provider.hooks.transport import _Request, aclose_async_clients
 from evolink_provider.models import validate_request
 from evolink_provider.polling import Outcome, decide_after_poll
 from evolink_provider.storage import result_urls, store_results

@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 
 from evolink_provider.exceptions import EvolinkNotFoundError, EvolinkServerError
-from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients
+from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.task_batcher import (
     BATCH_MAX_IDS,
     UnexpectedBatchAnswer,
     tasks_in_batch_answer,
 )
+from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from tests.conftest import CONNECTION_EXTRA, SIMULATOR_URL, TEST_API_KEY, SimulatorControl
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from evolink_provider.hooks.evolink import EvolinkHook, aclose_async_clients
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from tests.conftest import TEST_API_KEY, SimulatorControl
 

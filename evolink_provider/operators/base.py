@@ -27,6 +27,7 @@ from evolink_provider.exceptions import (
     fail_for,
 )
 from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks.retry import Verdict
 from evolink_provider.operators.submission import (
     PreparedRequest,
     Submitter,
@@ -241,7 +242,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
         ``until`` (epoch seconds) passes with the task still running."""
         reporter = ProgressReporter()
-        failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES)
+        failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES, self.poll_interval, self.max_poll_interval)
         task_id = task["id"]
         while True:
             if line := reporter.update(task):
@@ -269,17 +270,17 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 task = self.hook.get_task(task_id, deadline=deadline)
                 failures.success()
             except EvolinkError as error:
-                if not error.retryable or not failures.failure():
+                retry = failures.after_failure(error, deadline=deadline)
+                if retry.verdict is Verdict.GIVE_UP:
                     fail_for(error)
-                delay = failures.backoff(self.poll_interval, self.max_poll_interval)
-                if time.time() + delay >= deadline:
+                if retry.verdict is Verdict.OUT_OF_TIME:
                     raise EvolinkWaitTimeoutError(
                         f"EvoLink task {task_id}: the wait budget ran out while polls failed: {error}"
                     ) from error
                 self.log.warning(
-                    "Polling EvoLink task %s failed: %s; next poll in %.1fs", task_id, error, delay
+                    "Polling EvoLink task %s failed: %s; next poll in %.1fs", task_id, error, retry.delay
                 )
-                time.sleep(delay)
+                time.sleep(retry.delay)
 
     def _finish(self, context: Context, task: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Turn a terminal task into the XCom value, or into the right Airflow failure; results are

@@ -16,6 +16,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, EvolinkWaitTimeoutError
 from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks.retry import Verdict
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
@@ -105,18 +106,18 @@ class EvolinkTaskTrigger(BaseTrigger):
     async def _wait(self) -> AsyncIterator[TriggerEvent]:
         hook = EvolinkHook(self.evolink_conn_id)
         reporter = ProgressReporter()
-        failures = PollFailureBudget(self.max_poll_failures)
+        failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
         if self.first_poll_at is not None:
             await asyncio.sleep(max(0.0, self.first_poll_at - time.time()))
         while True:
             try:
                 task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
             except EvolinkError as error:
-                if not error.retryable or not failures.failure():
+                retry = failures.after_failure(error, deadline=self.end_time)
+                if retry.verdict is Verdict.GIVE_UP:
                     yield self._event("error", message=str(error), retryable=error.retryable)
                     return
-                delay = failures.backoff(self.poll_interval, self.max_poll_interval)
-                if self.end_time is not None and time.time() + delay >= self.end_time:
+                if retry.verdict is Verdict.OUT_OF_TIME:
                     yield self._event("timeout", message=f"wait budget spent while polls failed: {error}")
                     return
                 self.log.warning(
@@ -124,9 +125,9 @@ class EvolinkTaskTrigger(BaseTrigger):
                     self.evolink_task_id,
                     failures.consecutive,
                     error,
-                    delay,
+                    retry.delay,
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(retry.delay)
                 continue
             failures.success()
             if line := reporter.update(task):

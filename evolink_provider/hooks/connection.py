@@ -1,0 +1,185 @@
+"""The EvoLink connection: what the hook reads from Airflow (base URLs, API key, timeouts, retry settings,
+extras), checked once before any HTTP call, and whether the key still has to be masked."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from evolink_provider.exceptions import EvolinkConfigurationError
+from evolink_provider.hooks.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+DEFAULT_BASE_URL = "https://api.evolink.ai"
+DEFAULT_FILES_BASE_URL = "https://files-api.evolink.ai"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Connect and read timeouts in seconds, one policy for both clients."""
+
+    connect: float = 10.0
+    read: float = 60.0
+
+
+class _ApiKey:
+    """Holds the key so that no ``repr``, log line or traceback local can show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<EvoLink API key ***>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class EvolinkConnectionSettings:
+    """Everything the hook reads from the Airflow connection, resolved once."""
+
+    conn_id: str
+    base_url: str
+    files_base_url: str
+    api_key: _ApiKey = field(repr=False)
+    timeouts: Timeouts
+    retry: RetryPolicy
+    batch_polling: bool = False
+    #: Folders and storage-URI prefixes local inputs may be uploaded from; empty means the DAGs folder.
+    upload_allowed_dirs: tuple[str, ...] = ()
+
+    @cached_property
+    def batch_owner(self) -> tuple[str, str]:
+        """Whose tasks a batch may hold: the base URL and a digest of the key (never the key itself)."""
+        return self.base_url, hashlib.sha256(self.api_key.reveal().encode()).hexdigest()
+
+
+def resolve_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
+    """Turn the connection's host (which may carry a scheme and port) into a base URL.
+
+    An empty host means EvoLink's public API. Without a scheme, ``schema`` (``http``/``https``) picks one,
+    else https: the key must never travel in clear text by accident.
+    """
+    host = (host or "").strip()
+    if not host:
+        return DEFAULT_BASE_URL
+    if "://" not in host:
+        scheme = schema if schema in ("http", "https") else "https"
+        host = f"{scheme}://{host}"
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EvolinkConfigurationError(
+            f"EvoLink connection host {host!r} is not an http(s) URL; use e.g. https://api.evolink.ai"
+        )
+    netloc = parts.netloc
+    if port and parts.port is None:
+        netloc = f"{netloc}:{port}"
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _extra_float(extra: Mapping[str, Any], name: str, default: float) -> float:
+    value = extra.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise EvolinkConfigurationError(
+            f"EvoLink connection extra {name!r} must be a number, got {value!r}"
+        ) from None
+
+
+def _allowed_dirs(value: Any) -> tuple[str, ...]:
+    """The ``upload_allowed_dirs`` extra: a list, or one string separated by commas or ``os.pathsep``."""
+    import os
+    import re
+
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        items: list[Any] = re.split(f"[,{re.escape(os.pathsep)}]", value)
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise EvolinkConfigurationError(
+            f"EvoLink connection extra 'upload_allowed_dirs' must be a list of folders or a comma-separated "
+            f"string, got {type(value).__name__}"
+        )
+    if not all(isinstance(item, str) for item in items):
+        raise EvolinkConfigurationError("EvoLink connection extra 'upload_allowed_dirs' must hold strings")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
+    """Read and check the connection; raises before any HTTP call when the key is missing or malformed."""
+    key = (conn.password or "").strip()
+    if not key:
+        raise EvolinkConfigurationError(
+            f"Airflow connection {conn.conn_id!r} has no EvoLink API key: put the key in its password "
+            "field (shown as 'API key' in the UI)."
+        )
+    if not key.isprintable() or any(char.isspace() for char in key):
+        # Never echo it: the key is a secret, and the HTTP libraries would put it in their error text.
+        raise EvolinkConfigurationError(
+            f"The EvoLink API key of Airflow connection {conn.conn_id!r} contains whitespace or control "
+            "characters (a line break pasted with it?); the key itself is not shown. Re-enter it."
+        )
+    extra = conn.extra_dejson or {}
+    base_url = resolve_base_url(conn.host, conn.schema, conn.port)
+    files_base_url = str(extra.get("files_base_url") or "").rstrip("/")
+    if not files_base_url:
+        # EvoLink's Files API lives on its own host; a custom host (the simulator, a proxy) serves both.
+        files_base_url = DEFAULT_FILES_BASE_URL if base_url == DEFAULT_BASE_URL else base_url
+    defaults = RetryPolicy()
+    return EvolinkConnectionSettings(
+        conn_id=conn.conn_id,
+        base_url=base_url,
+        files_base_url=files_base_url,
+        api_key=_ApiKey(key),
+        timeouts=Timeouts(
+            connect=_extra_float(extra, "connect_timeout", Timeouts.connect),
+            read=_extra_float(extra, "read_timeout", Timeouts.read),
+        ),
+        retry=RetryPolicy(
+            max_attempts=max(1, int(_extra_float(extra, "max_retries", defaults.max_attempts - 1)) + 1),
+            backoff_base=_extra_float(extra, "backoff_base", defaults.backoff_base),
+            backoff_max=_extra_float(extra, "backoff_max", defaults.backoff_max),
+            retry_after_max=_extra_float(extra, "retry_after_max", defaults.retry_after_max),
+        ),
+        batch_polling=str(extra.get("batch_polling", "")).lower() in ("1", "true", "yes", "on"),
+        upload_allowed_dirs=_allowed_dirs(extra.get("upload_allowed_dirs")),
+    )
+
+
+#: Digests of keys this process has registered with the secrets masker itself.
+_MASKED_KEY_DIGESTS: set[str] = set()
+
+
+def needs_masking(api_key: _ApiKey, password: str | None) -> bool:
+    """Whether the hook must register the key with Airflow's secrets masker.
+
+    Airflow masks a connection's password every time it hands the connection out, so a key that *is* the
+    password is masked already. Masking it again is not free: inside a task, every ``mask_secret`` call
+    sends the secret to the supervisor, and at DEBUG level ``dag.test()`` logs that message, key and all.
+    Only a key that differs from the password (surrounding whitespace stripped) is masked here, once per
+    process.
+    """
+    value = api_key.reveal()
+    if value == password:
+        return False
+    digest = hashlib.sha256(value.encode()).hexdigest()
+    if digest in _MASKED_KEY_DIGESTS:
+        return False
+    _MASKED_KEY_DIGESTS.add(digest)
+    return True

@@ -1,0 +1,285 @@
+"""Result downloads: result links streamed to storage, and the checks on every address they lead to.
+
+Result links are public signed URLs on third-party hosts, so no ``Authorization`` header is sent (the key
+must not reach them). Every hop must be http(s), carry no credentials, and resolve to a public address,
+unless it is the connection's own host (the simulator on loopback); the connection is then made to the very
+address that was checked (no second DNS lookup to rebind). Transient failures are repeated as the retry
+policy's *download* row says; a link that answers 403, 404 or 410 has expired and is left to the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import SplitResult, urljoin, urlsplit
+
+from evolink_provider.exceptions import (
+    EvolinkConfigurationError,
+    EvolinkError,
+    EvolinkNotFoundError,
+    EvolinkTransportError,
+    EvolinkWaitTimeoutError,
+    error_for_status,
+)
+from evolink_provider.hooks.connection import EvolinkConnectionSettings
+from evolink_provider.hooks.retry import Kind, Verdict, parse_retry_after
+from evolink_provider.hooks.transport import USER_AGENT
+
+if TYPE_CHECKING:
+    import requests
+
+
+@dataclass(frozen=True)
+class ResultStream:
+    """An open result download: what the server says it is, and its body in chunks."""
+
+    url: str
+    content_type: str
+    content_length: int | None
+    chunks: Iterator[bytes]
+
+
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def _chunks(response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
+    """The body as it arrives, cut off once ``deadline`` (epoch seconds) has passed.
+
+    ``read1`` returns what has arrived instead of waiting for a full chunk, so a server that trickles a
+    few bytes at a time is noticed at the deadline (at worst one read timeout later), not after 1 MiB.
+    """
+    import requests
+    import urllib3
+
+    # Straight from urllib3 (iter_content adds a generator layer per chunk and costs ~30 % throughput).
+    try:
+        while chunk := response.raw.read1(DOWNLOAD_CHUNK, decode_content=False):
+            yield chunk
+            if deadline is not None and time.time() > deadline:
+                raise EvolinkWaitTimeoutError(
+                    f"downloading {_redact_query(response.url)} ran past the operator's timeout; "
+                    "a retry of the Airflow task reattaches to the completed task and downloads again"
+                )
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+        raise EvolinkTransportError(
+            f"the result download broke off: {type(exc).__name__}", request_sent=True
+        ) from None
+
+
+def _pinned_session(pins: dict[tuple[str, int], str]) -> requests.Session:
+    """A ``requests`` session whose direct connections go to ``pins[(host, port)]``, the address that
+    passed :func:`check_download_url`, and nowhere else; TLS still verifies (and SNI still names) the
+    host. Without the pin a second DNS lookup at connect time could answer a private address (DNS
+    rebinding). Connections through a proxy are the proxy's business and are not pinned."""
+    import socket
+
+    import requests
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+    from urllib3.util.connection import create_connection
+
+    def new_pinned_conn(connection: HTTPConnection) -> socket.socket:
+        address = pins.get((connection.host, connection.port or 80))
+        if address is None:
+            raise NewConnectionError(connection, f"{connection.host} was not checked before connecting")
+        try:
+            return create_connection(
+                (address, connection.port),
+                connection.timeout,
+                source_address=connection.source_address,
+                socket_options=connection.socket_options,
+            )
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(connection, f"connection to {connection.host} timed out") from exc
+        except OSError as exc:
+            raise NewConnectionError(connection, f"failed to connect to {connection.host}: {exc}") from exc
+
+    class PinnedHTTPConnection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return new_pinned_conn(self)
+
+    class PinnedHTTPSConnection(HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return new_pinned_conn(self)
+
+    class PinnedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = PinnedHTTPConnection
+
+    class PinnedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = PinnedHTTPSConnection
+
+    class PinnedAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": PinnedHTTPPool, "https": PinnedHTTPSPool}
+
+    session = requests.Session()
+    adapter = PinnedAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+class ResultDownloads:
+    """The result downloads of one hook: a session whose connections go only to addresses that were
+    checked, and the ``(host, port) -> address`` pins it connects by."""
+
+    def __init__(self) -> None:
+        self._pins: dict[tuple[str, int], str] = {}
+        self.session = _pinned_session(self._pins)
+
+    @contextmanager
+    def open(
+        self, url: str, settings: EvolinkConnectionSettings, deadline: float | None = None
+    ) -> Iterator[ResultStream]:
+        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked.
+        With a ``deadline`` (epoch seconds) no retry sleeps past it and the body stops with an error
+        once it has passed."""
+        current = url
+        for _hop in range(6):
+            parts = urlsplit(current)
+            self._pins[((parts.hostname or "").rstrip("."), _port(parts))] = check_download_url(
+                current, own_base_url=settings.base_url
+            )
+            response = self._get(current, settings, deadline)
+            if response.is_redirect:
+                location = response.headers.get("Location", "")
+                response.close()
+                current = urljoin(current, location)
+                continue
+            try:
+                yield _result_stream(current, response, deadline)
+            finally:
+                response.close()
+            return
+        raise EvolinkTransportError(f"too many redirects for {_redact_query(url)}", request_sent=True)
+
+    def _get(
+        self, url: str, settings: EvolinkConnectionSettings, deadline: float | None
+    ) -> requests.Response:
+        """One hop's answer (a redirect, or a 2xx to stream), repeated as the policy's download row
+        says; raises the error it ends with."""
+        import requests
+
+        # Compressed bodies are refused (see _result_stream): ask for none, so the byte cap counts file bytes.
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        for attempt in range(1, settings.retry.max_attempts + 1):
+            error: EvolinkError
+            try:
+                response = self.session.get(
+                    url,
+                    headers=headers,
+                    stream=True,
+                    timeout=(settings.timeouts.connect, _time_left(settings.timeouts.read, deadline)),
+                    allow_redirects=False,
+                )
+            except requests.RequestException as exc:
+                error = EvolinkTransportError(
+                    f"downloading {_redact_query(url)}: {type(exc).__name__}", request_sent=True
+                )
+            else:
+                if response.status_code in (403, 404, 410):
+                    response.close()
+                    raise EvolinkNotFoundError(
+                        "the result link is gone or expired (EvoLink keeps results for 24 h)",
+                        status_code=response.status_code,
+                        method="GET",
+                        path=_redact_query(url),
+                    )
+                if response.status_code < 400:
+                    return response
+                response.close()
+                error = error_for_status(
+                    response.status_code,
+                    "downloading a result failed",
+                    retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                    method="GET",
+                    path=_redact_query(url),
+                )
+            decision = settings.retry.decide(Kind.DOWNLOAD, attempt, error, deadline)
+            if decision.verdict is not Verdict.REPEAT:
+                raise error
+            time.sleep(decision.delay)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _result_stream(url: str, response: requests.Response, deadline: float | None) -> ResultStream:
+    """The stream of a hop that answered; anything but a plain 200 is refused."""
+    if response.status_code != 200:
+        raise error_for_status(
+            response.status_code, "downloading a result failed", method="GET", path=_redact_query(url)
+        )
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise EvolinkTransportError(
+            f"the result {_redact_query(url)} came {encoding}-encoded although none was "
+            "asked for; refusing it (its size could not be bounded before decoding)",
+            request_sent=True,
+        )
+    length = response.headers.get("Content-Length")
+    return ResultStream(
+        url=url,
+        content_type=response.headers.get("Content-Type", "").split(";")[0].strip().lower(),
+        content_length=int(length) if length and length.isdigit() else None,
+        chunks=_chunks(response, deadline),
+    )
+
+
+def _time_left(read_timeout: float, deadline: float | None) -> float:
+    """The read timeout of a request, shortened so that it cannot outlast ``deadline``."""
+    if deadline is None:
+        return read_timeout
+    return max(0.1, min(read_timeout, deadline - time.time()))
+
+
+def _port(parts: SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _redact_query(url: str) -> str:
+    """Signed URLs carry their signature in the query: keep it out of logs and errors."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" + ("?..." if parts.query else "")
+
+
+def check_download_url(url: str, *, own_base_url: str) -> str:
+    """Refuse what a result URL must never be: another scheme, credentials, or a private address; return
+    the checked address to connect to (connecting by name would resolve it again).
+
+    The connection's own host is allowed even when private, so the bundled simulator works.
+    """
+    import ipaddress
+    import socket
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EvolinkConfigurationError(
+            f"refusing to download {parts.scheme or 'a'}: URL {_redact_query(url)}"
+        )
+    if parts.username or parts.password:
+        raise EvolinkConfigurationError("refusing to download a result URL that carries credentials")
+    own = urlsplit(own_base_url)
+    port = _port(parts)
+    try:
+        addresses = [
+            str(info[4][0]) for info in socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+        ]
+    except OSError as exc:
+        raise EvolinkTransportError(f"cannot resolve {parts.hostname}: {exc}", request_sent=False) from None
+    if not addresses:
+        raise EvolinkTransportError(f"cannot resolve {parts.hostname}", request_sent=False)
+    if (parts.hostname, port) == (own.hostname, _port(own)):
+        return addresses[0]
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        if not ip.is_global:
+            raise EvolinkConfigurationError(
+                f"refusing to download from {parts.hostname} ({ip}): a private address that is not the "
+                "connection's own host"
+            )
+    return addresses[0]

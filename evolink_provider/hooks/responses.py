@@ -1,0 +1,200 @@
+"""Reading what EvoLink answered: the body with a size cap, strict JSON, EvoLink's error bodies mapped to
+:mod:`evolink_provider.exceptions`, and ``requests``/``httpx`` failures said in a few words (their own texts
+repeat the URL and nest three exceptions deep). Shared by the sync and async clients of
+:mod:`evolink_provider.hooks.transport`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from evolink_provider.answers import MAX_ANSWER_BYTES, loads_strict
+from evolink_provider.exceptions import (
+    EvolinkBadAnswerError,
+    EvolinkRefusedError,
+    EvolinkTransportError,
+    error_for_status,
+)
+from evolink_provider.hooks.retry import parse_retry_after
+
+if TYPE_CHECKING:
+    import httpx
+    import requests
+
+    from evolink_provider.hooks.transport import _Request
+
+log = logging.getLogger(__name__)
+
+
+def parse_response(
+    request: _Request, status_code: int, headers: Mapping[str, str], content: bytes
+) -> dict[str, Any]:
+    """Decode a JSON answer or raise the typed error its status and body describe."""
+    request_id = headers.get("x-request-id") or headers.get("request-id")
+    if status_code >= 400:
+        try:
+            body = loads_strict(content)
+        except ValueError:
+            body = None
+        code, message, body_request_id = error_fields(body)
+        if body is None:
+            message = content[:200].decode("utf-8", "replace").strip()
+        raise error_for_status(
+            status_code,
+            message or f"HTTP {status_code}",
+            code=code,
+            request_id=body_request_id or request_id,
+            retry_after=parse_retry_after(headers.get("retry-after")),
+            method=request.method,
+            path=request.path,
+            connection=request.connection,
+        )
+    try:
+        decoded = loads_strict(content)
+    except ValueError as exc:
+        reason = str(exc) if "JSON" in str(exc) else "not JSON"
+        raise EvolinkBadAnswerError(
+            f"{request.connection}: {request.method} {request.path} answered HTTP {status_code} with a body "
+            f"that is {reason} ({len(content)} bytes)" + (f", request_id={request_id}" if request_id else "")
+        ) from None
+    if not isinstance(decoded, dict):
+        raise EvolinkBadAnswerError(
+            f"{request.connection}: {request.method} {request.path} answered a JSON "
+            f"{type(decoded).__name__}, not an object"
+        )
+    _raise_if_refused(request, decoded, request_id)
+    if headers.get("idempotency-replayed", "").lower() == "true":
+        log.info("EvoLink replayed the original task for this Idempotency-Key (no new task was created).")
+    return decoded
+
+
+def error_fields(body: Any) -> tuple[str | None, str, str | None]:
+    """``(code, message, request_id)`` of every error body shape EvoLink's clients have seen.
+
+    * ``{"error": {"code", "message", "type", "param"?, "request_id"?}}`` (the usual one; ``code`` is an
+      integer on ``GET /v1/credits``);
+    * OAuth-shaped 401s: ``{"error": "invalid_token", "error_description": "..."}``;
+    * envelopes ``{"success": false, "code", "msg"}`` (Files API) or ``{"code", "message"}``;
+    * the request id inside ``error``, at the top level, or (read by the caller) in a header.
+    """
+    if not isinstance(body, dict):
+        return None, "", None
+    error = body.get("error")
+    if isinstance(error, dict):
+        code, message, request_id = error.get("code"), error.get("message"), error.get("request_id")
+    elif isinstance(error, str):
+        code, message, request_id = error, body.get("error_description"), None
+    else:
+        code, message, request_id = body.get("code"), body.get("msg") or body.get("message"), None
+    request_id = request_id or body.get("request_id")
+    return (
+        str(code) if code not in (None, "") and not isinstance(code, bool) else None,
+        str(message or ""),
+        str(request_id) if request_id else None,
+    )
+
+
+def _raise_if_refused(request: _Request, answer: dict[str, Any], request_id: str | None) -> None:
+    """An HTTP 200 saying ``"success": false`` (credits, Files API) is a refusal, not an answer."""
+    if answer.get("success") is not False:
+        return
+    code, message, body_request_id = error_fields(answer)
+    raise EvolinkRefusedError(
+        message or "success: false",
+        status_code=200,
+        code=code,
+        request_id=body_request_id or request_id,
+        method=request.method,
+        path=request.path,
+        connection=request.connection,
+    )
+
+
+def read_capped(request: _Request, response: requests.Response) -> bytes:
+    """The body of a streamed ``requests`` answer, refused past :data:`MAX_ANSWER_BYTES`."""
+    body = bytearray()
+    for chunk in response.iter_content(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            response.close()  # the rest is never read: drop the connection
+            raise _too_large(request)
+    return bytes(body)
+
+
+async def aread_capped(request: _Request, response: httpx.Response) -> bytes:
+    """The body of a streamed ``httpx`` answer, refused past :data:`MAX_ANSWER_BYTES`."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _too_large(request)
+    return bytes(body)
+
+
+def _too_large(request: _Request) -> EvolinkBadAnswerError:
+    return EvolinkBadAnswerError(
+        f"EvoLink {request.method} {request.path} answered more than {MAX_ANSWER_BYTES} bytes; "
+        "a task answer is about a kilobyte, so it was not read further"
+    )
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a ``requests`` connection error happened before the request could be sent."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+    return any(isinstance(item, (NewConnectionError, ConnectTimeoutError)) for item in _exception_chain(exc))
+
+
+def transport_error(request: _Request, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
+    detail = transport_failure(exc)
+    return EvolinkTransportError(
+        f"{request.connection}: {request.method} {request.path}: {detail}",
+        request_sent=request_sent,
+        detail=detail,
+    )
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it (causes, contexts, urllib3 reasons, wrapped first args)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        reason = getattr(current, "reason", None)
+        wrapped = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        current = (
+            (reason if isinstance(reason, BaseException) else None)
+            or current.__cause__
+            or current.__context__
+            or wrapped
+        )
+
+
+def transport_failure(exc: BaseException) -> str:
+    """What a ``requests``/``httpx`` failure means, in a few words (their own texts repeat the URL and
+    nest three exceptions deep)."""
+    import socket
+    import ssl
+
+    chain = list(_exception_chain(exc))
+    texts = " ".join(str(item) for item in chain).lower()
+    names = " ".join(type(item).__name__.lower() for item in chain)
+    if any(isinstance(item, ssl.SSLCertVerificationError) for item in chain) or "certificate_verify" in texts:
+        return "TLS certificate verification failed (CERTIFICATE_VERIFY_FAILED)"
+    if any(isinstance(item, ConnectionRefusedError) for item in chain) or "refused" in texts:
+        return "connection refused"
+    if any(isinstance(item, socket.gaierror) for item in chain) or "resolution" in names:
+        return "host name not found"
+    if "connecttimeout" in names or "connect timeout" in texts:
+        return "connection timed out"
+    if "timeout" in names or "timed out" in texts:
+        return "no answer in time (read timeout)"
+    if "ssl" in names:
+        return "TLS handshake failed"
+    if "reset" in texts or "aborted" in texts or "remotedisconnected" in names or "disconnected" in texts:
+        return "the connection was closed before a complete answer"
+    if "incomplete" in names or "chunked" in names or "incomplete" in texts:
+        return "the answer was cut short"
+    return type(exc).__name__
