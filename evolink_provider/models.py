@@ -19,53 +19,46 @@ and the allowed values, and the coercion rules above differ from pydantic's lax 
 
 from __future__ import annotations
 
-import ast
 import fnmatch
-import ipaddress
-import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
 
 from evolink_provider.exceptions import EvolinkValidationError
+from evolink_provider.field_rules import (
+    Coercer,
+    FieldContext,
+    MediaRef,
+    boolean,
+    callback_url,
+    choice,
+    integer,
+    media,
+    model_params,
+    single_media,
+    text,
+    timestamps,
+)
 
 HAPPYHORSE_ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "4:5", "5:4", "9:21", "21:9")
 SEEDANCE_ASPECT_RATIOS = ("16:9", "9:16", "1:1", "4:3", "3:4", "21:9", "adaptive")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-#: What EvoLink's Files API stores: images only, so only image fields may name local files.
-FILES_API_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp")
 EDIT_VIDEO_EXTENSIONS = (".mp4", ".mov")
 REFERENCE_VIDEO_EXTENSIONS = (".mp4", ".mov")
 REFERENCE_AUDIO_EXTENSIONS = (".wav", ".mp3")
 MAX_SEED = 2147483647
-MAX_CALLBACK_URL = 2048
 MAX_SEEDANCE_TOKENS = 10000
 HAPPYHORSE_PROMPT_CHARS = 5000
 HAPPYHORSE_CJK_PROMPT_CHARS = 2500
-STORAGE_SCHEMES = frozenset(
-    {"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hdfs", "webhdfs"}
-)
 MEDIA_FIELDS = frozenset({"image_urls", "video_urls", "audio_urls", "video_url", "video"})
-IMAGE_FIELDS = frozenset({"image_urls"})
 #: Fields some models refuse, and where they exist (for an error that says so).
 FIELD_SCOPES = {
     "model_params": "seedance-2.0-text-to-video and seedance-2.0-fast-text-to-video only (web search)",
 }
 VIDEO_EDIT_SOURCES = ("video_urls", "video_url", "video")
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
-
-
-class MediaRef(NamedTuple):
-    """A media input that is a local path or storage URI: uploaded first, then replaced by its URL."""
-
-    field: str
-    position: int
-    value: str
 
 
 class ValidatedRequest(NamedTuple):
@@ -84,190 +77,6 @@ def estimate_prompt_tokens(text: str) -> int:
     return cjk + math.ceil((len(text) - cjk) / 4)
 
 
-@dataclass
-class _Context:
-    model: str
-    allow_local_media: bool
-    warnings: list[str] = field(default_factory=list)
-    local_media: list[MediaRef] = field(default_factory=list)
-
-    def error(self, name: str, value: Any, allowed: str) -> EvolinkValidationError:
-        return EvolinkValidationError(self.model, name, value, allowed)
-
-
-Coercer = Callable[[_Context, str, Any], Any]
-
-
-def integer(low: int, high: int) -> Coercer:
-    def coerce(ctx: _Context, name: str, value: Any) -> int:
-        allowed = f"an integer from {low} to {high}"
-        if isinstance(value, bool):
-            raise ctx.error(name, value, allowed)
-        if isinstance(value, str) and _INTEGER.fullmatch(value):
-            value = int(value)
-        if not isinstance(value, int):
-            raise ctx.error(name, value, allowed)
-        if not low <= value <= high:
-            raise ctx.error(name, value, allowed)
-        return value
-
-    return coerce
-
-
-def boolean(ctx: _Context, name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ctx.error(name, value, 'true or false (or the strings "true"/"false")')
-
-
-def choice(*allowed: str) -> Coercer:
-    def coerce(ctx: _Context, name: str, value: Any) -> str:
-        if value not in allowed:
-            raise ctx.error(name, value, "one of " + ", ".join(allowed))
-        return str(value)
-
-    return coerce
-
-
-def text(ctx: _Context, name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ctx.error(name, value, "a non-empty string")
-    return value
-
-
-def _as_list(ctx: _Context, name: str, value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    if isinstance(value, str) and value.strip().startswith("["):
-        for parse in (json.loads, ast.literal_eval):
-            try:
-                parsed = parse(value)
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(parsed, list):
-                return parsed
-    raise ctx.error(name, value, "a list of URLs (a single string is not guessed to be a one-item list)")
-
-
-def _public_url(ctx: _Context, name: str, value: Any, extensions: tuple[str, ...] | None) -> str:
-    if not isinstance(value, str):
-        raise ctx.error(name, value, "an http(s) URL")
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ctx.error(name, value, "a public http(s) URL (operators upload local files and storage URIs)")
-    if parts.username or parts.password:
-        raise ctx.error(name, "<URL with credentials>", "a URL without user:password (it would leak)")
-    if extensions:
-        last = parts.path.lower().rsplit("/", 1)[-1]
-        if "." in last and not last.endswith(extensions):
-            raise ctx.error(name, value, "a file ending in " + ", ".join(extensions))
-    return value.strip()
-
-
-def _local_reference(value: Any) -> bool:
-    """A local path or an object-storage URI the operators can upload (never javascript:, data:, ftp:)."""
-    if not isinstance(value, str) or not value.strip() or "\x00" in value:
-        return False
-    scheme = urlsplit(value).scheme.lower()
-    return scheme in STORAGE_SCHEMES or (scheme == "" and not value.startswith("//"))
-
-
-def media(low: int, high: int, extensions: tuple[str, ...] | None = None) -> Coercer:
-    def coerce(ctx: _Context, name: str, value: Any) -> list[str]:
-        items = _as_list(ctx, name, value)
-        if not low <= len(items) <= high:
-            count = f"exactly {low}" if low == high else f"{low} to {high}"
-            raise ctx.error(name, value, f"{count} item(s), got {len(items)}")
-        return [_media_item(ctx, name, index, item, extensions) for index, item in enumerate(items)]
-
-    return coerce
-
-
-def _media_item(ctx: _Context, name: str, index: int, item: Any, extensions: tuple[str, ...] | None) -> str:
-    if _local_reference(item):
-        if name not in IMAGE_FIELDS:
-            raise ctx.error(
-                name,
-                item,
-                "a public http(s) URL: EvoLink's Files API takes images only (JPEG, PNG, GIF, WEBP), so "
-                "a local video or audio file cannot be uploaded; put it where EvoLink can fetch it",
-            )
-        if ctx.allow_local_media:
-            image_types = tuple(
-                ext for ext in FILES_API_EXTENSIONS if ext in (extensions or FILES_API_EXTENSIONS)
-            )
-            last = urlsplit(str(item)).path.lower().rsplit("/", 1)[-1]
-            if "." in last and not last.endswith(image_types):
-                raise ctx.error(name, item, "a local image ending in " + ", ".join(image_types))
-            ctx.local_media.append(MediaRef(name, index, str(item)))
-            return str(item)
-    return _public_url(ctx, name, item, extensions)
-
-
-def single_media(extensions: tuple[str, ...], required_extension: bool) -> Coercer:
-    def coerce(ctx: _Context, name: str, value: Any) -> str:
-        url = _media_item(ctx, name, 0, value, None)
-        path = urlsplit(url).path.lower()
-        if (required_extension or "." in path.rsplit("/", 1)[-1]) and not path.endswith(extensions):
-            raise ctx.error(name, value, "a video ending in " + ", ".join(extensions))
-        return url
-
-    return coerce
-
-
-def callback_url(ctx: _Context, name: str, value: Any) -> str:
-    allowed = f"an https URL to a public host, at most {MAX_CALLBACK_URL} characters"
-    if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
-        raise ctx.error(name, value, allowed)
-    parts = urlsplit(value)
-    host = (parts.hostname or "").lower().rstrip(".")
-    if parts.scheme != "https" or not host or host == "localhost" or host.endswith(".localhost"):
-        raise ctx.error(name, value, allowed)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        if _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
-            # No top-level domain is a number: "127.1", "2130706433", "0x7f.1" are addresses in shorthand.
-            raise ctx.error(name, value, allowed + " (write an address in full, a.b.c.d)") from None
-        return value
-    address = getattr(address, "ipv4_mapped", None) or address
-    if not address.is_global or address.is_multicast:
-        raise ctx.error(name, value, allowed + " (private, loopback and link-local addresses are refused)")
-    return value
-
-
-def model_params(ctx: _Context, name: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ctx.error(name, value, 'an object such as {"web_search": true}') from None
-    if not isinstance(value, dict):
-        raise ctx.error(name, value, 'an object such as {"web_search": true}')
-    unknown = set(value) - {"web_search"}
-    if unknown:
-        raise ctx.error(name, value, "the documented key web_search only")
-    return {key: boolean(ctx, f"{name}.{key}", item) for key, item in value.items()}
-
-
-_TIMESTAMPS = re.compile(r"\s*(\d+(?:\.\d+)?)\s*,\s*(\d+(?:\.\d+)?)\s*")
-
-
-def timestamps(ctx: _Context, name: str, value: Any) -> str:
-    allowed = '"start,end" in seconds with 0 <= start < end and end - start <= 2'
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        value = ",".join(str(part) for part in value)
-    match = _TIMESTAMPS.fullmatch(value) if isinstance(value, str) else None
-    if not match:
-        raise ctx.error(name, value, allowed)
-    start, end = float(match.group(1)), float(match.group(2))
-    if not (0 <= start < end and end - start <= 2):
-        raise ctx.error(name, value, allowed)
-    return f"{match.group(1)},{match.group(2)}"
-
-
 @dataclass(frozen=True)
 class ModelSchema:
     """The fields of one model: ``fields`` maps each name to its coercer; ``required`` must be present."""
@@ -275,11 +84,11 @@ class ModelSchema:
     name: str
     fields: dict[str, Coercer]
     required: frozenset[str]
-    check: Callable[[_Context, dict[str, Any]], None] = lambda ctx, payload: None
+    check: Callable[[FieldContext, dict[str, Any]], None] = lambda ctx, payload: None
 
 
 def _named_references(
-    ctx: _Context, prompt: str, pattern: str, counts: dict[str, int], label: Callable[[str], str]
+    ctx: FieldContext, prompt: str, pattern: str, counts: dict[str, int], label: Callable[[str], str]
 ) -> None:
     """Prompt references (``character2``, ``@video1``) must exist; media never referenced earn a warning."""
     named: dict[str, set[int]] = {kind: set() for kind in counts}
@@ -296,7 +105,7 @@ def _named_references(
             ctx.warnings.append(f"the prompt never names {', '.join(unnamed)}; the model may ignore them")
 
 
-def _happyhorse_prompt(ctx: _Context, payload: dict[str, Any]) -> None:
+def _happyhorse_prompt(ctx: FieldContext, payload: dict[str, Any]) -> None:
     prompt = payload.get("prompt") or ""
     limit = HAPPYHORSE_CJK_PROMPT_CHARS if _CJK.search(prompt) else HAPPYHORSE_PROMPT_CHARS
     if len(prompt) > limit:
@@ -306,7 +115,7 @@ def _happyhorse_prompt(ctx: _Context, payload: dict[str, Any]) -> None:
         )
 
 
-def _happyhorse_references(ctx: _Context, payload: dict[str, Any]) -> None:
+def _happyhorse_references(ctx: FieldContext, payload: dict[str, Any]) -> None:
     _happyhorse_prompt(ctx, payload)
     _named_references(
         ctx,
@@ -317,7 +126,7 @@ def _happyhorse_references(ctx: _Context, payload: dict[str, Any]) -> None:
     )
 
 
-def _seedance_prompt(ctx: _Context, payload: dict[str, Any]) -> None:
+def _seedance_prompt(ctx: FieldContext, payload: dict[str, Any]) -> None:
     prompt = payload.get("prompt") or ""
     tokens = estimate_prompt_tokens(prompt)
     if tokens > MAX_SEEDANCE_TOKENS:
@@ -329,7 +138,7 @@ def _seedance_prompt(ctx: _Context, payload: dict[str, Any]) -> None:
         ctx.warnings.append("content_filter=false relaxes moderation and costs x1.1")
 
 
-def _seedance_references(ctx: _Context, payload: dict[str, Any]) -> None:
+def _seedance_references(ctx: FieldContext, payload: dict[str, Any]) -> None:
     _seedance_prompt(ctx, payload)
     counts = {kind: len(payload.get(f"{kind}_urls", [])) for kind in ("image", "video", "audio")}
     if not counts["image"] and not counts["video"]:
@@ -339,7 +148,7 @@ def _seedance_references(ctx: _Context, payload: dict[str, Any]) -> None:
     )
 
 
-def _video_edit(ctx: _Context, payload: dict[str, Any]) -> None:
+def _video_edit(ctx: FieldContext, payload: dict[str, Any]) -> None:
     """happyhorse-1.0-video-edit takes its one video as ``video_urls``, ``video_url`` or ``video``."""
     _happyhorse_prompt(ctx, payload)
     given = [name for name in VIDEO_EDIT_SOURCES if name in payload]
@@ -543,7 +352,7 @@ def validate_request(
     """
     if not isinstance(model, str) or not model.strip():
         raise EvolinkValidationError(str(model), "model", model, "an EvoLink model name")
-    ctx = _Context(model, allow_local_media)
+    ctx = FieldContext(model, allow_local_media)
     given = {name: value for name, value in fields.items() if value is not None and name != "model"}
     schema = _SCHEMAS.get(model)
     if schema is None:
@@ -570,7 +379,7 @@ def validate_request(
     return ValidatedRequest(payload, ctx.warnings, ctx.local_media)
 
 
-def _passthrough(ctx: _Context, given: dict[str, Any]) -> dict[str, Any]:
+def _passthrough(ctx: FieldContext, given: dict[str, Any]) -> dict[str, Any]:
     """Unknown models: the rules every generation model shares, the rest passed as given."""
     if "prompt" in given and not isinstance(given["prompt"], str):
         raise ctx.error("prompt", given["prompt"], "a string")

@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlsplit
 from evolink_provider.exceptions import EvolinkInputRefusedError
 
 if TYPE_CHECKING:
+    from evolink_provider.field_rules import MediaRef
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.models import MediaRef
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from evolink_provider.exceptions import (
     EvolinkSubmissionUnknownError,
     EvolinkWaitTimeoutError,
 )
+from evolink_provider.field_rules import MediaRef
 from evolink_provider.hooks.downloads import check_download_url
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.transport import aclose_async_clients
-from evolink_provider.models import MediaRef
 from evolink_provider.storage import EvolinkStorageError, store_results
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from evolink_provider.uploads import CheckedStream, upload_local_media

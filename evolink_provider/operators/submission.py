@@ -38,8 +38,8 @@ from evolink_provider.resume import (
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from evolink_provider.field_rules import MediaRef
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.models import MediaRef
 
 
 NO_TASK_STATE_STORE = (
