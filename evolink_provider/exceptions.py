@@ -250,50 +250,23 @@ class EvolinkWaitTimeoutError(EvolinkError):
     retryable = True
 
 
-def error_for_status(
-    status_code: int,
-    message: str,
-    *,
-    code: str | None = None,
-    request_id: str | None = None,
-    retry_after: float | None = None,
-    method: str = "",
-    path: str = "",
-    connection: str = "",
-) -> EvolinkAPIError:
-    """Build the typed error for an HTTP error status (one mapping for the sync and async clients).
+#: The typed error of each HTTP status EvoLink documents; other 5xx are server errors, the rest plain.
+_ERROR_FOR_STATUS: dict[int, type[EvolinkAPIError]] = {
+    400: EvolinkBadRequestError,
+    401: EvolinkAuthenticationError,
+    402: EvolinkInsufficientCreditsError,
+    403: EvolinkPermissionError,
+    404: EvolinkNotFoundError,
+    409: EvolinkConflictError,
+    429: EvolinkRateLimitError,
+}
 
-    :param connection: who was asked (``EvoLink connection 'id' (base URL)``), so the message names it.
-    """
-    cls: type[EvolinkAPIError]
-    if status_code == 400:
-        cls = EvolinkBadRequestError
-    elif status_code == 401:
-        cls = EvolinkAuthenticationError
-    elif status_code == 402:
-        cls = EvolinkInsufficientCreditsError
-    elif status_code == 403:
-        cls = EvolinkPermissionError
-    elif status_code == 404:
-        cls = EvolinkNotFoundError
-    elif status_code == 409:
-        cls = EvolinkConflictError
-    elif status_code == 429:
-        cls = EvolinkRateLimitError
-    elif status_code >= 500:
-        cls = EvolinkServerError
-    else:
-        cls = EvolinkAPIError
-    return cls(
-        message,
-        status_code=status_code,
-        code=code,
-        request_id=request_id,
-        retry_after=retry_after,
-        method=method,
-        path=path,
-        connection=connection,
-    )
+
+def error_for_status(status_code: int, message: str, **details: Any) -> EvolinkAPIError:
+    """Build the typed error for an HTTP error status (one mapping for the sync and async clients);
+    ``details`` are :class:`EvolinkAPIError`'s keyword arguments (code, request id, connection, ...)."""
+    default = EvolinkServerError if status_code >= 500 else EvolinkAPIError
+    return _ERROR_FOR_STATUS.get(status_code, default)(message, status_code=status_code, **details)
 
 
 class EvolinkBadAnswerError(EvolinkTransportError):

@@ -38,6 +38,7 @@ from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     Outcome,
+    PollDecision,
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
@@ -46,6 +47,7 @@ from evolink_provider.polling import (
 )
 from evolink_provider.triggers.evolink import (
     DEFAULT_MAX_POLL_FAILURES,
+    TRIGGER_MIN_DELAY,
     EvolinkTaskTrigger,
     task_from_event,
 )
@@ -56,10 +58,8 @@ if TYPE_CHECKING:
 #: Default wait budget: generations take minutes to tens of minutes.
 DEFAULT_TIMEOUT = 2 * 60 * 60
 XCOM_TASK_ID_KEY = "evolink_task_id"
-#: Seconds after a deferral before the trigger may fire, and the expected remaining run time up to which a
-#: deferrable operator waits on the worker instead: Airflow 3.2-3.3's scheduler can fail a task instance
-#: whose trigger fires seconds after the deferral (docs/reliability.md, "Fast triggers").
-TRIGGER_MIN_DELAY = 15.0
+#: The expected remaining run time up to which a deferrable operator waits on the worker instead of
+#: deferring (see TRIGGER_MIN_DELAY and docs/reliability.md, "Fast triggers").
 WAIT_ON_WORKER_WINDOW = TRIGGER_MIN_DELAY
 
 
@@ -167,28 +167,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
             return task
         started_at = created_at(task, default=time.time())
         deadline = time.time() + float(self.timeout)
-        decision = decide_after_poll(
-            task,
-            now=time.time(),
-            started_at=started_at,
-            deadline=deadline,
-            poll_interval=self.poll_interval,
-            max_poll_interval=self.max_poll_interval,
-        )
+        decision = self._decide(task, started_at, deadline)
         if decision.outcome is Outcome.WAIT and self.deferrable:
             # A trigger that fires seconds after the deferral can get the task instance failed by
             # Airflow 3.2-3.3's scheduler (apache/airflow#66374): a task expected to end soon is waited
             # for here, and only one still running after that window is deferred.
             if expected_remaining(task, time.time() - started_at) <= WAIT_ON_WORKER_WINDOW:
                 task = self._wait_here(task, started_at, deadline, until=time.time() + WAIT_ON_WORKER_WINDOW)
-                decision = decide_after_poll(
-                    task,
-                    now=time.time(),
-                    started_at=started_at,
-                    deadline=deadline,
-                    poll_interval=self.poll_interval,
-                    max_poll_interval=self.max_poll_interval,
-                )
+                decision = self._decide(task, started_at, deadline)
             if decision.outcome is Outcome.WAIT:
                 deferred_at = time.time()
                 self.defer(
@@ -211,6 +197,17 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if decision.outcome is Outcome.WAIT:
             task = self._wait_here(task, started_at, deadline)
         return self._finish(context, task, deadline)
+
+    def _decide(self, task: dict[str, Any], started_at: float, deadline: float) -> PollDecision:
+        """What the task's state means now, with this operator's poll settings."""
+        return decide_after_poll(
+            task,
+            now=time.time(),
+            started_at=started_at,
+            deadline=deadline,
+            poll_interval=self.poll_interval,
+            max_poll_interval=self.max_poll_interval,
+        )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: check the event, then collect the results (within the same
@@ -247,14 +244,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         while True:
             if line := reporter.update(task):
                 self.log.info(line)
-            decision = decide_after_poll(
-                task,
-                now=time.time(),
-                started_at=started_at,
-                deadline=deadline,
-                poll_interval=self.poll_interval,
-                max_poll_interval=self.max_poll_interval,
-            )
+            decision = self._decide(task, started_at, deadline)
             if decision.outcome is Outcome.TIMEOUT:
                 raise EvolinkWaitTimeoutError(decision.message)
             if decision.outcome is not Outcome.WAIT:

@@ -21,7 +21,7 @@ from evolink_provider.polling import (
     decide_after_poll,
     task_failure,
 )
-from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
+from evolink_provider.triggers.evolink import TRIGGER_MIN_DELAY, EvolinkTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -99,9 +99,13 @@ class EvolinkTaskSensor(BaseSensorOperator):
                 poll_interval=self.poke_interval,
                 max_poll_interval=self.max_poll_interval,
                 end_time=time.time() + float(self.timeout),
+                # The scheduler race of fast triggers (see TRIGGER_MIN_DELAY) hits sensors too.
+                not_before=time.time() + TRIGGER_MIN_DELAY,
             ),
             method_name="execute_complete",
-            timeout=timedelta(seconds=float(self.timeout) + 2 * self.max_poll_interval + 60),
+            timeout=timedelta(
+                seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + TRIGGER_MIN_DELAY
+            ),
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:

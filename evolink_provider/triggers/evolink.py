@@ -27,6 +27,10 @@ from evolink_provider.polling import (
     task_failure,
 )
 
+#: Seconds after a deferral before a trigger of this provider may fire: Airflow 3.2-3.3's scheduler can fail
+#: a task instance whose trigger fires seconds after the deferral (apache/airflow#66374, #67287, #71580,
+#: #72716; docs/reliability.md, "Fast triggers"). Operators and the sensor pass ``not_before`` from it.
+TRIGGER_MIN_DELAY = 15.0
 #: Consecutive failed polls (each already retried inside the hook) that end a wait.
 DEFAULT_MAX_POLL_FAILURES = 8
 
