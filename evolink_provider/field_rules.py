@@ -13,10 +13,11 @@ import ast
 import ipaddress
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from evolink_provider.exceptions import EvolinkValidationError
 
@@ -180,8 +181,14 @@ def callback_url(ctx: FieldContext, name: str, value: Any) -> str:
     allowed = f"an https URL to a public host, at most {MAX_CALLBACK_URL} characters"
     if not isinstance(value, str) or len(value) > MAX_CALLBACK_URL:
         raise ctx.error(name, value, allowed)
+    if any(char.isspace() or not char.isprintable() for char in value):
+        # urlsplit silently drops tabs and line breaks, so the value checked would not be the one sent.
+        raise ctx.error(name, value, allowed + " (no spaces, line breaks or control characters)")
     parts = urlsplit(value)
-    host = (parts.hostname or "").lower().rstrip(".")
+    # What a URL parser makes of the host (percent-decoding, IDNA/UTS 46): "127.0.0.1%2e", or fullwidth
+    # digits with ideographic full stops (U+3002), are 127.0.0.1 and are checked as such.
+    host = unicodedata.normalize("NFKC", unquote(parts.hostname or "")).replace("\u3002", ".")
+    host = host.lower().rstrip(".")
     if parts.scheme != "https" or not host or host == "localhost" or host.endswith(".localhost"):
         raise ctx.error(name, value, allowed)
     try:

@@ -121,6 +121,13 @@ def test_unknown_field_is_refused_naming_the_allowed_ones() -> None:
         "https://[::ffff:127.0.0.1]/hook",
         "https://localhost/hook",
         "https://" + "a" * 2040 + ".com/",
+        # Spellings a URL parser turns into loopback (percent-decoding, IDNA/UTS 46 mapping).
+        "https://\uff11\uff12\uff17.\uff10.\uff10.\uff11/hook",
+        "https://127\u30020\u30020\u30021/hook",
+        "https://127.0.0.1%2e/hook",
+        "https://\u24db\u24de\u24d2\u24d0\u24db\u24d7\u24de\u24e2\u24e3/hook",
+        # urlsplit drops line breaks, so the checked URL would not be the one sent.
+        "https://hooks.example.com/a\r\nb",
     ],
 )
 def test_callback_url_refuses_unsafe_targets(url: str) -> None:
@@ -129,6 +136,7 @@ def test_callback_url_refuses_unsafe_targets(url: str) -> None:
 
 def test_callback_url_accepts_a_public_https_url() -> None:
     assert ok(SD, callback_url="https://hooks.example.com/evolink")["callback_url"]
+    assert ok(SD, callback_url="https://m\u00fcnchen.example/evolink")["callback_url"]
 
 
 def test_sora_character_has_no_callback_url() -> None:
