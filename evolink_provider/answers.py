@@ -33,6 +33,14 @@ MAX_URL_LENGTH = 8192
 #: ``created`` is Unix seconds: anything beyond the year 5138 is not a timestamp.
 MAX_EPOCH_SECONDS = 10**11
 MAX_STATUS_LENGTH = 64
+#: ``created`` is trusted for the poll schedule only within these bounds of the local clock: at most a
+#: minute ahead, at most a day behind (a task older than that is reattached, its ``created`` long past).
+CREATED_SKEW_MAX = 60.0
+MAX_GENERATION_AGE = 24 * 60 * 60.0
+#: ``model``, ``object`` and ``type`` are names, not texts.
+MAX_NAME_LENGTH = 256
+#: A whole task object: about a kilobyte in practice; it becomes an XCom value and a trigger event.
+MAX_TASK_BYTES = 64 * 1024
 #: Integers in an answer are timestamps, counts and credits: 20 digits is plenty, and keeps every one
 #: convertible to a float.
 MAX_INT_DIGITS = 20
@@ -118,9 +126,13 @@ def epoch_seconds(value: object) -> float | None:
 
 
 def created_at(task: dict[str, Any], default: float) -> float:
-    """When ``task`` was created (Unix seconds), or ``default`` when it does not say."""
+    """When ``task`` was created (Unix seconds), or ``default`` when it does not say or says something
+    far from ``default`` (a skewed server clock would otherwise stretch the adaptive poll schedule to
+    its 10-minute ceiling, or poll a fresh task as if it were overdue)."""
     seconds = epoch_seconds(task.get("created"))
-    return default if seconds is None else seconds
+    if seconds is None or not -CREATED_SKEW_MAX <= default - seconds <= MAX_GENERATION_AGE:
+        return default
+    return seconds
 
 
 def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
@@ -159,6 +171,15 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
         if not isinstance(answer.get(name), (dict, type(None))):
             refuse(f"{name}={_shown(answer.get(name))} is not an object")
     for name in ("model", "object", "type"):
-        if not isinstance(answer.get(name), (str, type(None))):
-            refuse(f"{name}={_shown(answer.get(name))} is not a string")
+        value = answer.get(name)
+        if not (value is None or (isinstance(value, str) and len(value) <= MAX_NAME_LENGTH)):
+            refuse(f"{name}={_shown(value)} is not a string of at most {MAX_NAME_LENGTH} characters")
+    error = answer.get("error") or {}
+    if not isinstance(error.get("code"), (str, type(None))) or len(str(error.get("code") or "")) > 128:
+        # A code decides whether a resubmission may help: "['a']" or 123 must not read as an unknown code.
+        refuse(f"error.code={_shown(error.get('code'))} is not a short string")
+    size = len(json.dumps(answer, separators=(",", ":")))
+    if size > MAX_TASK_BYTES:
+        # It becomes an XCom value (and a trigger event): a task object is about a kilobyte.
+        refuse(f"{size} bytes of JSON, more than the {MAX_TASK_BYTES} a task object may take")
     return answer

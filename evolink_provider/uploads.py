@@ -43,9 +43,6 @@ IMAGE_EXTENSIONS = {
 }
 #: Pseudo-filesystems: never uploaded, whatever the allowed folders say.
 SYSTEM_ROOTS = (Path("/proc"), Path("/dev"), Path("/sys"))
-RULE_FOLDERS = (
-    "files inside the folders of the connection extra upload_allowed_dirs (default: the DAGs folder)"
-)
 
 
 def image_type(head: bytes) -> str | None:
@@ -67,9 +64,19 @@ class AllowedLocations:
 
     folders: tuple[Path, ...]
     uri_prefixes: tuple[str, ...]
+    #: Who set them, for the refusal message: "connection 'evolink_default'".
+    source: str = "the connection"
+
+    @property
+    def rule(self) -> str:
+        listed = ", ".join([str(folder) for folder in self.folders] + list(self.uri_prefixes)) or "nothing"
+        return (
+            f"files inside the folders of the extra upload_allowed_dirs of {self.source} "
+            f"(default: the DAGs folder); allowed now: {listed}"
+        )
 
 
-def allowed_locations(configured: tuple[str, ...]) -> AllowedLocations:
+def allowed_locations(configured: tuple[str, ...], source: str = "the connection") -> AllowedLocations:
     """The connection's ``upload_allowed_dirs``, or Airflow's DAGs folder when it lists none."""
     entries = list(configured)
     if not entries:
@@ -84,7 +91,7 @@ def allowed_locations(configured: tuple[str, ...]) -> AllowedLocations:
             prefixes.append(entry if entry.endswith("/") else entry + "/")
         else:
             folders.append(Path(os.path.realpath(Path(entry).expanduser())))
-    return AllowedLocations(tuple(folders), tuple(prefixes))
+    return AllowedLocations(tuple(folders), tuple(prefixes), source)
 
 
 @dataclass
@@ -119,7 +126,7 @@ def _open_local_file(path: Path, refuse: Any, allowed: AllowedLocations) -> Chec
     if any(real == root or real.is_relative_to(root) for root in SYSTEM_ROOTS):
         raise refuse("regular image files; /proc, /dev and /sys are never uploaded")
     if not any(real.is_relative_to(folder) for folder in allowed.folders):
-        raise refuse(RULE_FOLDERS)
+        raise refuse(allowed.rule)
     content_type = IMAGE_EXTENSIONS.get(real.suffix.lower())
     if content_type is None:
         raise refuse(f"images named {', '.join(IMAGE_EXTENSIONS)} (the Files API takes images only)")
@@ -150,7 +157,9 @@ def _open_storage_uri(uri: str, refuse: Any, allowed: AllowedLocations) -> Check
 
     segments = urlsplit(uri).path.split("/")
     if ".." in segments or "." in segments or not any(uri.startswith(p) for p in allowed.uri_prefixes):
-        raise refuse("storage URIs under a prefix listed in the connection extra upload_allowed_dirs")
+        raise refuse(
+            f"storage URIs under a prefix listed in the extra upload_allowed_dirs of {allowed.source}"
+        )
     source = as_storage_path(uri)
     content_type = IMAGE_EXTENSIONS.get(Path(source.name).suffix.lower())
     if content_type is None:
@@ -214,7 +223,7 @@ def local_media_digests(hook: EvolinkHook, fields: dict[str, Any], refs: list[Me
 
     Read through the same checks as an upload, so an input that may not be uploaded is not even read.
     """
-    allowed = allowed_locations(hook.settings.upload_allowed_dirs)
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
     digests: dict[str, str] = {}
     for ref in refs:
         checked = open_checked_input(ref, _field_label(fields, ref), allowed)
@@ -243,7 +252,7 @@ def upload_local_media(
         that the caller can record it with the submission.
     """
     known = dict(uploads or {})
-    allowed = allowed_locations(hook.settings.upload_allowed_dirs)
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
     with ExitStack() as stack:
         pending = []
         for ref in refs:

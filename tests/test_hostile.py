@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import importlib
 import json
 import logging
@@ -18,6 +19,7 @@ import socket
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -261,9 +263,122 @@ def test_malformed_poll_answers_are_bad_answers_sync_and_async(
     assert sync_error.value.retryable and async_error.value.retryable  # a failed poll, counted
 
 
+def _gzip_of_spaces(megabytes: int) -> bytes:
+    """``{`` + that many MB of spaces + ``}``, gzipped without ever holding it uncompressed."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [packer.compress(b"{")]
+    spaces = b" " * (1 << 20)
+    parts += [packer.compress(spaces) for _ in range(megabytes)]
+    parts += [packer.compress(b"}"), packer.flush()]
+    return b"".join(parts)
+
+
+def _peak_rss_growth_mb(run: Callable[[], object]) -> float:
+    """How far the process's peak RSS rose while ``run`` ran (the peak is reset first)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS:")
+    with contextlib.suppress(EvolinkError):
+        run()
+    return (_status_kb("VmHWM:") - before) / 1024
+
+
+def _status_kb(field: str) -> int:
+    line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith(field))
+    return int(line.split()[1])
+
+
+def _both_modes(hook: EvolinkHook, deadline: float | None = None) -> tuple[BaseException, BaseException]:
+    """The error a sync read and an async read of TASK_ID end with."""
+    with pytest.raises(EvolinkError) as sync_error:
+        hook.get_task(TASK_ID, deadline=deadline)
+
+    async def poll() -> None:
+        try:
+            await EvolinkHook("evolink_hostile").aget_task(TASK_ID, deadline=deadline)
+        finally:
+            await aclose_async_clients()
+
+    with pytest.raises(EvolinkError) as async_error:
+        asyncio.run(poll())
+    return sync_error.value, async_error.value
+
+
+def test_a_gzipped_answer_is_read_and_a_gzip_bomb_is_refused_in_bounded_memory(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    hostile.json(
+        "/v1/tasks/", gzip.compress(json.dumps(task()).encode()), headers={"Content-Encoding": "gzip"}
+    )
+    assert hook.get_task(TASK_ID)["id"] == TASK_ID  # an honest compressed answer is fine
+
+    bomb = _gzip_of_spaces(512)  # 512 MB of JSON in ~500 KB
+    hostile.json("/v1/tasks/", bomb, headers={"Content-Encoding": "gzip"})
+    for error in _both_modes(hook):
+        assert isinstance(error, EvolinkBadAnswerError) and "more than" in str(error), error
+    growth = _peak_rss_growth_mb(lambda: asyncio.run(EvolinkHook("evolink_hostile").aget_task(TASK_ID)))
+    assert growth < 64, f"peak RSS grew {growth:.0f} MB unpacking a 512 MB bomb"
+
+    nested = gzip.compress(_gzip_of_spaces(64))
+    hostile.json("/v1/tasks/", nested, headers={"Content-Encoding": "gzip, gzip"})
+    for error in _both_modes(hook):
+        assert isinstance(error, EvolinkBadAnswerError) and "Content-Encoding" in str(error), error
+
+
+def test_a_trickled_answer_is_cut_off_by_the_deadline_in_both_modes(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    stop = threading.Event()
+    body = json.dumps(task()).encode()
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for byte in body:  # a byte every 0.2 s: each read well inside the 2 s read timeout
+            if stop.wait(0.2):
+                return
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+
+    hostile.routes["/v1/tasks/"] = trickle
+    started = time.monotonic()
+    try:
+        errors = _both_modes(hook, deadline=time.time() + 1)
+    finally:
+        stop.set()
+    for error in errors:
+        assert "time ran out" in str(error) or isinstance(error, EvolinkWaitTimeoutError), error
+    # The whole body would take ~60 s per read; both reads ended near their deadline instead.
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"model": "m" * 900_000}, "model="),
+        ({"status": "failed", "error": {"code": ["a"], "message": "x"}}, "error.code="),
+        ({"status": "failed", "error": {"code": 123}}, "error.code="),
+        ({"usage": {"note": "x" * 100_000}}, "bytes of JSON"),
+    ],
+)
+def test_answers_too_large_for_xcom_or_with_odd_error_codes_are_bad(
+    fields: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(EvolinkBadAnswerError, match=match):
+        checked_task(task(**fields))
+
+
+def test_a_created_far_from_the_local_clock_does_not_drive_the_schedule() -> None:
+    now = time.time()
+    assert created_at(task(created=1), default=now) == now
+    assert created_at(task(created=int(now) + 3600), default=now) == now  # an hour in the future
+    assert created_at(task(created=int(now) - 600), default=now) == int(now) - 600
+
+
 def test_bad_created_never_breaks_the_operator_start_time() -> None:
     assert created_at({"created": "yesterday"}, default=5.0) == 5.0
-    assert created_at({"created": "1767225600"}, default=5.0) == 1767225600.0
+    assert created_at({"created": "1767225600"}, default=1767225700.0) == 1767225600.0
     assert created_at({"created": 1e300}, default=5.0) == 5.0
 
 

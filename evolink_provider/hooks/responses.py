@@ -6,12 +6,15 @@ repeat the URL and nest three exceptions deep). Shared by the sync and async cli
 from __future__ import annotations
 
 import logging
+import time
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from evolink_provider.answers import MAX_ANSWER_BYTES, loads_strict
 from evolink_provider.exceptions import (
     EvolinkBadAnswerError,
+    EvolinkError,
     EvolinkRefusedError,
     EvolinkTransportError,
     error_for_status,
@@ -111,31 +114,88 @@ def _raise_if_refused(request: _Request, answer: dict[str, Any], request_id: str
     )
 
 
-def read_capped(request: _Request, response: requests.Response) -> bytes:
-    """The body of a streamed ``requests`` answer, refused past :data:`MAX_ANSWER_BYTES`."""
-    body = bytearray()
-    for chunk in response.iter_content(64 * 1024):
-        body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            response.close()  # the rest is never read: drop the connection
-            raise _too_large(request)
-    return bytes(body)
+class AnswerBody:
+    """One answer's body as it arrives, bounded: at most one ``gzip``/``deflate`` layer is undone, never more
+    than :data:`MAX_ANSWER_BYTES` is held (however well the bytes compress), and no chunk is taken after
+    ``until`` (epoch seconds), so a server that trickles its answer cannot hold a worker or a trigger.
+
+    The clients read raw bytes and decode here, so the bound does not depend on what ``urllib3``/``httpx``
+    would unpack at once (a 3 KB doubly gzipped answer unpacked to 2 GB in httpx).
+    """
+
+    def __init__(self, request: _Request, content_encoding: str | None, until: float) -> None:
+        self.request = request
+        self.until = until
+        encodings = [name.strip().lower() for name in (content_encoding or "").split(",") if name.strip()]
+        encodings = [name for name in encodings if name != "identity"]
+        if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "deflate")):
+            raise EvolinkBadAnswerError(
+                f"{request.connection}: {request.method} {request.path} answered with Content-Encoding "
+                f"{content_encoding!r}; only one gzip or deflate layer is accepted (it was asked for those)"
+            )
+        # wbits 47: a gzip or a zlib header, detected (HTTP's "deflate" is zlib-wrapped).
+        self._inflate = zlib.decompressobj(wbits=47) if encodings else None
+        self._body = bytearray()
+
+    def add(self, raw: bytes) -> None:
+        if time.time() > self.until:
+            raise EvolinkTransportError(
+                f"{self.request.connection}: {self.request.method} {self.request.path}: the answer was "
+                "still arriving when its time ran out (a trickling server, or the wait's deadline)",
+                request_sent=True,
+            )
+        if self._inflate is None:
+            self._body += raw
+        else:
+            try:
+                self._body += self._inflate.decompress(raw, MAX_ANSWER_BYTES + 1 - len(self._body))
+            except zlib.error:
+                raise self._bad("a compressed body that does not decompress") from None
+            if self._inflate.unconsumed_tail:
+                raise _too_large(self.request)
+        if len(self._body) > MAX_ANSWER_BYTES:
+            raise _too_large(self.request)
+
+    def content(self) -> bytes:
+        if self._inflate is not None and not self._inflate.eof and self._body:
+            raise self._bad("a compressed body cut short")
+        return bytes(self._body)
+
+    def _bad(self, what: str) -> EvolinkBadAnswerError:
+        return EvolinkBadAnswerError(
+            f"{self.request.connection}: {self.request.method} {self.request.path} answered {what}"
+        )
 
 
-async def aread_capped(request: _Request, response: httpx.Response) -> bytes:
-    """The body of a streamed ``httpx`` answer, refused past :data:`MAX_ANSWER_BYTES`."""
-    body = bytearray()
-    async for chunk in response.aiter_bytes(64 * 1024):
-        body += chunk
-        if len(body) > MAX_ANSWER_BYTES:
-            raise _too_large(request)
-    return bytes(body)
+def read_capped(request: _Request, response: requests.Response, until: float) -> bytes:
+    """The body of a streamed ``requests`` answer (see :class:`AnswerBody`). ``read1`` returns what one
+    socket read brings, so the time bound is checked as bytes trickle in."""
+    import urllib3
+
+    body = AnswerBody(request, response.headers.get("content-encoding"), until)
+    try:
+        while chunk := response.raw.read1(64 * 1024, decode_content=False):
+            body.add(chunk)
+    except EvolinkError:
+        response.close()  # the rest is never read: drop the connection
+        raise
+    except (urllib3.exceptions.HTTPError, OSError) as exc:  # a reset or read timeout mid-answer
+        raise transport_error(request, exc, request_sent=True) from None
+    return body.content()
+
+
+async def aread_capped(request: _Request, response: httpx.Response, until: float) -> bytes:
+    """The body of a streamed ``httpx`` answer (see :class:`AnswerBody`)."""
+    body = AnswerBody(request, response.headers.get("content-encoding"), until)
+    async for chunk in response.aiter_raw():  # as received: a chunk size would buffer up to it
+        body.add(chunk)
+    return body.content()
 
 
 def _too_large(request: _Request) -> EvolinkBadAnswerError:
     return EvolinkBadAnswerError(
-        f"EvoLink {request.method} {request.path} answered more than {MAX_ANSWER_BYTES} bytes; "
-        "a task answer is about a kilobyte, so it was not read further"
+        f"{request.connection}: {request.method} {request.path} answered more than {MAX_ANSWER_BYTES} "
+        "bytes; a task answer is about a kilobyte, so it was not read further"
     )
 
 

@@ -80,6 +80,8 @@ def build_request(
         "Authorization": f"Bearer {settings.api_key.reveal()}",
         "User-Agent": USER_AGENT,
         "Accept": "application/json",
+        # Not br/zstd (whatever the clients have installed): the body is decoded here, bounded.
+        "Accept-Encoding": "gzip, deflate",
     }
     if json_body is not None:
         headers["Content-Type"] = "application/json"
@@ -152,7 +154,7 @@ def send(
     retried like a garbled one."""
     for attempt in range(1, settings.retry.max_attempts + 1):
         try:
-            return accept(_send_once(session, request, settings.timeouts))
+            return accept(_send_once(session, request, settings.timeouts, deadline))
         except EvolinkError as error:
             time.sleep(_wait_before_retry(request, settings.retry, attempt, error, logging.WARNING, deadline))
     raise AssertionError("unreachable: the loop returns or raises")
@@ -177,7 +179,16 @@ def upload(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _send_once(session: requests.Session, request: _Request, timeouts: Timeouts) -> dict[str, Any]:
+def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
+    """When an answer's body must have arrived, counted from its headers: within one read timeout, and
+    by the wait's deadline when there is one."""
+    until = time.time() + timeouts.read
+    return until if deadline is None else min(until, deadline)
+
+
+def _send_once(
+    session: requests.Session, request: _Request, timeouts: Timeouts, deadline: float | None = None
+) -> dict[str, Any]:
     import requests
 
     try:
@@ -190,7 +201,7 @@ def _send_once(session: requests.Session, request: _Request, timeouts: Timeouts)
             allow_redirects=False,
             stream=True,
         )
-        content = read_capped(request, response)
+        content = read_capped(request, response, _answer_until(timeouts, deadline))
     except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
         raise transport_error(request, exc, request_sent=False) from None
     except requests.ConnectionError as exc:
@@ -220,7 +231,7 @@ def _send_multipart(
             allow_redirects=False,
             stream=True,
         )
-        content = read_capped(request, response)
+        content = read_capped(request, response, _answer_until(timeouts, None))
     except requests.ConnectionError as exc:
         raise transport_error(request, exc, request_sent=not refused(exc)) from None
     except requests.RequestException as exc:
@@ -240,7 +251,7 @@ async def asend(
     """:func:`send` on this event loop's shared pool."""
     for attempt in range(1, settings.retry.max_attempts + 1):
         try:
-            return accept(await _asend_once(request, settings.timeouts))
+            return accept(await _asend_once(request, settings.timeouts, deadline))
         except EvolinkError as error:
             # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
             await asyncio.sleep(
@@ -249,7 +260,7 @@ async def asend(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-async def _asend_once(request: _Request, timeouts: Timeouts) -> dict[str, Any]:
+async def _asend_once(request: _Request, timeouts: Timeouts, deadline: float | None = None) -> dict[str, Any]:
     import httpx
 
     try:
@@ -259,7 +270,7 @@ async def _asend_once(request: _Request, timeouts: Timeouts) -> dict[str, Any]:
                 request.method, request.url, headers=request.headers, json=request.json_body
             ) as response,
         ):
-            content = await aread_capped(request, response)
+            content = await aread_capped(request, response, _answer_until(timeouts, deadline))
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise transport_error(request, exc, request_sent=False) from None
     except httpx.HTTPError as exc:  # read timeouts, resets mid-answer, protocol errors
