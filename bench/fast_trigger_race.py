@@ -1,0 +1,74 @@
+"""How soon after a deferral may a trigger fire? The window behind ``TRIGGER_MIN_DELAY``, measured.
+
+Airflow 3.2-3.3's scheduler can fail a task instance whose trigger fires seconds after the deferral
+(apache/airflow#66374, #67287, #71580, #72716): the stale "success" of the worker's defer-exit is processed
+after the task was resumed. This runs a real cluster (``tests/e2e/airflow_cluster.py``: api-server,
+scheduler, dag-processor, triggerer, LocalExecutor) once per delay given, with 200 mapped deferrable
+generations of 1-5 s and ``retries=0``, every one deferred (no wait on the worker) and its trigger allowed
+to fire ``delay`` seconds after the deferral, and counts the task instances that did not succeed.
+
+    python bench/fast_trigger_race.py 0 15      # about 5 minutes per delay on a 2-core machine
+
+The provider's delay and window are set in the DAG file (the worker imports it before running the task),
+so the production code has no knob for this.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.e2e.airflow_cluster import AirflowCluster
+
+GENERATIONS = 200
+DAG_SOURCE = """
+import pendulum
+from airflow.sdk import DAG
+
+import evolink_provider.operators.base as base
+from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
+
+base.TRIGGER_MIN_DELAY = {delay}
+base.WAIT_ON_WORKER_WINDOW = 0.0  # every generation defers
+
+with DAG("race_{name}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+         max_active_tasks=64):
+    EvolinkSeedanceTextToVideoOperator.partial(
+        task_id="generate", duration=4, deferrable=True, poll_interval=1, max_poll_interval=2, retries=0
+    ).expand(prompt=[f"Race {{i}} [sim:seconds={{1 + i % 5}}] [sim:estimate=1]" for i in range({count})])
+"""
+
+
+def measure(delay: float) -> tuple[int, int, float]:
+    """(failed task instances, deferred ones, seconds) for one run at ``delay``."""
+    name = str(delay).replace(".", "_")
+    dag_id = f"race_{name}"
+    source = DAG_SOURCE.format(delay=float(delay), name=name, count=GENERATIONS)
+    with AirflowCluster(extra_dag_sources={f"{dag_id}.py": source}) as cluster:
+        cluster.wait_for_dags([dag_id])
+        began = time.monotonic()
+        run_id = cluster.trigger(dag_id)
+        cluster.wait_for_runs({dag_id: run_id}, timeout=1800)
+        elapsed = time.monotonic() - began
+        instances = cluster.task_instances(dag_id, run_id)
+        failed = sum(1 for ti in instances.values() if ti.state != "success")
+        deferred = sum(
+            1 for i in range(GENERATIONS) if "deferred" in cluster.seen((dag_id, run_id, "generate", i))
+        )
+    return failed, deferred, elapsed
+
+
+def main() -> None:
+    delays = [float(arg) for arg in sys.argv[1:]] or [0.0, 15.0]
+    print("| trigger may fire after deferral | task instances failed | deferred | run time |")
+    print("|---|---|---|---|")
+    for delay in delays:
+        failed, deferred, elapsed = measure(delay)
+        print(f"| {delay:.0f} s | {failed} of {GENERATIONS} | {deferred} | {elapsed:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
