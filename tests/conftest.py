@@ -5,6 +5,7 @@ The environment is fixed here, at import, because Airflow reads its configuratio
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ def _free_port() -> int:
 
 
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="evolink-airflow-home-"))
+atexit.register(shutil.rmtree, AIRFLOW_HOME, ignore_errors=True)
 DAGS_FOLDER = AIRFLOW_HOME / "dags"
 SIMULATOR_PORT = _free_port()
 SIMULATOR_URL = f"http://127.0.0.1:{SIMULATOR_PORT}"
