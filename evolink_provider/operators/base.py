@@ -227,7 +227,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         record = self.submitter.current_task_id if "submitter" in self.__dict__ else None
         self.log.warning(
             "EvoLink has no cancel call: task %s keeps generating and is billed when it completes. "
-            "A retry of this Airflow task reattaches to it instead of submitting again.",
+            "A retry of this Airflow task reattaches to it; a clear submits a new generation.",
             record or "(not submitted yet)",
         )
 

@@ -161,10 +161,11 @@ class EvolinkTaskTrigger(BaseTrigger):
             return
 
     async def on_kill(self) -> None:
-        """A user cleared or marked the deferred task: say that the generation goes on (no cancel call)."""
+        """A user cleared or marked the deferred task: say that the generation goes on (no cancel call) and
+        what a retry and a clear do next."""
         self.log.warning(
             "EvoLink has no cancel call: task %s keeps generating (and is billed when it completes). "
-            "A retry of this Airflow task reattaches to it instead of submitting again.",
+            "A retry of this Airflow task reattaches to it; a clear submits a new generation.",
             self.evolink_task_id,
         )
 
