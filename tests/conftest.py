@@ -91,6 +91,11 @@ class SimulatorControl:
     def reset(self) -> None:
         requests.post(f"{self.base_url}/_simulator/reset", timeout=5).raise_for_status()
 
+    def set_credits(self, remaining: float | None = None, unlimited: bool = False) -> None:
+        """What ``GET /v1/credits`` reports until the next reset."""
+        body = {"remaining": remaining, "unlimited": unlimited}
+        requests.post(f"{self.base_url}/_simulator/credits", json=body, timeout=5).raise_for_status()
+
     def posts(self) -> int:
         return int(self.stats()["requests"].get("POST /v1/videos/generations", 0))
 

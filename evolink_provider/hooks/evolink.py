@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from evolink_provider.answers import checked_task, task_id_to_send
+from evolink_provider.answers import checked_task, credits_text, remaining_credits, task_id_to_send
 from evolink_provider.compat import BaseHook, hook_field_behaviour
 from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
@@ -180,13 +180,12 @@ class EvolinkHook(BaseHook):
     def test_connection(self) -> tuple[bool, str]:
         """Check the key with the free ``GET /v1/credits`` and report the remaining credits."""
         try:
-            answer = self.get_credits()
+            balance = remaining_credits(self.get_credits())
         except EvolinkAuthenticationError as error:
             return False, f"EvoLink rejected the API key (HTTP 401: {error.api_message})."
         except EvolinkError as error:
             return False, str(error)
-        user = (answer.get("data") or {}).get("user") or {}
-        remaining = "unlimited" if user.get("unlimited_credits") is True else user.get("remaining_credits")
+        remaining = "unlimited" if balance is None else credits_text(balance)
         return True, f"Connected to EvoLink at {self.settings.base_url}; remaining credits: {remaining}"
 
     def close(self) -> None:

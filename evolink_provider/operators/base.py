@@ -45,6 +45,7 @@ from evolink_provider.polling import (
     expected_run_time,
     task_failure,
 )
+from evolink_provider.results import final_line, finished_value
 from evolink_provider.triggers.evolink import (
     DEFAULT_MAX_POLL_FAILURES,
     TRIGGER_MIN_DELAY,
@@ -90,6 +91,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
         worker, a wait timeout, a triggerer restart) reattaches to the EvoLink task it submitted, while a
         cleared task instance or a new DAG run submits a new generation. ``never``: every try submits its
         own generation (each one is billed).
+    :param min_credits: before submitting, read the account's balance (the free ``GET /v1/credits``) and
+        fail without submitting when it is below this many credits; ``None`` (default) skips the check.
+        Reattaching to an earlier try's task spends nothing and is not checked; unlimited accounts pass.
     """
 
     template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
@@ -106,12 +110,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
         timeout: float = DEFAULT_TIMEOUT,
         output_path: str | None = None,
         reattach: str = "auto",
+        min_credits: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.evolink_conn_id = evolink_conn_id
         self.output_path = output_path
         self.reattach = reattach
+        self.min_credits = min_credits
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -136,7 +142,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     @cached_property
     def submitter(self) -> Submitter:
-        return Submitter(self.hook, self.log, self.reattach, self.output_path)
+        return Submitter(self.hook, self.log, self.reattach, self.output_path, self.min_credits)
 
     def validated_request(self) -> PreparedRequest:
         """The rendered fields checked against the model's documented limits (no HTTP before that), with
@@ -163,8 +169,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     def _wait_and_finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
         context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
-        if not self.wait_for_completion or task.get("from_storage"):
+        if not self.wait_for_completion:
             return task
+        if task.get("from_storage"):
+            return finished_value(task)
         started_at = created_at(task, default=time.time())
         deadline = time.time() + float(self.timeout)
         decision = self._decide(task, started_at, deadline)
@@ -238,7 +246,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     ) -> dict[str, Any]:
         """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
         ``until`` (epoch seconds) passes with the task still running."""
-        reporter = ProgressReporter()
+        reporter = ProgressReporter(task["id"], started_at)
         failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES, self.poll_interval, self.max_poll_interval)
         task_id = task["id"]
         while True:
@@ -253,9 +261,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 return task
             if decision.message:
                 self.log.warning(decision.message)
-            time.sleep(
-                decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
-            )
+            delay = decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
+            for pause in reporter.pauses(delay):
+                time.sleep(pause)
+                if line := reporter.between_polls():
+                    self.log.info(line)
             try:
                 task = self.hook.get_task(task_id, deadline=deadline)
                 failures.success()
@@ -308,10 +318,5 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 task = {**task, "files": files}
             except EvolinkError as error:
                 fail_for(error)
-        usage = task.get("usage") or {}
-        self.log.info(
-            "EvoLink task %s completed; usage: %s",
-            task["id"],
-            {k: v for k, v in usage.items() if k != "user_group"} or "(not reported)",
-        )
-        return task
+        self.log.info(final_line(task, elapsed=now - created_at(task, default=now)))
+        return finished_value(task)
