@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -170,12 +171,12 @@ def follow(run_time: float, poll_every: float | None, estimate: float = 600.0) -
 def test_progress_lines_keep_a_steady_rhythm_whatever_the_polls(poll_every: float | None) -> None:
     lines = follow(run_time=900.0, poll_every=poll_every)
     times = [at for at, _ in lines]
-    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     statuses = [line.split(": ")[1].split(" ")[0].rstrip(",") for _, line in lines]
     # never silent for longer than PROGRESS_MAX_GAP while the task runs, polled or not
     assert max(gaps[:-1]) <= PROGRESS_MAX_GAP
     # never more often than PROGRESS_MIN_GAP, except when the status changes
-    for gap, status, previous in zip(gaps, statuses[1:], statuses):
+    for gap, (previous, status) in zip(gaps, itertools.pairwise(statuses), strict=True):
         assert gap >= PROGRESS_MIN_GAP or status != previous, lines
     assert statuses[0] == "pending" and statuses[-1] == "completed"
     assert len(lines) <= 900 / PROGRESS_MIN_GAP + 3
@@ -186,11 +187,13 @@ def test_a_progress_line_says_elapsed_and_remaining_and_where_the_estimate_comes
     reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
     clock.sleep(30)
     assert reporter.update(task("pending", 0, estimate=165)) == (
-        "EvoLink task task-unified-1-abcdefgh: pending 0%, 30s elapsed, about 2m 15s left (from estimated_time)"
+        "EvoLink task task-unified-1-abcdefgh: pending 0%, 30s elapsed, "
+        "about 2m 15s left (from estimated_time)"
     )
     clock.sleep(60)
     assert reporter.update(task("processing", 45, estimate=165)) == (
-        "EvoLink task task-unified-1-abcdefgh: processing 45%, 1m 30s elapsed, about 1m 50s left (from progress)"
+        "EvoLink task task-unified-1-abcdefgh: processing 45%, 1m 30s elapsed, "
+        "about 1m 50s left (from progress)"
     )
     clock.sleep(PROGRESS_MAX_GAP)
     assert reporter.between_polls() == (

@@ -120,7 +120,7 @@ def test_progress_lines_reach_the_log(sim: SimulatorControl, capsys: pytest.Capt
 
     assert events[0]["status"] == "success"
     logged = "".join(capsys.readouterr())
-    assert f"EvoLink task {task_id}: pending 0%, " in logged or f"EvoLink task {task_id}: processing" in logged
+    assert f"EvoLink task {task_id}: pending 0%, " in logged or f"{task_id}: processing" in logged
     assert " elapsed, about " in logged and " left (from " in logged
 
 
