@@ -375,3 +375,16 @@ def test_a_reattaching_retry_does_not_read_the_balance_again(sim: SimulatorContr
     stats = sim.stats()
     assert stats["requests"]["POST /v1/videos/generations"] == 1
     assert stats["requests"]["GET /v1/credits"] == 1
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "50", True])
+def test_a_bad_min_credits_is_refused_before_any_request(sim: SimulatorControl, bad: Any) -> None:
+    import logging
+
+    from evolink_provider.compat import AirflowFailException
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.operators.submission import check_balance
+
+    with pytest.raises(AirflowFailException, match=r"min_credits=.*allowed values are None or a number"):
+        check_balance(EvolinkHook(), bad, logging.getLogger(__name__))
+    assert sim.stats()["requests"] == {}
