@@ -2,7 +2,8 @@
 
 Airflow 3 keeps an extra link per task instance in XCom: the operator pushes the targets under
 :data:`XCOM_LINKS_KEY` when it finishes, and at the end of the task Airflow calls each link's ``get_link``,
-which reads them back (``XCom.get_value``) and stores the URL the UI shows. The links are listed in the
+which reads them back (``XCom.get_value``) and stores the URL the UI shows (an empty one when the try
+finished nothing). The links are listed in the
 provider info (``extra-links``), so ``airflow providers links`` names them.
 
 Trust boundary: a URL comes from EvoLink's answer, which is not trusted, and ends up as an ``href`` in
@@ -94,6 +95,10 @@ class EvolinkLink(BaseOperatorLink):
     target: ClassVar[str]
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        if getattr(operator, "finished_task", None) is None:
+            # This try handed nothing downstream (it failed): no link, and no lookup of an XCom that
+            # is not there (Airflow's client logs that as an error).
+            return ""
         from airflow.sdk.execution_time.xcom import XCom
 
         targets = XCom.get_value(ti_key=ti_key, key=XCOM_LINKS_KEY)

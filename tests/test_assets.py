@@ -201,6 +201,17 @@ def test_only_plain_http_urls_are_links(url: str) -> None:
     assert link_targets(hostile) == {}
 
 
+def test_a_try_that_finished_nothing_has_no_link_and_reads_no_xcom() -> None:
+    """A failed try has no ``evolink_links`` XCom: reading it would log Airflow's "XCom not found" error
+    (the ``ti_key`` here would fail any lookup)."""
+    from evolink_provider.links import RESULT_LINKS
+    from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
+
+    operator = EvolinkSeedanceTextToVideoOperator(task_id="failed", prompt="x")
+    assert operator.finished_task is None
+    assert [link.get_link(operator, ti_key=object()) for link in RESULT_LINKS] == ["", "", ""]  # type: ignore[arg-type]
+
+
 def test_stored_files_get_a_link_only_where_storage_has_a_web_address() -> None:
     assert stored_file_link("/tmp/videos/a.mp4") is None
     assert stored_file_link("file:///tmp/videos/a.mp4") is None
