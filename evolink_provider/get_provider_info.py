@@ -9,7 +9,7 @@ from typing import Any
 
 
 def get_provider_info() -> dict[str, Any]:
-    """Describe the provider: its modules, the ``evolink`` connection type and its UI form."""
+    """Describe the provider: its modules, extra links, the ``evolink`` connection type and its UI form."""
     modules = {
         "operators": ["evolink_provider.operators.evolink"],
         "sensors": ["evolink_provider.sensors.evolink"],
@@ -31,6 +31,11 @@ def get_provider_info() -> dict[str, Any]:
             kind: [{"integration-name": "EvoLink", "python-modules": python_modules}]
             for kind, python_modules in modules.items()
         },
+        "extra-links": [
+            "evolink_provider.links.EvolinkVideoLink",
+            "evolink_provider.links.EvolinkProfilePictureLink",
+            "evolink_provider.links.EvolinkStoredFileLink",
+        ],
         "connection-types": [
             {
                 "connection-type": "evolink",

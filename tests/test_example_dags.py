@@ -20,6 +20,8 @@ EXAMPLES = {
     "example_evolink_reference_images",
     "example_evolink_character_to_video",
     "example_evolink_batch_concat",
+    "example_evolink_videos_as_assets",
+    "example_evolink_publish_new_videos",
 }
 
 
