@@ -17,7 +17,8 @@ Every event's ``extra`` (:func:`asset_extra`):
                      prompt can hold what only the DAG's owners should see
 ``duration``         the requested video length in seconds (``None``: the model's default)
 ``size_bytes``       the stored file's size (``None`` for a result URL or an unreadable size)
-``credits``          ``{"reserved": ..., "used": ...}`` (:func:`evolink_provider.results.credits_of`)
+``credits_reserved`` ``credits_used``: as :func:`evolink_provider.results.credits_of` reads them
+                     (flat numbers: Airflow 3.0 hashes each ``extra`` value, a nested dict fails the task)
 ``result_index``     the position of the file among the task's results
 ``expires_in_hours`` ``24``, on result URLs only: the URL stops working then
 =================  ==========================================================================
@@ -100,7 +101,7 @@ def asset_extra(
         "prompt_sha256": request.prompt_sha256,
         "duration": request.duration,
         "size_bytes": size,
-        "credits": credits_of(task),
+        **{f"credits_{name}": spent for name, spent in credits_of(task).items()},
         "result_index": index,
     }
 

@@ -26,7 +26,7 @@ from evolink_provider.assets import asset_events, summarize_request
 from evolink_provider.lineage import dataset_name
 from evolink_provider.links import link_targets, safe_link, stored_file_link
 from evolink_provider.results import credits_of
-from tests.conftest import DAGS_FOLDER, REPO, SimulatorControl
+from tests.conftest import DAGS_FOLDER, REPO, SimulatorControl, asset_events_of
 from tests.test_example_dags import run_example
 from tests.test_hostile import TASK_ID, HostileServer, set_connection, task
 
@@ -60,21 +60,6 @@ def xcom_value(dag_id: str, task_id: str, key: str, run_id: str | None = None) -
         return None if row is None else XComModel.deserialize_value(row)
 
 
-def asset_events_of(dag_id: str) -> list[tuple[str, dict[str, Any], list[str]]]:
-    """``(asset URI, extra, alias names)`` of the asset events the DAG's latest run emitted."""
-    from airflow.models.asset import AssetEvent
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
-        assert run is not None
-        events = session.query(AssetEvent).filter(
-            AssetEvent.source_dag_id == dag_id, AssetEvent.source_run_id == run.run_id
-        )
-        return [(e.asset.uri, dict(e.extra), sorted(a.name for a in e.source_aliases)) for e in events]
-
-
 # -- the example: one asset event per stored file, links in XCom ---------------------------------------
 
 
@@ -99,10 +84,11 @@ def test_stored_files_become_asset_events_with_the_documented_extra(
         "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest(),
         "duration": 4,
         "size_bytes": os.path.getsize(stored),
-        "credits": credits_of(generated),
+        "credits_reserved": credits_of(generated)["reserved"],
+        "credits_used": credits_of(generated)["used"],
         "result_index": 0,
     }
-    assert extra["credits"]["used"] is not None
+    assert extra["credits_used"] is not None
     assert prompt not in json.dumps(extra)
 
 

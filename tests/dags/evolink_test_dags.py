@@ -275,6 +275,19 @@ for mode in ("sync", "deferrable"):
         )
 
 
+with new_dag("evolink_stored_asset_deferrable"):
+    # What the Airflow smoke matrix runs on every supported minor: storage (ObjectStoragePath) and the
+    # asset events on an alias, both of which depend on the Airflow version's own libraries.
+    check_result_data_video(
+        seedance(
+            "deferrable",
+            prompt="stored and announced [sim:output=result_data_list]",
+            output_path=os.path.join(tempfile.gettempdir(), "evolink-test-output"),
+            asset_alias="evolink_smoke_videos",
+        ).output
+    )
+
+
 with new_dag("evolink_local_video_reference"):
     EvolinkSoraCharacterOperator(
         task_id="generate", video_url="/tmp/a-local-clip.mp4", retries=2, retry_delay=0, **FAST
