@@ -139,11 +139,7 @@ class AnswerBody:
 
     def add(self, raw: bytes) -> None:
         if time.time() > self.until:
-            raise EvolinkTransportError(
-                f"{self.request.connection}: {self.request.method} {self.request.path}: the answer was "
-                "still arriving when its time ran out (a trickling server, or the wait's deadline)",
-                request_sent=True,
-            )
+            raise self.out_of_time()
         if self._inflate is None:
             self._body += raw
         else:
@@ -155,6 +151,13 @@ class AnswerBody:
                 raise _too_large(self.request)
         if len(self._body) > MAX_ANSWER_BYTES:
             raise _too_large(self.request)
+
+    def out_of_time(self) -> EvolinkTransportError:
+        return EvolinkTransportError(
+            f"{self.request.connection}: {self.request.method} {self.request.path}: the answer was "
+            "still arriving when its time ran out (a trickling server, or the wait's deadline)",
+            request_sent=True,
+        )
 
     def content(self) -> bytes:
         if self._inflate is not None and not self._inflate.eof and self._body:
