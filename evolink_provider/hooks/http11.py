@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from evolink_provider.hooks.responses import AnswerBody
+from evolink_provider.hooks.responses import AnswerBody, answer_out_of_time
 
 if TYPE_CHECKING:
     from evolink_provider.hooks.transport import _Request
@@ -35,8 +35,8 @@ Origin = tuple[str, str, int]
 READ_SIZE = 64 * 1024
 
 
-class AnswerTimeoutError(TimeoutError):
-    """The answer did not arrive in time: its headers within the read timeout, its body by ``until``."""
+class _TimeUp(Exception):
+    """The exchange's timer closed the connection before the answer was complete."""
 
 
 class Http11Connection:
@@ -77,17 +77,16 @@ class Http11Connection:
         )
 
     async def exchange(
-        self, request: _Request, target: str, body: bytes | None, read_timeout: float, until: float
+        self, request: _Request, target: str, body: bytes | None, until: float
     ) -> tuple[int, dict[str, str], bytes]:
         """Send ``request`` and read its answer: the status, the headers (lower-case names, repeated ones
         joined by ``, ``) and the body, decoded and bounded by :class:`AnswerBody`.
 
-        The headers must arrive within ``read_timeout``, the whole answer by ``until`` (epoch seconds):
-        one timer closes the connection when the time is up, so a stalled or trickling server cannot hold
-        the read. Any failure leaves the connection closed.
+        The whole answer must arrive by ``until`` (epoch seconds: one read timeout after the request, or
+        the wait's deadline if sooner): one timer closes the connection then, so a stalled or trickling
+        server cannot hold the read. Any failure leaves the connection closed.
         """
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(read_timeout, self._time_up)
+        timer = asyncio.get_running_loop().call_later(max(0.0, until - time.time()), self._time_up)
         try:
             fields = [("Host", self._host_header), *request.headers.items()]
             if body is not None:
@@ -98,16 +97,14 @@ class Http11Connection:
             self._writer.write(data + self._state.send(h11.EndOfMessage()))
             response = await self._next(h11.Response)
             assert isinstance(response, h11.Response)
-            timer.cancel()
-            timer = loop.call_later(max(0.0, until - time.time()), self._time_up)
             headers = _joined(response.headers)
             answer = AnswerBody(request, headers.get("content-encoding"), until)
-            try:
-                while not isinstance(event := await self._next(h11.Data, h11.EndOfMessage), h11.EndOfMessage):
-                    assert isinstance(event, h11.Data)
-                    answer.add(event.data)
-            except AnswerTimeoutError:
-                raise answer.out_of_time() from None
+            while not isinstance(event := await self._next(h11.Data, h11.EndOfMessage), h11.EndOfMessage):
+                assert isinstance(event, h11.Data)
+                answer.add(event.data)
+        except _TimeUp:
+            self.close()
+            raise answer_out_of_time(request) from None
         except BaseException:
             self.close()
             raise
@@ -127,7 +124,7 @@ class Http11Connection:
             if event is h11.NEED_DATA:
                 data = await self._reader.read(READ_SIZE)
                 if self._timed_out:
-                    raise AnswerTimeoutError("no complete answer in time (read timeout)")
+                    raise _TimeUp
                 self._state.receive_data(data)
             elif isinstance(event, wanted):
                 return event

@@ -283,7 +283,7 @@ async def _asend_once(request: _Request, timeouts: Timeouts, deadline: float | N
             raise transport_error(request, exc, request_sent=False) from None
         try:
             status, headers, content = await connection.exchange(
-                request, target, body, timeouts.read, _answer_until(timeouts, deadline)
+                request, target, body, _answer_until(timeouts, deadline)
             )
         except (OSError, h11.ProtocolError) as exc:  # resets, timeouts, malformed answers
             raise transport_error(request, exc, request_sent=True) from None
