@@ -51,7 +51,7 @@ async def _drive(read: Reader) -> float:
 
 
 async def via_provider(url: str, task_id: str) -> float:
-    """Today's path: ``transport._asend_once`` (httpx shared pool, raw bytes, bounded body, strict JSON)."""
+    """The provider's path: ``transport._asend_once`` (shared pool, raw bytes, bounded body, strict JSON)."""
     from evolink_provider.hooks.connection import Timeouts
     from evolink_provider.hooks.evolink import EvolinkHook
     from evolink_provider.hooks.transport import _asend_once, aclose_async_clients, build_request
@@ -182,7 +182,7 @@ def bench_json(answer: bytes) -> list[str]:
 
 
 CLIENTS = {
-    "provider (httpx shared pool + strict JSON)": via_provider,
+    "provider (transport._asend_once: pool, bounded body, strict JSON)": via_provider,
     "httpx, one client": via_httpx,
     "httpcore pool": via_httpcore,
     "aiohttp": via_aiohttp,
