@@ -4,7 +4,7 @@ Each method is a thin step over the modules that do the work:
 
 * :mod:`~evolink_provider.hooks.connection`: the Airflow connection, read and checked once;
 * :mod:`~evolink_provider.hooks.transport`: requests built and sent by the sync (``requests``) and async
-  (``httpx``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
+  (``h11``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
   :mod:`evolink_provider.exceptions`;
 * :mod:`~evolink_provider.hooks.retry`: the one retry policy (its table says what is repeated, and when);
 * :mod:`~evolink_provider.hooks.downloads`: result downloads and their address checks;

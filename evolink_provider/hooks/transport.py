@@ -1,8 +1,8 @@
 """Transport: how a request to EvoLink is built and sent, one path for both clients.
 
 A :class:`_Request` is built once (the key only in its headers) and sent by the sync client
-(``requests``, one session per hook) or the async client (``httpx``, pools shared by every trigger of an
-event loop); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
+(``requests``, one session per hook) or the async client (:mod:`~evolink_provider.hooks.http11`
+connections, one pool shared by every trigger of an event loop); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
 :class:`~evolink_provider.hooks.retry.RetryPolicy` allows, and nothing else: one call decides for both.
 """
 
