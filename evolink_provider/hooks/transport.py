@@ -2,7 +2,8 @@
 
 A :class:`_Request` is built once (the key only in its headers) and sent by the sync client
 (``requests``, one session per hook) or the async client (:mod:`~evolink_provider.hooks.http11`
-connections, one pool shared by every trigger of an event loop); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
+connections, one pool shared by every trigger of an event loop);
+:mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
 :class:`~evolink_provider.hooks.retry.RetryPolicy` allows, and nothing else: one call decides for both.
 """
 
