@@ -335,7 +335,7 @@ class _SharedPool:
         self.timeouts = timeouts
         self.ssl_context = httpx.create_ssl_context()
         self.slots = asyncio.Semaphore(ASYNC_POOL_SIZE)
-        self._idle: dict[tuple[str, str, int], list[Http11Connection]] = {}
+        self._idle: dict[Origin, list[Http11Connection]] = {}
         self._proxies = urllib.request.getproxies()
         self._proxy_client: httpx.AsyncClient | None = None
         self.is_closed = False
