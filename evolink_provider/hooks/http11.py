@@ -67,7 +67,8 @@ class Http11Connection:
             )
         except asyncio.TimeoutError:
             raise TimeoutError(f"connect timeout after {connect_timeout:g}s") from None
-        return cls(origin, reader, writer, host if port == default_port else f"{host}:{port}")
+        named = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in Host
+        return cls(origin, reader, writer, named if port == default_port else f"{named}:{port}")
 
     @property
     def reusable(self) -> bool:
