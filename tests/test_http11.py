@@ -111,3 +111,29 @@ def test_a_server_that_never_answers_is_cut_off_at_the_read_timeout(
 
     with pytest.raises(EvolinkTransportError, match="time ran out"):
         read_tasks("evolink_silent", 1)
+
+
+def test_bytes_after_an_answer_are_never_read_as_the_next_polls_answer(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that sends a second, unasked-for answer behind the first one (a desync: a proxy's leftover
+    body, a smuggled response) must not have it read as the next poll's answer: the connection is dropped."""
+
+    def raw_answer(body: dict[str, Any]) -> bytes:
+        content = json.dumps(body).encode()
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n"
+        return head.encode() + content
+
+    answered: list[str] = []
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        smuggled = task(status="completed", progress=100, results=["https://smuggled.example/v.mp4"])
+        handler.wfile.write(raw_answer(task()) + (raw_answer(smuggled) if not answered else b""))
+        handler.wfile.flush()
+        answered.append(handler.path)
+
+    server.routes["/v1/tasks/"] = respond
+    set_connection(monkeypatch, "evolink_desync", server.url)
+    first, second = read_tasks("evolink_desync", 2)
+    assert (first["status"], second["status"]) == ("processing", "processing")
+    assert len(answered) == 2  # the second poll was really sent and its own answer read

@@ -72,9 +72,16 @@ class Http11Connection:
 
     @property
     def reusable(self) -> bool:
-        """Whether another exchange may be sent: the last one ended cleanly and the peer has not closed."""
+        """Whether another exchange may be sent: the last one ended cleanly, the peer has not closed, and
+        nothing arrived that no request asked for (bytes after an answer would be read as the next
+        poll's answer: a desync, so the connection is dropped, as httpcore drops a readable idle one).
+        The stream reader has no public way to ask for its buffered bytes, hence ``_buffer``."""
         return (
-            self._state.our_state is h11.IDLE and not self._writer.is_closing() and not self._reader.at_eof()
+            self._state.our_state is h11.IDLE
+            and not self._writer.is_closing()
+            and not self._reader.at_eof()
+            and not self._state.trailing_data[0]
+            and not getattr(self._reader, "_buffer", b"")
         )
 
     async def exchange(
