@@ -196,7 +196,10 @@ def expected_end(task: dict[str, Any], now: float) -> str:
     estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
     if estimate is None or estimate <= 0:
         return ""
-    end = datetime.fromtimestamp(now + estimate, timezone.utc).strftime("%H:%M:%S UTC")
+    try:
+        end = datetime.fromtimestamp(now + estimate, timezone.utc).strftime("%H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):  # an estimate past any calendar: an untrusted answer
+        return ""
     return f"expected to end around {end}, in about {duration_phrase(estimate)} (task_info.estimated_time)"
 
 

@@ -235,6 +235,12 @@ def test_the_expected_end_comes_from_estimated_time() -> None:
     assert expected_end(task("pending", 0), 1767268800.0) == ""
 
 
+@pytest.mark.parametrize("estimate", [3e11, 1e15, 10**18, 10**19])
+def test_an_estimate_past_any_calendar_gives_no_expected_end(estimate: float) -> None:
+    # The submission's answer is untrusted: its estimate must not fail a task already submitted (billed).
+    assert expected_end(task("pending", 0, estimate=estimate), 1767268800.0) == ""
+
+
 def test_failure_budget_resets_on_success() -> None:
     budget = PollFailureBudget(3, poll_interval=1.0, max_poll_interval=60.0)
     transient = EvolinkTransportError("reset", request_sent=True)
