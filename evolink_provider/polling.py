@@ -35,7 +35,7 @@ from typing import Any
 from evolink_provider.answers import created_at
 from evolink_provider.exceptions import EvolinkError
 from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
-from evolink_provider.results import duration_phrase
+from evolink_provider.results import duration_phrase, printable
 from evolink_provider.storage import result_urls
 
 RUNNING_STATUSES = frozenset({"pending", "processing"})
@@ -267,7 +267,7 @@ class ProgressReporter:
         elapsed = max(0.0, now - started_at)
         if not task:
             return f"EvoLink task {self.task_id}: not polled yet, {duration_phrase(elapsed)} elapsed"
-        line = f"EvoLink task {self.task_id}: {task.get('status')}"
+        line = f"EvoLink task {self.task_id}: {printable(task.get('status'))}"
         if task.get("progress") is not None:
             line += f" {task['progress']}%"
         if now - self._polled_at >= PROGRESS_MIN_GAP / 2:

@@ -12,12 +12,22 @@ reserved credits, so "used" falls back to "reserved" only for a completed task.
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Any
 
 from evolink_provider.answers import credits_text
 from evolink_provider.storage import result_urls
 
-__all__ = ["character_name", "credits_of", "final_line", "finished_value", "result_urls"]
+__all__ = ["character_name", "credits_of", "final_line", "finished_value", "printable", "result_urls"]
+
+
+def printable(text: object) -> str:
+    """``text`` for a log line: control and format characters (newlines, ANSI escapes, bidi overrides)
+    escaped, so that a string from EvoLink's answer cannot forge log lines or recolour the console."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in ("Cc", "Cf") else char
+        for char in str(text)
+    )
 
 
 def _credit_number(value: Any) -> float | None:
@@ -66,11 +76,11 @@ def final_line(task: dict[str, Any], elapsed: float | None = None) -> str:
     if elapsed is not None:
         line += f", {duration_phrase(elapsed)} after submission"
     urls = result_urls(task)
-    line += ": " + (", ".join(urls) if urls else "no result URL")
+    line += ": " + (", ".join(printable(url) for url in urls) if urls else "no result URL")
     if task.get("files"):
-        line += f"; stored: {', '.join(str(path) for path in task['files'])}"
+        line += f"; stored: {', '.join(printable(path) for path in task['files'])}"
     if name := character_name(task):
-        line += f"; character: {name}"
+        line += f"; character: {printable(name)}"
     spent = credits_of(task)
     return line + (
         f"; credits reserved: {_credits_phrase(spent['reserved'])}, used: {_credits_phrase(spent['used'])}"

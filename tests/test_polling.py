@@ -19,6 +19,7 @@ from evolink_provider.polling import (
     expected_end,
     next_poll_delay,
 )
+from evolink_provider.results import final_line
 
 
 def task(status: str, progress: int = 0, estimate: float | None = None, **extra: Any) -> dict[str, Any]:
@@ -250,3 +251,20 @@ def test_failure_budget_resets_on_success() -> None:
     assert budget.after_failure(transient).delay == 1.0
     assert budget.after_failure(transient).delay == 2.0
     assert budget.after_failure(transient).verdict is Verdict.GIVE_UP
+
+
+def test_strings_from_an_answer_cannot_forge_or_recolour_log_lines() -> None:
+    forged = "\n[2026-01-01T00:00:00Z] {taskinstance} INFO - Marking task as SUCCESS\x1b[8m\u202e"
+    completed = task(
+        "completed",
+        100,
+        results=[f"https://cdn.example/v.mp4{forged}"],
+        result_data={"character_name": f"hero{forged}"},
+    )
+    line = final_line(completed)
+    assert "\n" not in line and "\x1b" not in line and "\u202e" not in line
+    assert "https://cdn.example/v.mp4\\n[2026-01-01T00:00:00Z]" in line
+    assert "; character: hero\\n[2026" in line
+    clock = FakeClock()
+    progress = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock).update(task(f"queued{forged}"))
+    assert progress is not None and "\n" not in progress and "\x1b" not in progress
