@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from evolink_provider.assets import RequestSummary
+from evolink_provider.links import safe_link
 from evolink_provider.models import MEDIA_FIELDS
 from evolink_provider.results import result_urls
 
@@ -55,10 +56,13 @@ def input_locations(payload: dict[str, Any]) -> list[str]:
 
 
 def output_locations(task: dict[str, Any] | None) -> list[str]:
-    """The stored files of a finished task, or its result URLs when nothing was stored."""
+    """The stored files of a finished task, or its result URLs when nothing was stored: only plain
+    http(s) ones (:func:`~evolink_provider.links.safe_link`), since the answer is untrusted and anything
+    else (``javascript:``, ``data:``, ``s3://someone-else``) would be named as a local file or a bucket."""
     if not task:
         return []
-    return [str(location) for location in task.get("files") or []] or result_urls(task)
+    stored = [str(location) for location in task.get("files") or []]
+    return stored or [link for url in result_urls(task) if (link := safe_link(url))]
 
 
 def operator_lineage(request: RequestSummary | None, task: dict[str, Any] | None) -> OperatorLineage:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from evolink_provider.assets import asset_events, summarize_request
-from evolink_provider.lineage import dataset_name
+from evolink_provider.lineage import dataset_name, output_locations
 from evolink_provider.links import link_targets, safe_link, stored_file_link
 from evolink_provider.results import credits_of
 from tests.conftest import DAGS_FOLDER, REPO, SimulatorControl, asset_events_of
@@ -232,6 +232,13 @@ def test_dataset_names_follow_openlineage_naming() -> None:
         "/a.png",
     )
     assert dataset_name("https://user:pw@files.example/a.png") is None
+
+
+def test_lineage_outputs_are_only_plain_http_result_urls() -> None:
+    # Result URLs come from an untrusted answer: none may be named as a local file or someone's bucket.
+    good = "https://files.example/results/video.mp4"
+    finished = {"id": TASK_ID, "status": "completed", "results": [*HOSTILE_URLS, "s3://victim/k", good]}
+    assert output_locations(finished) == [good]
 
 
 LINEAGE_RUN = """
