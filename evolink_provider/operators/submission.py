@@ -24,6 +24,7 @@ from evolink_provider.exceptions import (
     task_error_is_retryable,
 )
 from evolink_provider.polling import FAILED_STATUSES, expected_end, task_failure
+from evolink_provider.results import printable
 from evolink_provider.resume import (
     REATTACH_MODES,
     SubmissionRecord,
@@ -282,9 +283,9 @@ class Submitter:
             self.log.info(
                 "Submitted EvoLink task %s (model %s); credits reserved: %s (%s)%s",
                 task["id"],
-                task.get("model"),
-                usage.get("credits_reserved"),
-                usage.get("billing_rule"),
+                printable(task.get("model")),
+                printable(usage.get("credits_reserved")),
+                printable(usage.get("billing_rule")),
                 "; " + end if (end := expected_end(task, time.time())) else "",
             )
             return task
