@@ -120,15 +120,8 @@ class Seen:
 class CeleryCluster(AirflowCluster):
     """PostgreSQL + CeleryExecutor (Redis) + two workers + two triggerers; see the module docstring."""
 
-    components = (
-        "api-server",
-        "scheduler",
-        "dag-processor",
-        "triggerer-1",
-        "triggerer-2",
-        "worker-1",
-        "worker-2",
-    )
+    #: ``triggerer-2`` starts after ``triggerer-1`` has its job row, so each job id is known by name.
+    components = ("api-server", "scheduler", "dag-processor", "triggerer-1", "worker-1", "worker-2")
 
     def __init__(self, *, worker_concurrency: int = 6, parallelism: int = 32, **kwargs: Any) -> None:
         super().__init__(parallelism=parallelism, **kwargs)
@@ -159,6 +152,7 @@ class CeleryCluster(AirflowCluster):
         self.services = ProcessGroups(self.home / "proc-logs", self.env, marker=f"{self.home}:services")
         self.timeline: dict[TIKey, list[Seen]] = defaultdict(list)
         self.triggerer_cpu: dict[int, float] = {}  # pid -> highest CPU seconds seen
+        self.triggerer_jobs: dict[str, int] = {}  # component name -> its TriggererJob id
         self._db: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -182,9 +176,22 @@ class CeleryCluster(AirflowCluster):
             ],
         )
         super().start()
+        self.triggerer_jobs["triggerer-1"] = self._new_triggerer_job()
+        self.procs.spawn("triggerer-2", self.component_command("triggerer-2"))
+        self.triggerer_jobs["triggerer-2"] = self._new_triggerer_job()
         for name in self.components:
             if name.startswith("worker-"):
                 self.wait_for(lambda n=name: " ready." in self.log_tail(n, 400), 180, f"Celery {name}")
+
+    def _new_triggerer_job(self) -> int:
+        """The id of the one running TriggererJob not yet named in ``triggerer_jobs``."""
+
+        def new_job() -> int | None:
+            rows = self.query("select id from job where job_type = 'TriggererJob' and state = 'running'")
+            new = {int(row[0]) for row in rows} - set(self.triggerer_jobs.values())
+            return new.pop() if len(new) == 1 else None
+
+        return self.wait_for(new_job, 120, "a new triggerer job")
 
     def _start_postgres(self) -> None:
         as_user: list[str] = []

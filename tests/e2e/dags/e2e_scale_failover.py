@@ -2,7 +2,7 @@
 
 Two DAGs, the same but for the connection: ``e2e_scale_batch_polling`` polls through ``evolink_default``
 (``batch_polling`` on), ``e2e_scale_single_reads`` through ``evolink_single_reads`` (off). Each maps 200
-deferrable generations of 20-60 s and 4 synchronous ones (``deferrable=False``) over the same durations, so
+deferrable generations of 20-60 s and 4 synchronous ones (``deferrable=False``) of 45-60 s, so
 one run measures what a worker slot costs per generation in both modes. Every prompt is unique: the
 simulator counts the tasks created per prompt, which must be exactly one each although the test SIGKILLs a
 triggerer and a Celery worker mid-run (the retries reattach to the submitted task).
@@ -28,10 +28,16 @@ def seconds_of(index: int) -> int:
     return 20 + (index * 7) % (LONGEST_SECONDS - 20 + 1)
 
 
+def sync_seconds_of(index: int) -> int:
+    """The longest durations, so that the test finds one running when it kills a worker."""
+    return LONGEST_SECONDS - 5 * index
+
+
 def prompts(dag_id: str, kind: str, count: int) -> list[str]:
     # An honest estimate above the operators' 15 s wait-on-worker window: deferrable tasks defer at once.
+    seconds = sync_seconds_of if kind == "sync" else seconds_of
     return [
-        f"{dag_id} {kind} take {i} [sim:seconds={seconds_of(i)}] [sim:estimate={seconds_of(i)}]"
+        f"{dag_id} {kind} take {i} [sim:seconds={seconds(i)}] [sim:estimate={seconds(i)}]"
         for i in range(count)
     ]
 
@@ -58,6 +64,7 @@ for dag_id, conn_id in SCALE_DAGS.items():
             evolink_conn_id=conn_id,
             duration=4,
             deferrable=False,
+            priority_weight=10,  # started early, while the triggerers fill up
             poll_interval=5,
             max_poll_interval=10,
         ).expand(prompt=prompts(dag_id, "sync", SYNC_GENERATIONS))
