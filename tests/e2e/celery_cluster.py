@@ -344,7 +344,13 @@ class CeleryCluster(AirflowCluster):
             if name.startswith("triggerer-"):
                 for pid in process_tree(process.pid):
                     if (used := cpu_seconds(pid)) is not None:
-                        self.triggerer_cpu[pid] = max(used, self.triggerer_cpu.get(pid, 0.0))
+                        with self.lock:
+                            self.triggerer_cpu[pid] = max(used, self.triggerer_cpu.get(pid, 0.0))
+
+    def triggerer_cpu_seconds(self) -> float:
+        """CPU seconds used by every triggerer process seen so far (a killed one: to its last sample)."""
+        with self.lock:
+            return sum(self.triggerer_cpu.values())
 
     # -- chaos ------------------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ def outcome() -> Iterator[Outcome]:
         timings["cluster up"] = time.monotonic() - began
         cluster.wait_for_dags(SCALE_DAGS)
         timings["DAGs parsed"] = time.monotonic() - began
-        cpu_before = sum(cluster.triggerer_cpu.values())
+        cpu_before = cluster.triggerer_cpu_seconds()
         runs = {dag_id: cluster.trigger(dag_id) for dag_id in SCALE_DAGS}
 
         def ready_to_kill() -> tuple[str, dict[int, int], tuple[TIKey, str]] | None:
@@ -122,7 +122,7 @@ def outcome() -> Iterator[Outcome]:
         }
         instances = {dag_id: cluster.task_instances(dag_id, run_id) for dag_id, run_id in runs.items()}
         stats = cluster.sim_stats()
-        triggerer_cpu = sum(cluster.triggerer_cpu.values()) - cpu_before
+        triggerer_cpu = cluster.triggerer_cpu_seconds() - cpu_before
     timings["cluster down"] = time.monotonic() - began
     yield Outcome(
         cluster=cluster,
