@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ class Outcome:
     triggerer_cpu: float
     timings: dict[str, float] = field(default_factory=dict)
     strays: list[int] = field(default_factory=list)
+    leaks: list[str] = field(default_factory=list)
 
 
 def triggers_by_triggerer(cluster: CeleryCluster) -> dict[int, dict[int, int]]:
@@ -83,7 +85,8 @@ def running_sync_task(cluster: CeleryCluster, runs: dict[str, str]) -> tuple[TIK
 
 
 @pytest.fixture(scope="module")
-def outcome() -> Iterator[Outcome]:
+def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
+    failed_before = request.session.testsfailed
     timings: dict[str, float] = {}
     began = time.monotonic()
     with CeleryCluster() as cluster:
@@ -140,7 +143,12 @@ def outcome() -> Iterator[Outcome]:
         triggerer_cpu=triggerer_cpu,
         timings=timings,
         strays=cluster.strays,
+        leaks=cluster.leaks(),
     )
+    if request.session.testsfailed == failed_before and not os.environ.get("EVOLINK_E2E_KEEP"):
+        shutil.rmtree(cluster.home, ignore_errors=True)
+    else:
+        print(f"e2e AIRFLOW_HOME kept for inspection: {cluster.home}")
 
 
 def generation_keys(outcome: Outcome) -> list[TIKey]:
@@ -236,6 +244,11 @@ def test_batch_polling_on_and_off(outcome: Outcome) -> None:
 def test_no_process_left_behind(outcome: Outcome) -> None:
     assert outcome.strays == []
     assert outcome.cluster.watch_errors == []
+
+
+def test_the_api_key_appears_nowhere(outcome: Outcome) -> None:
+    """Not in the logs of any component or task, nor in any trigger's (decrypted) kwargs."""
+    assert outcome.leaks == []
 
 
 # -- cost per generation ------------------------------------------------------------------------------
