@@ -19,7 +19,7 @@ versions=("$@")
 # Releases whose own pins let a plain install pull fastapi/svcs versions that break Airflow itself.
 pins_for() {
     case "$1" in
-        3.0.*) echo "fastapi<0.118" ;;
+        3.0.*) echo "fastapi<0.118 universal-pathlib<0.3" ;;
         3.2.*) echo "fastapi<0.137 svcs<26.2" ;;
         *) echo "" ;;
     esac

@@ -183,3 +183,26 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
         # It becomes an XCom value (and a trigger event): a task object is about a kilobyte.
         refuse(f"{size} bytes of JSON, more than the {MAX_TASK_BYTES} a task object may take")
     return answer
+
+
+def remaining_credits(answer: Any) -> float | None:
+    """The balance in a ``GET /v1/credits`` answer (``data.user.remaining_credits``), or ``None`` for an
+    account with ``unlimited_credits``; anything else is an
+    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError`."""
+    data = answer.get("data") if isinstance(answer, dict) else None
+    user = data.get("user") if isinstance(data, dict) else None
+    if not isinstance(user, dict):
+        raise EvolinkBadAnswerError("EvoLink's credits answer has no data.user object")
+    if user.get("unlimited_credits") is True:
+        return None
+    remaining = user.get("remaining_credits")
+    if isinstance(remaining, (int, float)) and _is_number(remaining):
+        return float(remaining)
+    raise EvolinkBadAnswerError(
+        f"EvoLink's credits answer: data.user.remaining_credits={_shown(remaining)} is not a number"
+    )
+
+
+def credits_text(value: float) -> str:
+    """A credit amount for a log line: ``1234567``, ``12.5`` (never ``1.23e+06``)."""
+    return f"{value:.4f}".rstrip("0").rstrip(".")

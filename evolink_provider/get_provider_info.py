@@ -9,7 +9,7 @@ from typing import Any
 
 
 def get_provider_info() -> dict[str, Any]:
-    """Describe the provider: its modules, the ``evolink`` connection type and its UI form."""
+    """Describe the provider: its modules, extra links, the ``evolink`` connection type and its UI form."""
     modules = {
         "operators": ["evolink_provider.operators.evolink"],
         "sensors": ["evolink_provider.sensors.evolink"],
@@ -31,6 +31,11 @@ def get_provider_info() -> dict[str, Any]:
             kind: [{"integration-name": "EvoLink", "python-modules": python_modules}]
             for kind, python_modules in modules.items()
         },
+        "extra-links": [
+            "evolink_provider.links.EvolinkVideoLink",
+            "evolink_provider.links.EvolinkProfilePictureLink",
+            "evolink_provider.links.EvolinkStoredFileLink",
+        ],
         "connection-types": [
             {
                 "connection-type": "evolink",
@@ -53,10 +58,13 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "connect_timeout": {
                         "label": "Connect timeout (s)",
+                        "description": "Seconds to open a connection to EvoLink before the attempt fails "
+                        "(and is retried).",
                         "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 10},
                     },
                     "read_timeout": {
                         "label": "Read timeout (s)",
+                        "description": "Seconds to wait for EvoLink's answer once the request is sent.",
                         "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 60},
                     },
                     "max_retries": {
@@ -65,9 +73,22 @@ def get_provider_info() -> dict[str, Any]:
                         "same Idempotency-Key.",
                         "schema": {"type": ["integer", "null"], "minimum": 0, "maximum": 20, "default": 4},
                     },
+                    "backoff_base": {
+                        "label": "First backoff (s)",
+                        "description": "The first retry waits up to this long; the bound doubles with "
+                        "each further retry (jittered) up to the longest backoff.",
+                        "schema": {"type": ["number", "null"], "minimum": 0, "default": 1},
+                    },
                     "backoff_max": {
                         "label": "Longest backoff (s)",
+                        "description": "The longest delay between two retries of one call.",
                         "schema": {"type": ["number", "null"], "minimum": 0, "default": 30},
+                    },
+                    "retry_after_max": {
+                        "label": "Longest Retry-After honoured (s)",
+                        "description": "EvoLink's Retry-After (on a 429 or 503) sets the delay before "
+                        "the retry; a longer one is cut to this many seconds.",
+                        "schema": {"type": ["number", "null"], "minimum": 0, "default": 120},
                     },
                     "upload_allowed_dirs": {
                         "label": "Folders local inputs may be uploaded from",

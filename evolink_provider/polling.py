@@ -26,11 +26,16 @@ from __future__ import annotations
 
 import enum
 import random
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
+from evolink_provider.answers import created_at
 from evolink_provider.exceptions import EvolinkError
 from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
+from evolink_provider.results import duration_phrase
 from evolink_provider.storage import result_urls
 
 RUNNING_STATUSES = frozenset({"pending", "processing"})
@@ -165,28 +170,120 @@ def decide_after_poll(
     return PollDecision(Outcome.WAIT, delay=delay, message=note)
 
 
-class ProgressReporter:
-    """Remembers what was last reported so that progress is logged on change, not on every poll."""
+#: Progress lines (:class:`ProgressReporter`): a status change is logged at once, a moving percentage at most
+#: once per PROGRESS_MIN_GAP seconds, and a running task gets a line at least once per PROGRESS_MAX_GAP
+#: seconds, between polls too (the adaptive schedule can leave minutes between two polls).
+PROGRESS_MIN_GAP = 20.0
+PROGRESS_MAX_GAP = 60.0
 
-    def __init__(self) -> None:
-        self._last: tuple[Any, ...] | None = None
+
+def _estimate(task: dict[str, Any], elapsed: float) -> tuple[float, str] | None:
+    """The expected total run time and what it comes from (``progress`` or ``estimated_time``); None
+    when the API gave neither (the schedule's 60 s guess is not worth showing to a person)."""
+    expected, trust = expected_run_time(task, elapsed)
+    if trust == TRUST_PROGRESS:
+        return expected, "progress"
+    info = task.get("task_info")
+    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
+    return (expected, "estimated_time") if estimate is not None and estimate > 0 else None
+
+
+def expected_end(task: dict[str, Any], now: float) -> str:
+    """A phrase for the submission line: when a task just created is expected to end, from
+    ``task_info.estimated_time`` (at submission its two readings, time left and total run time, agree);
+    empty when EvoLink gives no estimate."""
+    info = task.get("task_info")
+    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
+    if estimate is None or estimate <= 0:
+        return ""
+    end = datetime.fromtimestamp(now + estimate, timezone.utc).strftime("%H:%M:%S UTC")
+    return f"expected to end around {end}, in about {duration_phrase(estimate)} (task_info.estimated_time)"
+
+
+class ProgressReporter:
+    """Turns polls into progress lines a person can follow: status, percentage, elapsed and estimated
+    remaining time, at the rhythm of :data:`PROGRESS_MIN_GAP` and :data:`PROGRESS_MAX_GAP`.
+
+    After each poll the waiting loop calls :meth:`update`; it sleeps through :meth:`pauses` and calls
+    :meth:`between_polls` after each pause, which says where the task stands when no poll is due.
+
+    :param task_id: the EvoLink task reported on.
+    :param started_at: when the task was submitted (epoch seconds); ``None`` takes the first task's
+        ``created`` (a sensor waits for a task submitted elsewhere).
+    :param clock: epoch seconds now (tests pass a fake one).
+    """
+
+    def __init__(
+        self, task_id: str, started_at: float | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.task_id = task_id
+        self.started_at = started_at
+        self.clock = clock
+        self._task: dict[str, Any] = {}
+        self._polled_at = 0.0
+        #: The waiting loop starts right after a line (the submission, the deferral).
+        self._last_line_at = clock()
 
     def update(self, task: dict[str, Any]) -> str | None:
-        """A log line when status, progress or the API's estimate changed since the last call, else None."""
-        info = task.get("task_info")
-        if not isinstance(info, dict):
-            info = {}
-        state = (task.get("status"), task.get("progress"), info.get("estimated_time"))
-        if state == self._last:
-            return None
-        self._last = state
-        status, progress, estimate = state
-        line = f"EvoLink task {task.get('id', '?')}: {status}"
-        if progress is not None:
-            line += f", {progress}%"
-        if estimate is not None:
-            line += f", estimated_time {estimate}s"
-        return line
+        """A line after a poll: at once when the status changed, after PROGRESS_MIN_GAP when the
+        percentage or the API's estimate moved, after PROGRESS_MAX_GAP anyway; else None."""
+        now = self.clock()
+        if self.started_at is None:
+            self.started_at = created_at(task, default=now)
+        previous, self._task, self._polled_at = self._task, task, now
+        if not previous or previous.get("status") != task.get("status"):
+            return self._line(now)
+        quiet = now - self._last_line_at
+        moved = (previous.get("progress"), _estimated_time(previous)) != (
+            task.get("progress"),
+            _estimated_time(task),
+        )
+        return self._line(now) if quiet >= PROGRESS_MAX_GAP or (moved and quiet >= PROGRESS_MIN_GAP) else None
+
+    def pauses(self, delay: float) -> Iterator[float]:
+        """Split a sleep of ``delay`` seconds at the moments a line between polls falls due."""
+        end = self.clock() + max(0.0, delay)
+        while (left := end - self.clock()) > 0:
+            due = self._until_due()
+            yield min(left, due) if due > 0 else left
+
+    def between_polls(self) -> str | None:
+        """A line when a running task (or one not polled yet) has gone PROGRESS_MAX_GAP without one: its
+        state as of the last poll, the times as of now; else None."""
+        return self._line(self.clock()) if self._until_due() <= 0 else None
+
+    def _until_due(self) -> float:
+        if self._task and self._task.get("status") not in RUNNING_STATUSES:
+            return float("inf")
+        return self._last_line_at + PROGRESS_MAX_GAP - self.clock()
+
+    def _line(self, now: float) -> str:
+        self._last_line_at = now
+        task = self._task
+        started_at = now if self.started_at is None else self.started_at
+        elapsed = max(0.0, now - started_at)
+        if not task:
+            return f"EvoLink task {self.task_id}: not polled yet, {duration_phrase(elapsed)} elapsed"
+        line = f"EvoLink task {self.task_id}: {task.get('status')}"
+        if task.get("progress") is not None:
+            line += f" {task['progress']}%"
+        if now - self._polled_at >= PROGRESS_MIN_GAP / 2:
+            line += f" (as of the poll {duration_phrase(now - self._polled_at)} ago)"
+        line += f", {duration_phrase(elapsed)} elapsed"
+        if task.get("status") not in RUNNING_STATUSES:
+            return line
+        estimate = _estimate(task, max(0.0, self._polled_at - started_at))
+        if estimate is None:
+            return line + ", no estimate from EvoLink yet"
+        expected, basis = estimate
+        if expected > elapsed:
+            return line + f", about {duration_phrase(expected - elapsed)} left (from {basis})"
+        return line + f", past its estimate of {duration_phrase(expected)} (from {basis})"
+
+
+def _estimated_time(task: dict[str, Any]) -> Any:
+    info = task.get("task_info")
+    return info.get("estimated_time") if isinstance(info, dict) else None
 
 
 class PollFailureBudget:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from evolink_provider.answers import credits_text
 from evolink_provider.storage import result_urls
 
-__all__ = ["character_name", "credits_of", "result_urls"]
+__all__ = ["character_name", "credits_of", "final_line", "finished_value", "result_urls"]
 
 
 def _credit_number(value: Any) -> float | None:
@@ -41,3 +42,46 @@ def character_name(task: dict[str, Any]) -> str | None:
     data = task.get("result_data")
     name = data.get("character_name") if isinstance(data, dict) else None
     return name if isinstance(name, str) and name else None
+
+
+def finished_value(task: dict[str, Any]) -> dict[str, Any]:
+    """The XCom value of a finished task: the task object as EvoLink returned it (plus ``files`` when
+    stored), with ``result_urls``, ``character_name`` and ``credits`` read once on top, so a downstream
+    step (or a run's credit total) does not need to know where each model puts them."""
+    return {
+        **task,
+        "result_urls": result_urls(task),
+        "character_name": character_name(task),
+        "credits": credits_of(task),
+    }
+
+
+def _credits_phrase(value: float | None) -> str:
+    return "not reported" if value is None else credits_text(value)
+
+
+def final_line(task: dict[str, Any], elapsed: float | None = None) -> str:
+    """The one log line a person reads to find a finished task's video, character and cost."""
+    line = f"EvoLink task {task.get('id', '?')} completed"
+    if elapsed is not None:
+        line += f", {duration_phrase(elapsed)} after submission"
+    urls = result_urls(task)
+    line += ": " + (", ".join(urls) if urls else "no result URL")
+    if task.get("files"):
+        line += f"; stored: {', '.join(str(path) for path in task['files'])}"
+    if name := character_name(task):
+        line += f"; character: {name}"
+    spent = credits_of(task)
+    return line + (
+        f"; credits reserved: {_credits_phrase(spent['reserved'])}, used: {_credits_phrase(spent['used'])}"
+    )
+
+
+def duration_phrase(seconds: float) -> str:
+    """``45s``, ``3m 05s`` or ``1h 02m``: readable in a log line."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"

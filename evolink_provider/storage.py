@@ -57,7 +57,15 @@ def as_storage_path(location: str) -> ObjectStoragePath:
 
     if "://" not in location:
         location = Path(location).expanduser().resolve().as_uri()
-    return ObjectStoragePath(location)
+    try:
+        return ObjectStoragePath(location)
+    except TypeError as error:
+        # Airflow 3.0's ObjectStoragePath refuses every protocol under universal-pathlib 0.3 (Airflow 3.1
+        # pins <0.3, 3.2 supports 0.3); pip lets the two meet when Airflow's constraints file is not used.
+        raise EvolinkStorageError(
+            f"Airflow cannot open {location!r} as object storage ({error}). On Airflow 3.0 install "
+            "'universal-pathlib<0.3', as Airflow's constraints file for 3.0 does."
+        ) from error
 
 
 def result_extension(head: bytes) -> str | None:

@@ -3,7 +3,8 @@
 Shows: chaining models through XCom. A short Seedance clip (or the DAG param ``source_video_url``) is the
 source; ``EvolinkSoraCharacterOperator`` returns ``result_data.character_name`` and
 ``profile_picture_url``; the picture feeds ``EvolinkHappyHorseReferenceToVideoOperator``; the last task
-keeps the character name and the video in the run's output. sora-character availability depends on the
+keeps the character name and the video in the run's output, with the credits the run's three generations
+used (one ``xcom_pull``). sora-character availability depends on the
 EvoLink account (its page left the public docs in 2026-05).
 """
 
@@ -53,9 +54,14 @@ with DAG(
     )
 
     @task
-    def summarize(character: dict[str, Any], video: dict[str, Any]) -> dict[str, str]:
-        """What the run produced: the reusable character name and the video it starred in."""
-        return {"character_name": character["result_data"]["character_name"], "video": video["results"][0]}
+    def summarize(character: dict[str, Any], video: dict[str, Any], ti: Any = None) -> dict[str, Any]:
+        """What the run produced (the reusable character name and the video it starred in) and spent."""
+        generations = ti.xcom_pull(task_ids=["source_clip", "extract_character", "cast_character"])
+        return {
+            "character_name": character["character_name"],
+            "video": video["result_urls"][0],
+            "credits_used": sum(generation["credits"]["used"] or 0 for generation in generations),
+        }
 
     source_clip >> extract_character >> cast
     summarize(extract_character.output, cast.output)

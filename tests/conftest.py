@@ -91,6 +91,11 @@ class SimulatorControl:
     def reset(self) -> None:
         requests.post(f"{self.base_url}/_simulator/reset", timeout=5).raise_for_status()
 
+    def set_credits(self, remaining: float | None = None, unlimited: bool = False) -> None:
+        """What ``GET /v1/credits`` reports until the next reset."""
+        body = {"remaining": remaining, "unlimited": unlimited}
+        requests.post(f"{self.base_url}/_simulator/credits", json=body, timeout=5).raise_for_status()
+
     def posts(self) -> int:
         return int(self.stats()["requests"].get("POST /v1/videos/generations", 0))
 
@@ -123,3 +128,18 @@ def airflow_db() -> Path:
         env=os.environ.copy(),
     )
     return AIRFLOW_HOME
+
+
+def asset_events_of(dag_id: str) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """``(asset URI, extra, alias names)`` of the asset events the DAG's latest run emitted."""
+    from airflow.models.asset import AssetEvent
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        assert run is not None
+        events = session.query(AssetEvent).filter(
+            AssetEvent.source_dag_id == dag_id, AssetEvent.source_run_id == run.run_id
+        )
+        return [(e.asset.uri, dict(e.extra), sorted(a.name for a in e.source_aliases)) for e in events]

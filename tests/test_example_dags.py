@@ -20,6 +20,8 @@ EXAMPLES = {
     "example_evolink_reference_images",
     "example_evolink_character_to_video",
     "example_evolink_batch_concat",
+    "example_evolink_videos_as_assets",
+    "example_evolink_publish_new_videos",
 }
 
 
@@ -89,6 +91,11 @@ def test_character_to_video_keeps_the_character_name(sim: SimulatorControl, demo
     summary = xcom("example_evolink_character_to_video", "summarize")
     assert summary["character_name"].startswith("chr_")
     assert summary["video"].endswith(".mp4")
+    generations = [
+        xcom("example_evolink_character_to_video", task_id)
+        for task_id in ("source_clip", "extract_character", "cast_character")
+    ]
+    assert summary["credits_used"] == sum(g["usage"]["credits_reserved"] for g in generations) > 0
 
 
 @pytest.mark.usefixtures("airflow_db")

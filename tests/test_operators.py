@@ -284,3 +284,107 @@ def test_a_completed_task_without_results_fails_once(sim: SimulatorControl) -> N
     assert state == "failed"
     assert tasks["generate"] == ("failed", 1)  # AirflowFailException: retries=3 left unused
     assert sim.stats()["tasks_created"] == 1
+
+
+# -- credits and progress in view (issue 14) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_final_line_and_xcom_carry_links_and_credits(
+    sim: SimulatorControl, mode: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    state, tasks = run_dag(f"evolink_seedance_{mode}")
+
+    assert state == "success", tasks
+    generated = xcom(f"evolink_seedance_{mode}", "generate")
+    reserved = generated["usage"]["credits_reserved"]
+    assert reserved > 0
+    assert generated["credits"] == {"reserved": reserved, "used": reserved}
+    assert generated["result_urls"] == generated["results"] and generated["character_name"] is None
+    logged = "".join(capfd.readouterr())
+    final = f"EvoLink task {generated['id']} completed, "
+    assert final in logged
+    final_line = logged[logged.index(final) :].splitlines()[0]
+    assert generated["results"][0] in final_line
+    assert f"credits reserved: {reserved:g}, used: {reserved:g}" in final_line
+    assert "expected to end around" in logged  # the submission line
+    assert f"EvoLink task {generated['id']}: pending" in logged or f"{generated['id']}: processing" in logged
+
+
+def test_the_character_name_and_picture_are_in_view(
+    sim: SimulatorControl, capfd: pytest.CaptureFixture[str]
+) -> None:
+    state, _ = run_dag("evolink_sora_character_sync")
+
+    assert state == "success"
+    generated = xcom("evolink_sora_character_sync", "generate")
+    name = generated["result_data"]["character_name"]
+    assert generated["character_name"] == name
+    assert generated["result_urls"] == [generated["result_data"]["profile_picture_url"]]
+    assert f"; character: {name}; credits reserved: " in "".join(capfd.readouterr())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_sensor_logs_its_outcome(
+    sim: SimulatorControl, mode: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    state, tasks = run_dag(f"evolink_sensor_{mode}")
+
+    assert state == "success", tasks
+    waited = xcom(f"evolink_sensor_{mode}", "wait")
+    assert waited["credits"]["reserved"] == waited["usage"]["credits_reserved"]
+    logged = "".join(capfd.readouterr())
+    assert f"EvoLink task {waited['id']} completed, " in logged
+    assert waited["results"][0] in logged
+
+
+def test_min_credits_refuses_to_submit_below_the_balance(
+    sim: SimulatorControl, capfd: pytest.CaptureFixture[str]
+) -> None:
+    sim.set_credits(12.5)
+
+    state, tasks = run_dag("evolink_min_credits")
+
+    assert state == "failed"
+    assert tasks["generate"] == ("failed", 1), "an AirflowFailException: no retry is burnt"
+    stats = sim.stats()
+    assert stats["requests"].get("POST /v1/videos/generations", 0) == 0
+    assert stats["requests"]["GET /v1/credits"] == 1
+    assert "EvoLink balance is 12.5 credits, below min_credits=50: nothing was submitted" in "".join(
+        capfd.readouterr()
+    )
+
+
+@pytest.mark.parametrize("balance", [{"remaining": 50}, {"remaining": 0, "unlimited": True}])
+def test_min_credits_lets_a_sufficient_or_unlimited_balance_submit(
+    sim: SimulatorControl, balance: dict[str, Any]
+) -> None:
+    sim.set_credits(**balance)
+
+    state, tasks = run_dag("evolink_min_credits")
+
+    assert state == "success", tasks
+    assert sim.posts() == 1
+
+
+def test_a_reattaching_retry_does_not_read_the_balance_again(sim: SimulatorControl) -> None:
+    state, tasks = run_dag("evolink_reattach_min_credits")
+
+    assert state == "success", tasks
+    assert tasks["generate"][1] >= 2, "the first try should time out and a retry reattach"
+    stats = sim.stats()
+    assert stats["requests"]["POST /v1/videos/generations"] == 1
+    assert stats["requests"]["GET /v1/credits"] == 1
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), "50", True])
+def test_a_bad_min_credits_is_refused_before_any_request(sim: SimulatorControl, bad: Any) -> None:
+    import logging
+
+    from evolink_provider.compat import AirflowFailException
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.operators.submission import check_balance
+
+    with pytest.raises(AirflowFailException, match=r"min_credits=.*allowed values are None or a number"):
+        check_balance(EvolinkHook(), bad, logging.getLogger(__name__))
+    assert sim.stats()["requests"] == {}

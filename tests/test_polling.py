@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -9,10 +10,13 @@ import pytest
 from evolink_provider.exceptions import EvolinkTransportError
 from evolink_provider.hooks.retry import Verdict
 from evolink_provider.polling import (
+    PROGRESS_MAX_GAP,
+    PROGRESS_MIN_GAP,
     Outcome,
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
+    expected_end,
     next_poll_delay,
 )
 
@@ -123,12 +127,112 @@ def test_schedule_uses_few_polls_and_notices_completion_promptly(estimate: float
     assert lateness <= max(5.0, 0.05 * run_time) * 1.0001
 
 
-def test_progress_is_reported_on_change_only() -> None:
-    reporter = ProgressReporter()
-    assert reporter.update(task("pending", 0, estimate=165)) is not None
-    assert reporter.update(task("pending", 0, estimate=165)) is None
-    line = reporter.update(task("processing", 40, estimate=165))
-    assert line is not None and "40%" in line and "165" in line
+class FakeClock:
+    """Epoch seconds that move only when the test sleeps."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0, "a pause of zero would spin"
+        self.now += seconds
+
+
+def follow(run_time: float, poll_every: float | None, estimate: float = 600.0) -> list[tuple[float, str]]:
+    """The lines a waiting loop logs (the operators' and the trigger's loop, on a fake clock) for a task
+    of ``run_time`` seconds polled every ``poll_every`` s (None: on the adaptive schedule)."""
+    clock = FakeClock()
+    start = clock.now
+    reporter = ProgressReporter("task-unified-1-abcdefgh", start, clock)
+    lines: list[tuple[float, str]] = []
+    while True:
+        elapsed = clock.now - start
+        if elapsed >= run_time:
+            body = task("completed", 100, estimate=estimate)
+        elif elapsed < 0.1 * run_time:
+            body = task("pending", 0, estimate=estimate)
+        else:
+            body = task("processing", int(100 * elapsed / run_time), estimate=estimate)
+        if line := reporter.update(body):
+            lines.append((clock.now - start, line))
+        if body["status"] == "completed":
+            return lines
+        delay = poll_every or next_poll_delay(body, elapsed=elapsed, poll_interval=5.0, jitter=False)
+        for pause in reporter.pauses(delay):
+            clock.sleep(pause)
+            if line := reporter.between_polls():
+                lines.append((clock.now - start, line))
+
+
+@pytest.mark.parametrize("poll_every", [None, 1.0, 300.0])
+def test_progress_lines_keep_a_steady_rhythm_whatever_the_polls(poll_every: float | None) -> None:
+    lines = follow(run_time=900.0, poll_every=poll_every)
+    times = [at for at, _ in lines]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    statuses = [line.split(": ")[1].split(" ")[0].rstrip(",") for _, line in lines]
+    # never silent for longer than PROGRESS_MAX_GAP while the task runs, polled or not
+    assert max(gaps[:-1]) <= PROGRESS_MAX_GAP
+    # never more often than PROGRESS_MIN_GAP, except when the status changes
+    for gap, (previous, status) in zip(gaps, itertools.pairwise(statuses), strict=True):
+        assert gap >= PROGRESS_MIN_GAP or status != previous, lines
+    assert statuses[0] == "pending" and statuses[-1] == "completed"
+    assert len(lines) <= 900 / PROGRESS_MIN_GAP + 3
+
+
+def test_a_progress_line_says_elapsed_and_remaining_and_where_the_estimate_comes_from() -> None:
+    clock = FakeClock()
+    reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
+    clock.sleep(30)
+    assert reporter.update(task("pending", 0, estimate=165)) == (
+        "EvoLink task task-unified-1-abcdefgh: pending 0%, 30s elapsed, "
+        "about 2m 15s left (from estimated_time)"
+    )
+    clock.sleep(60)
+    assert reporter.update(task("processing", 45, estimate=165)) == (
+        "EvoLink task task-unified-1-abcdefgh: processing 45%, 1m 30s elapsed, "
+        "about 1m 50s left (from progress)"
+    )
+    clock.sleep(PROGRESS_MAX_GAP)
+    assert reporter.between_polls() == (
+        "EvoLink task task-unified-1-abcdefgh: processing 45% (as of the poll 1m 00s ago), 2m 30s elapsed, "
+        "about 50s left (from progress)"
+    )
+    clock.sleep(PROGRESS_MAX_GAP * 2)
+    assert "past its estimate of 3m 20s" in (reporter.between_polls() or "")
+
+
+def test_no_estimate_is_shown_when_evolink_gives_none() -> None:
+    clock = FakeClock()
+    reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
+    assert reporter.update(task("pending", 0)) == (
+        "EvoLink task task-unified-1-abcdefgh: pending 0%, 0s elapsed, no estimate from EvoLink yet"
+    )
+
+
+def test_a_wait_before_the_first_poll_is_not_silent() -> None:
+    clock = FakeClock()
+    reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
+    pauses = []
+    for pause in reporter.pauses(150.0):
+        pauses.append(pause)
+        clock.sleep(pause)
+        if line := reporter.between_polls():
+            assert line.endswith(
+                "not polled yet, " + ("1m 00s" if len(pauses) == 1 else "2m 00s") + " elapsed"
+            )
+    assert pauses == [PROGRESS_MAX_GAP, PROGRESS_MAX_GAP, 150.0 - 2 * PROGRESS_MAX_GAP]
+
+
+def test_the_expected_end_comes_from_estimated_time() -> None:
+    created = task("pending", 0, estimate=165)
+    # 2026-01-01 12:00:00 UTC + 165 s
+    assert expected_end(created, 1767268800.0) == (
+        "expected to end around 12:02:45 UTC, in about 2m 45s (task_info.estimated_time)"
+    )
+    assert expected_end(task("pending", 0), 1767268800.0) == ""
 
 
 def test_failure_budget_resets_on_success() -> None:

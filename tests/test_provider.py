@@ -60,10 +60,12 @@ def test_cli_lists_the_provider() -> None:
 
 
 @pytest.mark.usefixtures("airflow_db")
-def test_cli_connection_test_reports_credits(sim: SimulatorControl) -> None:
+def test_cli_connection_test_prints_success_only(sim: SimulatorControl) -> None:
+    """What the README says: on success Airflow 3.3's CLI prints no message (the credits are not shown)."""
     result = airflow_cli("connections", "test", "evolink_default", AIRFLOW__CORE__TEST_CONNECTION="Enabled")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Connection success!" in result.stdout  # the CLI prints our message only on failure
+    assert "remaining credits" not in result.stdout + result.stderr
     assert TEST_API_KEY not in result.stdout + result.stderr
     assert sim.stats()["requests"]["GET /v1/credits"] == 1
 
@@ -81,3 +83,66 @@ def test_cli_connection_test_explains_a_bad_key(sim: SimulatorControl) -> None:
     output = result.stdout + result.stderr
     assert "rejected the API key" in output, output
     assert "sk-wrong-key-42" not in output
+
+
+def test_every_connection_extra_has_a_form_field_and_the_readme_lists_them_all() -> None:
+    """README extras == conn-fields == the extras the connection code reads, each with label and help."""
+    import re
+    from types import SimpleNamespace
+
+    from airflow.providers_manager import ProvidersManager
+
+    from evolink_provider.get_provider_info import get_provider_info
+    from evolink_provider.hooks.connection import settings_from_connection
+    from tests.conftest import REPO
+
+    class Recording(dict[str, object]):
+        """An empty extra that remembers which keys the connection code asks for."""
+
+        read: set[str] = set()
+
+        def __bool__(self) -> bool:
+            return True  # "extra_dejson or {}" must keep this one
+
+        def get(self, key: str, default: object = None) -> object:
+            self.read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> object:
+            self.read.add(key)
+            return super().__getitem__(key)
+
+    conn = SimpleNamespace(
+        conn_id="x", password="sk-x", host="", schema=None, port=None, extra_dejson=Recording()
+    )
+    settings_from_connection(conn)  # type: ignore[arg-type]
+    read = Recording.read
+
+    (declared,) = get_provider_info()["connection-types"]
+    fields = declared["conn-fields"]
+    section = (REPO / "README.md").read_text().split("## Connection", 1)[1].split("\n## ", 1)[0]
+    listed = {
+        name
+        for row in re.findall(r"^\| extra (.+?) \|", section, re.M)
+        for name in re.findall(r"`(\w+)`", row)
+    }
+
+    assert listed == set(fields) == read
+    for name, field in fields.items():
+        assert field["label"] and field["description"], name
+    widgets = ProvidersManager().connection_form_widgets
+    assert {f"extra__evolink__{name}" for name in fields} <= set(widgets)
+
+
+def test_the_connection_test_of_the_ui_and_rest_api_reports_the_credits(sim: SimulatorControl) -> None:
+    """The UI's Test button and ``POST /api/v2/connections/test`` show the message the CLI leaves out."""
+    from airflow.models.connection import Connection
+
+    conn = Connection.get_connection_from_secrets("evolink_default")
+    sim.set_credits(1234567.5)
+    assert conn.test_connection() == (
+        True,
+        f"Connected to EvoLink at {sim.base_url}; remaining credits: 1234567.5",
+    )
+    sim.set_credits(unlimited=True)
+    assert conn.test_connection()[1].endswith("remaining credits: unlimited")

@@ -112,3 +112,39 @@ def test_on_kill_says_the_generation_goes_on(capsys: pytest.CaptureFixture[str])
     logged = "".join(capsys.readouterr())  # Airflow's structlog writes task logs to stdout here
     assert "no cancel call" in logged
     assert "task-unified-1700000000-abcdefgh" in logged
+
+
+def test_progress_lines_reach_the_log(sim: SimulatorControl, capsys: pytest.CaptureFixture[str]) -> None:
+    task_id = submit()
+    events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60))
+
+    assert events[0]["status"] == "success"
+    logged = "".join(capsys.readouterr())
+    assert f"EvoLink task {task_id}: pending 0%, " in logged or f"{task_id}: processing" in logged
+    assert " elapsed, about " in logged and " left (from " in logged
+
+
+def test_a_long_pause_between_polls_is_not_silent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trigger's sleep until its next poll logs where the task stands every PROGRESS_MAX_GAP."""
+    from evolink_provider.polling import PROGRESS_MAX_GAP, ProgressReporter
+    from tests.test_polling import FakeClock, task
+
+    clock = FakeClock()
+    reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
+    reporter.update(task("processing", 10, estimate=600))
+    slept: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.sleep(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh")
+    asyncio.run(trigger._sleep(reporter, 2.5 * PROGRESS_MAX_GAP))
+    monkeypatch.undo()
+
+    assert slept == [PROGRESS_MAX_GAP, PROGRESS_MAX_GAP, 0.5 * PROGRESS_MAX_GAP]
+    logged = "".join(capsys.readouterr())
+    assert logged.count("EvoLink task task-unified-1-abcdefgh: processing 10% (as of the poll") == 2

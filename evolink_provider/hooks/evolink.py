@@ -4,7 +4,7 @@ Each method is a thin step over the modules that do the work:
 
 * :mod:`~evolink_provider.hooks.connection`: the Airflow connection, read and checked once;
 * :mod:`~evolink_provider.hooks.transport`: requests built and sent by the sync (``requests``) and async
-  (``httpx``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
+  (``h11``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
   :mod:`evolink_provider.exceptions`;
 * :mod:`~evolink_provider.hooks.retry`: the one retry policy (its table says what is repeated, and when);
 * :mod:`~evolink_provider.hooks.downloads`: result downloads and their address checks;
@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from evolink_provider.answers import checked_task, task_id_to_send
+from evolink_provider.answers import checked_task, credits_text, remaining_credits, task_id_to_send
 from evolink_provider.compat import BaseHook, hook_field_behaviour
 from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
@@ -96,16 +96,30 @@ class EvolinkHook(BaseHook):
         return settings
 
     async def aget_settings(self) -> EvolinkConnectionSettings:
-        """The connection read without blocking the event loop (``aget_connection``), cached."""
-        if self._async_settings is None:
-            conn = await self.aget_connection(self.evolink_conn_id)
-            settings = settings_from_connection(conn)
-            if needs_masking(settings.api_key, conn.password):
-                from evolink_provider.compat import amask_secret
+        """The connection read without blocking the event loop (``aget_connection``), cached.
 
-                await amask_secret(settings.api_key.reveal())
-            self._async_settings = settings
+        The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS`: a lookup goes
+        through Airflow's secrets backends (and, in a triggerer, its supervisor), and was a sixth of a
+        trigger's CPU at N = 5,000 (``docs/benchmarks.md``). Triggers that start together wait for one
+        lookup; a failed one is not kept.
+        """
+        if self._async_settings is None:
+            readings = _ASYNC_SETTINGS.setdefault(asyncio.get_running_loop(), {})
+            shared_until, reading = readings.get(self.evolink_conn_id, (0.0, None))
+            if reading is None or shared_until < time.monotonic() or _failed(reading):
+                reading = asyncio.ensure_future(self._aread_settings())
+                readings[self.evolink_conn_id] = (time.monotonic() + ASYNC_SETTINGS_SECONDS, reading)
+            self._async_settings = await asyncio.shield(reading)
         return self._async_settings
+
+    async def _aread_settings(self) -> EvolinkConnectionSettings:
+        conn = await self.aget_connection(self.evolink_conn_id)
+        settings = settings_from_connection(conn)
+        if needs_masking(settings.api_key, conn.password):
+            from evolink_provider.compat import amask_secret
+
+            await amask_secret(settings.api_key.reveal())
+        return settings
 
     # -- sync calls -------------------------------------------------------------------------------
 
@@ -180,13 +194,12 @@ class EvolinkHook(BaseHook):
     def test_connection(self) -> tuple[bool, str]:
         """Check the key with the free ``GET /v1/credits`` and report the remaining credits."""
         try:
-            answer = self.get_credits()
+            balance = remaining_credits(self.get_credits())
         except EvolinkAuthenticationError as error:
             return False, f"EvoLink rejected the API key (HTTP 401: {error.api_message})."
         except EvolinkError as error:
             return False, str(error)
-        user = (answer.get("data") or {}).get("user") or {}
-        remaining = "unlimited" if user.get("unlimited_credits") is True else user.get("remaining_credits")
+        remaining = "unlimited" if balance is None else credits_text(balance)
         return True, f"Connected to EvoLink at {self.settings.base_url}; remaining credits: {remaining}"
 
     def close(self) -> None:
@@ -258,10 +271,20 @@ class EvolinkHook(BaseHook):
         return batcher
 
 
+#: How long the hooks of one event loop share a connection's reading (a changed key is seen after this).
+ASYNC_SETTINGS_SECONDS = 60.0
+#: Per event loop and connection id: until when a reading is shared, and the reading.
+_ASYNC_SETTINGS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[str, tuple[float, asyncio.Future[EvolinkConnectionSettings]]]
+] = weakref.WeakKeyDictionary()
 #: One batcher per event loop and (base URL, API key digest): a batch holds only tasks one key can see.
 _TASK_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], TaskBatcher]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _failed(future: asyncio.Future[Any]) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _task_path(task_id: str) -> str:

@@ -139,11 +139,7 @@ class AnswerBody:
 
     def add(self, raw: bytes) -> None:
         if time.time() > self.until:
-            raise EvolinkTransportError(
-                f"{self.request.connection}: {self.request.method} {self.request.path}: the answer was "
-                "still arriving when its time ran out (a trickling server, or the wait's deadline)",
-                request_sent=True,
-            )
+            raise answer_out_of_time(self.request)
         if self._inflate is None:
             self._body += raw
         else:
@@ -165,6 +161,14 @@ class AnswerBody:
         return EvolinkBadAnswerError(
             f"{self.request.connection}: {self.request.method} {self.request.path} answered {what}"
         )
+
+
+def answer_out_of_time(request: _Request) -> EvolinkTransportError:
+    return EvolinkTransportError(
+        f"{request.connection}: {request.method} {request.path}: no complete answer when its time ran "
+        "out (a slow or trickling server, or the wait's deadline)",
+        request_sent=True,
+    )
 
 
 def read_capped(request: _Request, response: requests.Response, until: float) -> bytes:

@@ -1,27 +1,30 @@
 """Transport: how a request to EvoLink is built and sent, one path for both clients.
 
 A :class:`_Request` is built once (the key only in its headers) and sent by the sync client
-(``requests``, one session per hook) or the async client (``httpx``, pools shared by every trigger of an
-event loop); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
+(``requests``, one session per hook) or the async client (:mod:`~evolink_provider.hooks.http11`
+connections, one pool shared by every trigger of an event loop);
+:mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
 :class:`~evolink_provider.hooks.retry.RetryPolicy` allows, and nothing else: one call decides for both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from urllib.parse import urlsplit
 
 from evolink_provider import __version__
 from evolink_provider.exceptions import EvolinkError, EvolinkSubmissionUnknownError
 from evolink_provider.hooks.connection import EvolinkConnectionSettings, Timeouts
+from evolink_provider.hooks.http11 import Http11Connection, Origin
 from evolink_provider.hooks.responses import (
     aread_capped,
     parse_response,
@@ -261,12 +264,45 @@ async def asend(
 
 
 async def _asend_once(request: _Request, timeouts: Timeouts, deadline: float | None = None) -> dict[str, Any]:
+    import h11
+
+    pool = await _shared_pool(timeouts)
+    if pool.proxied(request.url):
+        return await _asend_through_proxy(pool, request, timeouts, deadline)
+    parts = urlsplit(request.url)
+    body = (
+        None if request.json_body is None else json.dumps(request.json_body, separators=(",", ":")).encode()
+    )
+    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    tls = parts.scheme == "https"
+    async with pool.connection(
+        (parts.scheme, parts.hostname or "", parts.port or (443 if tls else 80))
+    ) as connect:
+        try:
+            connection = await connect()
+        except OSError as exc:  # refused, unresolved, TLS verification, connect timeout
+            raise transport_error(request, exc, request_sent=False) from None
+        try:
+            status, headers, content = await connection.exchange(
+                request, target, body, _answer_until(timeouts, deadline)
+            )
+        except (OSError, h11.ProtocolError) as exc:  # resets, timeouts, malformed answers
+            raise transport_error(request, exc, request_sent=True) from None
+        finally:
+            pool.release(connection)
+    return parse_response(request, status, headers, content)
+
+
+async def _asend_through_proxy(
+    pool: _SharedPool, request: _Request, timeouts: Timeouts, deadline: float | None
+) -> dict[str, Any]:
+    """The same exchange through httpx, which speaks to the proxy the environment names."""
     import httpx
 
     try:
         async with (
-            (await _shared_pool(timeouts)).client() as client,
-            client.stream(
+            pool.slots,
+            pool.proxy_client.stream(
                 request.method, request.url, headers=request.headers, json=request.json_body
             ) as response,
         ):
@@ -279,53 +315,88 @@ async def _asend_once(request: _Request, timeouts: Timeouts, deadline: float | N
 
 
 class _SharedPool:
-    """The HTTP connections all triggers of one event loop share, as a few small httpx pools.
+    """The HTTP connections all triggers of one event loop share: at most :data:`ASYNC_POOL_SIZE` open,
+    idle ones kept per origin (newest reused first) for :data:`ASYNC_KEEPALIVE_SECONDS`.
 
-    Why not one httpx client with a large pool: each time a request starts or ends, httpcore examines
-    every pooled connection (a ``getpeername`` and a readability check each) and every queued request, so
-    a poll costs O(pool + queue). Measured at N=5,000 triggers: 14 ms of CPU per poll with 5,000 requests
-    queued in one pool of 64, 6.3 ms with the queue held outside the pool, 1.6 ms with pools of 16.
-    Small pools, each behind an ``asyncio.Semaphore`` (O(1) to wait on), keep that scan short.
+    A poll waits on an ``asyncio.Semaphore`` (O(1)) for a connection slot, then takes an idle connection
+    or opens one (:mod:`evolink_provider.hooks.http11` says why not httpx). Where the environment names a
+    proxy for the base URL (``HTTPS_PROXY``, ``NO_PROXY``, ...), requests go through one httpx client
+    instead, as before, which speaks to the proxy.
 
-    Building it takes 60-70 ms of CPU (mostly SSL contexts loading the CA bundle), so it is built once per
-    event loop, in a thread (:func:`_shared_pool`), and its clients share one SSL context.
+    Building it takes 60-70 ms of CPU (the SSL context loads the CA bundle), so it is built once per event
+    loop, in a thread (:func:`_shared_pool`).
     """
 
     def __init__(self, timeouts: Timeouts) -> None:
-        import httpx
+        import urllib.request
 
-        ssl_context = httpx.create_ssl_context()
-        limits = httpx.Limits(
-            max_connections=ASYNC_SHARD_SIZE,
-            max_keepalive_connections=ASYNC_SHARD_SIZE,
-            keepalive_expiry=ASYNC_KEEPALIVE_SECONDS,
-        )
-        timeout = httpx.Timeout(timeouts.read, connect=timeouts.connect, pool=None)
-        self._shards = [
-            (
-                httpx.AsyncClient(timeout=timeout, limits=limits, verify=ssl_context, follow_redirects=False),
-                asyncio.Semaphore(ASYNC_SHARD_SIZE),
-            )
-            for _ in range(max(1, ASYNC_POOL_SIZE // ASYNC_SHARD_SIZE))
-        ]
-        self._turn = itertools.count()
+        import httpx  # its SSL context: certifi's bundle, or SSL_CERT_FILE / SSL_CERT_DIR
+
+        self.timeouts = timeouts
+        self.ssl_context = httpx.create_ssl_context()
+        self.slots = asyncio.Semaphore(ASYNC_POOL_SIZE)
+        self._idle: dict[Origin, list[Http11Connection]] = {}
+        self._proxies = urllib.request.getproxies()
+        self._proxy_client: httpx.AsyncClient | None = None
+        self.is_closed = False
+
+    def proxied(self, url: str) -> bool:
+        """Whether the environment sends ``url`` through a proxy."""
+        if not self._proxies:
+            return False
+        parts = urlsplit(url)
+        import urllib.request
+
+        named = parts.scheme in self._proxies or "all" in self._proxies
+        return named and not urllib.request.proxy_bypass(parts.hostname or "")
 
     @property
-    def is_closed(self) -> bool:
-        return any(client.is_closed for client, _ in self._shards)
+    def proxy_client(self) -> httpx.AsyncClient:
+        import httpx
+
+        if self._proxy_client is None:
+            self._proxy_client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect, pool=None),
+                limits=httpx.Limits(
+                    max_connections=ASYNC_POOL_SIZE, keepalive_expiry=ASYNC_KEEPALIVE_SECONDS
+                ),
+                verify=self.ssl_context,
+                follow_redirects=False,
+            )
+        return self._proxy_client
 
     @asynccontextmanager
-    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
-        """The first client with a free connection slot, so that light load reuses few connections;
-        when all are busy, the clients take the waiters in turn."""
-        free = (shard for shard in self._shards if not shard[1].locked())
-        client, slots = next(free, None) or self._shards[next(self._turn) % len(self._shards)]
-        async with slots:
-            yield client
+    async def connection(self, origin: Origin) -> AsyncIterator[Callable[[], Awaitable[Http11Connection]]]:
+        """Within a connection slot: a call that hands out an idle connection to ``origin``, or a new one."""
+
+        async def connect() -> Http11Connection:
+            idle = self._idle.get(origin)
+            while idle:
+                connection = idle.pop()
+                if connection.reusable and connection.idle_since > time.monotonic() - ASYNC_KEEPALIVE_SECONDS:
+                    return connection
+                connection.close()
+            return await Http11Connection.open(origin, self.ssl_context, self.timeouts.connect)
+
+        async with self.slots:
+            yield connect
+
+    def release(self, connection: Http11Connection) -> None:
+        """Keep ``connection`` for the next poll if it can carry one; close those idle too long."""
+        idle = self._idle.setdefault(connection.origin, [])
+        while idle and idle[0].idle_since < time.monotonic() - ASYNC_KEEPALIVE_SECONDS:
+            idle.pop(0).close()
+        if connection.reusable and not self.is_closed:
+            idle.append(connection)
 
     async def aclose(self) -> None:
-        for client, _ in self._shards:
-            await client.aclose()
+        self.is_closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
+        if self._proxy_client is not None:
+            await self._proxy_client.aclose()
 
 
 # One shared pool per event loop: triggers share it instead of opening a client, and TCP connections, per
@@ -333,11 +404,10 @@ class _SharedPool:
 _SHARED_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Timeouts, _SharedPool]] = (
     weakref.WeakKeyDictionary()
 )
-#: Connections per event loop, and per httpx pool within it (see :class:`_SharedPool`).
+#: Connections per event loop (see :class:`_SharedPool`).
 ASYNC_POOL_SIZE = 32
-ASYNC_SHARD_SIZE = 8
-#: Idle pooled connections are kept this long (httpx's default is 5 s, shorter than the adaptive poll
-#: interval, so most polls would open a new connection); below the common 60 s idle limit of load
+#: Idle pooled connections are kept this long (longer than the adaptive poll interval, else most polls
+#: would open a new connection); below the common 60 s idle limit of load
 #: balancers, and a connection the server closed first is retried like any dropped GET.
 ASYNC_KEEPALIVE_SECONDS = 45.0
 

@@ -18,6 +18,13 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from evolink_provider.answers import created_at
+from evolink_provider.assets import (
+    RequestSummary,
+    announce_assets,
+    asset_events,
+    summarize_request,
+    with_alias,
+)
 from evolink_provider.compat import AirflowFailException, conf
 from evolink_provider.exceptions import (
     EvolinkError,
@@ -28,6 +35,8 @@ from evolink_provider.exceptions import (
 )
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.retry import Verdict
+from evolink_provider.lineage import operator_lineage
+from evolink_provider.links import RESULT_LINKS, push_links
 from evolink_provider.operators.submission import (
     PreparedRequest,
     Submitter,
@@ -45,6 +54,7 @@ from evolink_provider.polling import (
     expected_run_time,
     task_failure,
 )
+from evolink_provider.results import final_line, finished_value
 from evolink_provider.triggers.evolink import (
     DEFAULT_MAX_POLL_FAILURES,
     TRIGGER_MIN_DELAY,
@@ -86,14 +96,22 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param output_path: a local directory or an ``ObjectStoragePath`` URI (``file://``, ``s3://``, ...)
         to stream the results into (their URLs expire after 24 h); the stored paths are returned under
         ``"files"``.
+    :param asset_alias: name of an ``AssetAlias`` to announce every stored file on, as one asset event
+        each (see :mod:`evolink_provider.assets`); any ``AssetAlias`` in ``outlets`` gets them too.
+    :param announce_result_urls: without ``output_path``, announce the result URLs as assets instead
+        (they expire after 24 h).
     :param reattach: ``auto`` (default): an automatic retry of the same try sequence (a crash, a killed
         worker, a wait timeout, a triggerer restart) reattaches to the EvoLink task it submitted, while a
         cleared task instance or a new DAG run submits a new generation. ``never``: every try submits its
         own generation (each one is billed).
+    :param min_credits: before submitting, read the account's balance (the free ``GET /v1/credits``) and
+        fail without submitting when it is below this many credits; ``None`` (default) skips the check.
+        Reattaching to an earlier try's task spends nothing and is not checked; unlimited accounts pass.
     """
 
     template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
     ui_color = "#e8defc"
+    operator_extra_links = RESULT_LINKS
 
     def __init__(
         self,
@@ -105,13 +123,23 @@ class EvolinkBaseVideoOperator(BaseOperator):
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         timeout: float = DEFAULT_TIMEOUT,
         output_path: str | None = None,
+        asset_alias: str | None = None,
+        announce_result_urls: bool = False,
         reattach: str = "auto",
+        min_credits: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if asset_alias:
+            kwargs["outlets"] = with_alias(kwargs.get("outlets"), asset_alias)
         super().__init__(**kwargs)
+        self.asset_alias = asset_alias
+        self.announce_result_urls = announce_result_urls
+        #: The finished task this operator handed downstream (for the lineage), once it has.
+        self.finished_task: dict[str, Any] | None = None
         self.evolink_conn_id = evolink_conn_id
         self.output_path = output_path
         self.reattach = reattach
+        self.min_credits = min_credits
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -136,7 +164,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     @cached_property
     def submitter(self) -> Submitter:
-        return Submitter(self.hook, self.log, self.reattach, self.output_path)
+        return Submitter(self.hook, self.log, self.reattach, self.output_path, self.min_credits)
 
     def validated_request(self) -> PreparedRequest:
         """The rendered fields checked against the model's documented limits (no HTTP before that), with
@@ -163,7 +191,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     def _wait_and_finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
         context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
-        if not self.wait_for_completion or task.get("from_storage"):
+        if task.get("from_storage"):
+            return self._publish(context, finished_value(task))
+        if not self.wait_for_completion:
             return task
         started_at = created_at(task, default=time.time())
         deadline = time.time() + float(self.timeout)
@@ -196,7 +226,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 )
         if decision.outcome is Outcome.WAIT:
             task = self._wait_here(task, started_at, deadline)
-        return self._finish(context, task, deadline)
+        return self._publish(context, self._finish(context, task, deadline))
 
     def _decide(self, task: dict[str, Any], started_at: float, deadline: float) -> PollDecision:
         """What the task's state means now, with this operator's poll settings."""
@@ -219,9 +249,35 @@ class EvolinkBaseVideoOperator(BaseOperator):
         end_time = event.get("end_time") if isinstance(event, dict) else None
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
         try:
-            return self._finish(context, task, deadline)
+            return self._publish(context, self._finish(context, task, deadline))
         except ResultsExpiredError as expired:
             return self._renew(context, None, expired)
+
+    def _publish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
+        """Announce a finished task's results: its extra links, its asset events, and (kept on the
+        operator) its lineage."""
+        self.finished_task = task
+        push_links(context, task)
+        events = announce_assets(
+            context,
+            self.outlets,
+            lambda: asset_events(task, self.request_summary(), self.announce_result_urls),
+        )
+        if events:
+            self.log.info("Announced %d asset event(s) for EvoLink task %s.", events, task["id"])
+        return task
+
+    def request_summary(self) -> RequestSummary:
+        """The model, prompt digest, duration and media inputs of the rendered request."""
+        return summarize_request(self.model_name(), self.model_fields())
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """OpenLineage inputs (called by its listener, when installed: :mod:`evolink_provider.lineage`)."""
+        return operator_lineage(self.request_summary(), None)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """OpenLineage inputs and outputs (the stored files, or the result URLs)."""
+        return operator_lineage(self.request_summary(), self.finished_task)
 
     def on_kill(self) -> None:
         record = self.submitter.current_task_id if "submitter" in self.__dict__ else None
@@ -238,7 +294,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     ) -> dict[str, Any]:
         """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
         ``until`` (epoch seconds) passes with the task still running."""
-        reporter = ProgressReporter()
+        reporter = ProgressReporter(task["id"], started_at)
         failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES, self.poll_interval, self.max_poll_interval)
         task_id = task["id"]
         while True:
@@ -253,9 +309,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 return task
             if decision.message:
                 self.log.warning(decision.message)
-            time.sleep(
-                decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
-            )
+            delay = decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
+            for pause in reporter.pauses(delay):
+                time.sleep(pause)
+                if line := reporter.between_polls():
+                    self.log.info(line)
             try:
                 task = self.hook.get_task(task_id, deadline=deadline)
                 failures.success()
@@ -308,10 +366,5 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 task = {**task, "files": files}
             except EvolinkError as error:
                 fail_for(error)
-        usage = task.get("usage") or {}
-        self.log.info(
-            "EvoLink task %s completed; usage: %s",
-            task["id"],
-            {k: v for k, v in usage.items() if k != "user_group"} or "(not reported)",
-        )
-        return task
+        self.log.info(final_line(task, elapsed=now - created_at(task, default=now)))
+        return finished_value(task)

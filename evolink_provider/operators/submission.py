@@ -10,10 +10,12 @@ when a submission is really made, and follows a replayed failed task with a fres
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from evolink_provider.answers import credits_text, remaining_credits
 from evolink_provider.compat import AirflowFailException, log_once
 from evolink_provider.exceptions import (
     EvolinkError,
@@ -21,7 +23,7 @@ from evolink_provider.exceptions import (
     fail_for,
     task_error_is_retryable,
 )
-from evolink_provider.polling import FAILED_STATUSES, task_failure
+from evolink_provider.polling import FAILED_STATUSES, expected_end, task_failure
 from evolink_provider.resume import (
     REATTACH_MODES,
     SubmissionRecord,
@@ -150,15 +152,22 @@ class Submitter:
     :param reattach: ``auto`` or ``never`` (see the operators' docstring).
     :param output_path: where results are stored; a task whose record is gone is still reused when all its
         results are stored there.
+    :param min_credits: the balance below which nothing is submitted (see :func:`check_balance`).
     """
 
     def __init__(
-        self, hook: EvolinkHook, log: logging.Logger | Any, reattach: str, output_path: str | None
+        self,
+        hook: EvolinkHook,
+        log: logging.Logger | Any,
+        reattach: str,
+        output_path: str | None,
+        min_credits: float | None = None,
     ) -> None:
         self.hook = hook
         self.log = log
         self.reattach = reattach
         self.output_path = output_path
+        self.min_credits = min_credits
         #: The EvoLink task this try waits for, once known (named by ``on_kill``).
         self.current_task_id: str | None = None
 
@@ -252,6 +261,7 @@ class Submitter:
                 identity, attempt.request.fingerprint, attempt.submission, attempt.generation
             )
             if payload is None:
+                check_balance(self.hook, self.min_credits, self.log)
                 store.save(attempt.record(key))  # the intent, with the uploads of earlier tries
                 payload = payload_for_post(self.hook, attempt.request, attempt.uploads, self.log)
             store.save(attempt.record(key))
@@ -270,11 +280,12 @@ class Submitter:
                 continue
             usage = task.get("usage") or {}
             self.log.info(
-                "Submitted EvoLink task %s (model %s); credits reserved: %s (%s)",
+                "Submitted EvoLink task %s (model %s); credits reserved: %s (%s)%s",
                 task["id"],
                 task.get("model"),
                 usage.get("credits_reserved"),
                 usage.get("billing_rule"),
+                "; " + end if (end := expected_end(task, time.time())) else "",
             )
             return task
 
@@ -304,3 +315,36 @@ def refuse_unfixable(task: dict[str, Any]) -> None:
             f"EvoLink task {task.get('id')} failed with {code}: {message or '(no message)'}; "
             "a resubmission cannot fix that code, so nothing is submitted again."
         )
+
+
+def check_balance(hook: EvolinkHook, min_credits: float | None, log: logging.Logger | Any) -> None:
+    """Refuse to submit when the account holds fewer than ``min_credits`` credits (``GET /v1/credits``,
+    free); an unlimited account passes, ``None`` skips the check."""
+    if min_credits is None:
+        return
+    if (
+        isinstance(min_credits, bool)
+        or not isinstance(min_credits, (int, float))
+        or not math.isfinite(min_credits)
+        or min_credits < 0
+    ):
+        raise AirflowFailException(
+            f"min_credits={min_credits!r}: allowed values are None or a number of credits >= 0"
+        )
+    try:
+        balance = remaining_credits(hook.get_credits())
+    except EvolinkError as error:
+        fail_for(error)
+    if balance is None:
+        log.info("EvoLink account has unlimited credits: min_credits=%s is met.", credits_text(min_credits))
+        return
+    if balance < min_credits:
+        raise AirflowFailException(
+            f"EvoLink balance is {credits_text(balance)} credits, below min_credits="
+            f"{credits_text(min_credits)}: nothing was submitted. Top up the account or lower min_credits."
+        )
+    log.info(
+        "EvoLink balance: %s credits (min_credits=%s): submitting.",
+        credits_text(balance),
+        credits_text(min_credits),
+    )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
+from evolink_provider.answers import created_at
 from evolink_provider.compat import conf
 from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, fail_for
 from evolink_provider.hooks.evolink import EvolinkHook
@@ -21,6 +22,7 @@ from evolink_provider.polling import (
     decide_after_poll,
     task_failure,
 )
+from evolink_provider.results import final_line, finished_value
 from evolink_provider.triggers.evolink import TRIGGER_MIN_DELAY, EvolinkTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
 
 
 class EvolinkTaskSensor(BaseSensorOperator):
-    """Wait until an EvoLink task ends; return its task object (``results``, ``result_data``, ``usage``).
+    """Wait until an EvoLink task ends; return its task object (``results``, ``result_data``, ``usage``)
+    with ``result_urls``, ``character_name`` and ``credits``, as the operators do.
 
     Works in ``poke`` and ``reschedule`` modes and, with ``deferrable=True``, polls once and then hands
     the wait to :class:`~evolink_provider.triggers.evolink.EvolinkTaskTrigger`. A failed or cancelled task
@@ -59,7 +62,7 @@ class EvolinkTaskSensor(BaseSensorOperator):
         self.evolink_conn_id = evolink_conn_id
         self.deferrable = deferrable
         self.max_poll_interval = max_poll_interval
-        self._reporter = ProgressReporter()
+        self._reporter: ProgressReporter | None = None
 
     @cached_property
     def hook(self) -> EvolinkHook:
@@ -73,13 +76,16 @@ class EvolinkTaskSensor(BaseSensorOperator):
                 self.log.warning("Polling EvoLink task %s failed: %s", self.evolink_task_id, error)
                 return PokeReturnValue(is_done=False)
             fail_for(error)
+        if self._reporter is None:
+            self._reporter = ProgressReporter(self.evolink_task_id)
         if line := self._reporter.update(task):
             self.log.info(line)
         now = time.time()
         decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
         if decision.outcome is Outcome.SUCCESS:
-            return PokeReturnValue(is_done=True, xcom_value=task)
+            return PokeReturnValue(is_done=True, xcom_value=self._outcome(task))
         if decision.outcome is Outcome.FAILED:
+            self.log.error(decision.message)
             code, message = task_failure(task)
             fail_for(EvolinkTaskError(self.evolink_task_id, str(task.get("status")), code, message or None))
         if decision.message:
@@ -111,6 +117,12 @@ class EvolinkTaskSensor(BaseSensorOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger with the task object, or fail with what the event says."""
         try:
-            return task_from_event(event)
+            return self._outcome(task_from_event(event))
         except EvolinkError as error:
             fail_for(error)
+
+    def _outcome(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Log the completed task's links and credits; the XCom value the operators return too."""
+        now = time.time()
+        self.log.info(final_line(task, elapsed=now - created_at(task, default=now)))
+        return finished_value(task)

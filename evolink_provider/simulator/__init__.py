@@ -17,6 +17,9 @@ Test controls (no authentication; the server binds loopback only):
   ``after_processing``).
 * ``POST /_simulator/key_failures`` ``{"api_key", "code"}``: every task of that key fails with ``code``.
 * ``POST /_simulator/clock`` ``{"advance": s}``: move a :class:`ManualClock`.
+* ``POST /_simulator/credits`` ``{"remaining": 12.5, "unlimited": false}``: what ``GET /v1/credits``
+  reports from now on (``unlimited`` also lifts the 402 for a balance too low); ``reset`` restores
+  ``--credits``.
 
 Prompt markers (for sora-character, in the ``video_url`` instead):
 

@@ -26,7 +26,8 @@ prompt markers (in the prompt; for sora-character, in the video_url):
   [sim:stay=processing]                    the task never ends
 
 test controls (no API key needed; loopback only):
-  GET /_simulator/stats, POST /_simulator/reset, POST|DELETE /_simulator/faults
+  GET /_simulator/stats, POST /_simulator/reset, POST|DELETE /_simulator/faults,
+  POST /_simulator/credits {"remaining": 12.5, "unlimited": false}
 """
 
 

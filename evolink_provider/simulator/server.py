@@ -419,12 +419,12 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                         "user": {
                             "remaining_credits": round(store.remaining, 4),
                             "used_credits": round(store.used, 4),
-                            "unlimited_credits": False,
+                            "unlimited_credits": store.unlimited,
                         },
                         "token": {
                             "remaining_quota": round(store.remaining, 4),
                             "used_quota": round(store.used, 4),
-                            "unlimited_quota": False,
+                            "unlimited_quota": store.unlimited,
                         },
                     },
                     "message": "success",
@@ -484,7 +484,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                     )
                 if isinstance(earlier, SimTask):  # still paid_outcome_unknown for this key
                     return error_response(409, "the outcome of this paid request is not known yet", reject)
-            if store.remaining < store.cost(accepted):
+            if not store.unlimited and store.remaining < store.cost(accepted):
                 return error_response(402, "insufficient credits for this request")
             task = store.create(owner, accepted, key, self._media_failure(accepted))
         if reject == PAID_OUTCOME_UNKNOWN:
@@ -672,6 +672,12 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return json_response(200, {"ok": True})
         if action == "key_failures" and method == "POST":
             state.store.key_failures[str(payload["api_key"])] = str(payload["code"])
+            return json_response(200, {"ok": True})
+        if action == "credits" and method == "POST":
+            try:
+                state.store.set_balance(payload.get("remaining"), payload.get("unlimited", False))
+            except (TypeError, ValueError) as error:
+                return error_response(400, str(error))
             return json_response(200, {"ok": True})
         if action == "clock" and method == "POST":
             if not isinstance(state.clock, ManualClock):

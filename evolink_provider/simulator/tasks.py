@@ -152,6 +152,20 @@ class TaskStore:
             self.key_failures: dict[str, str] = {}
             self.remaining = self.initial_credits
             self.used = 0.0
+            self.unlimited = False
+
+    def set_balance(self, remaining: Any, unlimited: Any = False) -> None:
+        """Set what ``GET /v1/credits`` reports (a test control): a balance, and/or an unlimited account."""
+        if not isinstance(unlimited, bool):
+            raise TypeError("unlimited must be true or false")
+        if remaining is not None and (
+            isinstance(remaining, bool) or not isinstance(remaining, (int, float)) or remaining < 0
+        ):
+            raise ValueError("remaining must be a number >= 0")
+        with self.lock:
+            if remaining is not None:
+                self.remaining = float(remaining)
+            self.unlimited = unlimited
 
     def take_marker(self, found: dict[str, str], name: str) -> str | None:
         """The value of marker ``name`` (``value`` or ``value:N``, acting on its first N uses), counting

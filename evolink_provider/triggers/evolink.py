@@ -109,10 +109,10 @@ class EvolinkTaskTrigger(BaseTrigger):
 
     async def _wait(self) -> AsyncIterator[TriggerEvent]:
         hook = EvolinkHook(self.evolink_conn_id)
-        reporter = ProgressReporter()
+        reporter = ProgressReporter(self.evolink_task_id, self.started_at)
         failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
         if self.first_poll_at is not None:
-            await asyncio.sleep(max(0.0, self.first_poll_at - time.time()))
+            await self._sleep(reporter, self.first_poll_at - time.time())
         while True:
             try:
                 task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
@@ -147,7 +147,7 @@ class EvolinkTaskTrigger(BaseTrigger):
             if decision.outcome is Outcome.WAIT:
                 if decision.message:
                     self.log.warning(decision.message)
-                await asyncio.sleep(decision.delay)
+                await self._sleep(reporter, decision.delay)
                 continue
             if decision.outcome is Outcome.SUCCESS:
                 yield self._event("success", task=task, end_time=self.end_time)
@@ -159,6 +159,13 @@ class EvolinkTaskTrigger(BaseTrigger):
                     "failed", code=code, message=decision.message, api_message=message, task=task
                 )
             return
+
+    async def _sleep(self, reporter: ProgressReporter, delay: float) -> None:
+        """Sleep ``delay`` seconds, logging where the task stands when a progress line falls due."""
+        for pause in reporter.pauses(delay):
+            await asyncio.sleep(pause)
+            if line := reporter.between_polls():
+                self.log.info(line)
 
     async def on_kill(self) -> None:
         """A user cleared or marked the deferred task: say that the generation goes on (no cancel call) and

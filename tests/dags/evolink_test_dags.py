@@ -151,6 +151,16 @@ for mode in ("sync", "deferrable"):
         submitted >> waited
         check_video(waited.output)
 
+with new_dag("evolink_min_credits"):
+    # The balance is set by the test (the simulator's credits control); retries must not be burnt.
+    check_video(seedance("sync", min_credits=50, retries=2, retry_delay=0).output)
+
+with new_dag("evolink_reattach_min_credits"):
+    # Only the first try submits, so only it reads the balance; the retries reattach and spend nothing.
+    seedance(
+        "sync", prompt="reattach me [sim:seconds=3]", timeout=0.5, retries=10, retry_delay=0, min_credits=1
+    )
+
 with new_dag("evolink_bad_input"):
     seedance("sync", duration=99, retries=2, retry_delay=0)
 
@@ -263,6 +273,19 @@ for mode in ("sync", "deferrable"):
                 output_path=os.path.join(tempfile.gettempdir(), "evolink-test-output"),
             ).output
         )
+
+
+with new_dag("evolink_stored_asset_deferrable"):
+    # What the Airflow smoke matrix runs on every supported minor: storage (ObjectStoragePath) and the
+    # asset events on an alias, both of which depend on the Airflow version's own libraries.
+    check_result_data_video(
+        seedance(
+            "deferrable",
+            prompt="stored and announced [sim:output=result_data_list]",
+            output_path=os.path.join(tempfile.gettempdir(), "evolink-test-output"),
+            asset_alias="evolink_smoke_videos",
+        ).output
+    )
 
 
 with new_dag("evolink_local_video_reference"):

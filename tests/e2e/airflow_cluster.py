@@ -220,7 +220,8 @@ TriggerKey = tuple[int, str]  # id, created_date
 
 
 class AirflowCluster:
-    """See the module docstring. ``extra_dag_sources`` maps file names to DAG file contents."""
+    """See the module docstring. ``extra_dag_sources`` maps file names to DAG file contents;
+    ``extra_env`` adds or overrides Airflow settings (environment variables) of every component."""
 
     #: The Airflow processes ``start`` spawns, by name (a profile may run several of one kind).
     components: tuple[str, ...] = COMPONENTS
@@ -232,6 +233,7 @@ class AirflowCluster:
         # Longer than the operators' 15 s wait-on-worker window, so that deferrable examples defer.
         task_seconds: float = 20,
         parallelism: int = 8,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="evolink-e2e-"))
         self.extra_dag_sources = dict(extra_dag_sources or {})
@@ -293,6 +295,7 @@ class AirflowCluster:
             "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "8",
             "AIRFLOW_CONN_EVOLINK_DEFAULT": json.dumps(connection),
             "EVOLINK_DEMO_OUTPUT": str(self.output),
+            **(extra_env or {}),
         }
         self.procs = ProcessGroups(self.home / "proc-logs", self.env, marker=str(self.home))
 

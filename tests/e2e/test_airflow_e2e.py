@@ -445,3 +445,98 @@ def test_process_groups_stop_everything_even_on_failure(tmp_path: Path) -> None:
     assert processes_marked(marker) == []
     assert len(strays) == 1
     assert procs.running == {}
+
+
+# -- assets and extra links (a cluster of their own) ---------------------------------------------------
+#
+# Asset-triggered runs are created by the scheduler's job schedule, which the cluster above turns off (an
+# @daily example would start a run of its own on unpause). This one turns it on and unpauses only the two
+# DAGs of the chain, so no other DAG can start a run.
+
+ASSET_PRODUCER, ASSET_CONSUMER = "example_evolink_videos_as_assets", "example_evolink_publish_new_videos"
+
+
+@dataclass
+class AssetChain:
+    cluster: AirflowCluster
+    producer_run: str
+    consumer_runs: list[dict[str, Any]]
+    generated: dict[str, Any]
+    asset_events: list[dict[str, Any]]
+    upstream_events: list[dict[str, Any]]
+    published: list[dict[str, Any]]
+    links: dict[str, Any]
+    errors: list[str]
+
+
+@pytest.fixture(scope="module")
+def asset_chain() -> Iterator[AssetChain]:
+    with AirflowCluster(extra_env={"AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "True"}) as cluster:
+        cluster.wait_for_dags([ASSET_PRODUCER, ASSET_CONSUMER])
+        cluster.unpause(ASSET_CONSUMER)
+        run_id = cluster.trigger(ASSET_PRODUCER)
+        cluster.wait_for_runs({ASSET_PRODUCER: run_id}, RUN_TIMEOUT)
+
+        def consumer_runs_done() -> list[dict[str, Any]] | None:
+            runs = cluster.api("GET", f"dags/{ASSET_CONSUMER}/dagRuns")["dag_runs"]
+            return runs if runs and all(r["state"] in ("success", "failed") for r in runs) else None
+
+        consumer_runs = cluster.wait_for(consumer_runs_done, 180, "the asset-triggered run to finish")
+        consumer_run = consumer_runs[0]["dag_run_id"]
+        chain = AssetChain(
+            cluster=cluster,
+            producer_run=run_id,
+            consumer_runs=consumer_runs,
+            generated=cluster.xcom(ASSET_PRODUCER, run_id, "generate"),
+            asset_events=cluster.api("GET", "assets/events", params={"source_dag_id": ASSET_PRODUCER})[
+                "asset_events"
+            ],
+            upstream_events=cluster.api(
+                "GET", f"dags/{ASSET_CONSUMER}/dagRuns/{consumer_run}/upstreamAssetEvents"
+            )["asset_events"],
+            published=cluster.xcom(ASSET_CONSUMER, consumer_run, "publish"),
+            links=cluster.api("GET", f"dags/{ASSET_PRODUCER}/dagRuns/{run_id}/taskInstances/generate/links")[
+                "extra_links"
+            ],
+            errors=[],
+        )
+    chain.errors = cluster.task_errors(ASSET_PRODUCER) + cluster.task_errors(ASSET_CONSUMER)
+    yield chain
+    shutil.rmtree(cluster.home, ignore_errors=True)
+
+
+def test_a_stored_video_triggered_the_publishing_dag(asset_chain: AssetChain) -> None:
+    (run,) = asset_chain.consumer_runs
+    assert (run["run_type"], run["state"]) == ("asset_triggered", "success")
+    (stored,) = asset_chain.generated["files"]
+    (event,) = asset_chain.upstream_events
+    assert event["uri"] == Path(stored).resolve().as_uri()
+    assert (event["source_dag_id"], event["source_run_id"]) == (ASSET_PRODUCER, asset_chain.producer_run)
+    (card,) = asset_chain.published
+    assert card["video"] == Path(stored).resolve().as_uri()
+    assert card["evolink_task_id"] == asset_chain.generated["id"]
+    assert probe(card["thumbnail"]).width > 0
+    assert asset_chain.errors == []
+
+
+def test_the_asset_event_carries_the_documented_extra(asset_chain: AssetChain) -> None:
+    (event,) = asset_chain.asset_events
+    (stored,) = asset_chain.generated["files"]
+    extra = event["extra"]
+    assert extra["evolink_task_id"] == asset_chain.generated["id"]
+    assert extra["model"] == "seedance-2.0-fast-text-to-video"
+    assert extra["duration"] == 4 and extra["result_index"] == 0
+    assert extra["size_bytes"] == Path(stored).stat().st_size
+    assert len(extra["prompt_sha256"]) == 64
+    assert extra["credits_used"] == asset_chain.generated["credits"]["used"] is not None
+    assert [run["dag_id"] for run in event["created_dagruns"]] == [ASSET_CONSUMER]
+
+
+def test_the_extra_links_of_a_finished_task_through_the_rest_api(asset_chain: AssetChain) -> None:
+    (video_url,) = asset_chain.generated["results"]
+    assert video_url.startswith(asset_chain.cluster.sim_url)
+    assert asset_chain.links == {
+        "EvoLink video": video_url,
+        "EvoLink profile picture": None,
+        "Stored video": None,  # a local file has no web address
+    }

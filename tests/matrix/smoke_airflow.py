@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 import evolink_provider.operators.submission as submission
 from evolink_provider import compat
 from evolink_provider.operators.submission import NO_TASK_STATE_STORE
-from tests.conftest import SimulatorControl
+from tests.conftest import SimulatorControl, asset_events_of
 from tests.test_operators import run_dag, xcom
 
 AIRFLOW = tuple(int(part) for part in version("apache-airflow").split(".")[:2])
@@ -46,6 +47,7 @@ DAG_RUNS = {
     "evolink_seedance_deferrable": "generate",
     "evolink_sora_character_deferrable": "generate",
     "evolink_sensor_deferrable": "wait",
+    "evolink_stored_asset_deferrable": "generate",
 }
 RAN: set[str] = set()
 SAID: list[str] = []
@@ -80,9 +82,14 @@ def test_dag_runs_to_success(sim: SimulatorControl, dag_id: str, result_task: st
     assert all(task_state == "success" for task_state, _ in tasks.values()), tasks
     assert xcom(dag_id, result_task)["status"] == "completed"
     assert sim.stats()["tasks_created"] == 1
+    if dag_id == "evolink_stored_asset_deferrable":
+        (stored,) = xcom(dag_id, result_task)["files"]
+        ((uri, extra, aliases),) = asset_events_of(dag_id)
+        assert (uri, aliases) == (Path(stored).resolve().as_uri(), ["evolink_smoke_videos"])
+        assert extra["size_bytes"] == Path(stored).stat().st_size
 
 
 def test_missing_task_state_store_is_said_once_per_process() -> None:
-    """Four submissions in this process: before 3.3 the limitation is said once, on 3.3 never."""
+    """Five submissions in this process: before 3.3 the limitation is said once, on 3.3 never."""
     assert set(DAG_RUNS) == RAN, "run the whole file: this counts over the DAG runs above"
     assert SAID.count(NO_TASK_STATE_STORE) == (0 if AIRFLOW >= (3, 3) else 1), SAID
