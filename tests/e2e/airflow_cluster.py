@@ -223,6 +223,9 @@ class AirflowCluster:
     """See the module docstring. ``extra_dag_sources`` maps file names to DAG file contents;
     ``extra_env`` adds or overrides Airflow settings (environment variables) of every component."""
 
+    #: The Airflow processes ``start`` spawns, by name (a profile may run several of one kind).
+    components: tuple[str, ...] = COMPONENTS
+
     def __init__(
         self,
         *,
@@ -339,8 +342,8 @@ class AirflowCluster:
                 str(self.home / "sim-media"),
             ],
         )
-        for name in COMPONENTS:
-            self.procs.spawn(name, [sys.executable, "-m", "airflow", name])
+        for name in self.components:
+            self.procs.spawn(name, self.component_command(name))
         self.wait_for(lambda: self._http_ok(f"{self.sim_url}/_simulator/stats"), 60, "the simulator")
         self.wait_for(self.all_healthy, 180, "every Airflow component to report healthy")
         self._watcher = threading.Thread(target=self._watch, name="e2e-db-watcher", daemon=True)
@@ -356,6 +359,10 @@ class AirflowCluster:
             if self._old_sigterm is not None:
                 signal.signal(signal.SIGTERM, self._old_sigterm)
                 self._old_sigterm = None
+
+    def component_command(self, name: str) -> list[str]:
+        """The command line of the component ``name``."""
+        return [sys.executable, "-m", "airflow", name]
 
     def restart_triggerer(self, sig: int = signal.SIGTERM) -> None:
         """Stop the triggerer (SIGTERM: a restart; SIGKILL: a crash) and start a new one."""
