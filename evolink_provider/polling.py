@@ -80,9 +80,7 @@ def expected_run_time(task: dict[str, Any], elapsed: float) -> tuple[float, floa
     progress = _number(task.get("progress"))
     if task.get("status") == "processing" and progress is not None and 0 < progress < 100 and elapsed > 0:
         return elapsed * 100.0 / progress, TRUST_PROGRESS
-    info = task.get("task_info")
-    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
-    if estimate is not None and estimate > 0:
+    if estimate := _estimated_time(task):
         return estimate, TRUST_ESTIMATED_TIME
     return FALLBACK_ESTIMATE, TRUST_ESTIMATED_TIME
 
@@ -183,18 +181,15 @@ def _estimate(task: dict[str, Any], elapsed: float) -> tuple[float, str] | None:
     expected, trust = expected_run_time(task, elapsed)
     if trust == TRUST_PROGRESS:
         return expected, "progress"
-    info = task.get("task_info")
-    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
-    return (expected, "estimated_time") if estimate is not None and estimate > 0 else None
+    return (expected, "estimated_time") if _estimated_time(task) else None
 
 
 def expected_end(task: dict[str, Any], now: float) -> str:
     """A phrase for the submission line: when a task just created is expected to end, from
     ``task_info.estimated_time`` (at submission its two readings, time left and total run time, agree);
     empty when EvoLink gives no estimate."""
-    info = task.get("task_info")
-    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
-    if estimate is None or estimate <= 0:
+    estimate = _estimated_time(task)
+    if estimate is None:
         return ""
     try:
         end = datetime.fromtimestamp(now + estimate, timezone.utc).strftime("%H:%M:%S UTC")
@@ -284,9 +279,11 @@ class ProgressReporter:
         return line + f", past its estimate of {duration_phrase(expected)} (from {basis})"
 
 
-def _estimated_time(task: dict[str, Any]) -> Any:
+def _estimated_time(task: dict[str, Any]) -> float | None:
+    """``task_info.estimated_time`` when it is a positive number, else None."""
     info = task.get("task_info")
-    return info.get("estimated_time") if isinstance(info, dict) else None
+    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
+    return estimate if estimate is not None and estimate > 0 else None
 
 
 class PollFailureBudget:
