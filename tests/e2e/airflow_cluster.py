@@ -50,6 +50,12 @@ E2E_DAGS = Path(__file__).resolve().parent / "dags"
 MARKER_VARIABLE = "EVOLINK_E2E_CLUSTER"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 TERMINAL_RUN_STATES = ("success", "failed")
+#: The watcher's snapshot: every task instance with the trigger it waits on, if any.
+WATCH_SQL = (
+    "select ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.state, "
+    "t.id, t.created_date, t.classpath, t.kwargs, t.triggerer_id "
+    "from task_instance ti left join trigger t on t.id = ti.trigger_id"
+)
 
 T = TypeVar("T")
 
@@ -553,27 +559,27 @@ class AirflowCluster:
         trigger is keyed by id *and* creation time because SQLite reuses the ids of deleted rows."""
         while not self._stop_watching.wait(0.3):
             try:
-                rows = self.query(
-                    "select ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.state, "
-                    "t.id, t.created_date, t.classpath, t.kwargs, t.triggerer_id "
-                    "from task_instance ti left join trigger t on t.id = ti.trigger_id"
-                )
+                rows = self.query(WATCH_SQL)
             except Exception as error:  # keep watching; the tests report what went wrong
                 self.watch_errors.append(repr(error))
                 continue
             with self.lock:
-                for dag_id, run_id, task_id, index, state, *trigger in rows:
-                    key = (dag_id, run_id, task_id, int(index))
-                    if state:
-                        self.states_seen[key].add(state)
-                    trigger_id, created, classpath, kwargs, triggerer_id = trigger
-                    if trigger_id is None:
-                        continue
-                    trigger_key = (int(trigger_id), str(created))
-                    self.triggers_of[key].add(trigger_key)
-                    seen = self.triggers.setdefault(trigger_key, TriggerSeen(classpath, kwargs))
-                    if triggerer_id is not None:
-                        seen.triggerer_ids.add(int(triggerer_id))
+                self._record(rows)
+
+    def _record(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Note the states and triggers of one :data:`WATCH_SQL` snapshot (the caller holds the lock)."""
+        for dag_id, run_id, task_id, index, state, *trigger in rows:
+            key = (dag_id, run_id, task_id, int(index))
+            if state:
+                self.states_seen[key].add(state)
+            trigger_id, created, classpath, kwargs, triggerer_id = trigger
+            if trigger_id is None:
+                continue
+            trigger_key = (int(trigger_id), str(created))
+            self.triggers_of[key].add(trigger_key)
+            seen = self.triggers.setdefault(trigger_key, TriggerSeen(classpath, kwargs))
+            if triggerer_id is not None:
+                seen.triggerer_ids.add(int(triggerer_id))
 
     def seen(self, key: TIKey) -> set[str]:
         """Every state the watcher has seen the task instance in (safe while it runs)."""

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.airflow_cluster import AirflowCluster, ProcessGroups, TIKey, TriggerKey, TriggerSeen, free_port
+from tests.e2e.airflow_cluster import (
+    WATCH_SQL,
+    AirflowCluster,
+    ProcessGroups,
+    TIKey,
+    TriggerKey,
+    free_port,
+)
 
 #: The connection with ``batch_polling`` off (the base ``evolink_default`` has it on).
 SINGLE_READS_CONN_ID = "evolink_single_reads"
@@ -295,11 +302,6 @@ class CeleryCluster(AirflowCluster):
         """The base watcher's records, plus each task instance's timeline and the triggerers' CPU."""
         import psycopg2
 
-        sql = (
-            "select ti.dag_id, ti.run_id, ti.task_id, ti.map_index, ti.state, "
-            "t.id, t.created_date, t.classpath, t.kwargs, t.triggerer_id "
-            "from task_instance ti left join trigger t on t.id = ti.trigger_id"
-        )
         while not self._stop_watching.wait(0.25):
             try:
                 if self._db is None:
@@ -308,7 +310,7 @@ class CeleryCluster(AirflowCluster):
                     )
                     self._db.autocommit = True
                 with self._db.cursor() as cursor:
-                    cursor.execute(sql)
+                    cursor.execute(WATCH_SQL)
                     rows = cursor.fetchall()
                 now = time.time()
             except Exception as error:  # keep watching; the tests report what went wrong
@@ -319,19 +321,12 @@ class CeleryCluster(AirflowCluster):
                 continue
             self._sample_triggerer_cpu()
             with self.lock:
+                self._record(rows)
                 for dag_id, run_id, task_id, index, state, *trigger in rows:
-                    key = (dag_id, run_id, task_id, int(index))
-                    if state:
-                        self.states_seen[key].add(state)
-                    trigger_id, created, classpath, kwargs, triggerer_id = trigger
+                    trigger_id, created, _classpath, _kwargs, triggerer_id = trigger
                     trigger_key = None if trigger_id is None else (int(trigger_id), str(created))
-                    if trigger_key is not None:
-                        self.triggers_of[key].add(trigger_key)
-                        seen = self.triggers.setdefault(trigger_key, TriggerSeen(classpath, kwargs))
-                        if triggerer_id is not None:
-                            seen.triggerer_ids.add(int(triggerer_id))
                     holder = None if triggerer_id is None else int(triggerer_id)
-                    events = self.timeline[key]
+                    events = self.timeline[(dag_id, run_id, task_id, int(index))]
                     if not events or (events[-1].state, events[-1].trigger, events[-1].triggerer_id) != (
                         state,
                         trigger_key,
