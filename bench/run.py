@@ -270,7 +270,7 @@ def machine() -> str:
 
 
 def bench_triggerer() -> list[str]:
-    from evolink_provider.hooks.transport import ASYNC_POOL_SIZE
+    from evolink_provider.hooks.transport import CONNECTIONS_PER_ORIGIN as ASYNC_POOL_SIZE
 
     lines = [f"triggerer machine: {machine()}"]
     sizes = [int(n) for n in os.environ.get("BENCH_TRIGGER_SIZES", "1000,5000,10000").split(",") if n]

@@ -27,10 +27,10 @@ from evolink_provider.exceptions import (
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
 )
-from evolink_provider.hooks.connection import DEFAULT_BASE_URL, resolve_base_url
+from evolink_provider.hooks.connection import DEFAULT_BASE_URL, USER_AGENT, resolve_base_url
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.retry import parse_retry_after
-from evolink_provider.hooks.transport import USER_AGENT, aclose_async_clients
+from evolink_provider.hooks.transport import aclose_async_clients
 from tests.conftest import CONNECTION_EXTRA, SIMULATOR_PORT, TEST_API_KEY, SimulatorControl
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "a lighthouse at dawn", "duration": 4}

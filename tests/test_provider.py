@@ -47,7 +47,20 @@ def test_connection_form_relabels_and_hides_fields() -> None:
 def test_provider_info_imports_nothing() -> None:
     code = (
         "import sys; from evolink_provider.get_provider_info import get_provider_info; get_provider_info();"
-        "print(sorted(m for m in sys.modules if m.startswith(('airflow', 'requests', 'httpx'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('airflow', 'requests', 'aiohttp'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_dag_file_and_a_trigger_import_no_http_client_and_no_simulator() -> None:
+    """aiohttp is imported on a trigger's run path only, requests on a task's; the simulator never on a
+    worker's or a DAG file's import path."""
+    code = (
+        "import sys; import evolink_provider.operators.evolink, evolink_provider.sensors.evolink, "
+        "evolink_provider.triggers.evolink;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'requests', 'urllib3')"
+        " or m.startswith('evolink_provider.simulator')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -30,9 +30,10 @@ from evolink_provider.exceptions import (
     is_channel_code,
     task_error_is_retryable,
 )
+from evolink_provider.hooks.connection import ApiRequest
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.responses import parse_response
-from evolink_provider.hooks.transport import _Request, aclose_async_clients
+from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.models import validate_request
 from evolink_provider.polling import Outcome, decide_after_poll
 from evolink_provider.storage import result_urls, store_results
@@ -43,7 +44,7 @@ from tests.test_trigger import run_trigger
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "a lighthouse at dawn", "duration": 4}
 ATTEMPTS = CONNECTION_EXTRA["max_retries"] + 1
-REQUEST = _Request(
+REQUEST = ApiRequest(
     "GET", "https://api.evolink.ai/v1/credits", "/v1/credits", {}, connection="EvoLink connection 'x' (u)"
 )
 

@@ -1,5 +1,6 @@
 """The EvoLink connection: what the hook reads from Airflow (base URLs, API key, timeouts, retry settings,
-extras), checked once before any HTTP call, and whether the key still has to be masked."""
+extras), checked once before any HTTP call, whether the key still has to be masked, and the requests built
+from it (:class:`ApiRequest`: the key only in its headers)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from evolink_provider import __version__
 from evolink_provider.exceptions import EvolinkConfigurationError
-from evolink_provider.hooks.retry import RetryPolicy
+from evolink_provider.hooks.retry import Kind, RetryPolicy
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -183,3 +185,56 @@ def needs_masking(api_key: _ApiKey, password: str | None) -> bool:
         return False
     _MASKED_KEY_DIGESTS.add(digest)
     return True
+
+
+USER_AGENT = f"airflow-provider-evolink/{__version__}"
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """A request both clients can send: built once, the key only in ``headers``."""
+
+    method: str
+    url: str
+    path: str
+    headers: dict[str, str] = field(repr=False)
+    json_body: Any = None
+    #: A POST that only reads (the batch task read): safe to repeat, creates nothing.
+    read_only: bool = False
+    #: Who is asked, for error messages: ``EvoLink connection 'id' (base URL)``; never the key.
+    connection: str = ""
+
+    @property
+    def kind(self) -> Kind:
+        """Its row of the retry table: a POST that creates is a submission when it carries an
+        ``Idempotency-Key``, else an upload (only failures that cannot have stored anything repeat)."""
+        if self.method != "POST" or self.read_only:
+            return Kind.READ
+        return Kind.SUBMISSION if "Idempotency-Key" in self.headers else Kind.UPLOAD
+
+
+def build_request(
+    settings: EvolinkConnectionSettings,
+    method: str,
+    path: str,
+    *,
+    json_body: Any = None,
+    idempotency_key: str | None = None,
+    base_url: str | None = None,
+    read_only: bool = False,
+) -> ApiRequest:
+    """A request to ``path`` on the connection's base URL (or ``base_url``), with the key."""
+    headers = {
+        "Authorization": f"Bearer {settings.api_key.reveal()}",
+        "User-Agent": USER_AGENT,
+        "Accept": "application/json",
+        # Not br/zstd (whatever the clients have installed): the body is decoded here, bounded.
+        "Accept-Encoding": "gzip, deflate",
+    }
+    if json_body is not None:
+        headers["Content-Type"] = "application/json"
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    base = base_url or settings.base_url
+    connection = f"EvoLink connection {settings.conn_id!r} ({base})"
+    return ApiRequest(method, f"{base}{path}", path, headers, json_body, read_only, connection)

@@ -24,9 +24,8 @@ from evolink_provider.exceptions import (
     EvolinkWaitTimeoutError,
     error_for_status,
 )
-from evolink_provider.hooks.connection import EvolinkConnectionSettings
+from evolink_provider.hooks.connection import USER_AGENT, EvolinkConnectionSettings
 from evolink_provider.hooks.retry import Kind, Verdict, parse_retry_after
-from evolink_provider.hooks.transport import USER_AGENT
 
 if TYPE_CHECKING:
     import requests

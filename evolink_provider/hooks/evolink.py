@@ -3,8 +3,8 @@
 Each method is a thin step over the modules that do the work:
 
 * :mod:`~evolink_provider.hooks.connection`: the Airflow connection, read and checked once;
-* :mod:`~evolink_provider.hooks.transport`: requests built and sent by the sync (``requests``) and async
-  (``h11``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
+* :mod:`~evolink_provider.hooks.transport`: requests sent by the sync (``requests``) and async
+  (``aiohttp``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
   :mod:`evolink_provider.exceptions`;
 * :mod:`~evolink_provider.hooks.retry`: the one retry policy (its table says what is repeated, and when);
 * :mod:`~evolink_provider.hooks.downloads`: result downloads and their address checks;
@@ -34,12 +34,13 @@ from evolink_provider.exceptions import (
 )
 from evolink_provider.hooks.connection import (
     EvolinkConnectionSettings,
+    build_request,
     needs_masking,
     settings_from_connection,
 )
 from evolink_provider.hooks.downloads import ResultDownloads, ResultStream
 from evolink_provider.hooks.task_batcher import TaskBatcher, tasks_in_batch_answer
-from evolink_provider.hooks.transport import asend, build_request, new_session, send, upload
+from evolink_provider.hooks.transport import asend, new_session, send, upload
 
 if TYPE_CHECKING:
     import requests

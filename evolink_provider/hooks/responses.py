@@ -1,7 +1,7 @@
 """Reading what EvoLink answered: the body with a size cap, strict JSON, EvoLink's error bodies mapped to
-:mod:`evolink_provider.exceptions`, and ``requests``/``httpx`` failures said in a few words (their own texts
-repeat the URL and nest three exceptions deep). Shared by the sync and async clients of
-:mod:`evolink_provider.hooks.transport`."""
+:mod:`evolink_provider.exceptions`, and ``requests``/``aiohttp`` failures said in a few words (their own
+texts repeat the URL, nest three exceptions deep, and aiohttp's reprs carry the request headers, so the
+key). Shared by the sync and async clients of :mod:`evolink_provider.hooks.transport`."""
 
 from __future__ import annotations
 
@@ -19,19 +19,17 @@ from evolink_provider.exceptions import (
     EvolinkTransportError,
     error_for_status,
 )
+from evolink_provider.hooks.connection import ApiRequest
 from evolink_provider.hooks.retry import parse_retry_after
 
 if TYPE_CHECKING:
-    import httpx
     import requests
-
-    from evolink_provider.hooks.transport import _Request
 
 log = logging.getLogger(__name__)
 
 
 def parse_response(
-    request: _Request, status_code: int, headers: Mapping[str, str], content: bytes
+    request: ApiRequest, status_code: int, headers: Mapping[str, str], content: bytes
 ) -> dict[str, Any]:
     """Decode a JSON answer or raise the typed error its status and body describe."""
     request_id = headers.get("x-request-id") or headers.get("request-id")
@@ -98,7 +96,7 @@ def error_fields(body: Any) -> tuple[str | None, str, str | None]:
     )
 
 
-def _raise_if_refused(request: _Request, answer: dict[str, Any], request_id: str | None) -> None:
+def _raise_if_refused(request: ApiRequest, answer: dict[str, Any], request_id: str | None) -> None:
     """An HTTP 200 saying ``"success": false`` (credits, Files API) is a refusal, not an answer."""
     if answer.get("success") is not False:
         return
@@ -119,11 +117,12 @@ class AnswerBody:
     than :data:`MAX_ANSWER_BYTES` is held (however well the bytes compress), and no chunk is taken after
     ``until`` (epoch seconds), so a server that trickles its answer cannot hold a worker or a trigger.
 
-    The clients read raw bytes and decode here, so the bound does not depend on what ``urllib3``/``httpx``
-    would unpack at once (a 3 KB doubly gzipped answer unpacked to 2 GB in httpx).
+    The clients read raw bytes and decode here (``decode_content=False``, ``auto_decompress=False``), so the
+    bound does not depend on what ``urllib3``/``aiohttp`` would unpack at once (a 3 KB doubly gzipped
+    answer unpacked to 2 GB in the httpx client this one replaced).
     """
 
-    def __init__(self, request: _Request, content_encoding: str | None, until: float) -> None:
+    def __init__(self, request: ApiRequest, content_encoding: str | None, until: float) -> None:
         self.request = request
         self.until = until
         encodings = [name.strip().lower() for name in (content_encoding or "").split(",") if name.strip()]
@@ -163,7 +162,7 @@ class AnswerBody:
         )
 
 
-def answer_out_of_time(request: _Request) -> EvolinkTransportError:
+def answer_out_of_time(request: ApiRequest) -> EvolinkTransportError:
     return EvolinkTransportError(
         f"{request.connection}: {request.method} {request.path}: no complete answer when its time ran "
         "out (a slow or trickling server, or the wait's deadline)",
@@ -171,7 +170,7 @@ def answer_out_of_time(request: _Request) -> EvolinkTransportError:
     )
 
 
-def read_capped(request: _Request, response: requests.Response, until: float) -> bytes:
+def read_capped(request: ApiRequest, response: requests.Response, until: float) -> bytes:
     """The body of a streamed ``requests`` answer (see :class:`AnswerBody`). ``read1`` returns what one
     socket read brings, so the time bound is checked as bytes trickle in."""
     import urllib3
@@ -188,15 +187,7 @@ def read_capped(request: _Request, response: requests.Response, until: float) ->
     return body.content()
 
 
-async def aread_capped(request: _Request, response: httpx.Response, until: float) -> bytes:
-    """The body of a streamed ``httpx`` answer (see :class:`AnswerBody`)."""
-    body = AnswerBody(request, response.headers.get("content-encoding"), until)
-    async for chunk in response.aiter_raw():  # as received: a chunk size would buffer up to it
-        body.add(chunk)
-    return body.content()
-
-
-def _too_large(request: _Request) -> EvolinkBadAnswerError:
+def _too_large(request: ApiRequest) -> EvolinkBadAnswerError:
     return EvolinkBadAnswerError(
         f"{request.connection}: {request.method} {request.path} answered more than {MAX_ANSWER_BYTES} "
         "bytes; a task answer is about a kilobyte, so it was not read further"
@@ -210,7 +201,7 @@ def refused(exc: BaseException) -> bool:
     return any(isinstance(item, (NewConnectionError, ConnectTimeoutError)) for item in _exception_chain(exc))
 
 
-def transport_error(request: _Request, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
+def transport_error(request: ApiRequest, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
     detail = transport_failure(exc)
     return EvolinkTransportError(
         f"{request.connection}: {request.method} {request.path}: {detail}",
@@ -237,7 +228,7 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def transport_failure(exc: BaseException) -> str:
-    """What a ``requests``/``httpx`` failure means, in a few words (their own texts repeat the URL and
+    """What a ``requests``/``aiohttp`` failure means, in a few words (their own texts repeat the URL and
     nest three exceptions deep)."""
     import socket
     import ssl
@@ -251,7 +242,7 @@ def transport_failure(exc: BaseException) -> str:
         return "connection refused"
     if any(isinstance(item, socket.gaierror) for item in chain) or "resolution" in names:
         return "host name not found"
-    if "connecttimeout" in names or "connect timeout" in texts:
+    if "connecttimeout" in names or "connectiontimeout" in names or "connect timeout" in texts:
         return "connection timed out"
     if "timeout" in names or "timed out" in texts:
         return "no answer in time (read timeout)"
@@ -259,6 +250,6 @@ def transport_failure(exc: BaseException) -> str:
         return "TLS handshake failed"
     if "reset" in texts or "aborted" in texts or "remotedisconnected" in names or "disconnected" in texts:
         return "the connection was closed before a complete answer"
-    if "incomplete" in names or "chunked" in names or "incomplete" in texts:
+    if "incomplete" in names or "chunked" in names or "payload" in names or "incomplete" in texts:
         return "the answer was cut short"
     return type(exc).__name__

@@ -1,32 +1,27 @@
-"""Transport: how a request to EvoLink is built and sent, one path for both clients.
+"""Transport: how a request to EvoLink is sent, one path for both clients.
 
-A :class:`_Request` is built once (the key only in its headers) and sent by the sync client
-(``requests``, one session per hook) or the async client (:mod:`~evolink_provider.hooks.http11`
-connections, one pool shared by every trigger of an event loop);
-:mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
+An :class:`~evolink_provider.hooks.connection.ApiRequest` is sent by the sync client (``requests``, one
+session per hook) or the async client (``aiohttp``, one session per event loop, shared by every trigger
+on it); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
 :class:`~evolink_provider.hooks.retry.RetryPolicy` allows, and nothing else: one call decides for both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import importlib
 import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
-from urllib.parse import urlsplit
 
-from evolink_provider import __version__
 from evolink_provider.exceptions import EvolinkError, EvolinkSubmissionUnknownError
-from evolink_provider.hooks.connection import EvolinkConnectionSettings, Timeouts
-from evolink_provider.hooks.http11 import Http11Connection, Origin
+from evolink_provider.hooks.connection import ApiRequest, EvolinkConnectionSettings, Timeouts
 from evolink_provider.hooks.responses import (
-    aread_capped,
+    AnswerBody,
+    answer_out_of_time,
     parse_response,
     read_capped,
     refused,
@@ -35,64 +30,12 @@ from evolink_provider.hooks.responses import (
 from evolink_provider.hooks.retry import Kind, RetryPolicy, Verdict, outcome_unknown
 
 if TYPE_CHECKING:
-    import httpx
+    import aiohttp
     import requests
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-USER_AGENT = f"airflow-provider-evolink/{__version__}"
-
-
-@dataclass(frozen=True)
-class _Request:
-    """A request both clients can send: built once, the key only in ``headers``."""
-
-    method: str
-    url: str
-    path: str
-    headers: dict[str, str] = field(repr=False)
-    json_body: Any = None
-    #: A POST that only reads (the batch task read): safe to repeat, creates nothing.
-    read_only: bool = False
-    #: Who is asked, for error messages: ``EvoLink connection 'id' (base URL)``; never the key.
-    connection: str = ""
-
-    @property
-    def kind(self) -> Kind:
-        """Its row of the retry table: a POST that creates is a submission when it carries an
-        ``Idempotency-Key``, else an upload (only failures that cannot have stored anything repeat)."""
-        if self.method != "POST" or self.read_only:
-            return Kind.READ
-        return Kind.SUBMISSION if "Idempotency-Key" in self.headers else Kind.UPLOAD
-
-
-def build_request(
-    settings: EvolinkConnectionSettings,
-    method: str,
-    path: str,
-    *,
-    json_body: Any = None,
-    idempotency_key: str | None = None,
-    base_url: str | None = None,
-    read_only: bool = False,
-) -> _Request:
-    """A request to ``path`` on the connection's base URL (or ``base_url``), with the key."""
-    headers = {
-        "Authorization": f"Bearer {settings.api_key.reveal()}",
-        "User-Agent": USER_AGENT,
-        "Accept": "application/json",
-        # Not br/zstd (whatever the clients have installed): the body is decoded here, bounded.
-        "Accept-Encoding": "gzip, deflate",
-    }
-    if json_body is not None:
-        headers["Content-Type"] = "application/json"
-    if idempotency_key:
-        headers["Idempotency-Key"] = idempotency_key
-    base = base_url or settings.base_url
-    connection = f"EvoLink connection {settings.conn_id!r} ({base})"
-    return _Request(method, f"{base}{path}", path, headers, json_body, read_only, connection)
 
 
 class _MultipartBody:
@@ -148,7 +91,7 @@ def new_session() -> requests.Session:
 
 def send(
     session: requests.Session,
-    request: _Request,
+    request: ApiRequest,
     settings: EvolinkConnectionSettings,
     accept: Callable[[dict[str, Any]], T],
     deadline: float | None = None,
@@ -165,7 +108,7 @@ def send(
 
 def upload(
     session: requests.Session,
-    request: _Request,
+    request: ApiRequest,
     settings: EvolinkConnectionSettings,
     stream: BinaryIO,
     filename: str,
@@ -190,7 +133,7 @@ def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
 
 
 def _send_once(
-    session: requests.Session, request: _Request, timeouts: Timeouts, deadline: float | None = None
+    session: requests.Session, request: ApiRequest, timeouts: Timeouts, deadline: float | None = None
 ) -> dict[str, Any]:
     import requests
 
@@ -216,7 +159,7 @@ def _send_once(
 
 def _send_multipart(
     session: requests.Session,
-    request: _Request,
+    request: ApiRequest,
     timeouts: Timeouts,
     stream: BinaryIO,
     filename: str,
@@ -246,12 +189,12 @@ def _send_multipart(
 
 
 async def asend(
-    request: _Request,
+    request: ApiRequest,
     settings: EvolinkConnectionSettings,
     accept: Callable[[dict[str, Any]], T],
     deadline: float | None = None,
 ) -> T:
-    """:func:`send` on this event loop's shared pool."""
+    """:func:`send` on this event loop's shared ``aiohttp`` session."""
     for attempt in range(1, settings.retry.max_attempts + 1):
         try:
             return accept(await _asend_once(request, settings.timeouts, deadline))
@@ -263,186 +206,126 @@ async def asend(
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-async def _asend_once(request: _Request, timeouts: Timeouts, deadline: float | None = None) -> dict[str, Any]:
-    import h11
+async def _asend_once(
+    request: ApiRequest, timeouts: Timeouts, deadline: float | None = None
+) -> dict[str, Any]:
+    """One exchange, all of it (the wait for a free connection, connecting, the answer) by the time
+    :func:`_answer_until` gives; any ``aiohttp`` failure leaves as an :class:`EvolinkTransportError` in a few
+    words (its exceptions' texts and reprs carry the URL and the request headers, so the key), with no
+    exception chained to it."""
+    until = _answer_until(timeouts, deadline)
+    if until <= time.time():
+        raise answer_out_of_time(request)
+    session = await _loop_session()
+    import aiohttp
 
-    pool = await _shared_pool(timeouts)
-    if pool.proxied(request.url):
-        return await _asend_through_proxy(pool, request, timeouts, deadline)
-    parts = urlsplit(request.url)
-    body = (
-        None if request.json_body is None else json.dumps(request.json_body, separators=(",", ":")).encode()
-    )
-    target = f"{parts.path}?{parts.query}" if parts.query else parts.path
-    tls = parts.scheme == "https"
-    async with pool.connection(
-        (parts.scheme, parts.hostname or "", parts.port or (443 if tls else 80))
-    ) as connect:
-        try:
-            connection = await connect()
-        except OSError as exc:  # refused, unresolved, TLS verification, connect timeout
-            raise transport_error(request, exc, request_sent=False) from None
-        try:
-            status, headers, content = await connection.exchange(
-                request, target, body, _answer_until(timeouts, deadline)
-            )
-        except (OSError, h11.ProtocolError) as exc:  # resets, timeouts, malformed answers
-            raise transport_error(request, exc, request_sent=True) from None
-        finally:
-            pool.release(connection)
+    failure: EvolinkError | None = None
+    try:
+        async with session.request(
+            request.method,
+            request.url,
+            headers=request.headers,
+            json=request.json_body,
+            allow_redirects=False,
+            # ceil_threshold: aiohttp rounds longer timeouts up to a whole second; a deadline is exact.
+            timeout=aiohttp.ClientTimeout(
+                total=until - time.time(), sock_connect=timeouts.connect, ceil_threshold=float("inf")
+            ),
+        ) as response:
+            answer = AnswerBody(request, response.headers.get("Content-Encoding"), until)
+            try:
+                async for chunk in response.content.iter_any():
+                    answer.add(chunk)
+                content = answer.content()
+            except EvolinkError:
+                response.close()  # the rest is never read: drop the connection
+                raise
+            status, headers = response.status, {name.lower(): v for name, v in response.headers.items()}
+    except EvolinkError:
+        raise
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        failure = transport_error(request, exc, request_sent=False)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        failure = (
+            answer_out_of_time(request)
+            if isinstance(exc, asyncio.TimeoutError)
+            else transport_error(request, exc, request_sent=True)
+        )
+    if failure is not None:
+        raise failure  # outside the except: no aiohttp exception rides along as its context
     return parse_response(request, status, headers, content)
 
 
-async def _asend_through_proxy(
-    pool: _SharedPool, request: _Request, timeouts: Timeouts, deadline: float | None
-) -> dict[str, Any]:
-    """The same exchange through httpx, which speaks to the proxy the environment names."""
-    import httpx
+#: Connections per origin (scheme, host, port) and event loop: a silent host can hold this many, and no
+#: more, while polls to other origins go on; a poll's wait for one counts against its own deadline.
+CONNECTIONS_PER_ORIGIN = 32
+#: Idle connections are kept this long (longer than the adaptive poll interval, else most polls would open
+#: a new connection); below the common 60 s idle limit of load balancers, and a connection the server
+#: closed first is retried like any dropped GET.
+KEEPALIVE_SECONDS = 45.0
 
-    try:
-        async with (
-            pool.slots,
-            pool.proxy_client.stream(
-                request.method, request.url, headers=request.headers, json=request.json_body
-            ) as response,
-        ):
-            content = await aread_capped(request, response, _answer_until(timeouts, deadline))
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-        raise transport_error(request, exc, request_sent=False) from None
-    except httpx.HTTPError as exc:  # read timeouts, resets mid-answer, protocol errors
-        raise transport_error(request, exc, request_sent=True) from None
-    return parse_response(request, response.status_code, response.headers, content)
+#: One ``aiohttp.ClientSession`` per event loop: the triggers of a triggerer share its connections.
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
+#: Polls that arrive while the session is being built wait for that one build.
+_SESSION_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-class _SharedPool:
-    """The HTTP connections all triggers of one event loop share: at most :data:`ASYNC_POOL_SIZE` open,
-    idle ones kept per origin (newest reused first) for :data:`ASYNC_KEEPALIVE_SECONDS`.
-
-    A poll waits on an ``asyncio.Semaphore`` (O(1)) for a connection slot, then takes an idle connection
-    or opens one (:mod:`evolink_provider.hooks.http11` says why not httpx). Where the environment names a
-    proxy for the base URL (``HTTPS_PROXY``, ``NO_PROXY``, ...), requests go through one httpx client
-    instead, as before, which speaks to the proxy.
-
-    Building it takes 60-70 ms of CPU (the SSL context loads the CA bundle), so it is built once per event
-    loop, in a thread (:func:`_shared_pool`).
-    """
-
-    def __init__(self, timeouts: Timeouts) -> None:
-        import urllib.request
-
-        import httpx  # its SSL context: certifi's bundle, or SSL_CERT_FILE / SSL_CERT_DIR
-
-        self.timeouts = timeouts
-        self.ssl_context = httpx.create_ssl_context()
-        self.slots = asyncio.Semaphore(ASYNC_POOL_SIZE)
-        self._idle: dict[Origin, list[Http11Connection]] = {}
-        self._proxies = urllib.request.getproxies()
-        self._proxy_client: httpx.AsyncClient | None = None
-        self.is_closed = False
-
-    def proxied(self, url: str) -> bool:
-        """Whether the environment sends ``url`` through a proxy."""
-        if not self._proxies:
-            return False
-        parts = urlsplit(url)
-        import urllib.request
-
-        named = parts.scheme in self._proxies or "all" in self._proxies
-        return named and not urllib.request.proxy_bypass(parts.hostname or "")
-
-    @property
-    def proxy_client(self) -> httpx.AsyncClient:
-        import httpx
-
-        if self._proxy_client is None:
-            self._proxy_client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeouts.read, connect=self.timeouts.connect, pool=None),
-                limits=httpx.Limits(
-                    max_connections=ASYNC_POOL_SIZE, keepalive_expiry=ASYNC_KEEPALIVE_SECONDS
+async def _loop_session() -> aiohttp.ClientSession:
+    """This event loop's session, built the first time. ``aiohttp`` is imported in a thread: the import
+    loads its CA bundle (tens of milliseconds) and must not stall the loop's other triggers."""
+    loop = asyncio.get_running_loop()
+    session = _SESSIONS.get(loop)
+    if session is not None and not session.closed:
+        return session
+    async with _SESSION_LOCKS.setdefault(loop, asyncio.Lock()):
+        session = _SESSIONS.get(loop)
+        if session is None or session.closed:
+            aiohttp = await asyncio.to_thread(importlib.import_module, "aiohttp")
+            session = _SESSIONS[loop] = aiohttp.ClientSession(
+                connector=_connector(aiohttp)(
+                    limit=0, limit_per_host=CONNECTIONS_PER_ORIGIN, keepalive_timeout=KEEPALIVE_SECONDS
                 ),
-                verify=self.ssl_context,
-                follow_redirects=False,
+                trust_env=True,  # HTTP(S)_PROXY, NO_PROXY, as every other client of the deployment
+                auto_decompress=False,  # AnswerBody decodes, bounded
+                cookie_jar=aiohttp.DummyCookieJar(),  # an answer's cookies are not sent back
+                skip_auto_headers=("Accept-Encoding",),
             )
-        return self._proxy_client
+    return session
 
-    @asynccontextmanager
-    async def connection(self, origin: Origin) -> AsyncIterator[Callable[[], Awaitable[Http11Connection]]]:
-        """Within a connection slot: a call that hands out an idle connection to ``origin``, or a new one."""
 
-        async def connect() -> Http11Connection:
-            idle = self._idle.get(origin)
-            while idle:
-                connection = idle.pop()
-                if connection.reusable and connection.idle_since > time.monotonic() - ASYNC_KEEPALIVE_SECONDS:
+def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
+    """``aiohttp.TCPConnector`` that never lends out an idle connection on which bytes arrived that no
+    request asked for: aiohttp parses them into an answer and hands it to the next request on that
+    connection (a desync: one poll reading another's, or a smuggled, answer; httpcore drops such a
+    connection too). Such a connection is closed and the next one taken."""
+
+    class FreshConnector(aiohttp.TCPConnector):
+        async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
+            while True:
+                connection = await super().connect(*args, **kwargs)
+                if connection.protocol is None or not connection.protocol.should_close:
                     return connection
                 connection.close()
-            return await Http11Connection.open(origin, self.ssl_context, self.timeouts.connect)
 
-        async with self.slots:
-            yield connect
-
-    def release(self, connection: Http11Connection) -> None:
-        """Keep ``connection`` for the next poll if it can carry one; close those idle too long."""
-        idle = self._idle.setdefault(connection.origin, [])
-        while idle and idle[0].idle_since < time.monotonic() - ASYNC_KEEPALIVE_SECONDS:
-            idle.pop(0).close()
-        if connection.reusable and not self.is_closed:
-            idle.append(connection)
-
-    async def aclose(self) -> None:
-        self.is_closed = True
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
-        self._idle.clear()
-        if self._proxy_client is not None:
-            await self._proxy_client.aclose()
-
-
-# One shared pool per event loop: triggers share it instead of opening a client, and TCP connections, per
-# poll. The triggerer's loop lives as long as the process.
-_SHARED_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Timeouts, _SharedPool]] = (
-    weakref.WeakKeyDictionary()
-)
-#: Connections per event loop (see :class:`_SharedPool`).
-ASYNC_POOL_SIZE = 32
-#: Idle pooled connections are kept this long (longer than the adaptive poll interval, else most polls
-#: would open a new connection); below the common 60 s idle limit of load
-#: balancers, and a connection the server closed first is retried like any dropped GET.
-ASYNC_KEEPALIVE_SECONDS = 45.0
-
-
-async def _shared_pool(timeouts: Timeouts) -> _SharedPool:
-    """This event loop's pool for ``timeouts``, built off the loop the first time (never blocks it)."""
-    loop = asyncio.get_running_loop()
-    pools = _SHARED_POOLS.setdefault(loop, {})
-    pool = pools.get(timeouts)
-    if pool is not None and not pool.is_closed:
-        return pool
-    async with _POOL_BUILD_LOCKS.setdefault(loop, asyncio.Lock()):
-        pool = pools.get(timeouts)
-        if pool is None or pool.is_closed:
-            pool = pools[timeouts] = await asyncio.to_thread(_SharedPool, timeouts)
-    return pool
-
-
-#: Polls that arrive while the pool is being built wait for that one build.
-_POOL_BUILD_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
-    weakref.WeakKeyDictionary()
-)
+    return FreshConnector
 
 
 async def aclose_async_clients() -> None:
-    """Close this event loop's shared clients (tests and benchmarks; the triggerer never needs it)."""
-    for pool in _SHARED_POOLS.pop(asyncio.get_running_loop(), {}).values():
-        await pool.aclose()
+    """Close this event loop's session (tests and benchmarks; the triggerer never needs it)."""
+    session = _SESSIONS.pop(asyncio.get_running_loop(), None)
+    if session is not None:
+        await session.close()
 
 
 # -- retries ----------------------------------------------------------------------------------------
 
 
 def _wait_before_retry(
-    request: _Request,
+    request: ApiRequest,
     policy: RetryPolicy,
     attempt: int,
     error: EvolinkError,
@@ -460,7 +343,7 @@ def _wait_before_retry(
     return decision.delay
 
 
-def _give_up(request: _Request, error: EvolinkError, attempts: int) -> EvolinkError:
+def _give_up(request: ApiRequest, error: EvolinkError, attempts: int) -> EvolinkError:
     """The error to raise once retrying stops."""
     if request.kind is Kind.SUBMISSION and outcome_unknown(error):
         key = request.headers.get("Idempotency-Key", "")
