@@ -9,6 +9,7 @@ policy's *download* row says; a link that answers 403, 404 or 410 has expired an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,17 +19,18 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 from evolink_provider.exceptions import (
     EvolinkConfigurationError,
-    EvolinkError,
     EvolinkNotFoundError,
     EvolinkTransportError,
     EvolinkWaitTimeoutError,
     error_for_status,
 )
 from evolink_provider.hooks.connection import USER_AGENT, EvolinkConnectionSettings
-from evolink_provider.hooks.retry import Kind, Verdict, parse_retry_after
+from evolink_provider.hooks.retry import Kind, parse_retry_after
 
 if TYPE_CHECKING:
     import requests
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,8 @@ class ResultDownloads:
 
         # Compressed bodies are refused (see _result_stream): ask for none, so the byte cap counts file bytes.
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-        for attempt in range(1, settings.retry.max_attempts + 1):
-            error: EvolinkError
+
+        def attempt() -> requests.Response:
             try:
                 response = self.session.get(
                     url,
@@ -177,33 +179,28 @@ class ResultDownloads:
                     allow_redirects=False,
                 )
             except requests.RequestException as exc:
-                error = EvolinkTransportError(
+                raise EvolinkTransportError(
                     f"downloading {_redact_query(url)}: {type(exc).__name__}", request_sent=True
-                )
-            else:
-                if response.status_code in (403, 404, 410):
-                    response.close()
-                    raise EvolinkNotFoundError(
-                        "the result link is gone or expired (EvoLink keeps results for 24 h)",
-                        status_code=response.status_code,
-                        method="GET",
-                        path=_redact_query(url),
-                    )
-                if response.status_code < 400:
-                    return response
-                response.close()
-                error = error_for_status(
-                    response.status_code,
-                    "downloading a result failed",
-                    retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                ) from None
+            if response.status_code < 400:
+                return response
+            response.close()
+            if response.status_code in (403, 404, 410):
+                raise EvolinkNotFoundError(
+                    "the result link is gone or expired (EvoLink keeps results for 24 h)",
+                    status_code=response.status_code,
                     method="GET",
                     path=_redact_query(url),
                 )
-            decision = settings.retry.decide(Kind.DOWNLOAD, attempt, error, deadline)
-            if decision.verdict is not Verdict.REPEAT:
-                raise error
-            time.sleep(decision.delay)
-        raise AssertionError("unreachable: the loop returns or raises")
+            raise error_for_status(
+                response.status_code,
+                "downloading a result failed",
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                method="GET",
+                path=_redact_query(url),
+            )
+
+        return settings.retry.retrying(Kind.DOWNLOAD, deadline, log, logging.WARNING)(attempt)
 
 
 def _result_stream(url: str, response: requests.Response, deadline: float | None) -> ResultStream:

@@ -1,8 +1,9 @@
 """The one retry policy: for every kind of request, whether an error may be repeated and after how long.
 
-Every loop that repeats something asks :meth:`RetryPolicy.decide`: the sync and async send loops and the
-upload (:mod:`evolink_provider.hooks.transport`), result downloads (:mod:`evolink_provider.hooks.downloads`),
-and the waits of the operator and the trigger (through :class:`evolink_provider.polling.PollFailureBudget`).
+The call retries (the sync and async send loops and the upload in :mod:`evolink_provider.hooks.transport`,
+result downloads in :mod:`evolink_provider.hooks.downloads`) run in ``tenacity`` loops that
+:meth:`RetryPolicy.retrying` builds from this table; the waits of the operator and the trigger count their
+failed polls and ask :meth:`RetryPolicy.decide` (through :class:`evolink_provider.polling.PollFailureBudget`).
 
 ==========  ===========================================  ====================================  =============
 kind        repeated                                     never repeated                        after
@@ -54,11 +55,12 @@ retry sends again. A *failed task* is not an error of a request: whether it is r
 from __future__ import annotations
 
 import enum
+import logging
 import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from evolink_provider.exceptions import (
     PAID_OUTCOME_UNKNOWN,
@@ -68,6 +70,9 @@ from evolink_provider.exceptions import (
     EvolinkServerError,
     EvolinkTransportError,
 )
+
+if TYPE_CHECKING:
+    import tenacity
 
 
 class Kind(str, enum.Enum):
@@ -153,6 +158,56 @@ class RetryPolicy:
         if deadline is not None and time.time() + delay >= deadline:
             return RetryDecision(Verdict.OUT_OF_TIME, delay)
         return RetryDecision(Verdict.REPEAT, delay)
+
+    def retrying(
+        self,
+        kind: Kind,
+        deadline: float | None,
+        log: logging.Logger,
+        level: int,
+        *,
+        asynchronous: bool = False,
+    ) -> tenacity.BaseRetrying:
+        """A ``tenacity`` loop for a call of ``kind``: it repeats what :meth:`may_repeat` allows, waits
+        :meth:`delay` (``Retry-After`` first), stops after ``max_attempts`` attempts or before a wait that
+        would end past ``deadline``, and raises the last error as it is."""
+        import tenacity
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            if state.attempt_number >= self.max_attempts:
+                return True
+            if deadline is None or time.time() + state.upcoming_sleep < deadline:
+                return False
+            log.log(level, "%s; no time left to retry", _error(state))
+            return True
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            return self.delay(state.attempt_number, getattr(_error(state), "retry_after", None))
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            log.log(
+                level,
+                "%s; attempt %d of %d in %.1fs",
+                _error(state),
+                state.attempt_number + 1,
+                self.max_attempts,
+                state.upcoming_sleep,
+            )
+
+        loop = tenacity.AsyncRetrying if asynchronous else tenacity.Retrying
+        return loop(
+            retry=tenacity.retry_if_exception(
+                lambda error: isinstance(error, EvolinkError) and self.may_repeat(kind, error)
+            ),
+            wait=wait,
+            stop=stop,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+
+def _error(state: tenacity.RetryCallState) -> BaseException | None:
+    return state.outcome.exception() if state.outcome else None
 
 
 def outcome_unknown(error: EvolinkError) -> bool:

@@ -2,8 +2,9 @@
 
 An :class:`~evolink_provider.hooks.connection.ApiRequest` is sent by the sync client (``requests``, one
 session per hook) or the async client (``aiohttp``, one session per event loop, shared by every trigger
-on it); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops repeat what
-:class:`~evolink_provider.hooks.retry.RetryPolicy` allows, and nothing else: one call decides for both.
+on it); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops are ``tenacity``
+loops built by :meth:`~evolink_provider.hooks.retry.RetryPolicy.retrying`: they repeat what the retry table
+allows, and nothing else.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from evolink_provider.hooks.responses import (
     refused,
     transport_error,
 )
-from evolink_provider.hooks.retry import Kind, RetryPolicy, Verdict, outcome_unknown
+from evolink_provider.hooks.retry import Kind, outcome_unknown
 
 if TYPE_CHECKING:
     import aiohttp
@@ -98,12 +99,11 @@ def send(
 ) -> T:
     """Send with retries; ``accept`` checks the answer inside the loop, so a malformed answer is
     retried like a garbled one."""
-    for attempt in range(1, settings.retry.max_attempts + 1):
-        try:
-            return accept(_send_once(session, request, settings.timeouts, deadline))
-        except EvolinkError as error:
-            time.sleep(_wait_before_retry(request, settings.retry, attempt, error, logging.WARNING, deadline))
-    raise AssertionError("unreachable: the loop returns or raises")
+    retrying = settings.retry.retrying(request.kind, deadline, log, logging.WARNING)
+    try:
+        return retrying(lambda: accept(_send_once(session, request, settings.timeouts, deadline)))
+    except EvolinkError as error:
+        raise _give_up(request, error, retrying.statistics["attempt_number"]) from None
 
 
 def upload(
@@ -116,13 +116,12 @@ def upload(
 ) -> dict[str, Any]:
     """Send ``stream`` as a multipart upload, repeated (from its start) only where the retry policy's
     upload row allows: uploads are not idempotent."""
-    for attempt in range(1, settings.retry.max_attempts + 1):
+
+    def attempt() -> dict[str, Any]:
         stream.seek(0)
-        try:
-            return _send_multipart(session, request, settings.timeouts, stream, filename, content_type)
-        except EvolinkError as error:
-            time.sleep(_wait_before_retry(request, settings.retry, attempt, error, logging.WARNING))
-    raise AssertionError("unreachable: the loop returns or raises")
+        return _send_multipart(session, request, settings.timeouts, stream, filename, content_type)
+
+    return settings.retry.retrying(request.kind, None, log, logging.WARNING)(attempt)
 
 
 def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
@@ -195,15 +194,16 @@ async def asend(
     deadline: float | None = None,
 ) -> T:
     """:func:`send` on this event loop's shared ``aiohttp`` session."""
-    for attempt in range(1, settings.retry.max_attempts + 1):
-        try:
-            return accept(await _asend_once(request, settings.timeouts, deadline))
-        except EvolinkError as error:
-            # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
-            await asyncio.sleep(
-                _wait_before_retry(request, settings.retry, attempt, error, logging.INFO, deadline)
-            )
-    raise AssertionError("unreachable: the loop returns or raises")
+
+    async def attempt() -> T:
+        return accept(await _asend_once(request, settings.timeouts, deadline))
+
+    # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
+    retrying = settings.retry.retrying(request.kind, deadline, log, logging.INFO, asynchronous=True)
+    try:
+        return await retrying(attempt)
+    except EvolinkError as error:
+        raise _give_up(request, error, retrying.statistics["attempt_number"]) from None
 
 
 async def _asend_once(
@@ -321,26 +321,7 @@ async def aclose_async_clients() -> None:
         await session.close()
 
 
-# -- retries ----------------------------------------------------------------------------------------
-
-
-def _wait_before_retry(
-    request: ApiRequest,
-    policy: RetryPolicy,
-    attempt: int,
-    error: EvolinkError,
-    level: int,
-    deadline: float | None = None,
-) -> float:
-    """Seconds to wait before repeating ``request`` after ``error`` on ``attempt``, as the policy says;
-    raises when it says stop. Every send loop calls it, so they cannot drift apart."""
-    decision = policy.decide(request.kind, attempt, error, deadline)
-    if decision.verdict is Verdict.OUT_OF_TIME:
-        log.log(level, "%s; no time left to retry", error)
-    if decision.verdict is not Verdict.REPEAT:
-        raise _give_up(request, error, attempt) from None
-    log.log(level, "%s; attempt %d of %d in %.1fs", error, attempt + 1, policy.max_attempts, decision.delay)
-    return decision.delay
+# -- giving up ----------------------------------------------------------------------------------------
 
 
 def _give_up(request: ApiRequest, error: EvolinkError, attempts: int) -> EvolinkError:
