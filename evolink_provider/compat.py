@@ -7,12 +7,21 @@ of the package imports these names from here and never asks which Airflow it run
 name                                             older home
 ===============================================  =====================================
 ``airflow.sdk.BaseHook``                         ``airflow.hooks.base`` (3.0)
-``BaseHook.aget_connection``                     missing in 3.0
 ``airflow.sdk.conf``                             ``airflow.configuration`` (3.0, 3.1)
 ``airflow.sdk.exceptions.AirflowFailException``  ``airflow.exceptions`` (3.0, 3.1)
 ``airflow.sdk.log.amask_secret``                 missing before 3.3
 ``task_state_store`` in the task context         missing before 3.3 (see :func:`log_once`)
 ===============================================  =====================================
+
+A connection is read on an event loop by ``apache-airflow-providers-common-compat``'s
+``get_async_connection``: ``aget_connection`` where it is safe, else ``get_connection`` in a
+``sync_to_async`` thread (Airflow 3.0 has no ``aget_connection``; from common-compat 1.23 it also avoids the
+``DeadlockImminentError`` of 3.3.0-3.3.1's ``aget_connection``, apache/airflow#71891).
+
+What stays here, each for one reason: common-compat's ``sdk`` names arrived in 1.8 and
+``get_async_connection`` in 1.10, newer than the common-compat 1.7 that Airflow 3.0.6's constraints pin
+(so the older homes are still looked up here, and ``get_connection`` runs in a thread where common-compat
+lacks the function); common-compat has no ``amask_secret``.
 
 The async fallbacks run the sync call through ``asgiref.sync_to_async``, as Airflow 3.0 documents for
 triggers: on 3.0 and 3.1 the triggerer's sync channel to its supervisor is ``async_to_sync``, which finds
@@ -26,6 +35,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type-checked against the newest Airflow
+    from airflow.providers.common.compat.connection import get_async_connection
     from airflow.sdk import BaseHook, conf
     from airflow.sdk.exceptions import AirflowFailException
     from airflow.sdk.log import amask_secret
@@ -41,22 +51,19 @@ else:
         from airflow.exceptions import AirflowFailException
 
     try:
-        from airflow.sdk import BaseHook as _BaseHook
+        from airflow.sdk import BaseHook
     except ImportError:  # Airflow 3.0
-        from airflow.hooks.base import BaseHook as _BaseHook
+        from airflow.hooks.base import BaseHook
 
-    if hasattr(_BaseHook, "aget_connection"):
-        BaseHook = _BaseHook
-    else:  # Airflow 3.0
+    try:
+        from airflow.providers.common.compat.connection import get_async_connection
+    except ImportError:  # common-compat before 1.10
 
-        class BaseHook(_BaseHook):
-            """Airflow 3.0's BaseHook plus the ``aget_connection`` that 3.1 added."""
+        async def get_async_connection(conn_id: str) -> Any:
+            """``get_connection`` in a ``sync_to_async`` thread, never blocking the loop."""
+            from asgiref.sync import sync_to_async
 
-            @classmethod
-            async def aget_connection(cls, conn_id: str) -> Any:
-                from asgiref.sync import sync_to_async
-
-                return await sync_to_async(cls.get_connection)(conn_id)
+            return await sync_to_async(BaseHook.get_connection)(conn_id)
 
     try:
         from airflow.sdk.log import amask_secret
@@ -70,7 +77,15 @@ else:
             await sync_to_async(mask_secret)(secret, name)
 
 
-__all__ = ["AirflowFailException", "BaseHook", "amask_secret", "conf", "hook_field_behaviour", "log_once"]
+__all__ = [
+    "AirflowFailException",
+    "BaseHook",
+    "amask_secret",
+    "conf",
+    "get_async_connection",
+    "hook_field_behaviour",
+    "log_once",
+]
 
 _said: set[str] = set()
 _said_lock = threading.Lock()

@@ -88,13 +88,15 @@ def test_hooks_of_one_event_loop_share_one_connection_lookup(
     set_connection(monkeypatch, "evolink_shared", server.url)
     server.json("/v1/tasks/", task())
     lookups: list[str] = []
-    original = EvolinkHook.aget_connection
+    from evolink_provider.hooks import evolink
+
+    original = evolink.get_async_connection
 
     async def counted(conn_id: str) -> Any:
         lookups.append(conn_id)
         return await original(conn_id)
 
-    monkeypatch.setattr(EvolinkHook, "aget_connection", staticmethod(counted))
+    monkeypatch.setattr(evolink, "get_async_connection", counted)
     assert len(read_tasks("evolink_shared", 20, concurrently=True)) == 20
     assert lookups == ["evolink_shared"]
     read_tasks("evolink_shared", 1)  # a new event loop reads the connection again

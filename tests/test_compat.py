@@ -64,3 +64,31 @@ def test_connection_form_for_airflow_3_0_and_3_1_mirrors_the_provider_info() -> 
     assert behaviour["placeholders"] == declared["ui-field-behaviour"]["placeholders"]
     # 3.0/3.1 do not show the conn-fields that stand in for the extra on 3.2+, so the extra stays visible.
     assert set(behaviour["hidden_fields"]) == set(declared["ui-field-behaviour"]["hidden-fields"]) - {"extra"}
+
+
+@pytest.mark.parametrize("common_compat", ["installed", "before 1.10"])
+def test_a_trigger_reads_its_connection_with_or_without_common_compats_get_async_connection(
+    monkeypatch: pytest.MonkeyPatch, common_compat: str
+) -> None:
+    """With common-compat's get_async_connection (Airflow 3.3.2's constraints and later) and without it
+    (older releases, as Airflow 3.0.6's constraints pin): the connection is read on the event loop."""
+    import asyncio
+    import importlib
+    import json
+    import sys
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_EVOLINK_COMPAT",
+        json.dumps({"conn_type": "evolink", "password": "sk-compat-test-key", "host": "http://x.example"}),
+    )
+    if common_compat != "installed":
+        monkeypatch.setitem(sys.modules, "airflow.providers.common.compat.connection", None)
+    try:
+        fresh = importlib.reload(compat)
+        uses_common_compat = fresh.get_async_connection.__module__.startswith("airflow.providers")
+        conn = asyncio.run(fresh.get_async_connection("evolink_compat"))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(compat)
+    assert uses_common_compat is (common_compat == "installed")
+    assert conn.password == "sk-compat-test-key" and conn.host == "http://x.example"

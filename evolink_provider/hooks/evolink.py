@@ -25,7 +25,7 @@ from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from evolink_provider.answers import checked_task, credits_text, remaining_credits, task_id_to_send
-from evolink_provider.compat import BaseHook, hook_field_behaviour
+from evolink_provider.compat import BaseHook, get_async_connection, hook_field_behaviour
 from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
     EvolinkError,
@@ -97,7 +97,8 @@ class EvolinkHook(BaseHook):
         return settings
 
     async def aget_settings(self) -> EvolinkConnectionSettings:
-        """The connection read without blocking the event loop (``aget_connection``), cached.
+        """The connection read without blocking the event loop (common-compat's ``get_async_connection``),
+        cached.
 
         The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS`: a lookup goes
         through Airflow's secrets backends (and, in a triggerer, its supervisor), and was a sixth of a
@@ -114,7 +115,7 @@ class EvolinkHook(BaseHook):
         return self._async_settings
 
     async def _aread_settings(self) -> EvolinkConnectionSettings:
-        conn = await self.aget_connection(self.evolink_conn_id)
+        conn = await get_async_connection(self.evolink_conn_id)
         settings = settings_from_connection(conn)
         if needs_masking(settings.api_key, conn.password):
             from evolink_provider.compat import amask_secret
