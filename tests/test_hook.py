@@ -332,7 +332,7 @@ def test_key_never_shows_in_reprs_or_errors(sim: SimulatorControl, hook: Evolink
 
 
 def test_secrets_masker_redacts_the_key_once_the_hook_has_read_it(hook: EvolinkHook) -> None:
-    from airflow.sdk._shared.secrets_masker import redact
+    from airflow.sdk.log import redact
 
     hook.settings  # noqa: B018 - reading the connection registers the key with the masker
     assert TEST_API_KEY not in str(redact(f"Authorization: Bearer {TEST_API_KEY}"))
@@ -441,3 +441,41 @@ def test_https_simulator_and_certificate_verification(monkeypatch: pytest.Monkey
         assert hook.get_task(task["id"])["id"] == task["id"]
         hook.close()
         assert tls_sim.stats()["connections_opened"] == 2  # the refused handshake, then one kept-alive
+
+
+@pytest.mark.parametrize("name", ["localhost", "sim.example"])
+def test_result_downloads_go_to_the_checked_address_and_verify_the_host_name(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A result is fetched from the address its check returned, and TLS verifies the URL's host name there
+    (not the address): the simulator's certificate names localhost and 127.0.0.1, not sim.example."""
+    import socket
+
+    from evolink_provider.simulator import EvolinkSimulator
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in ("localhost", "sim.example"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", args[0] if args else 0))]
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    with EvolinkSimulator(api_key=TEST_API_KEY, tls=True, task_seconds=0.2) as tls_sim:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_sim.certificate))
+        set_connection(monkeypatch, "evolink_tls", password=TEST_API_KEY, host=tls_sim.base_url)
+        task = EvolinkHook("evolink_tls").create_video_task(dict(SEEDANCE))
+        while task["status"] != "completed":
+            time.sleep(0.1)
+            task = EvolinkHook("evolink_tls").get_task(task["id"])
+        # The connection's own host may be private: the simulator by that name.
+        named = tls_sim.base_url.replace("127.0.0.1", name)
+        set_connection(monkeypatch, "evolink_named", password=TEST_API_KEY, host=named)
+        hook = EvolinkHook("evolink_named")
+        monkeypatch.setattr(socket, "getaddrinfo", resolve)
+        url = task["results"][0].replace("127.0.0.1", name)
+        if name == "localhost":
+            with hook.open_result(url) as result:
+                assert b"ftyp" in b"".join(result.chunks)[:64]
+        else:
+            with pytest.raises(EvolinkTransportError, match="SSLError"), hook.open_result(url):
+                pass

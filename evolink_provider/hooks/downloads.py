@@ -2,9 +2,10 @@
 
 Result links are public signed URLs on third-party hosts, so no ``Authorization`` header is sent (the key
 must not reach them). Every hop must be http(s), carry no credentials, and resolve to a public address,
-unless it is the connection's own host (the simulator on loopback); the connection is then made to the very
-address that was checked (no second DNS lookup to rebind). Transient failures are repeated as the retry
-policy's *download* row says; a link that answers 403, 404 or 410 has expired and is left to the caller.
+unless it is the connection's own host (the simulator on loopback); the request is then sent to the very
+address that was checked (no second DNS lookup to rebind; see :class:`ResultDownloads`). Transient failures
+are repeated as the retry policy's *download* row says; a link that answers 403, 404 or 410 has expired and
+is left to the caller.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 from evolink_provider.exceptions import (
     EvolinkConfigurationError,
@@ -46,7 +47,7 @@ class ResultStream:
 DOWNLOAD_CHUNK = 1 << 20
 
 
-def _chunks(response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
+def _chunks(url: str, response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
     """The body as it arrives, cut off once ``deadline`` (epoch seconds) has passed.
 
     ``read1`` returns what has arrived instead of waiting for a full chunk, so a server that trickles a
@@ -61,7 +62,7 @@ def _chunks(response: requests.Response, deadline: float | None = None) -> Itera
             yield chunk
             if deadline is not None and time.time() > deadline:
                 raise EvolinkWaitTimeoutError(
-                    f"downloading {_redact_query(response.url)} ran past the operator's timeout; "
+                    f"downloading {_redact_query(url)} ran past the operator's timeout; "
                     "a retry of the Airflow task reattaches to the completed task and downloads again"
                 )
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
@@ -70,68 +71,34 @@ def _chunks(response: requests.Response, deadline: float | None = None) -> Itera
         ) from None
 
 
-def _pinned_session(pins: dict[tuple[str, int], str]) -> requests.Session:
-    """A ``requests`` session whose direct connections go to ``pins[(host, port)]``, the address that
-    passed :func:`check_download_url`, and nowhere else; TLS still verifies (and SNI still names) the
-    host. Without the pin a second DNS lookup at connect time could answer a private address (DNS
-    rebinding). Connections through a proxy are the proxy's business and are not pinned."""
-    import socket
-
+def _hostname_adapter(hostname: str) -> requests.adapters.HTTPAdapter:
+    """An adapter for connections made to an address: TLS names (SNI) and verifies ``hostname``."""
     import requests
-    from urllib3.connection import HTTPConnection, HTTPSConnection
-    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-    from urllib3.util.connection import create_connection
 
-    def new_pinned_conn(connection: HTTPConnection) -> socket.socket:
-        address = pins.get((connection.host, connection.port or 80))
-        if address is None:
-            raise NewConnectionError(connection, f"{connection.host} was not checked before connecting")
-        try:
-            return create_connection(
-                (address, connection.port),
-                connection.timeout,
-                source_address=connection.source_address,
-                socket_options=connection.socket_options,
-            )
-        except TimeoutError as exc:
-            raise ConnectTimeoutError(connection, f"connection to {connection.host} timed out") from exc
-        except OSError as exc:
-            raise NewConnectionError(connection, f"failed to connect to {connection.host}: {exc}") from exc
+    class HostnameAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **pool_kwargs: Any) -> None:
+            super().init_poolmanager(*args, server_hostname=hostname, assert_hostname=hostname, **pool_kwargs)
 
-    class PinnedHTTPConnection(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return new_pinned_conn(self)
+    return HostnameAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
 
-    class PinnedHTTPSConnection(HTTPSConnection):
-        def _new_conn(self) -> socket.socket:
-            return new_pinned_conn(self)
 
-    class PinnedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = PinnedHTTPConnection
-
-    class PinnedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = PinnedHTTPSConnection
-
-    class PinnedAdapter(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {"http": PinnedHTTPPool, "https": PinnedHTTPSPool}
-
-    session = requests.Session()
-    adapter = PinnedAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
+#: Requests sent to a checked address never go through a proxy (the environment's would apply by address).
+_NO_PROXIES = {"http": None, "https": None, "all": None}
 
 
 class ResultDownloads:
-    """The result downloads of one hook: a session whose connections go only to addresses that were
-    checked, and the ``(host, port) -> address`` pins it connects by."""
+    """The result downloads of one hook. Each hop is sent to the address :func:`check_download_url`
+    returned: the URL names the address, the ``Host`` header and TLS (SNI and certificate check) the host,
+    so no second DNS lookup can answer another address (DNS rebinding). A hop the environment sends
+    through a proxy (``HTTPS_PROXY``, ``NO_PROXY``) is the proxy's to connect, by name."""
 
     def __init__(self) -> None:
-        self._pins: dict[tuple[str, int], str] = {}
-        self.session = _pinned_session(self._pins)
+        import requests
+
+        self.session = requests.Session()
+        plain = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+        self.session.mount("http://", plain)
+        self.session.mount("https://", plain)
 
     @contextmanager
     def open(
@@ -142,11 +109,8 @@ class ResultDownloads:
         once it has passed."""
         current = url
         for _hop in range(6):
-            parts = urlsplit(current)
-            self._pins[((parts.hostname or "").rstrip("."), _port(parts))] = check_download_url(
-                current, own_base_url=settings.base_url
-            )
-            response = self._get(current, settings, deadline)
+            address = check_download_url(current, own_base_url=settings.base_url)
+            response = self._get(current, address, settings, deadline)
             if response.is_redirect:
                 location = response.headers.get("Location", "")
                 response.close()
@@ -159,21 +123,41 @@ class ResultDownloads:
             return
         raise EvolinkTransportError(f"too many redirects for {_redact_query(url)}", request_sent=True)
 
+    def _target(self, url: str, address: str) -> tuple[str, dict[str, str], Any]:
+        """Where ``url`` is sent: the URL, the extra headers and the proxies of its request."""
+        import requests
+
+        parts = urlsplit(url)
+        proxies = requests.utils.get_environ_proxies(url)
+        if parts.scheme in proxies or "all" in proxies:
+            return url, {}, None
+        netloc = f"[{address}]:{_port(parts)}" if ":" in address else f"{address}:{_port(parts)}"
+        if parts.scheme == "https":
+            prefix = f"https://{netloc}/"
+            previous = self.session.adapters.get(prefix)
+            if previous is not None:
+                previous.close()
+            self.session.mount(prefix, _hostname_adapter(parts.hostname or ""))
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        return target, {"Host": parts.netloc.rpartition("@")[2]}, _NO_PROXIES
+
     def _get(
-        self, url: str, settings: EvolinkConnectionSettings, deadline: float | None
+        self, url: str, address: str, settings: EvolinkConnectionSettings, deadline: float | None
     ) -> requests.Response:
         """One hop's answer (a redirect, or a 2xx to stream), repeated as the policy's download row
         says; raises the error it ends with."""
         import requests
 
         # Compressed bodies are refused (see _result_stream): ask for none, so the byte cap counts file bytes.
-        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        target, host, proxies = self._target(url, address)
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **host}
 
         def attempt() -> requests.Response:
             try:
                 response = self.session.get(
-                    url,
+                    target,
                     headers=headers,
+                    proxies=proxies,
                     stream=True,
                     timeout=(settings.timeouts.connect, _time_left(settings.timeouts.read, deadline)),
                     allow_redirects=False,
@@ -221,7 +205,7 @@ def _result_stream(url: str, response: requests.Response, deadline: float | None
         url=url,
         content_type=response.headers.get("Content-Type", "").split(";")[0].strip().lower(),
         content_length=int(length) if length and length.isdigit() else None,
-        chunks=_chunks(response, deadline),
+        chunks=_chunks(url, response, deadline),
     )
 
 
