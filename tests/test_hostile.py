@@ -802,3 +802,96 @@ def test_any_answer_ends_as_a_task_or_an_evolink_error_in_both_modes(
     assert len(events) == 1
     status = events[0]["status"]
     assert status in ({"success", "failed", "timeout"} if accepted else {"error"}), events[0]
+
+
+# -- server-supplied text: one printable/length rule, and never the connection's key ---------------------
+
+HOSTILE_KEY = "sk-hostile-test-key-0123"
+#: The key as a JSON escape: a server need not echo it byte for byte.
+ESCAPED_KEY = "".join(f"\\u{ord(char):04x}" for char in HOSTILE_KEY)
+
+
+def _every_text(error: BaseException) -> str:
+    return " ".join([str(error), repr(error), *(str(value) for value in vars(error).values())])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps(
+            {
+                "error": {
+                    "code": f"bad_{HOSTILE_KEY}",
+                    "message": f"invalid key Bearer {HOSTILE_KEY}",
+                    "request_id": f"req-{HOSTILE_KEY}",
+                }
+            }
+        ).encode(),
+        b'{"error": {"code": "x", "message": "key ' + ESCAPED_KEY.encode() + b' refused"}}',
+        b"<html><body>502 upstream said: Authorization: Bearer " + HOSTILE_KEY.encode() + b"</body></html>",
+    ],
+    ids=["json", "json-escaped", "html"],
+)
+def test_a_key_echoed_in_an_error_body_reaches_no_exception_or_log(
+    hostile: HostileServer, hook: EvolinkHook, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    hostile.json("/v1/tasks/", body, status=502, headers={"X-Request-Id": f"id-{HOSTILE_KEY}"})
+    with caplog.at_level(logging.DEBUG):
+        errors = _both_modes(hook)
+    for error in errors:
+        assert "***" in str(error), error
+        assert HOSTILE_KEY not in _every_text(error)
+    assert HOSTILE_KEY not in caplog.text
+    assert "attempt 2 of 2" in caplog.text  # the retries were logged, without the key
+
+
+def test_a_key_echoed_in_a_task_answer_is_replaced_before_anything_reads_it(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    failed = task(status="failed", error={"code": "service_error", "message": f"upstream got {HOSTILE_KEY}"})
+    hostile.json("/v1/tasks/", failed)
+    answer = hook.get_task(TASK_ID)
+    assert answer["error"]["message"] == "upstream got ***"
+    (event,) = run_trigger(
+        EvolinkTaskTrigger(TASK_ID, "evolink_hostile", poll_interval=0.01, end_time=time.time() + 30)
+    )
+    assert event["status"] == "failed" and HOSTILE_KEY not in json.dumps(event)
+
+
+CONTROL = "\x1b[31m\u202e\r\n"
+CONTROL_CHARACTERS = "\x1b\u202e\r\n"
+
+
+def test_code_request_id_status_and_message_pass_one_printable_and_length_rule(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    from evolink_provider.exceptions import MAX_SERVER_MESSAGE, MAX_SERVER_NAME, EvolinkTaskError
+    from evolink_provider.polling import decide_after_poll
+    from evolink_provider.triggers.evolink import task_from_event
+
+    hostile.json(
+        "/v1/tasks/",
+        {"error": {"code": f"c{CONTROL}" * 100, "message": f"m{CONTROL}" * 10_000, "request_id": CONTROL}},
+        status=400,
+        headers={"X-Request-Id": "h" * 10_000},
+    )
+    for error in _both_modes(hook):
+        shown = str(error)
+        assert not any(char in shown for char in CONTROL_CHARACTERS), shown
+        assert len(shown) < 200 + MAX_SERVER_MESSAGE + 2 * MAX_SERVER_NAME, len(shown)
+
+    failed = task(status="failed", error={"code": f"x{CONTROL}" * 10, "message": f"m{CONTROL}" * 1_000})
+    decision = decide_after_poll(failed, now=time.time(), started_at=time.time(), deadline=None)
+    hostile.json("/v1/tasks/", failed)
+    (event,) = run_trigger(
+        EvolinkTaskTrigger(TASK_ID, "evolink_hostile", poll_interval=0.01, end_time=time.time() + 30)
+    )
+    with pytest.raises(EvolinkTaskError) as ended:
+        task_from_event(event)
+    odd_status = decide_after_poll(
+        task(status=f"queued{CONTROL}"), now=time.time(), started_at=time.time(), deadline=None
+    )
+    ended_status = EvolinkTaskError(TASK_ID, f"cancelled{CONTROL}" * 40, None, None)
+    for shown in (decision.message, str(ended.value), odd_status.message, str(ended_status)):
+        assert not any(char in shown for char in CONTROL_CHARACTERS), shown
+        assert len(shown) < 200 + MAX_SERVER_MESSAGE + 2 * MAX_SERVER_NAME, len(shown)

@@ -32,6 +32,7 @@ from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkTransportError,
     EvolinkWaitTimeoutError,
+    server_text,
 )
 from evolink_provider.hooks.connection import (
     EvolinkConnectionSettings,
@@ -187,7 +188,8 @@ class EvolinkHook(BaseHook):
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(
-                f"EvoLink Files API did not return a file_url for {filename!r}: {answer.get('msg')!r}",
+                f"EvoLink Files API did not return a file_url for {filename!r}: "
+                f'"{server_text(answer.get("msg") or "")}"',
                 request_sent=True,
             )
         return data
