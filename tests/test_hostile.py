@@ -895,3 +895,27 @@ def test_code_request_id_status_and_message_pass_one_printable_and_length_rule(
     for shown in (decision.message, str(ended.value), odd_status.message, str(ended_status)):
         assert not any(char in shown for char in CONTROL_CHARACTERS), shown
         assert len(shown) < 200 + MAX_SERVER_MESSAGE + 2 * MAX_SERVER_NAME, len(shown)
+
+
+NON_ASCII_KEY = "sk-live-secret\u2013part-caf\u00e9"
+
+
+def test_a_non_ascii_key_is_refused_when_the_connection_is_read_sync_and_in_the_trigger(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typographic dash pasted with the key: the clients failed to encode it (or sent it as Latin-1),
+    the trigger's after the worker's paid submission. Both refuse it before any HTTP, not showing it."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_EVOLINK_NON_ASCII",
+        json.dumps({"conn_type": "evolink", "password": NON_ASCII_KEY, "host": hostile.url}),
+    )
+    with pytest.raises(EvolinkConfigurationError, match="non-ASCII") as refused:
+        EvolinkHook("evolink_non_ascii").get_task(TASK_ID)
+    (event,) = run_trigger(
+        EvolinkTaskTrigger(TASK_ID, "evolink_non_ascii", poll_interval=0.01, end_time=time.time() + 30)
+    )
+    assert event["status"] == "error" and "non-ASCII" in event["message"], event
+    assert not event["retryable"]
+    for shown in (str(refused.value), repr(refused.value), json.dumps(event)):
+        assert "secret" not in shown and "caf" not in shown, shown
+    assert hostile.requests == []
