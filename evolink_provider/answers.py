@@ -36,6 +36,8 @@ MAX_NESTING_DEPTH = 32
 #: The most result URLs one task may hand over (every model documents one video; sora-character adds a
 #: picture).
 MAX_RESULTS_PER_TASK = 16
+#: Where ``result_data`` (an object, or a list of them) names results; its entries obey the same cap.
+RESULT_DATA_URLS = ("video_url", "profile_picture_url")
 MAX_URL_LENGTH = 8192
 #: ``created`` is Unix seconds: anything beyond the year 5138 is not a timestamp.
 MAX_EPOCH_SECONDS = 10**11
@@ -169,8 +171,20 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
             refuse(f"results is not a list of at most {MAX_RESULTS_PER_TASK} URLs")
         if not all(isinstance(url, str) and len(url) <= MAX_URL_LENGTH for url in results):
             refuse(f"results holds something other than URLs of at most {MAX_URL_LENGTH} characters")
-    if not isinstance(answer.get("result_data"), (dict, list, type(None))):
-        refuse(f"result_data={_shown(answer.get('result_data'))} is neither an object nor a list")
+    result_data = answer.get("result_data")
+    if not isinstance(result_data, (dict, list, type(None))):
+        refuse(f"result_data={_shown(result_data)} is neither an object nor a list")
+    entries = result_data if isinstance(result_data, list) else [result_data]
+    if len(entries) > MAX_RESULTS_PER_TASK:
+        # Each entry may name a result: each result becomes a download, an asset event, a lineage dataset.
+        refuse(
+            f"result_data lists {len(entries)} entries, more than the {MAX_RESULTS_PER_TASK} results allowed"
+        )
+    for entry in entries:
+        for name in RESULT_DATA_URLS:
+            url = entry.get(name) if isinstance(entry, dict) else None
+            if url is not None and not (isinstance(url, str) and len(url) <= MAX_URL_LENGTH):
+                refuse(f"result_data {name} is not a URL of at most {MAX_URL_LENGTH} characters")
     for name in ("error", "task_info", "usage"):
         if not isinstance(answer.get(name), (dict, type(None))):
             refuse(f"{name}={_shown(answer.get(name))} is not an object")
