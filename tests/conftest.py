@@ -22,6 +22,8 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk-sim-pytest-key-5d1c0a97e3"
+#: A second key of the simulator: its tasks are not the first key's (a read with the other key is refused).
+SECOND_API_KEY = "sk-sim-pytest-second-key-71f04b"
 
 
 def _free_port() -> int:
@@ -110,7 +112,9 @@ def simulator_server() -> Iterator[str]:
     """The simulator, started once for the session on the port the connection names."""
     from evolink_provider.simulator import EvolinkSimulator
 
-    with EvolinkSimulator(api_key=TEST_API_KEY, port=SIMULATOR_PORT, task_seconds=2.0) as sim:
+    with EvolinkSimulator(
+        api_key=TEST_API_KEY, extra_api_keys=[SECOND_API_KEY], port=SIMULATOR_PORT, task_seconds=2.0
+    ) as sim:
         yield sim.base_url
 
 
