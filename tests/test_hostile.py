@@ -63,6 +63,8 @@ class HostileServer:
         self.routes: dict[str, Respond] = {}
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[bytes] = []
+        #: The headers of each request, in order.
+        self.headers: list[dict[str, str]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,6 +77,7 @@ class HostileServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 server.bodies.append(self.rfile.read(length) if length else b"")
                 server.requests.append((self.command, self.path))
+                server.headers.append(dict(self.headers.items()))
                 matches = [prefix for prefix in server.routes if self.path.startswith(prefix)]
                 if not matches:
                     send(self, 404, b'{"error": {"code": "not_found", "message": "nothing here"}}')
@@ -965,3 +968,65 @@ def test_a_hard_link_inside_an_allowed_folder_is_uploaded(
     elsewhere.write_bytes(PNG + b"linked")
     os.link(elsewhere, allowed / "hero.png")
     assert upload(str(allowed / "hero.png"))["image_urls"] == ["https://files.example/u/1.png"]
+
+
+# -- the key goes to the base URL only, and into no log line --------------------------------------------
+
+
+def test_result_hosts_never_see_the_key_on_any_hop_or_retry(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The result host here is the connection's own host (the only private one a download may reach), so
+    a download that reused the API requests' headers would hand it the key."""
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, max_retries=2)
+    answers = iter([503])
+
+    def flaky_then_redirect(handler: BaseHTTPRequestHandler) -> None:
+        status = next(answers, None)
+        if status is not None:
+            send(handler, status, b"busy", content_type="text/plain")
+        else:
+            send(handler, 302, b"", content_type="text/plain", headers={"Location": "/files/v.mp4"})
+
+    hostile.routes["/media/"] = flaky_then_redirect
+    hostile.file("/files/", MP4, "video/mp4")
+    stored = store_results(
+        EvolinkHook("evolink_hostile"), completed(f"{hostile.url}/media/v.mp4"), str(tmp_path)
+    )
+    assert len(stored) == 1
+    assert [path for _, path in hostile.requests] == ["/media/v.mp4", "/media/v.mp4", "/files/v.mp4"]
+    for headers in hostile.headers:
+        assert not {name.lower() for name in headers} & {"authorization", "idempotency-key"}, headers
+        assert not any(HOSTILE_KEY in value for value in headers.values()), headers
+
+
+def test_retries_are_logged_without_the_key(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The send loops log each repeat (sync reads and submissions at WARNING, the triggers' reads at INFO;
+    downloads repeat without a line); no line and no error carries the key, at any level."""
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, max_retries=2, batch_polling=True)
+    for prefix in ("/v1/tasks/", "/v1/videos/generations", "/media/"):
+        hostile.json(prefix, {"error": {"code": "internal_error", "message": "try again"}}, status=503)
+    hook = EvolinkHook("evolink_hostile")
+    with caplog.at_level(logging.DEBUG):
+        for call in (
+            lambda: hook.get_task(TASK_ID),
+            lambda: hook.create_video_task({"model": "m", "prompt": "p"}, "evl-retry-log-test-key-01"),
+            lambda: store_results(hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path)),
+            lambda: asyncio.run(_read_async(TASK_ID)),
+        ):
+            with pytest.raises(EvolinkError) as failed:
+                call()
+            assert HOSTILE_KEY not in _every_text(failed.value)
+    retries = [record for record in caplog.records if "attempt" in record.getMessage()]
+    assert len(retries) >= 6, [record.getMessage() for record in caplog.records]
+    assert HOSTILE_KEY not in caplog.text
+    assert all(HOSTILE_KEY not in repr(record.args) for record in caplog.records)
+
+
+async def _read_async(task_id: str) -> dict[str, Any]:
+    try:
+        return await EvolinkHook("evolink_hostile").aget_task(task_id)
+    finally:
+        await aclose_async_clients()
