@@ -4,6 +4,7 @@
     python bench/run.py triggerer       # N = 100 (and the baseline), 1,000, 5,000, 10,000, 20,000 batched: ~6 min
     python bench/run.py polls parse     # some cases
     BENCH_TRIGGER_SIZES=1000 BENCH_BATCH_SIZES= python bench/run.py triggerer   # fewer triggerer sizes
+    BENCH_OLD_CHECKOUT=/path/to/old/tree python bench/run.py triggerer   # and that tree's client beside it
 
 Cases: ``triggerer`` (N triggers on one event loop, single GETs and batch polling; the machine and the
 client-per-poll baseline's CPU per poll printed with every figure), ``polls`` (adaptive
@@ -43,6 +44,24 @@ BATCH_CONN = "evolink_batch"
 #: the provider's run of it is also the N=100 figure.
 BASELINE_TRIGGERS = 100
 REPO = Path(__file__).resolve().parent.parent
+#: A tree holding an earlier ``evolink_provider`` (a ``git archive`` of an older commit, say): its triggers
+#: run beside this tree's at every size, in the same invocation, for a side-by-side comparison.
+OLD_CHECKOUT = os.environ.get("BENCH_OLD_CHECKOUT", "")
+
+
+def in_checkout(checkout: str, *args: str) -> dict[str, Any]:
+    """``args`` run by this script in a child process that imports ``evolink_provider`` from ``checkout``
+    (the child prints its result as its last line of JSON)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"child run {args} in {checkout} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def free_port() -> int:
@@ -304,6 +323,18 @@ def bench_triggerer() -> list[str]:
                 + f" (pool {ASYNC_POOL_SIZE}: {'within' if within else 'OVER'})"
                 + verdict(single[count], single_get=True)
             )
+            if OLD_CHECKOUT:
+                old = in_checkout(OLD_CHECKOUT, "_triggers", url, str(count))
+                ours = single[count]
+                no_worse = (
+                    ours["lag_p99_ms"] <= old["lag_p99_ms"]
+                    and ours["full_collections"] <= old["full_collections"]
+                )
+                lines.append(
+                    TRIGGER_LINE.format(mode=f"old client ({OLD_CHECKOUT})", **old)
+                    + verdict(old, single_get=True)
+                    + f"; this tree's lag p99 and full collections no worse: {'met' if no_worse else 'MISSED'}"
+                )
         for count in batch_sizes:
             batched = run_triggers(url, count, baseline=False, conn_id=BATCH_CONN)
             line = TRIGGER_LINE.format(mode="batch_polling", **batched) + verdict(batched, single_get=False)
@@ -511,6 +542,10 @@ CASES: dict[str, Callable[[], list[str]]] = {
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["_triggers"]:  # a child of in_checkout: the simulator runs in the parent
+        url, count = sys.argv[2], int(sys.argv[3])
+        print(json.dumps(run_triggers(url, count, baseline=False)))
+        return
     chosen = sys.argv[1:] or list(CASES)
     started = time.perf_counter()
     for name in chosen:

@@ -1,6 +1,7 @@
 """The alternatives for the triggers' poll path, measured side by side in one run (issue 16).
 
     python bench/transports.py          # about a minute on a 2-core machine
+    BENCH_OLD_CHECKOUT=/path/to/old/tree python bench/transports.py   # and that tree's client beside it
 
 Each client reads the same task from the simulator (its own process, so its CPU does not count) with
 CONCURRENCY polls in flight on one event loop over at most POOL connections, and reports the CPU time
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 
-from run import API_KEY, simulator  # bench/run.py: this script's folder is on sys.path
+from run import API_KEY, OLD_CHECKOUT, simulator  # bench/run.py: this script's folder is on sys.path
 
 REQUESTS = 6000
 CONCURRENCY = 500
@@ -52,9 +55,13 @@ async def _drive(read: Reader) -> float:
 
 async def via_provider(url: str, task_id: str) -> float:
     """The provider's path: ``transport._asend_once`` (shared pool, raw bytes, bounded body, strict JSON)."""
+    from evolink_provider.hooks import connection, transport
     from evolink_provider.hooks.connection import Timeouts
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.hooks.transport import _asend_once, aclose_async_clients, build_request
+    from evolink_provider.hooks.transport import _asend_once, aclose_async_clients
+
+    # Where the tree keeps it: hooks/connection.py since the aiohttp client, hooks/transport.py before.
+    build_request = getattr(connection, "build_request", None) or transport.build_request
 
     settings = await EvolinkHook().aget_settings()
     request = build_request(settings, "GET", f"/v1/tasks/{task_id}")
@@ -182,7 +189,7 @@ def bench_json(answer: bytes) -> list[str]:
 
 
 CLIENTS = {
-    "provider (transport._asend_once: pool, bounded body, strict JSON)": via_provider,
+    "provider (transport._asend_once: aiohttp session, bounded body, strict JSON)": via_provider,
     "httpx, one client": via_httpx,
     "httpcore pool": via_httpcore,
     "aiohttp": via_aiohttp,
@@ -190,8 +197,28 @@ CLIENTS = {
 }
 
 
+def old_provider(url: str, task_id: str) -> float:
+    """``via_provider`` on the client of ``BENCH_OLD_CHECKOUT``, in a child process importing that tree."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": OLD_CHECKOUT}
+    done = subprocess.run(
+        [sys.executable, __file__, "_provider", url, task_id], env=env, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     from evolink_provider.hooks.evolink import EvolinkHook
+
+    if sys.argv[1:2] == ["_provider"]:  # a child of old_provider
+        print(asyncio.run(via_provider(sys.argv[2], sys.argv[3])))
+        return
+    clients: dict[str, Callable[[str, str], Awaitable[float] | float]] = dict(CLIENTS)
+    if OLD_CHECKOUT:
+        clients[f"old provider client ({OLD_CHECKOUT})"] = old_provider
 
     with simulator(task_seconds=3600) as url:
         hook = EvolinkHook()
@@ -205,10 +232,11 @@ def main() -> None:
             f"{url}/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10
         ).content
         print(f"task answer: {len(answer)} bytes; {REQUESTS} reads, {CONCURRENCY} in flight, pool {POOL}")
-        figures: dict[str, list[float]] = {name: [] for name in CLIENTS}
+        figures: dict[str, list[float]] = {name: [] for name in clients}
         for _ in range(ROUNDS):
-            for name, client in CLIENTS.items():
-                figures[name].append(asyncio.run(client(url, task_id)))
+            for name, client in clients.items():
+                result = client(url, task_id)
+                figures[name].append(result if isinstance(result, float) else asyncio.run(result))
         for name, values in figures.items():
             shown = ", ".join(f"{1000 * value:.3f}" for value in values)
             print(f"client {name}: {shown} ms CPU per read ({ROUNDS} rounds)")

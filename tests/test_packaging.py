@@ -106,6 +106,7 @@ def test_metadata_declares_every_module_the_package_imports(wheel: Path) -> None
     _, headers = metadata(wheel)
     required: set[str] = set()
     ffmpeg_extra: set[str] = set()
+    tls_extra: set[str] = set()
     for line in headers["Requires-Dist"]:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
@@ -113,6 +114,8 @@ def test_metadata_declares_every_module_the_package_imports(wheel: Path) -> None
             required.add(name)
         elif requirement.marker.evaluate({"extra": "ffmpeg"}):
             ffmpeg_extra.add(name)
+        elif requirement.marker.evaluate({"extra": "simulator-tls"}):
+            tls_extra.add(name)
     distributions = packages_distributions()
 
     imports = third_party_imports()
@@ -123,6 +126,9 @@ def test_metadata_declares_every_module_the_package_imports(wheel: Path) -> None
             providers.add("apache-airflow")
         if module == "imageio_ffmpeg":  # optional: imported inside functions, declared by the extra
             assert providers & ffmpeg_extra, f"{module} (imported by {files}) is not in the [ffmpeg] extra"
+        elif module == "cryptography":  # the simulator's TLS mode only, declared by its extra
+            assert files == {"evolink_provider/simulator/tls.py"}, files
+            assert providers & tls_extra, f"{module} is not in the [simulator-tls] extra"
         else:
             assert providers & required, (
                 f"{module} (imported by {sorted(files)}) is not a declared dependency"

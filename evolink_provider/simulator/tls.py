@@ -2,7 +2,8 @@
 
 Benchmarks of connection reuse mean little over plain HTTP on loopback, where a new connection costs tens
 of microseconds; against ``https://api.evolink.ai`` every new connection also pays a TLS handshake and the
-client's loading of its CA bundle. ``cryptography`` is already installed with Airflow.
+client's loading of its CA bundle. ``cryptography`` comes with Airflow; the ``simulator-tls`` extra declares
+it (no runtime code of the provider imports it).
 """
 
 from __future__ import annotations
