@@ -35,7 +35,6 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # type-checked against the newest Airflow
-    from airflow.providers.common.compat.connection import get_async_connection
     from airflow.sdk import BaseHook, conf
     from airflow.sdk.exceptions import AirflowFailException
     from airflow.sdk.log import amask_secret
@@ -54,16 +53,6 @@ else:
         from airflow.sdk import BaseHook
     except ImportError:  # Airflow 3.0
         from airflow.hooks.base import BaseHook
-
-    try:
-        from airflow.providers.common.compat.connection import get_async_connection
-    except ImportError:  # common-compat before 1.10
-
-        async def get_async_connection(conn_id: str) -> Any:
-            """``get_connection`` in a ``sync_to_async`` thread, never blocking the loop."""
-            from asgiref.sync import sync_to_async
-
-            return await sync_to_async(BaseHook.get_connection)(conn_id)
 
     try:
         from airflow.sdk.log import amask_secret
@@ -86,6 +75,20 @@ __all__ = [
     "hook_field_behaviour",
     "log_once",
 ]
+
+
+async def get_async_connection(conn_id: str) -> Any:
+    """The connection, read on an event loop by common-compat's ``get_async_connection`` (imported here, on
+    a trigger's run path, not when a DAG file is parsed); where the installed common-compat predates it
+    (1.10), ``get_connection`` in a ``sync_to_async`` thread, which never blocks the loop."""
+    try:
+        from airflow.providers.common.compat.connection import get_async_connection as read
+    except ImportError:  # common-compat before 1.10
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(BaseHook.get_connection)(conn_id)
+    return await read(conn_id)
+
 
 _said: set[str] = set()
 _said_lock = threading.Lock()

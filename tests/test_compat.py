@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,22 +74,25 @@ def test_a_trigger_reads_its_connection_with_or_without_common_compats_get_async
     """With common-compat's get_async_connection (Airflow 3.3.2's constraints and later) and without it
     (older releases, as Airflow 3.0.6's constraints pin): the connection is read on the event loop."""
     import asyncio
-    import importlib
     import json
     import sys
+
+    from airflow.providers.common.compat import connection
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_EVOLINK_COMPAT",
         json.dumps({"conn_type": "evolink", "password": "sk-compat-test-key", "host": "http://x.example"}),
     )
+    through_common_compat: list[str] = []
+    original = connection.get_async_connection
+
+    async def recorded(conn_id: str) -> Any:
+        through_common_compat.append(conn_id)
+        return await original(conn_id)
+
+    monkeypatch.setattr(connection, "get_async_connection", recorded)
     if common_compat != "installed":
         monkeypatch.setitem(sys.modules, "airflow.providers.common.compat.connection", None)
-    try:
-        fresh = importlib.reload(compat)
-        uses_common_compat = fresh.get_async_connection.__module__.startswith("airflow.providers")
-        conn = asyncio.run(fresh.get_async_connection("evolink_compat"))
-    finally:
-        monkeypatch.undo()
-        importlib.reload(compat)
-    assert uses_common_compat is (common_compat == "installed")
+    conn = asyncio.run(compat.get_async_connection("evolink_compat"))
+    assert through_common_compat == (["evolink_compat"] if common_compat == "installed" else [])
     assert conn.password == "sk-compat-test-key" and conn.host == "http://x.example"

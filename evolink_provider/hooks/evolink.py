@@ -40,12 +40,12 @@ from evolink_provider.hooks.connection import (
     needs_masking,
     settings_from_connection,
 )
-from evolink_provider.hooks.downloads import ResultDownloads, ResultStream
-from evolink_provider.hooks.task_batcher import TaskBatcher, tasks_in_batch_answer
-from evolink_provider.hooks.transport import asend, new_session, send, upload
 
 if TYPE_CHECKING:
     import requests
+
+    from evolink_provider.hooks.downloads import ResultDownloads, ResultStream
+    from evolink_provider.hooks.task_batcher import TaskBatcher
 
 CREATE_VIDEO_PATH = "/v1/videos/generations"
 CREDITS_PATH = "/v1/credits"
@@ -130,6 +130,8 @@ class EvolinkHook(BaseHook):
     @cached_property
     def session(self) -> requests.Session:
         """One ``requests.Session`` per hook, so calls reuse keep-alive connections."""
+        from evolink_provider.hooks.transport import new_session
+
         return new_session()
 
     def create_video_task(
@@ -149,6 +151,8 @@ class EvolinkHook(BaseHook):
             json_body=payload,
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
+        from evolink_provider.hooks.transport import send
+
         return send(self.session, request, settings, checked_task)
 
     def get_task(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
@@ -158,11 +162,15 @@ class EvolinkHook(BaseHook):
         """
         settings = self.settings
         request = build_request(settings, "GET", _task_path(task_id))
+        from evolink_provider.hooks.transport import send
+
         return send(self.session, request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def get_credits(self) -> dict[str, Any]:
         """Read the account's credits (``GET /v1/credits``; free)."""
         settings = self.settings
+        from evolink_provider.hooks.transport import send
+
         return send(self.session, build_request(settings, "GET", CREDITS_PATH), settings, _as_is)
 
     def get_files_quota(self) -> dict[str, Any]:
@@ -170,6 +178,8 @@ class EvolinkHook(BaseHook):
         ``max_files``, ``remain_files``, ``is_custom``, ``quota_reason``."""
         settings = self.settings
         request = build_request(settings, "GET", FILES_QUOTA_PATH, base_url=settings.files_base_url)
+        from evolink_provider.hooks.transport import send
+
         data = send(self.session, request, settings, _as_is).get("data")
         if not isinstance(data, dict):
             raise EvolinkTransportError(
@@ -186,6 +196,8 @@ class EvolinkHook(BaseHook):
         """
         settings = self.settings
         request = build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
+        from evolink_provider.hooks.transport import upload
+
         answer = upload(self.session, request, settings, stream, filename, content_type)
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
@@ -217,6 +229,8 @@ class EvolinkHook(BaseHook):
 
     @cached_property
     def _downloads(self) -> ResultDownloads:
+        from evolink_provider.hooks.downloads import ResultDownloads
+
         return ResultDownloads()
 
     def open_result(self, url: str, deadline: float | None = None) -> AbstractContextManager[ResultStream]:
@@ -258,9 +272,14 @@ class EvolinkHook(BaseHook):
         self, settings: EvolinkConnectionSettings, task_id: str, deadline: float | None = None
     ) -> dict[str, Any]:
         request = build_request(settings, "GET", _task_path(task_id))
+        from evolink_provider.hooks.transport import asend
+
         return await asend(request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:
+        from evolink_provider.hooks.task_batcher import TaskBatcher
+        from evolink_provider.hooks.transport import asend
+
         batchers = _TASK_BATCHERS.setdefault(asyncio.get_running_loop(), {})
         batcher = batchers.get(settings.batch_owner)
         if batcher is None:
@@ -304,4 +323,6 @@ def _as_is(answer: dict[str, Any]) -> dict[str, Any]:
 
 def _checked_batch(answer: dict[str, Any]) -> list[dict[str, Any]]:
     """Every task of a batch answer checked; one malformed task makes the whole answer untrusted."""
+    from evolink_provider.hooks.task_batcher import tasks_in_batch_answer
+
     return [checked_task(task) for task in tasks_in_batch_answer(answer)]
