@@ -17,6 +17,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from evolink_provider.exceptions import EvolinkError, EvolinkSubmissionUnknownError
 from evolink_provider.hooks.connection import ApiRequest, EvolinkConnectionSettings, Timeouts
@@ -216,16 +217,17 @@ async def _asend_once(
     until = _answer_until(timeouts, deadline)
     if until <= time.time():
         raise answer_out_of_time(request)
-    session = await _loop_session()
+    client = await _loop_client()
     import aiohttp
 
     failure: EvolinkError | None = None
     try:
-        async with session.request(
+        async with client.session.request(
             request.method,
             request.url,
             headers=request.headers,
             json=request.json_body,
+            **client.proxy_for(request.url),
             allow_redirects=False,
             # ceil_threshold: aiohttp rounds longer timeouts up to a whole second; a deadline is exact.
             timeout=aiohttp.ClientTimeout(
@@ -264,37 +266,72 @@ CONNECTIONS_PER_ORIGIN = 32
 #: closed first is retried like any dropped GET.
 KEEPALIVE_SECONDS = 45.0
 
-#: One ``aiohttp.ClientSession`` per event loop: the triggers of a triggerer share its connections.
-_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
-    weakref.WeakKeyDictionary()
-)
-#: Polls that arrive while the session is being built wait for that one build.
-_SESSION_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+
+class _LoopClient:
+    """One event loop's ``aiohttp.ClientSession`` (the triggers of a triggerer share its connections) and
+    the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read when it is
+    built, as every other HTTP client of the deployment reads them.
+
+    The proxy of each origin is looked up once: aiohttp's ``trust_env`` looks it up (and ``~/.netrc``) in
+    a thread for every request, which made a poll cost several times its CPU (docs/benchmarks.md).
+    """
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        import urllib.request
+
+        self.session = session
+        self._proxies = urllib.request.getproxies()
+        self._by_origin: dict[str, dict[str, Any]] = {}
+
+    def proxy_for(self, url: str) -> dict[str, Any]:
+        """The ``proxy`` and ``proxy_auth`` arguments of a request to ``url`` (none: a direct connection)."""
+        origin = url.split("/", 3)[2]
+        if origin not in self._by_origin:
+            import urllib.request
+
+            import aiohttp
+
+            proxy = self._proxies.get(url.split(":", 1)[0]) or self._proxies.get("all")
+            arguments: dict[str, Any] = {}
+            if proxy and not urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
+                parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+                host = parts.netloc.rpartition("@")[2]
+                arguments["proxy"] = urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+                if parts.username:
+                    arguments["proxy_auth"] = aiohttp.BasicAuth(parts.username, parts.password or "")
+            self._by_origin[origin] = arguments
+        return self._by_origin[origin]
+
+
+#: This event loop's client, per loop.
+_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
+#: Polls that arrive while the client is being built wait for that one build.
+_CLIENT_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
 
 
-async def _loop_session() -> aiohttp.ClientSession:
-    """This event loop's session, built the first time. ``aiohttp`` is imported in a thread: the import
+async def _loop_client() -> _LoopClient:
+    """This event loop's client, built the first time. ``aiohttp`` is imported in a thread: the import
     loads its CA bundle (tens of milliseconds) and must not stall the loop's other triggers."""
     loop = asyncio.get_running_loop()
-    session = _SESSIONS.get(loop)
-    if session is not None and not session.closed:
-        return session
-    async with _SESSION_LOCKS.setdefault(loop, asyncio.Lock()):
-        session = _SESSIONS.get(loop)
-        if session is None or session.closed:
+    client = _CLIENTS.get(loop)
+    if client is not None and not client.session.closed:
+        return client
+    async with _CLIENT_LOCKS.setdefault(loop, asyncio.Lock()):
+        client = _CLIENTS.get(loop)
+        if client is None or client.session.closed:
             aiohttp = await asyncio.to_thread(importlib.import_module, "aiohttp")
-            session = _SESSIONS[loop] = aiohttp.ClientSession(
+            session = aiohttp.ClientSession(
                 connector=_connector(aiohttp)(
                     limit=0, limit_per_host=CONNECTIONS_PER_ORIGIN, keepalive_timeout=KEEPALIVE_SECONDS
                 ),
-                trust_env=True,  # HTTP(S)_PROXY, NO_PROXY, as every other client of the deployment
                 auto_decompress=False,  # AnswerBody decodes, bounded
                 cookie_jar=aiohttp.DummyCookieJar(),  # an answer's cookies are not sent back
                 skip_auto_headers=("Accept-Encoding",),
             )
-    return session
+            client = _CLIENTS[loop] = _LoopClient(session)
+    return client
 
 
 def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
@@ -316,9 +353,9 @@ def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
 
 async def aclose_async_clients() -> None:
     """Close this event loop's session (tests and benchmarks; the triggerer never needs it)."""
-    session = _SESSIONS.pop(asyncio.get_running_loop(), None)
-    if session is not None:
-        await session.close()
+    client = _CLIENTS.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.session.close()
 
 
 # -- giving up ----------------------------------------------------------------------------------------
