@@ -93,3 +93,29 @@ def test_missing_task_state_store_is_said_once_per_process() -> None:
     """Five submissions in this process: before 3.3 the limitation is said once, on 3.3 never."""
     assert set(DAG_RUNS) == RAN, "run the whole file: this counts over the DAG runs above"
     assert SAID.count(NO_TASK_STATE_STORE) == (0 if AIRFLOW >= (3, 3) else 1), SAID
+
+
+def test_importing_the_operators_loads_no_http_client_and_reports_its_cost() -> None:
+    """What a DAG file pays to import the operators on this Airflow once ``airflow.sdk`` is loaded: the
+    cumulative ``-X importtime`` of that import (everything it loads that Airflow had not), the median of
+    five fresh interpreters, printed for the matrix's log (the goal is 50 ms; a shared CI machine's timings
+    are too noisy to fail on). No HTTP client and nothing of the simulator is imported, which is checked."""
+    import statistics
+    import subprocess
+    import sys
+
+    code = "import airflow.sdk, sys; import evolink_provider.operators.evolink; print(sorted(sys.modules))"
+    costs, loaded = [], ""
+    for _ in range(5):
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True
+        )
+        (line,) = [
+            row for row in run.stderr.splitlines() if row.endswith("| evolink_provider.operators.evolink")
+        ]
+        costs.append(int(line.split("|")[1]) / 1e6)
+        loaded = run.stdout
+    added = statistics.median(costs)
+    print(f"importing the operators adds {1000 * added:.0f} ms over airflow.sdk (goal: 50 ms)")
+    for module in ("'aiohttp'", "'requests'", "'evolink_provider.simulator'"):
+        assert module not in loaded, module
