@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkConfigurationError
 
@@ -203,22 +203,45 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
     return answer
 
 
-def remaining_credits(answer: Any) -> float | None:
-    """The balance in a ``GET /v1/credits`` answer (``data.user.remaining_credits``), or ``None`` for an
-    account with ``unlimited_credits``; anything else is an
-    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError`."""
+class Credits(NamedTuple):
+    """What a ``GET /v1/credits`` answer says the connection's key can spend.
+
+    ``account`` is ``data.user.remaining_credits``, the account's balance; ``key`` is
+    ``data.token.remaining_credits``, the key's own quota, or ``None`` when ``data.token.unlimited_credits``
+    (the key has no quota of its own; ``unlimited_credits`` belongs to the key's ``token``, never to the
+    account). The account's balance always applies, so nothing is ever "unlimited" to spend.
+    """
+
+    account: float
+    key: float | None
+
+    @property
+    def spendable(self) -> float:
+        """What the key can still spend: the account's balance, and the key's quota when it has one."""
+        return self.account if self.key is None else min(self.account, self.key)
+
+
+def read_credits(answer: Any) -> Credits:
+    """:class:`Credits` of a ``GET /v1/credits`` answer; any other shape is an
+    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError` (a pre-spend check fails closed)."""
     data = answer.get("data") if isinstance(answer, dict) else None
-    user = data.get("user") if isinstance(data, dict) else None
-    if not isinstance(user, dict):
-        raise EvolinkBadAnswerError("EvoLink's credits answer has no data.user object")
-    if user.get("unlimited_credits") is True:
-        return None
-    remaining = user.get("remaining_credits")
-    if isinstance(remaining, (int, float)) and _is_number(remaining):
-        return float(remaining)
-    raise EvolinkBadAnswerError(
-        f"EvoLink's credits answer: data.user.remaining_credits={_shown(remaining)} is not a number"
-    )
+
+    def number(section: str) -> float:
+        part = data.get(section) if isinstance(data, dict) else None
+        if not isinstance(part, dict):
+            raise EvolinkBadAnswerError(f"EvoLink's credits answer has no data.{section} object")
+        remaining = part.get("remaining_credits")
+        if isinstance(remaining, (int, float)) and _is_number(remaining):
+            return float(remaining)
+        raise EvolinkBadAnswerError(
+            f"EvoLink's credits answer: data.{section}.remaining_credits={_shown(remaining)} is not a number"
+        )
+
+    account = number("user")
+    token = data.get("token") if isinstance(data, dict) else None
+    if isinstance(token, dict) and token.get("unlimited_credits") is True:
+        return Credits(account, None)
+    return Credits(account, number("token"))
 
 
 def credits_text(value: float) -> str:

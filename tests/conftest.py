@@ -93,9 +93,11 @@ class SimulatorControl:
     def reset(self) -> None:
         requests.post(f"{self.base_url}/_simulator/reset", timeout=5).raise_for_status()
 
-    def set_credits(self, remaining: float | None = None, unlimited: bool = False) -> None:
-        """What ``GET /v1/credits`` reports until the next reset."""
-        body = {"remaining": remaining, "unlimited": unlimited}
+    def set_credits(
+        self, remaining: float | None = None, key_remaining: float | None = None, key_unlimited: bool = False
+    ) -> None:
+        """The account's balance and the key's own quota (or none) until the next reset."""
+        body = {"remaining": remaining, "key_remaining": key_remaining, "key_unlimited": key_unlimited}
         requests.post(f"{self.base_url}/_simulator/credits", json=body, timeout=5).raise_for_status()
 
     def issue_task_ids(self, *ids: str) -> None:

@@ -19,9 +19,10 @@ Test controls (no authentication; the server binds loopback only):
   shapes EvoLink's docs show, ``task-unified-1774857405-abc123``, or answered, ``task-happyhorse-...``).
 * ``POST /_simulator/key_failures`` ``{"api_key", "code"}``: every task of that key fails with ``code``.
 * ``POST /_simulator/clock`` ``{"advance": s}``: move a :class:`ManualClock`.
-* ``POST /_simulator/credits`` ``{"remaining": 12.5, "unlimited": false}``: what ``GET /v1/credits``
-  reports from now on (``unlimited`` also lifts the 402 for a balance too low); ``reset`` restores
-  ``--credits``.
+* ``POST /_simulator/credits`` ``{"remaining": 12.5, "key_remaining": 3, "key_unlimited": false}``: the
+  account's balance, the keys' own quota (``token.remaining_credits``) or none (``token.unlimited_credits``),
+  each optional, reported by ``GET /v1/credits`` and enforced (402) from now on; ``reset`` restores
+  ``--credits`` and keys without a quota.
 
 Prompt markers (for sora-character, in the ``video_url`` instead):
 
