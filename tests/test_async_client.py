@@ -82,6 +82,34 @@ def test_an_environment_proxy_carries_the_triggers_reads(
     assert server.requests == [("GET", f"http://evolink.invalid/v1/tasks/{TASK_ID}")]
 
 
+def test_an_environment_proxy_with_credentials_is_sent_them_and_no_proxy_is_honoured(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    set_connection(monkeypatch, "evolink_proxied", "http://evolink.invalid")
+    monkeypatch.setenv("HTTP_PROXY", server.url.replace("http://", "http://proxy-user:pr0xy@"))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    seen: list[str | None] = []
+    body = json.dumps(task()).encode()
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        seen.append(handler.headers.get("Proxy-Authorization"))
+        send(handler, 200, body)
+
+    server.routes["http://evolink.invalid/v1/tasks/"] = respond
+    assert read_tasks("evolink_proxied", 1)[0]["id"] == TASK_ID
+    assert seen == ["Basic " + base64.b64encode(b"proxy-user:pr0xy").decode()]
+
+    monkeypatch.setenv("NO_PROXY", "evolink.invalid")
+    from evolink_provider.exceptions import EvolinkTransportError
+
+    with pytest.raises(EvolinkTransportError, match="host name not found"):
+        read_tasks("evolink_proxied", 1)  # straight to the base URL, which does not resolve
+    assert len(seen) == 1
+
+
 def test_hooks_of_one_event_loop_share_one_connection_lookup(
     server: HostileServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

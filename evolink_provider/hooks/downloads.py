@@ -56,7 +56,7 @@ def _chunks(url: str, response: requests.Response, deadline: float | None = None
     import requests
     import urllib3
 
-    # Straight from urllib3 (iter_content adds a generator layer per chunk and costs ~30 % throughput).
+    # Straight from urllib3: iter_content adds a generator layer per chunk (docs/benchmarks.md, download).
     try:
         while chunk := response.raw.read1(DOWNLOAD_CHUNK, decode_content=False):
             yield chunk

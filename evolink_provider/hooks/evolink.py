@@ -103,8 +103,8 @@ class EvolinkHook(BaseHook):
         cached.
 
         The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS`: a lookup goes
-        through Airflow's secrets backends (and, in a triggerer, its supervisor), and was a sixth of a
-        trigger's CPU at N = 5,000 (``docs/benchmarks.md``). Triggers that start together wait for one
+        through Airflow's secrets backends (and, in a triggerer, its supervisor), a large share of a trigger's
+        CPU when each poll did it (``docs/benchmarks.md``). Triggers that start together wait for one
         lookup; a failed one is not kept.
         """
         if self._async_settings is None:
