@@ -38,16 +38,15 @@ REPO = Path(__file__).resolve().parent.parent
 #: The fast tests that guard each module (pytest arguments). A module not listed needs ``--tests``.
 SELECTION: dict[str, str] = {
     "evolink_provider/operators/submission.py": (
-        "tests/test_deferral.py tests/test_operators.py -k "
-        "'reattach or clear or never or transient or min_credits or balance or expired or without_results'"
+        "tests/test_deferral.py tests/test_operators.py -k 'test_deferral or cleared_completed or "
+        "reattach_never or (retry_reattaches and sync) or transient or min_credits_refuses'"
     ),
     "evolink_provider/resume.py": (
-        "tests/test_operators.py -k 'reattach or clear or never or transient or expired'"
+        "tests/test_operators.py -k 'cleared_completed or reattach_never or (retry_reattaches and sync) "
+        "or transient or (local_inputs_reattach and sync)'"
     ),
-    "evolink_provider/storage.py": "tests/test_storage.py tests/test_hostile.py tests/test_real_answers.py",
-    "evolink_provider/polling.py": (
-        "tests/test_polling.py tests/test_trigger.py tests/test_deferral.py tests/test_hostile.py"
-    ),
+    "evolink_provider/storage.py": "tests/test_storage.py",
+    "evolink_provider/polling.py": "tests/test_polling.py tests/test_trigger.py",
 }
 
 #: Calls whose arguments are text for people: logging and messages are not mutated.
