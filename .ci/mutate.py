@@ -170,7 +170,10 @@ def mutants(source: str) -> list[Mutant]:
                 add(node, repr(type(node.value)(value)), f"{node.value!r} -> {value!r}")
         if isinstance(node, (ast.If, ast.While)) and segment(node.test) is not None:
             add(node.test, f"not ({ast.unparse(node.test)})", "condition negated")
-        if isinstance(node, ast.Return) and node.value is not None:
+        returns_none = isinstance(node, ast.Return) and (
+            node.value is None or (isinstance(node.value, ast.Constant) and node.value.value is None)
+        )
+        if isinstance(node, ast.Return) and not returns_none:
             add(node, "return None", "returns None")
     for function in ast.walk(tree):
         if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
