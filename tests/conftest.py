@@ -72,6 +72,20 @@ for source in (REPO / "tests" / "dags").glob("*.py"):
     shutil.copy(source, DAGS_FOLDER / source.name)
 
 
+#: The timing the tests run on (evolink_provider.timing): a 1 s trigger hold and wait-on-worker window
+#: instead of 15 s, so that the simulator's 2 s generations really defer and their triggers fire within
+#: seconds. A test that checks the production values steers them back (``steered(**PRODUCTION)``).
+TEST_TIMING = {"trigger_hold": 1.0, "wait_on_worker_window": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def quick_timing() -> Iterator[None]:
+    from evolink_provider.timing import steered
+
+    with steered(**TEST_TIMING):
+        yield
+
+
 class SimulatorControl:
     """The simulator's test-only control endpoints (faults, statistics, reset), over loopback."""
 
@@ -131,13 +145,29 @@ def sim(simulator_server: str) -> Iterator[SimulatorControl]:
 
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
-    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one)."""
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
+    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one).
+
+    Migrating takes 15 s and every test process (each xdist worker, each mutant's run) needs one: the
+    first migrates an empty DB once per Airflow version and Python into the temp dir, and every process
+    copies it."""
+    from importlib.metadata import version
+
+    template = Path(tempfile.gettempdir()) / (
+        f"evolink-test-airflow-{version('apache-airflow')}-py{sys.version_info[0]}{sys.version_info[1]}.db"
     )
+    if not template.exists():
+        home = Path(tempfile.mkdtemp(prefix="evolink-airflow-migrate-"))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "AIRFLOW_HOME": str(home)},
+            )
+            os.replace(home / "airflow.db", template)  # atomic: a parallel process sees all or nothing
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+    shutil.copyfile(template, AIRFLOW_HOME / "airflow.db")
     return AIRFLOW_HOME
 
 
