@@ -101,9 +101,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
         worker, a wait timeout, a triggerer restart) reattaches to the EvoLink task it submitted, while a
         cleared task instance or a new DAG run submits a new generation. ``never``: every try submits its
         own generation (each one is billed).
-    :param min_credits: before submitting, read the account's balance (the free ``GET /v1/credits``) and
-        fail without submitting when it is below this many credits; ``None`` (default) skips the check.
-        Reattaching to an earlier try's task spends nothing and is not checked; unlimited accounts pass.
+    :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
+        account's balance, and the key's own quota unless it has none) and fail without submitting when it
+        is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
+        task spends nothing and is not checked.
     """
 
     template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
