@@ -14,8 +14,8 @@ import pytest
 
 from evolink_provider.answers import is_task_id
 from evolink_provider.storage import STORED_NAME, stored_results
+from tests.airflow_runs import run_dag, xcom
 from tests.conftest import SimulatorControl
-from tests.test_operators import run_dag, xcom
 
 DOCUMENTED_ID = "task-unified-1774857405-abc123"
 HAPPYHORSE_ID = "task-happyhorse-1774857405123456789-AbCdEfGhXy-happyhorse-1.0-reference-to-video"
