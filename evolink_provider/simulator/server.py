@@ -35,7 +35,13 @@ from evolink_provider.simulator.tasks import (
     markers,
     pixel_size,
 )
-from evolink_provider.simulator.validation import Accepted, RequestRejected, validate_generation
+from evolink_provider.simulator.validation import (
+    Accepted,
+    RequestRejected,
+    image_failure,
+    request_media_failure,
+    validate_generation,
+)
 
 # (default code, error type). Documented types: 402 insufficient_quota, 403/404 invalid_request_error,
 # 503 service_unavailable_error, and 429 on task reads evo_api_error (TASK_READ_429_TYPE); the others are
@@ -509,11 +515,16 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     def _media_failure(self, accepted: Accepted) -> str | None:
         """What the real service would fail the task with after fetching its inputs (None: all fine)."""
         own = urlsplit(self.state.base_url)
+        seen_bytes = 0
         for url in accepted.media_urls:
             parts = urlsplit(url)
             host = parts.hostname or ""
             if (host, parts.port) == (own.hostname, own.port):
                 failure = self._own_media_failure(parts.path, accepted)
+                if failure:
+                    return failure
+                seen_bytes += self._own_media_bytes(parts.path)
+                failure = request_media_failure(accepted.model, seen_bytes)
                 if failure:
                     return failure
             elif (
@@ -533,13 +544,19 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             data = upload[2]
             size = image_size(data)
             if size is not None and size[0] != "image/gif":
-                minimum = 300 if accepted.model.endswith("image-to-video") else 400
-                if min(size[1], size[2]) < minimum:
-                    return "image_dimension_mismatch"
+                return image_failure(accepted.model, size[1], size[2], len(data))
             return None
         if len(parts) == 3 and parts[0] == "media" and parts[1] in self.state.store.tasks:
             return None
         return "image_processing_error"
+
+    def _own_media_bytes(self, path: str) -> int:
+        """The size of an uploaded file this server serves (0 for anything else)."""
+        parts = path.strip("/").split("/")
+        if parts[:2] != ["media", "uploads"] or len(parts) < 3:
+            return 0
+        upload = self.state.uploads.get(parts[2])
+        return len(upload[2]) if upload else 0
 
     def _visible_task(self, owner: str, task_id: str) -> SimTask | _Response:
         if not task_id.startswith("task-unified-"):
