@@ -5,7 +5,7 @@ that comes back is not. A compromised proxy, a wrong base URL or a hostile serve
 file names, crash the triggerer or fill XCom. So every JSON answer is decoded strictly
 (:func:`loads_strict`: no NaN/Infinity, bounded nesting) after being read with a size cap
 (:data:`MAX_ANSWER_BYTES`, enforced by the hook's readers), and every task object passes
-:func:`checked_task` (documented id format, the id asked for, field types, bounded results) in the hook,
+:func:`checked_task` (a safe id, the id asked for, field types, bounded results) in the hook,
 for submissions, single reads and batch reads alike. A failed check is an
 :class:`~evolink_provider.exceptions.EvolinkBadAnswerError`: a failed poll, never another exception.
 """
@@ -19,9 +19,16 @@ from typing import Any, NoReturn
 
 from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkConfigurationError
 
-#: EvoLink's documented id: ``task-unified-<unix seconds>-<8 lowercase alphanumerics>``; a little slack on
-#: the lengths, none on the characters (the id becomes a URL path segment and a file name).
-TASK_ID_PATTERN = re.compile(r"task-unified-[0-9]{1,20}-[a-z0-9]{8,32}")
+#: A task id is untrusted input checked for *safety*, never for a guessed format: EvoLink documents only a
+#: prefix (``task-unified-``), its own examples vary (``...-abc123``, ``...-seedream5prolayerize``) and
+#: HappyHorse answered ``task-happyhorse-<19 digits>-<mixed case>-<model>`` until 2026-04, so a paid POST
+#: answered with any safe id is accepted. Safe: 1-128 characters of ``[A-Za-z0-9._-]`` (nothing that needs
+#: escaping in a URL path segment or a file name: no ``/``, ``%``, ``?``, ``:``, whitespace), not starting
+#: with a dot (no ``.``/``..`` segment, no hidden file) or a hyphen (a stored file name never reads as a
+#: command-line option). The id becomes a URL path segment (URL-encoded all the same, by the hook) and the
+#: stem of stored file names (:data:`evolink_provider.storage.STORED_NAME`).
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+TASK_ID_RULE = "1-128 characters of A-Za-z0-9._- not starting with '.' or '-'"
 #: The most bytes read of one JSON answer (a task object is about 1 KB; a batch of 50 about 50 KB).
 MAX_ANSWER_BYTES = 1 << 20
 #: The deepest nesting accepted in a JSON answer (a task object nests 3 levels).
@@ -47,18 +54,15 @@ MAX_INT_DIGITS = 20
 
 
 def is_task_id(value: object) -> bool:
-    """Whether ``value`` is an EvoLink task id in the documented format, exactly."""
+    """Whether ``value`` is a safe task id (:data:`TASK_ID_PATTERN`)."""
     return isinstance(value, str) and TASK_ID_PATTERN.fullmatch(value) is not None
 
 
 def task_id_to_send(task_id: object) -> str:
     """``task_id`` if it may be put in a request path; refuses (before any HTTP) ids with ``/``, ``?``,
-    ``%``, CR/LF or anything else outside the documented format."""
+    ``%``, CR/LF, a leading dot or anything else outside :data:`TASK_ID_PATTERN`."""
     if not is_task_id(task_id):
-        raise EvolinkConfigurationError(
-            f"{_shown(task_id)} is not an EvoLink task id: they look like "
-            "task-unified-<unix seconds>-<8 lowercase letters or digits>"
-        )
+        raise EvolinkConfigurationError(f"{_shown(task_id)} is not a safe EvoLink task id ({TASK_ID_RULE})")
     return str(task_id)
 
 
@@ -147,7 +151,7 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
         refuse(f"a JSON {type(answer).__name__}, not an object")
     task_id = answer.get("id")
     if not is_task_id(task_id):
-        refuse(f"id={_shown(task_id)} is not of the form task-unified-<digits>-<8-32 of a-z0-9>")
+        refuse(f"id={_shown(task_id)} is not a safe task id ({TASK_ID_RULE})")
     if expected_id is not None and task_id != expected_id:
         refuse(f"it is task {task_id}, not the task asked for")
     status = answer.get("status")

@@ -6,7 +6,8 @@ memory), land under a temporary name first and are renamed only once complete an
 ``Content-Length``, so no half-written file ever carries the final name. HTTP stays in the hook.
 
 Trust boundary: the answer that names the results is not trusted. File names are built only from the task
-id (checked against EvoLink's format) and the result's index; the extension comes from the file's first
+id (checked for safety: :data:`evolink_provider.answers.TASK_ID_PATTERN`) and the result's index
+(:data:`STORED_NAME`); the extension comes from the file's first
 bytes (an allow-list of video and image formats), never from the URL or ``Content-Type``; a symlink in the
 output folder is never followed, replaced or taken for a stored result; each result is capped at
 :data:`DEFAULT_MAX_RESULT_BYTES` and every download ends by the operator's deadline. Local inputs are
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from evolink_provider.answers import MAX_RESULTS_PER_TASK, checked_task, is_task_id
+from evolink_provider.answers import MAX_RESULTS_PER_TASK, TASK_ID_PATTERN, checked_task, is_task_id
 from evolink_provider.exceptions import EvolinkError, EvolinkTransportError
 
 if TYPE_CHECKING:
@@ -44,7 +45,13 @@ MP4_BRANDS = frozenset(
 )
 #: Bytes read before the type is decided (WebM names its DocType within its first few dozen bytes).
 HEAD_BYTES = 64
-STORED_NAME = re.compile(r"task-unified-[0-9]+-[a-z0-9]+-[0-9]+\.(mp4|mov|webm|png|jpg|webp)")
+#: A stored result's name: ``<task id>-<index>.<ext>``, the id as :func:`~evolink_provider.answers.is_task_id`
+#: allows it. The index is the digits after the last ``-``, so a name parses one way only: ids may contain
+#: ``-<digits>`` and dots (``a-0.5`` is a safe id), so a name is taken for a task's result only when its
+#: ``id`` and ``index`` groups are that task's (:func:`_is_result_name`), never by a glob alone.
+STORED_NAME = re.compile(
+    rf"(?P<id>{TASK_ID_PATTERN.pattern})-(?P<index>[0-9]+)\.(?P<ext>mp4|mov|webm|png|jpg|webp)"
+)
 
 
 class EvolinkStorageError(EvolinkError):
@@ -118,7 +125,7 @@ def store_results(
     :param deadline: epoch seconds by which every download must have ended (the operator's timeout).
     :param max_bytes: the most bytes stored per result.
     """
-    if not is_task_id(task.get("id")):  # the id becomes a file name: only in EvoLink's format
+    if not is_task_id(task.get("id")):  # the id becomes a file name: only a safe one
         checked_task(task)  # raises, naming the rule the id breaks
     urls = result_urls(task)
     if len(urls) > MAX_RESULTS_PER_TASK + 1:  # + sora-character's profile picture
@@ -144,7 +151,8 @@ def stored_results(task_id: str, output_path: str, expected: int | None = None) 
     """The results of ``task_id`` an earlier try stored under ``output_path``, or None unless complete.
 
     A result carries its final name (``<task id>-<n>.<ext>``) only once fully written, so a regular file of
-    that name is complete; a symlink never counts, and the id must be in EvoLink's format (it is globbed).
+    that name is complete; a symlink never counts, and the id must be safe (it is globbed; the glob's
+    matches count only when their name is exactly this task's result, see :data:`STORED_NAME`).
     ``expected`` results must all be there; when it is unknown (the task record is gone), the consecutive
     results from ``-0`` on, at least one.
     """
@@ -159,7 +167,8 @@ def stored_results(task_id: str, output_path: str, expected: int | None = None) 
         matches = [
             match
             for match in folder.glob(f"{task_id}-{index}.*")
-            if STORED_NAME.fullmatch(match.name) and not (isinstance(match, Path) and match.is_symlink())
+            if _is_result_name(match.name, task_id, index)
+            and not (isinstance(match, Path) and match.is_symlink())
         ]
         if len(matches) != 1:
             break
@@ -169,6 +178,13 @@ def stored_results(task_id: str, output_path: str, expected: int | None = None) 
     if "://" not in output_path:
         return [str(path) for path in found]
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
+
+
+def _is_result_name(name: str, task_id: str, index: int) -> bool:
+    """Whether ``name`` is result ``index`` of ``task_id`` (``a-0.5-0.mp4`` matches the glob ``a-0.*`` of
+    task ``a`` but is result 0 of task ``a-0.5``)."""
+    parts = STORED_NAME.fullmatch(name)
+    return parts is not None and parts["id"] == task_id and parts["index"] == str(index)
 
 
 def _store_one(
@@ -251,8 +267,11 @@ def _target(folder: Path | ObjectStoragePath, name: str) -> Path | ObjectStorage
 
 def _remove_stale_parts(folder: Path | ObjectStoragePath, stem: str) -> None:
     """Delete the temporary files a killed download of the same result left behind."""
+    own = re.compile(rf"\.{re.escape(stem)}\.part-[0-9a-f]{{8}}")  # not another id's (``a-0.part-1``)
     try:
         for stale in folder.glob(f".{stem}.part-*"):
+            if not own.fullmatch(stale.name):
+                continue
             stale.unlink(missing_ok=True)
             log.info("Removed %s, left by an interrupted download.", stale)
     except OSError as error:

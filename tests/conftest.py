@@ -96,6 +96,11 @@ class SimulatorControl:
         body = {"remaining": remaining, "unlimited": unlimited}
         requests.post(f"{self.base_url}/_simulator/credits", json=body, timeout=5).raise_for_status()
 
+    def issue_task_ids(self, *ids: str) -> None:
+        """The next created tasks take these ids, in order."""
+        response = requests.post(f"{self.base_url}/_simulator/task_ids", json={"ids": list(ids)}, timeout=5)
+        response.raise_for_status()
+
     def posts(self) -> int:
         return int(self.stats()["requests"].get("POST /v1/videos/generations", 0))
 

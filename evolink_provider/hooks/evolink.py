@@ -23,6 +23,7 @@ import weakref
 from contextlib import AbstractContextManager
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote
 
 from evolink_provider.answers import checked_task, credits_text, remaining_credits, task_id_to_send
 from evolink_provider.compat import BaseHook, hook_field_behaviour
@@ -288,7 +289,9 @@ def _failed(future: asyncio.Future[Any]) -> bool:
 
 
 def _task_path(task_id: str) -> str:
-    return f"/v1/tasks/{task_id_to_send(task_id)}"
+    """The read path of a task: the id checked for safety, then URL-encoded as one path segment anyway (as
+    EvoLink's CLI does), so that the path stays one segment whatever the id rule allows."""
+    return f"/v1/tasks/{quote(task_id_to_send(task_id), safe='')}"
 
 
 def _as_is(answer: dict[str, Any]) -> dict[str, Any]:

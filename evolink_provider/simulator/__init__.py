@@ -15,6 +15,8 @@ Test controls (no authentication; the server binds loopback only):
   truncated, unknown_status, redirect, content_length_lie, not_found, wrong_content_type) and the fields
   (``method``, ``path_prefix``, ``share``, ``count``, ``status``, ``retry_after``, ``delay``, ``location``,
   ``after_processing``).
+* ``POST /_simulator/task_ids`` ``{"ids": [...]}``: the next created tasks take these ids, in order (the
+  shapes EvoLink's docs show, ``task-unified-1774857405-abc123``, or answered, ``task-happyhorse-...``).
 * ``POST /_simulator/key_failures`` ``{"api_key", "code"}``: every task of that key fails with ``code``.
 * ``POST /_simulator/clock`` ``{"advance": s}``: move a :class:`ManualClock`.
 * ``POST /_simulator/credits`` ``{"remaining": 12.5, "unlimited": false}``: what ``GET /v1/credits``

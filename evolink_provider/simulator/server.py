@@ -22,7 +22,7 @@ from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from evolink_provider.simulator.faults import FaultPlan, FaultRule
 from evolink_provider.simulator.media import MediaCache, image_size
@@ -415,7 +415,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/v1/tasks/batch":
             return self._batch(owner, raw)
         if method == "GET" and path.startswith("/v1/tasks/"):
-            return self._task(owner, path.removeprefix("/v1/tasks/"))
+            return self._task(owner, unquote(path.removeprefix("/v1/tasks/")))
         if method == "GET" and path == CREDITS_PATH:
             store = self.state.store
             return json_response(
@@ -559,9 +559,15 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         return len(upload[2]) if upload else 0
 
     def _visible_task(self, owner: str, task_id: str) -> SimTask | _Response:
-        if not task_id.startswith("task-unified-"):
-            return error_response(400, f"invalid task id {task_id}", "invalid_task_id")
+        """The task ``owner``'s key may read, or EvoLink's documented refusal: 403 for another key's task,
+        404 for an unknown one, and 400 ``invalid_task_id`` for an unknown id without the documented
+        ``task-unified-`` prefix. A task this server issued is readable whatever its id's shape: EvoLink
+        answered ``task-happyhorse-...`` ids until 2026-04 and its task query read them (the create-then-
+        query flow it documents), so the prefix rule describes today's ids, not a refusal of its own."""
         task = self.state.store.tasks.get(task_id)
+        if task is None and not task_id.startswith("task-unified-"):
+            message = f"invalid task id {task_id}: must start with 'task-unified-'"
+            return error_response(400, message, "invalid_task_id")
         if task is None:
             return error_response(404, f"task {task_id} not found", "task_not_found")
         if task.owner != owner:
@@ -686,6 +692,12 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return json_response(200, {"ok": True})
         if action == "faults" and method == "DELETE":
             state.faults.clear()
+            return json_response(200, {"ok": True})
+        if action == "task_ids" and method == "POST":
+            try:
+                state.store.issue_ids(payload.get("ids"))
+            except (TypeError, ValueError) as error:
+                return error_response(400, str(error))
             return json_response(200, {"ok": True})
         if action == "key_failures" and method == "POST":
             state.store.key_failures[str(payload["api_key"])] = str(payload["code"])

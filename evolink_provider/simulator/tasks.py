@@ -150,6 +150,8 @@ class TaskStore:
             self.by_key: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
             self.marker_uses: dict[str, int] = {}
             self.key_failures: dict[str, str] = {}
+            #: Ids the next created tasks take, in order (a test control), instead of generated ones.
+            self.next_ids: list[str] = []
             self.remaining = self.initial_credits
             self.used = 0.0
             self.unlimited = False
@@ -166,6 +168,18 @@ class TaskStore:
             if remaining is not None:
                 self.remaining = float(remaining)
             self.unlimited = unlimited
+
+    def issue_ids(self, ids: Any) -> None:
+        """Make the next created tasks take ``ids`` (a test control): the shapes EvoLink's docs show
+        (``task-unified-1774857405-abc123``) or answered (``task-happyhorse-...``). An id already in use is
+        refused, as are ids no server could put in a URL path (empty, ``/``, whitespace)."""
+        if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+            raise TypeError("ids must be a list of strings")
+        with self.lock:
+            for item in ids:
+                if not item or item in self.tasks or any(c == "/" or c.isspace() for c in item):
+                    raise ValueError(f"cannot issue task id {item!r}")
+            self.next_ids.extend(ids)
 
     def take_marker(self, found: dict[str, str], name: str) -> str | None:
         """The value of marker ``name`` (``value`` or ``value:N``, acting on its first N uses), counting
@@ -207,7 +221,7 @@ class TaskStore:
             code = cancel or fail
             seconds = float(found.get("seconds", self.task_seconds))
             task = SimTask(
-                id=f"task-unified-{int(now)}-{_random_suffix()}",
+                id=self.next_ids.pop(0) if self.next_ids else f"task-unified-{int(now)}-{_random_suffix()}",
                 owner=owner,
                 accepted=accepted,
                 created=now,
