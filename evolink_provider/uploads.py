@@ -388,3 +388,94 @@ def _field_label(fields: dict[str, Any], ref: MediaRef) -> str:
         isinstance(current, str) and current.strip().startswith("[")
     )
     return f"{ref.field}[{ref.position}]" if listed else ref.field
+
+
+def upload_once(
+    hook: EvolinkHook,
+    sources: list[str],
+    rules: ImageRules | None = None,
+    earlier: list[dict[str, Any]] | None = None,
+    warnings: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Upload each reference image once for a whole run, and say what downstream tasks need of each.
+
+    Every source is read through the same checks as an operator's own upload (allowed folders, type,
+    bytes, the model's image rules) and hashed; an ``earlier`` upload of the same bytes (an earlier run's
+    XCom) is reused while it has more than the reuse margin (6 h) of its 72 h left. The Files API quota
+    (``GET /api/v1/files/quota``) is read once, before the first upload: a run that needs more files than
+    remain fails then, naming the numbers, instead of failing halfway after its earlier tasks paid. On a
+    shared account another run can take the last files in between, so this is best effort.
+
+    :returns: per source, in order: ``source``, ``file_url``, ``sha256``, ``expires_at`` (epoch seconds)
+        and ``reused``.
+    """
+    import time
+
+    from evolink_provider.field_rules import MediaRef
+    from evolink_provider.resume import UPLOAD_REUSE_MARGIN, expiry_epoch
+
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
+    now = time.time()
+    by_digest = {
+        str(entry.get("sha256")): entry
+        for entry in earlier or []
+        if isinstance(entry, dict)
+        and isinstance(entry.get("file_url"), str)
+        and isinstance(entry.get("expires_at"), (int, float))
+        and entry["expires_at"] - UPLOAD_REUSE_MARGIN > now
+    }
+    results: list[dict[str, Any]] = []
+    needed: dict[str, tuple[MediaRef, str]] = {}
+    for index, source in enumerate(sources):
+        ref = MediaRef("image_urls", index, source)
+        checked = open_checked_input(ref, f"images[{index}]", allowed, rules, warnings)
+        digest = hashlib.sha256()
+        try:
+            while chunk := checked.stream.read(1 << 20):
+                digest.update(chunk)
+        finally:
+            checked.stream.close()
+        sha256 = digest.hexdigest()
+        reused = by_digest.get(sha256)
+        if reused is None:
+            needed.setdefault(sha256, (ref, f"images[{index}]"))
+        results.append({"source": source, "sha256": sha256, "reused": reused is not None, **(reused or {})})
+    if needed:
+        _check_quota(hook, len(needed))
+    uploaded: dict[str, dict[str, Any]] = {}
+    for sha256, (ref, label) in needed.items():
+        checked = open_checked_input(ref, label, allowed, rules)
+        try:
+            data = hook.upload_file(cast(Any, checked.stream), checked.name, checked.content_type)
+        finally:
+            checked.stream.close()
+        uploaded[sha256] = {
+            "file_url": str(data["file_url"]),
+            "expires_at": expiry_epoch(data.get("expires_at"), now),
+        }
+        log.info("Uploaded %s to EvoLink's Files API (expires %s).", ref.value, data.get("expires_at"))
+    return [
+        {
+            "source": entry["source"],
+            "file_url": (uploaded.get(entry["sha256"]) or entry)["file_url"],
+            "sha256": entry["sha256"],
+            "expires_at": (uploaded.get(entry["sha256"]) or entry)["expires_at"],
+            "reused": entry["reused"],
+        }
+        for entry in results
+    ]
+
+
+def _check_quota(hook: EvolinkHook, needed: int) -> None:
+    """Fail before the first upload when the Files API quota has fewer files left than the run needs."""
+    quota = hook.get_files_quota()
+    remain = quota.get("remain_files")
+    if isinstance(remain, int) and not isinstance(remain, bool) and remain < needed:
+        raise EvolinkInputRefusedError(
+            "images",
+            f"<{needed} new files>",
+            f"at most the {remain} files left of the Files API quota (used {quota.get('used_files')} of "
+            f"{quota.get('max_files')}, group {quota.get('user_group')!r}); nothing was uploaded. Files "
+            "expire 72 h after their upload, or ask EvoLink for a larger quota",
+        )
+    log.info("EvoLink Files API quota: %s files left; this run uploads %d.", remain, needed)

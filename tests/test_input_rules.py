@@ -53,7 +53,13 @@ def run_rule_dag(dag_id: str) -> dict[str, tuple[str, int]]:
         rows = session.query(TaskInstance).filter(
             TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id
         )
-        return {ti.task_id: (str(ti.state), ti.try_number) for ti in rows}
+        return {
+            (f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id): (
+                str(ti.state),
+                ti.try_number,
+            )
+            for ti in rows
+        }
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +217,48 @@ def test_prompt_policy_refuse_fails_before_any_call(sim: SimulatorControl) -> No
 
     assert tasks == {"long_prompt": ("failed", 1)}
     assert sim.stats()["requests"] == {}
+
+
+# -- upload once per run ----------------------------------------------------------------------------
+
+
+def set_files_quota(sim: SimulatorControl, max_files: int) -> None:
+    import requests
+
+    body = {"max_files": max_files}
+    requests.post(f"{sim.base_url}/_simulator/files_quota", json=body, timeout=5).raise_for_status()
+
+
+@pytest.mark.usefixtures("airflow_db")
+def test_a_mapped_run_sharing_three_images_uploads_three_files(sim: SimulatorControl) -> None:
+    tasks = run_rule_dag("evolink_upload_once_mapped")
+
+    assert tasks["upload"] == ("success", 1)
+    assert len(tasks) == 51 and all(state == "success" for state, _ in tasks.values()), tasks
+    requests_made = sim.stats()["requests"]
+    assert requests_made["POST /api/v1/files/upload/stream"] == 3, "not 150"
+    assert requests_made["GET /api/v1/files/quota"] == 1
+    assert requests_made["POST /v1/videos/generations"] == 50
+
+    # The next run reuses the uploads (72 h, more than 6 h left): no upload, no quota read.
+    tasks = run_rule_dag("evolink_upload_once_mapped")
+    assert tasks["upload"] == ("success", 1)
+    requests_made = sim.stats()["requests"]
+    assert requests_made["POST /api/v1/files/upload/stream"] == 3
+    assert requests_made["GET /api/v1/files/quota"] == 1
+
+
+@pytest.mark.usefixtures("sim")
+def test_a_quota_below_need_fails_before_the_first_upload(sim: SimulatorControl) -> None:
+    from evolink_provider.exceptions import EvolinkInputRefusedError
+    from evolink_provider.uploads import upload_once
+
+    set_files_quota(sim, 2)
+    assets = DAGS_FOLDER / "assets"
+    sources = [str(assets / name) for name in ("hero.png", "sidekick.png", "robot.png")]
+    with pytest.raises(EvolinkInputRefusedError) as caught:
+        upload_once(EvolinkHook(), sources)
+    message = str(caught.value)
+    assert "<3 new files>" in message and "the 2 files left" in message and "used 0 of 2" in message
+    requests_made = sim.stats()["requests"]
+    assert requests_made == {"GET /api/v1/files/quota": 1}, requests_made

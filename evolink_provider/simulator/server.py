@@ -129,6 +129,8 @@ class SimulatorState:
             self.poll_times: dict[str, list[float]] = defaultdict(list)
             self.uploads: dict[str, tuple[str, str, bytes, float]] = {}
             self.tasks_by_prompt: Counter[str] = Counter()
+            #: How many files the Files API keeps for the account (``POST /_simulator/files_quota``).
+            self.files_quota = UPLOAD_QUOTA
 
     def reset(self) -> None:
         self.store.reset()
@@ -440,7 +442,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return self._upload(raw)
         if method == "GET" and path == "/api/v1/files/quota":
             with self.state.lock:
-                used = len(self.state.uploads)
+                used, quota = len(self.state.uploads), self.state.files_quota
             return json_response(
                 200,
                 {
@@ -450,8 +452,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                     "data": {
                         "user_group": "default",
                         "used_files": used,
-                        "max_files": UPLOAD_QUOTA,
-                        "remain_files": max(0, UPLOAD_QUOTA - used),
+                        "max_files": quota,
+                        "remain_files": max(0, quota - used),
                         "is_custom": False,
                         "quota_reason": "default quota",
                     },
@@ -646,7 +648,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             # A refusal, as the Files API answers it: HTTP 200 with success false.
             return refusal_response(400, "unsupported file type: only JPEG, PNG, GIF and WEBP images")
         with self.state.lock:
-            if len(self.state.uploads) >= UPLOAD_QUOTA:
+            if len(self.state.uploads) >= self.state.files_quota:
                 return refusal_response(429, "file quota reached")
             file_id = f"file_{uuid.uuid4().hex[:20]}"
             now = self.state.clock.now()
@@ -707,6 +709,10 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 state.store.set_balance(payload.get("remaining"), payload.get("unlimited", False))
             except (TypeError, ValueError) as error:
                 return error_response(400, str(error))
+            return json_response(200, {"ok": True})
+        if action == "files_quota" and method == "POST":
+            with state.lock:
+                state.files_quota = int(payload.get("max_files", UPLOAD_QUOTA))
             return json_response(200, {"ok": True})
         if action == "clock" and method == "POST":
             if not isinstance(state.clock, ManualClock):

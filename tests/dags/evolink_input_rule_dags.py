@@ -63,3 +63,21 @@ with new_dag("evolink_prompt_refused"):
     EvolinkHappyHorseTextToVideoOperator(
         task_id="long_prompt", prompt="a paper boat " * 700, prompt_policy="refuse", **COMMON
     )
+
+#: The example DAGs' reference images (copied into the test DAGs folder with them).
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+with new_dag("evolink_upload_once_mapped"):
+    from evolink_provider.operators.upload import EvolinkUploadImagesOperator
+
+    upload = EvolinkUploadImagesOperator(
+        task_id="upload",
+        images=[str(ASSETS / "hero.png"), str(ASSETS / "sidekick.png"), (ASSETS / "robot.png").as_uri()],
+        model="happyhorse-1.0-reference-to-video",
+    )
+    EvolinkHappyHorseReferenceToVideoOperator.partial(
+        task_id="generate",
+        prompt="character1, character2 and character3 wave",
+        image_urls=upload.output["urls"],
+        wait_for_completion=False,
+    ).expand(seed=list(range(1, 51)))
