@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -125,3 +126,26 @@ def xcom_links() -> dict[str, str]:
         )
         assert row is not None
         return dict(XComModel.deserialize_value(row))
+
+
+def test_a_reel_is_built_from_s3_clips_and_written_back_to_s3(s3_server: str, tmp_path: Path) -> None:
+    from evolink_provider import editing
+    from tests.test_editing import make_clip
+
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket="evolink-edits")
+    for name, seconds in (("a.mp4", 2), ("b.mp4", 1)):
+        client.upload_file(str(make_clip(tmp_path / name, seconds)), "evolink-edits", f"clips/{name}")
+    base = "s3://evolink_test_s3@evolink-edits"
+
+    reel = editing.concat(
+        [f"{base}/clips/a.mp4", f"{base}/clips/b.mp4"], f"{base}/reels/reel.mp4", width=320, height=180
+    )
+    sheet = editing.thumbnail(reel, f"{base}/reels/reel.png", at_seconds=0.5)
+
+    assert str(reel) == f"{base}/reels/reel.mp4" and str(sheet) == f"{base}/reels/reel.png"
+    info = editing.probe(f"{base}/reels/reel.mp4")
+    assert info.duration == pytest.approx(3.0, abs=0.2) and (info.width, info.height) == (320, 180)
+    listed = sorted(item["Key"] for item in client.list_objects_v2(Bucket="evolink-edits")["Contents"])
+    assert listed == ["clips/a.mp4", "clips/b.mp4", "reels/reel.mp4", "reels/reel.png"]
+    assert client.get_object(Bucket="evolink-edits", Key="reels/reel.png")["Body"].read(4) == b"\x89PNG"
