@@ -92,8 +92,12 @@ def test_conn_id_paths_store_through_the_connection_and_name_the_object(
     module = load_dags()
     client = s3_client(s3_server)
     client.create_bucket(Bucket=module.BUCKET)
+    # The consumer, scheduled on Asset("s3://bucket/key") as a user writes it, known to Airflow first.
+    module.DAGS["evolink_consume_s3_video"].test()
+    unpause("evolink_consume_s3_video")
+    sim.issue_task_ids(module.PRODUCED_TASK_ID)
 
-    dag_run = module.DAGS["evolink_store_in_s3"].test()
+    dag_run = module.DAGS["evolink_store_in_s3"].test(logical_date=module.LOGICAL_DATE)
 
     assert str(dag_run.state) == "success"
     keys = [item["Key"] for item in client.list_objects_v2(Bucket=module.BUCKET).get("Contents", [])]
@@ -106,6 +110,8 @@ def test_conn_id_paths_store_through_the_connection_and_name_the_object(
     events = asset_events_of("evolink_store_in_s3")
     assert [uri for uri, _extra, _aliases in events] == [Asset(f"s3://{module.BUCKET}/{keys[0]}").uri]
     assert events[0][1]["size_bytes"] > 0
+    assert events[0][0] == module.PRODUCED_URI
+    assert queued_runs_of("evolink_consume_s3_video") == [module.PRODUCED_URI], "the consumer is queued"
     links = xcom_links()
     key = keys[0].replace("+", "%2B").replace(":", "%3A")
     assert links["stored_file"] == (
@@ -149,3 +155,25 @@ def test_a_reel_is_built_from_s3_clips_and_written_back_to_s3(s3_server: str, tm
     listed = sorted(item["Key"] for item in client.list_objects_v2(Bucket="evolink-edits")["Contents"])
     assert listed == ["clips/a.mp4", "clips/b.mp4", "reels/reel.mp4", "reels/reel.png"]
     assert client.get_object(Bucket="evolink-edits", Key="reels/reel.png")["Body"].read(4) == b"\x89PNG"
+
+
+def unpause(dag_id: str) -> None:
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(DagModel).filter(DagModel.dag_id == dag_id).update({"is_paused": False})
+
+
+def queued_runs_of(dag_id: str) -> list[str]:
+    """The assets whose events queued a run of ``dag_id`` (Airflow's asset-triggered run queue)."""
+    from airflow.models.asset import AssetDagRunQueue, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(AssetModel.uri)
+            .join(AssetDagRunQueue, AssetDagRunQueue.asset_id == AssetModel.id)
+            .filter(AssetDagRunQueue.target_dag_id == dag_id)
+        )
+        return [uri for (uri,) in rows]

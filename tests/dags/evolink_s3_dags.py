@@ -4,13 +4,18 @@ announced as asset events; ``tests/test_s3_storage.py`` runs it against a moto S
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import DAG
+from airflow.sdk import DAG, Asset, task
 
 from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
 
 S3_CONN_ID = "evolink_test_s3"
 BUCKET = "evolink-videos"
 DAGS: dict[str, DAG] = {}
+LOGICAL_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
+#: The EvoLink task id the simulator is told to issue, so that the consumer can name the stored object.
+PRODUCED_TASK_ID = "task-unified-1767225600-s3consumer"
+#: What a user writes for the stored file: the object, without the connection id.
+PRODUCED_URI = f"s3://{BUCKET}/content/2026-01-01/take+1:a/{PRODUCED_TASK_ID}-0.mp4"
 
 with DAG("evolink_store_in_s3", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")) as dag:
     EvolinkSeedanceTextToVideoOperator(
@@ -24,3 +29,13 @@ with DAG("evolink_store_in_s3", schedule=None, start_date=pendulum.datetime(2026
         max_poll_interval=1.0,
     )
 DAGS[dag.dag_id] = dag
+
+
+with DAG("evolink_consume_s3_video", schedule=[Asset(PRODUCED_URI)], start_date=LOGICAL_DATE) as consumer:
+
+    @task
+    def announce() -> str:
+        return PRODUCED_URI
+
+    announce()
+DAGS[consumer.dag_id] = consumer
