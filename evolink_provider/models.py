@@ -383,7 +383,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     "*": {"callback_url": "https URL EvoLink calls when the task ends (public hosts only)."},
     "happyhorse-*": {
         "prompt": "up to 5,000 characters (2,500 with Chinese); EvoLink silently cuts longer prompts, so a "
-        "warning is logged.",
+        "warning is logged (``prompt_policy='refuse'`` fails the task instead).",
         "quality": "``720p`` (default) or ``1080p``.",
         "aspect_ratio": "``16:9`` (default), ``9:16``, ``1:1``, ``4:3``, ``3:4``, ``4:5``, ``5:4``, "
         "``9:21``, ``21:9``.",
@@ -391,7 +391,8 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "seed": "1-2147483647 for reproducible output (default random).",
     },
     "happyhorse-*-image-to-video": {
-        "prompt": "optional; up to 5,000 characters (2,500 with Chinese), longer prompts are cut (warned).",
+        "prompt": "optional; up to 5,000 characters (2,500 with Chinese), longer prompts are cut (warned, "
+        "or refused with ``prompt_policy='refuse'``).",
         "image_urls": "exactly 1 image (public http(s) URL, local path or storage URI): JPEG/PNG/WEBP, width "
         "and height at least 300 px, aspect ratio between 1:2.5 and 2.5:1, at most 10 MB.",
     },
@@ -408,7 +409,8 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "keep_original_sound": "keep the sound of the source video.",
     },
     "seedance-2.0-*": {
-        "prompt": "up to 10,000 tokens (EvoLink advises at most 500 Chinese characters or 1,000 words).",
+        "prompt": "up to 10,000 tokens (EvoLink advises at most 500 Chinese characters or 1,000 words; "
+        "longer is warned, or refused with ``prompt_policy='refuse'``).",
         "duration": "seconds, 4-15 (default 5).",
         "quality": "``480p`` or ``720p`` (default); the standard tier also ``1080p`` and ``4k``.",
         "aspect_ratio": "``adaptive`` (default since 2026-08), ``16:9``, ``9:16``, ``1:1``, ``4:3``, "
