@@ -177,3 +177,21 @@ def queued_runs_of(dag_id: str) -> list[str]:
             .filter(AssetDagRunQueue.target_dag_id == dag_id)
         )
         return [uri for (uri,) in rows]
+
+
+@pytest.mark.usefixtures("airflow_db", "sim")
+def test_the_readme_reel_pipeline_runs_s3_in_s3_out(s3_server: str) -> None:
+    from evolink_provider import editing
+
+    module = load_dags()
+    client = s3_client(s3_server)
+    if module.BUCKET not in [bucket["Name"] for bucket in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=module.BUCKET)
+
+    dag_run = module.DAGS["evolink_s3_reel"].test(logical_date=module.LOGICAL_DATE)
+
+    assert str(dag_run.state) == "success"
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=module.BUCKET, Prefix="reels/")["Contents"]]
+    assert keys == ["reels/2026-01-01.mp4"]
+    info = editing.probe(f"s3://{module.S3_CONN_ID}@{module.BUCKET}/reels/2026-01-01.mp4")
+    assert info.duration == pytest.approx(12.0, abs=0.5) and (info.width, info.height) == (320, 180)

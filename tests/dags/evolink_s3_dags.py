@@ -39,3 +39,23 @@ with DAG("evolink_consume_s3_video", schedule=[Asset(PRODUCED_URI)], start_date=
 
     announce()
 DAGS[consumer.dag_id] = consumer
+
+# The README's S3-in/S3-out reel pipeline ("Run it on a real Airflow"), with the test's connection.
+with DAG("evolink_s3_reel", schedule=None, start_date=LOGICAL_DATE) as reel_dag:
+    from evolink_provider.editing import concat
+
+    generate = EvolinkSeedanceTextToVideoOperator.partial(
+        task_id="generate",
+        output_path=f"s3://{S3_CONN_ID}@{BUCKET}/clips/{{{{ ds }}}}",
+        duration=4,
+        poll_interval=0.2,
+        max_poll_interval=1.0,
+    ).expand(prompt=["a paper boat in the rain", "a lighthouse at dusk", "a fox in the snow"])
+
+    @task
+    def reel(generations: list[dict], ds: str | None = None) -> str:
+        clips = [generation["files"][0] for generation in generations]
+        return str(concat(clips, f"s3://{S3_CONN_ID}@{BUCKET}/reels/{ds}.mp4", width=320, height=180))
+
+    reel(generate.output)
+DAGS[reel_dag.dag_id] = reel_dag
