@@ -25,7 +25,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from evolink_provider.answers import MAX_RESULTS_PER_TASK, TASK_ID_PATTERN, checked_task, is_task_id
+from evolink_provider.answers import (
+    MAX_RESULTS_PER_TASK,
+    RESULT_DATA_URLS,
+    TASK_ID_PATTERN,
+    checked_task,
+    is_task_id,
+)
 from evolink_provider.exceptions import EvolinkError, EvolinkTransportError
 
 if TYPE_CHECKING:
@@ -119,11 +125,7 @@ def result_urls(task: dict[str, Any]) -> list[str]:
     entries = data if isinstance(data, list) else [data]
     for entry in entries:
         if isinstance(entry, dict):
-            found += [
-                entry[name]
-                for name in ("video_url", "profile_picture_url")
-                if isinstance(entry.get(name), str)
-            ]
+            found += [entry[name] for name in RESULT_DATA_URLS if isinstance(entry.get(name), str)]
     return list(dict.fromkeys(url for url in found if url.strip()))
 
 

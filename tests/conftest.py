@@ -22,6 +22,8 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk-sim-pytest-key-5d1c0a97e3"
+#: A second key of the simulator: its tasks are not the first key's (a read with the other key is refused).
+SECOND_API_KEY = "sk-sim-pytest-second-key-71f04b"
 
 
 def _free_port() -> int:
@@ -70,6 +72,20 @@ for source in (REPO / "tests" / "dags").glob("*.py"):
     shutil.copy(source, DAGS_FOLDER / source.name)
 
 
+#: The timing the tests run on (evolink_provider.timing): a 1 s trigger hold and wait-on-worker window
+#: instead of 15 s, so that the simulator's 2 s generations really defer and their triggers fire within
+#: seconds. A test that checks the production values steers them back (``steered(**PRODUCTION)``).
+TEST_TIMING = {"trigger_hold": 1.0, "wait_on_worker_window": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def quick_timing() -> Iterator[None]:
+    from evolink_provider.timing import steered
+
+    with steered(**TEST_TIMING):
+        yield
+
+
 class SimulatorControl:
     """The simulator's test-only control endpoints (faults, statistics, reset), over loopback."""
 
@@ -91,9 +107,11 @@ class SimulatorControl:
     def reset(self) -> None:
         requests.post(f"{self.base_url}/_simulator/reset", timeout=5).raise_for_status()
 
-    def set_credits(self, remaining: float | None = None, unlimited: bool = False) -> None:
-        """What ``GET /v1/credits`` reports until the next reset."""
-        body = {"remaining": remaining, "unlimited": unlimited}
+    def set_credits(
+        self, remaining: float | None = None, key_remaining: float | None = None, key_unlimited: bool = False
+    ) -> None:
+        """The account's balance and the key's own quota (or none) until the next reset."""
+        body = {"remaining": remaining, "key_remaining": key_remaining, "key_unlimited": key_unlimited}
         requests.post(f"{self.base_url}/_simulator/credits", json=body, timeout=5).raise_for_status()
 
     def issue_task_ids(self, *ids: str) -> None:
@@ -110,7 +128,9 @@ def simulator_server() -> Iterator[str]:
     """The simulator, started once for the session on the port the connection names."""
     from evolink_provider.simulator import EvolinkSimulator
 
-    with EvolinkSimulator(api_key=TEST_API_KEY, port=SIMULATOR_PORT, task_seconds=2.0) as sim:
+    with EvolinkSimulator(
+        api_key=TEST_API_KEY, extra_api_keys=[SECOND_API_KEY], port=SIMULATOR_PORT, task_seconds=2.0
+    ) as sim:
         yield sim.base_url
 
 
@@ -125,13 +145,29 @@ def sim(simulator_server: str) -> Iterator[SimulatorControl]:
 
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
-    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one)."""
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
+    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one).
+
+    Migrating takes 15 s and every test process (each xdist worker, each mutant's run) needs one: the
+    first migrates an empty DB once per Airflow version and Python into the temp dir, and every process
+    copies it."""
+    from importlib.metadata import version
+
+    template = Path(tempfile.gettempdir()) / (
+        f"evolink-test-airflow-{version('apache-airflow')}-py{sys.version_info[0]}{sys.version_info[1]}.db"
     )
+    if not template.exists():
+        home = Path(tempfile.mkdtemp(prefix="evolink-airflow-migrate-"))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "AIRFLOW_HOME": str(home)},
+            )
+            os.replace(home / "airflow.db", template)  # atomic: a parallel process sees all or nothing
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+    shutil.copyfile(template, AIRFLOW_HOME / "airflow.db")
     return AIRFLOW_HOME
 
 

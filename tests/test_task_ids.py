@@ -76,3 +76,24 @@ def test_clearing_stale_parts_of_a_result_leaves_another_tasks_download(tmp_path
     stale.write_bytes(b"killed")
     _remove_stale_parts(tmp_path, "a-0")
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]
+
+
+def test_the_simulator_reads_the_ids_it_issued_and_refuses_unknown_ones_as_documented(
+    sim: SimulatorControl,
+) -> None:
+    """EvoLink's task query answers 400 ``invalid_task_id`` ("must start with 'task-unified-'") for an id
+    without the prefix; a task it issued with another shape (HappyHorse until 2026-04) was readable."""
+    from evolink_provider.exceptions import EvolinkBadRequestError, EvolinkNotFoundError
+    from evolink_provider.hooks.evolink import EvolinkHook
+
+    sim.issue_task_ids(HAPPYHORSE_ID)
+    hook = EvolinkHook()
+    seedance = {"model": "seedance-2.0-fast-text-to-video", "prompt": "p", "duration": 4}
+    created = hook.create_video_task(seedance)
+    assert created["id"] == HAPPYHORSE_ID
+    assert hook.get_task(HAPPYHORSE_ID)["id"] == HAPPYHORSE_ID
+    with pytest.raises(EvolinkBadRequestError, match="must start with 'task-unified-'") as refused:
+        hook.get_task("task-happyhorse-1-unknown")
+    assert refused.value.code == "invalid_task_id"
+    with pytest.raises(EvolinkNotFoundError):
+        hook.get_task("task-unified-1-unknown")

@@ -27,7 +27,7 @@ prompt markers (in the prompt; for sora-character, in the video_url):
 
 test controls (no API key needed; loopback only):
   GET /_simulator/stats, POST /_simulator/reset, POST|DELETE /_simulator/faults,
-  POST /_simulator/credits {"remaining": 12.5, "unlimited": false},
+  POST /_simulator/credits {"remaining": 12.5, "key_remaining": 3, "key_unlimited": false},
   POST /_simulator/task_ids {"ids": ["task-unified-1774857405-abc123"]}  (ids of the next tasks)
 """
 
@@ -63,6 +63,13 @@ def parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="how long a generation takes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply every task's run time and estimate, marked ones too (default: %(default)s)",
     )
     parser.add_argument(
         "--media-dir", default=None, metavar="DIR", help="where result files are cached (default: a temp dir)"
@@ -101,6 +108,7 @@ def main() -> None:
         credits=args.credits,
         extra_api_keys=args.extra_api_key,
         tls=args.tls,
+        time_scale=args.time_scale,
     )
     print(f"EvoLink simulator listening on {simulator.base_url}", flush=True)
     print(f"Media: {simulator.state.media.describe()}.", flush=True)

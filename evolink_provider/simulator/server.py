@@ -105,10 +105,11 @@ class SimulatorState:
         credits: float,
         media_dir: Path,
         result_ttl: float = RESULT_TTL,
+        time_scale: float = 1.0,
     ) -> None:
         self.api_keys = api_keys
         self.clock = clock
-        self.store = TaskStore(clock, task_seconds, credits)
+        self.store = TaskStore(clock, task_seconds, credits, time_scale)
         self.faults = FaultPlan()
         self.media = MediaCache(media_dir)
         self.result_ttl = result_ttl
@@ -151,7 +152,11 @@ class SimulatorState:
                 "faults_injected": self.faults.injected,
                 "connections_opened": self.connections_opened,
                 "tasks_by_prompt": dict(self.tasks_by_prompt),
-                "credits": {"remaining": self.store.remaining, "used": self.store.used},
+                "credits": {
+                    "remaining": self.store.remaining,
+                    "used": self.store.used,
+                    "key_remaining": self.store.key_remaining,
+                },
             }
 
 
@@ -424,15 +429,15 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 200,
                 {
                     "data": {
+                        # EvoLink's shape (corrected 2026-12-03): unlimited_credits is the key's.
                         "user": {
                             "remaining_credits": round(store.remaining, 4),
                             "used_credits": round(store.used, 4),
-                            "unlimited_credits": store.unlimited,
                         },
                         "token": {
-                            "remaining_quota": round(store.remaining, 4),
-                            "used_quota": round(store.used, 4),
-                            "unlimited_quota": store.unlimited,
+                            "remaining_credits": round(store.key_remaining or 0.0, 4),
+                            "used_credits": round(store.key_used, 4),
+                            "unlimited_credits": store.key_remaining is None,
                         },
                     },
                     "message": "success",
@@ -492,8 +497,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                     )
                 if isinstance(earlier, SimTask):  # still paid_outcome_unknown for this key
                     return error_response(409, "the outcome of this paid request is not known yet", reject)
-            if not store.unlimited and store.remaining < store.cost(accepted):
-                return error_response(402, "insufficient credits for this request")
+            refusal = store.refusal_for(store.cost(accepted))
+            if refusal is not None:
+                return error_response(402, refusal)
             task = store.create(owner, accepted, key, self._media_failure(accepted))
         if reject == PAID_OUTCOME_UNKNOWN:
             # The paid request went through, but the gateway cannot tell yet: only the same key finds it.
@@ -706,7 +712,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return json_response(200, {"ok": True})
         if action == "credits" and method == "POST":
             try:
-                state.store.set_balance(payload.get("remaining"), payload.get("unlimited", False))
+                state.store.set_balance(
+                    payload.get("remaining"), payload.get("key_remaining"), payload.get("key_unlimited")
+                )
             except (TypeError, ValueError) as error:
                 return error_response(400, str(error))
             return json_response(200, {"ok": True})

@@ -137,9 +137,12 @@ class SimTask:
 class TaskStore:
     """All tasks, the idempotency record, credits and marker counters, behind one lock."""
 
-    def __init__(self, clock: Clock, task_seconds: float, credits: float) -> None:
+    def __init__(self, clock: Clock, task_seconds: float, credits: float, time_scale: float = 1.0) -> None:
         self.clock = clock
         self.task_seconds = task_seconds
+        #: Multiplies every run time, marked or default, and the estimates that go with it (see
+        #: EvolinkSimulator): the same scenarios, faster.
+        self.time_scale = time_scale
         self.initial_credits = credits
         self.lock = threading.RLock()
         self.reset()
@@ -154,20 +157,47 @@ class TaskStore:
             self.next_ids: list[str] = []
             self.remaining = self.initial_credits
             self.used = 0.0
-            self.unlimited = False
+            #: The keys' own quota (``token.remaining_credits``); None: ``token.unlimited_credits``. One
+            #: quota serves every key of the simulator (a test sets one key's limit at a time).
+            self.key_remaining: float | None = None
+            self.key_used = 0.0
 
-    def set_balance(self, remaining: Any, unlimited: Any = False) -> None:
-        """Set what ``GET /v1/credits`` reports (a test control): a balance, and/or an unlimited account."""
-        if not isinstance(unlimited, bool):
-            raise TypeError("unlimited must be true or false")
-        if remaining is not None and (
-            isinstance(remaining, bool) or not isinstance(remaining, (int, float)) or remaining < 0
-        ):
-            raise ValueError("remaining must be a number >= 0")
+    def set_balance(
+        self, remaining: Any = None, key_remaining: Any = None, key_unlimited: Any = None
+    ) -> None:
+        """Set what ``GET /v1/credits`` reports and what a submission may spend (a test control): the
+        account's balance (``remaining``), the key's own quota (``key_remaining``), or no key quota
+        (``key_unlimited``); what is not given stays."""
+        for name, value in (("remaining", remaining), ("key_remaining", key_remaining)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            ):
+                raise ValueError(f"{name} must be a number >= 0")
+        if key_unlimited not in (None, True, False) or (key_unlimited and key_remaining is not None):
+            raise ValueError("key_unlimited must be true or false, and not given with key_remaining")
         with self.lock:
             if remaining is not None:
                 self.remaining = float(remaining)
-            self.unlimited = unlimited
+            if key_remaining is not None:
+                self.key_remaining = float(key_remaining)
+            if key_unlimited:
+                self.key_remaining = None
+
+    def refusal_for(self, cost: float) -> str | None:
+        """Why a submission costing ``cost`` may not be made (None: it may): the account's balance always
+        applies, the key's quota when it has one (EvoLink: what a key can spend)."""
+        if self.remaining < cost:
+            return "insufficient credits for this request"
+        if self.key_remaining is not None and self.key_remaining < cost:
+            return "this API key's credit quota is used up"
+        return None
+
+    def _spend(self, amount: float) -> None:
+        self.remaining -= amount
+        self.used += amount
+        if self.key_remaining is not None:
+            self.key_remaining -= amount
+        self.key_used += amount
 
     def issue_ids(self, ids: Any) -> None:
         """Make the next created tasks take ``ids`` (a test control): the shapes EvoLink's docs show
@@ -213,20 +243,20 @@ class TaskStore:
         now = self.clock.now()
         with self.lock:
             cost = self.cost(accepted)
-            self.remaining -= cost
-            self.used += cost
+            self._spend(cost)
             fail = self.take_marker(found, "fail") or media_failure or self.key_failures.get(owner)
             cancel = self.take_marker(found, "cancel")
             ends = "cancelled" if cancel else "failed" if fail else None
             code = cancel or fail
-            seconds = float(found.get("seconds", self.task_seconds))
+            seconds = float(found.get("seconds", self.task_seconds)) * self.time_scale
+            estimate = float(found["estimate"]) * self.time_scale if "estimate" in found else seconds
             task = SimTask(
                 id=self.next_ids.pop(0) if self.next_ids else f"task-unified-{int(now)}-{_random_suffix()}",
                 owner=owner,
                 accepted=accepted,
                 created=now,
                 seconds=seconds,
-                estimate=int(found.get("estimate", max(1, round(seconds)))),
+                estimate=max(1, round(estimate)),
                 credits=cost,
                 fail_code=None if code == "none" else code,
                 ends=ends,
@@ -246,8 +276,7 @@ class TaskStore:
             ended = task.state(self.clock.now())[0] in ("failed", "cancelled")
             if ended and not task.extra.get("refunded"):
                 task.extra["refunded"] = True
-                self.remaining += task.credits
-                self.used -= task.credits
+                self._spend(-task.credits)
 
     def task_object(self, task: SimTask, base_url: str) -> dict[str, Any]:
         """The task object exactly as EvoLink documents it."""
