@@ -7,11 +7,10 @@ memory), land under a temporary name first and are renamed only once complete an
 
 Trust boundary: the answer that names the results is not trusted. File names are built only from the task
 id (checked for safety: :data:`evolink_provider.answers.TASK_ID_PATTERN`) and the result's index
-(:data:`STORED_NAME`); the extension comes from the file's first
-bytes (an allow-list of video and image formats), never from the URL or ``Content-Type``; a symlink in the
-output folder is never followed, replaced or taken for a stored result; each result is capped at
-:data:`DEFAULT_MAX_RESULT_BYTES` and every download ends by the operator's deadline. Local inputs are
-checked and uploaded by :mod:`evolink_provider.uploads`.
+(:data:`STORED_NAME`); the extension comes from the file's first bytes (an allow-list of video and image
+formats), never from the URL or ``Content-Type``; a symlink in the output folder is never followed, replaced
+or taken for a stored result; each result is capped at :data:`DEFAULT_MAX_RESULT_BYTES` and every download
+ends by the operator's deadline. Local inputs are checked and uploaded by :mod:`evolink_provider.uploads`.
 """
 
 from __future__ import annotations
