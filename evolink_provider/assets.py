@@ -3,7 +3,8 @@
 Which files a generation writes is known only when it ends, so the operators announce them through an
 ``AssetAlias`` (Airflow's run-time outlets): with ``asset_alias="evolink_videos"`` (or any ``AssetAlias``
 in ``outlets``) each file stored under ``output_path`` becomes one asset event on one ``Asset`` whose URI
-is the file's location in its storage's scheme (``file:///...``, ``s3://bucket/...``). A DAG with
+is the file's location in its storage's scheme (``file:///...``, ``s3://bucket/...``; never the ``conn_id@``
+of ``s3://conn_id@bucket/...``). A DAG with
 ``schedule=AssetAlias("evolink_videos")`` runs on them. Without ``output_path`` nothing is announced,
 unless ``announce_result_urls=True``: then each result URL is the asset (EvoLink deletes it after 24 h).
 
@@ -73,9 +74,13 @@ def summarize_request(model: str, fields: dict[str, Any]) -> RequestSummary:
 
 
 def asset_uri(location: str) -> str:
-    """A stored location as an asset URI: plain paths become ``file://`` URIs, URIs stay as they are."""
+    """A stored location as an asset URI: plain paths become ``file://`` URIs; a storage URI names its
+    object without the Airflow connection (``s3://conn_id@bucket/key`` is the asset ``s3://bucket/key``,
+    what a consumer DAG writes in ``Asset(...)``: see :func:`evolink_provider.storage.object_uri`)."""
     if "://" in location:
-        return location
+        from evolink_provider.storage import object_uri
+
+        return object_uri(location)
     return Path(location).resolve().as_uri()
 
 

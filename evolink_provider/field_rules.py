@@ -46,6 +46,8 @@ class FieldContext:
 
     model: str
     allow_local_media: bool
+    #: ``warn`` or ``refuse`` a prompt longer than EvoLink advises.
+    prompt_policy: str = "warn"
     warnings: list[str] = field(default_factory=list)
     local_media: list[MediaRef] = field(default_factory=list)
 

@@ -11,7 +11,7 @@ from typing import Any
 def get_provider_info() -> dict[str, Any]:
     """Describe the provider: its modules, extra links, the ``evolink`` connection type and its UI form."""
     modules = {
-        "operators": ["evolink_provider.operators.evolink"],
+        "operators": ["evolink_provider.operators.evolink", "evolink_provider.operators.upload"],
         "sensors": ["evolink_provider.sensors.evolink"],
         "hooks": ["evolink_provider.hooks.evolink"],
         "triggers": ["evolink_provider.triggers.evolink"],

@@ -32,6 +32,11 @@ def dataset_name(location: str) -> tuple[str, str] | None:
     """``(namespace, name)`` of a file, storage URI or URL; ``None`` for what names no data."""
     if "://" not in location:
         return ("file", str(Path(location).expanduser().resolve())) if location else None
+    scheme = location.partition("://")[0].lower()
+    if scheme not in ("http", "https"):
+        from evolink_provider.storage import object_uri
+
+        location = object_uri(location)  # s3://conn_id@bucket/key is the object s3://bucket/key
     try:
         parts = urlsplit(location)
     except ValueError:

@@ -64,18 +64,23 @@ def stored_file_link(location: str) -> str | None:
     """The http(s) form of a stored result, where its storage has one a person can open.
 
     ``s3://`` opens the object in the AWS console, ``gs://`` and ``gcs://`` through Google Cloud Storage's
-    authenticated URL, ``http(s)://`` as it is; local files and other storages have none.
+    authenticated URL, ``http(s)://`` as it is; local files and other storages have none. The object is
+    named without the Airflow connection (``s3://conn_id@bucket/key`` links to bucket ``bucket``), and
+    the key is percent-encoded whole (a ``+`` in it stays a ``+``, not a space).
     """
-    parts = urlsplit(location)
-    scheme, bucket, key = parts.scheme.lower(), parts.netloc, parts.path.lstrip("/")
-    if scheme in ("http", "https"):
+    if urlsplit(location).scheme.lower() in ("http", "https"):
         return safe_link(location)
+    from evolink_provider.storage import object_uri
+
+    parts = urlsplit(object_uri(location))
+    scheme, bucket, key = parts.scheme.lower(), parts.netloc, parts.path.lstrip("/")
     if not bucket or not key:
         return None
+    bucket, key = quote(bucket, safe=""), quote(key, safe="/")
     if scheme in ("s3", "s3a"):
-        return safe_link(f"https://s3.console.aws.amazon.com/s3/object/{quote(bucket)}?prefix={quote(key)}")
+        return safe_link(f"https://s3.console.aws.amazon.com/s3/object/{bucket}?prefix={key}")
     if scheme in ("gs", "gcs"):
-        return safe_link(f"https://storage.cloud.google.com/{quote(bucket)}/{quote(key)}")
+        return safe_link(f"https://storage.cloud.google.com/{bucket}/{key}")
     return None
 
 

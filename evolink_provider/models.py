@@ -13,6 +13,11 @@ costs nothing. Rendered templates are strings, so values are coerced *exactly*: 
 ``"true"`` is true, but ``"5.5"``, ``"yes"`` or ``"1"`` for a boolean are refused rather than guessed.
 Fields left as ``None`` are omitted from the payload, so EvoLink applies its own (documented) defaults.
 
+Media the provider can read (local paths and storage URIs, which it uploads) are also held to each model's
+documented image rules (:func:`image_limits`, :func:`image_problems`): pixel size, aspect ratio and file size,
+read from the image header by :mod:`evolink_provider.uploads` before any HTTP call. An http(s) URL is sent as
+given: checking it would mean fetching it, so EvoLink checks it (a failed task, ``image_dimension_mismatch``).
+
 Plain Python specs rather than pydantic models: each field needs an error that names the field, the value
 and the allowed values, and the coercion rules above differ from pydantic's lax mode ("yes" is true there).
 """
@@ -52,6 +57,12 @@ MAX_SEED = 2147483647
 MAX_SEEDANCE_TOKENS = 10000
 HAPPYHORSE_PROMPT_CHARS = 5000
 HAPPYHORSE_CJK_PROMPT_CHARS = 2500
+#: Seedance's advised prompt length (longer prompts are accepted up to 10,000 tokens).
+SEEDANCE_ADVISED_CJK_CHARS = 500
+SEEDANCE_ADVISED_WORDS = 1000
+PROMPT_POLICIES = ("warn", "refuse")
+LOCAL_CHECKS = ("refuse", "warn")
+MB = 1024 * 1024
 MEDIA_FIELDS = frozenset({"image_urls", "video_urls", "audio_urls", "video_url", "video"})
 #: Fields some models refuse, and where they exist (for an error that says so).
 FIELD_SCOPES = {
@@ -59,6 +70,83 @@ FIELD_SCOPES = {
 }
 VIDEO_EDIT_SOURCES = ("video_urls", "video_url", "video")
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The documented rules of one model's input images (one role: references, a first frame, ...).
+
+    Sizes are in pixels, ``ratio`` bounds width / height, ``max_bytes`` is per image and
+    ``max_request_bytes`` for all of a request's media; ``advised_min_ratio`` (short side / long side) is a
+    recommendation, so breaking it only warns.
+    """
+
+    role: str
+    max_bytes: int
+    min_short_side: int = 0
+    min_side: int = 0
+    max_side: int | None = None
+    ratio: tuple[float, float] | None = None
+    advised_min_ratio: float | None = None
+    max_request_bytes: int | None = None
+
+
+#: happyhorse-*-reference-to-video: "short side >= 400 px; <= 10 MB"; a short/long ratio >= 0.4 advised.
+HAPPYHORSE_REFERENCE_IMAGES = ImageLimits(
+    "HappyHorse reference images", 10 * MB, min_short_side=400, advised_min_ratio=0.4
+)
+#: happyhorse-*-image-to-video (and the video edit's images): "width and height >= 300 px, ratio
+#: 1:2.5-2.5:1, <= 10 MB".
+HAPPYHORSE_FRAME_IMAGES = ImageLimits(
+    "HappyHorse image-to-video images", 10 * MB, min_side=300, ratio=(1 / 2.5, 2.5)
+)
+#: The Seedance 2.0 family: "300-6000 px, width/height 0.4-2.5, <= 30 MB each, the whole request <= 64 MB".
+SEEDANCE_IMAGES = ImageLimits(
+    "Seedance 2.0 images",
+    30 * MB,
+    min_side=300,
+    max_side=6000,
+    ratio=(0.4, 2.5),
+    max_request_bytes=64 * MB,
+)
+
+
+def image_limits(model: str) -> ImageLimits | None:
+    """The documented rules of ``model``'s ``image_urls``; ``None`` for a model without documented ones."""
+    if model.startswith("happyhorse-") and model.endswith("-reference-to-video"):
+        return HAPPYHORSE_REFERENCE_IMAGES
+    if model.startswith("happyhorse-") and model.endswith(("-image-to-video", "-video-edit")):
+        return HAPPYHORSE_FRAME_IMAGES
+    if model.startswith("seedance-2.0-") and model in _SCHEMAS:
+        return SEEDANCE_IMAGES
+    return None
+
+
+def image_problems(limits: ImageLimits, width: int, height: int, size: int) -> tuple[list[str], list[str]]:
+    """What an image of ``width`` x ``height`` px and ``size`` bytes breaks: ``(rules, advice)``, each
+    said as the rule (the caller names the file, its size and the model)."""
+    if width <= 0 or height <= 0:
+        return ["an image whose header gives its width and height"], []
+    rules: list[str] = []
+    advice: list[str] = []
+    short, long = min(width, height), max(width, height)
+    if size > limits.max_bytes:
+        rules.append(f"at most {limits.max_bytes // MB} MB ({limits.max_bytes} bytes)")
+    if short < limits.min_short_side:
+        rules.append(f"a short side of at least {limits.min_short_side} px")
+    if short < limits.min_side:
+        rules.append(f"width and height of at least {limits.min_side} px")
+    if limits.max_side is not None and long > limits.max_side:
+        rules.append(f"width and height of at most {limits.max_side} px")
+    if limits.ratio is not None and not limits.ratio[0] <= width / height <= limits.ratio[1]:
+        low, high = limits.ratio
+        rules.append(f"a width/height ratio from {low:g} to {high:g} (it is {width / height:.3g})")
+    if limits.advised_min_ratio is not None and short / long < limits.advised_min_ratio:
+        advice.append(
+            f"EvoLink advises a short/long side ratio of at least {limits.advised_min_ratio:g} "
+            f"(it is {short / long:.3g})"
+        )
+    return rules, advice
 
 
 class ValidatedRequest(NamedTuple):
@@ -105,13 +193,22 @@ def _named_references(
             ctx.warnings.append(f"the prompt never names {', '.join(unnamed)}; the model may ignore them")
 
 
+def _over_advised_length(ctx: FieldContext, prompt: str, advice: str) -> None:
+    """A prompt longer than EvoLink advises: a warning, or a refusal with ``prompt_policy="refuse"``."""
+    if ctx.prompt_policy == "refuse":
+        raise ctx.error("prompt", f"<{len(prompt)} characters>", f"{advice} (prompt_policy='refuse')")
+    ctx.warnings.append(f"the prompt is longer than EvoLink advises: {advice}")
+
+
 def _happyhorse_prompt(ctx: FieldContext, payload: dict[str, Any]) -> None:
     prompt = payload.get("prompt") or ""
     limit = HAPPYHORSE_CJK_PROMPT_CHARS if _CJK.search(prompt) else HAPPYHORSE_PROMPT_CHARS
     if len(prompt) > limit:
-        ctx.warnings.append(
-            f"PROMPT WILL BE CUT: {len(prompt)} characters, EvoLink keeps the first {limit} "
-            f"and silently drops the last {len(prompt) - limit}"
+        _over_advised_length(
+            ctx,
+            prompt,
+            f"at most {limit} characters; PROMPT WILL BE CUT: it has {len(prompt)}, EvoLink keeps the "
+            f"first {limit} and silently drops the last {len(prompt) - limit}",
         )
 
 
@@ -132,8 +229,13 @@ def _seedance_prompt(ctx: FieldContext, payload: dict[str, Any]) -> None:
     if tokens > MAX_SEEDANCE_TOKENS:
         raise ctx.error("prompt", f"<{len(prompt)} characters, ~{tokens} tokens>", "at most 10000 tokens")
     cjk = len(_CJK.findall(prompt))
-    if cjk > 500 or len(prompt.split()) > 1000:
-        ctx.warnings.append("the prompt is longer than EvoLink advises (500 CJK characters or 1000 words)")
+    if cjk > SEEDANCE_ADVISED_CJK_CHARS or len(prompt.split()) > SEEDANCE_ADVISED_WORDS:
+        _over_advised_length(
+            ctx,
+            prompt,
+            f"at most {SEEDANCE_ADVISED_CJK_CHARS} Chinese characters or {SEEDANCE_ADVISED_WORDS} words "
+            "(EvoLink does not say what it does with the rest)",
+        )
     if payload.get("content_filter") is False:
         ctx.warnings.append("content_filter=false relaxes moderation and costs x1.1")
 
@@ -281,7 +383,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     "*": {"callback_url": "https URL EvoLink calls when the task ends (public hosts only)."},
     "happyhorse-*": {
         "prompt": "up to 5,000 characters (2,500 with Chinese); EvoLink silently cuts longer prompts, so a "
-        "warning is logged.",
+        "warning is logged (``prompt_policy='refuse'`` fails the task instead).",
         "quality": "``720p`` (default) or ``1080p``.",
         "aspect_ratio": "``16:9`` (default), ``9:16``, ``1:1``, ``4:3``, ``3:4``, ``4:5``, ``5:4``, "
         "``9:21``, ``21:9``.",
@@ -289,22 +391,26 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "seed": "1-2147483647 for reproducible output (default random).",
     },
     "happyhorse-*-image-to-video": {
-        "prompt": "optional; up to 5,000 characters (2,500 with Chinese), longer prompts are cut (warned).",
-        "image_urls": "exactly 1 public http(s) URL of a JPEG/PNG/WEBP image, short side at least 300 px, "
-        "aspect ratio between 1:2.5 and 2.5:1.",
+        "prompt": "optional; up to 5,000 characters (2,500 with Chinese), longer prompts are cut (warned, "
+        "or refused with ``prompt_policy='refuse'``).",
+        "image_urls": "exactly 1 image (public http(s) URL, local path or storage URI): JPEG/PNG/WEBP, width "
+        "and height at least 300 px, aspect ratio between 1:2.5 and 2.5:1, at most 10 MB.",
     },
     "happyhorse-*-reference-to-video": {
-        "image_urls": "1-9 public http(s) URLs of JPEG/PNG/WEBP images, short side at least 400 px.",
+        "image_urls": "1-9 images (public http(s) URLs, local paths or storage URIs): JPEG/PNG/WEBP, short "
+        "side at least 400 px, at most 10 MB each (a short/long ratio of at least 0.4 is advised).",
     },
     "happyhorse-1.0-video-edit": {
         "video_urls": "exactly 1 public http(s) URL of an MP4/MOV video, 3-60 s, at most 100 MB.",
         "video_url": "one source video URL in place of ``video_urls`` (give exactly one of the three).",
         "video": "one source video URL in place of ``video_urls`` (give exactly one of the three).",
-        "image_urls": "0-5 public http(s) URLs of JPEG/PNG/WEBP reference images.",
+        "image_urls": "0-5 reference images (URLs, local paths or storage URIs) with the image-to-video "
+        "rules: JPEG/PNG/WEBP, width and height at least 300 px, ratio 1:2.5 to 2.5:1, at most 10 MB.",
         "keep_original_sound": "keep the sound of the source video.",
     },
     "seedance-2.0-*": {
-        "prompt": "up to 10,000 tokens (EvoLink advises at most 500 Chinese characters or 1,000 words).",
+        "prompt": "up to 10,000 tokens (EvoLink advises at most 500 Chinese characters or 1,000 words; "
+        "longer is warned, or refused with ``prompt_policy='refuse'``).",
         "duration": "seconds, 4-15 (default 5).",
         "quality": "``480p`` or ``720p`` (default); the standard tier also ``1080p`` and ``4k``.",
         "aspect_ratio": "``adaptive`` (default since 2026-08), ``16:9``, ``9:16``, ``1:1``, ``4:3``, "
@@ -314,11 +420,13 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "model_params": 'e.g. ``{"web_search": true}`` (billed only when used).',
     },
     "seedance-2.0-*image-to-video": {
-        "image_urls": "1-2 public http(s) URLs of JPEG/PNG/WEBP images: the first frame, then the last.",
+        "image_urls": "1-2 images (URLs, local paths or storage URIs): the first frame, then the last; "
+        "JPEG/PNG/WEBP, 300-6000 px, width/height 0.4-2.5, at most 30 MB each, 64 MB per request.",
     },
     "seedance-2.0-*reference-to-video": {
-        "image_urls": "0-9 public http(s) URLs of JPEG/PNG/WEBP images, ``@image1``... in the prompt "
-        "(at least one image or video in all).",
+        "image_urls": "0-9 images (URLs, local paths or storage URIs), ``@image1``... in the prompt (at "
+        "least one image or video in all); JPEG/PNG/WEBP, 300-6000 px, width/height 0.4-2.5, at most "
+        "30 MB each, 64 MB per request.",
         "video_urls": "0-3 public http(s) URLs of MP4/MOV videos, ``@video1``... in the prompt.",
         "audio_urls": "0-3 public http(s) URLs of WAV/MP3 audio, ``@audio1``... in the prompt.",
     },
@@ -343,16 +451,19 @@ def field_docs(model: str) -> dict[str, str]:
 
 
 def validate_request(
-    model: str, fields: Mapping[str, Any], *, allow_local_media: bool = False
+    model: str, fields: Mapping[str, Any], *, allow_local_media: bool = False, prompt_policy: str = "warn"
 ) -> ValidatedRequest:
     """Check and coerce a model's fields into the JSON body to POST, or raise EvolinkValidationError.
 
     :param allow_local_media: accept local paths and storage URIs in media fields, listing them in
         ``local_media`` for the operator to upload (then call again without the flag).
+    :param prompt_policy: ``warn`` (default) or ``refuse`` a prompt longer than EvoLink advises.
     """
     if not isinstance(model, str) or not model.strip():
         raise EvolinkValidationError(str(model), "model", model, "an EvoLink model name")
-    ctx = FieldContext(model, allow_local_media)
+    if prompt_policy not in PROMPT_POLICIES:
+        raise EvolinkValidationError(model, "prompt_policy", prompt_policy, "'warn' or 'refuse'")
+    ctx = FieldContext(model, allow_local_media, prompt_policy)
     given = {name: value for name, value in fields.items() if value is not None and name != "model"}
     schema = _SCHEMAS.get(model)
     if schema is None:

@@ -80,6 +80,22 @@ def as_storage_path(location: str) -> ObjectStoragePath:
         ) from error
 
 
+def object_uri(location: str) -> str:
+    """The object a stored location names, without the Airflow connection that reached it.
+
+    ``s3://aws_default@bucket/key`` is Airflow's way to pick the connection an ``ObjectStoragePath`` goes
+    through; the object itself is ``s3://bucket/key``, which is what links and asset URIs name (a consumer
+    DAG writes ``Asset("s3://bucket/key")``, and one object must be one asset whatever connection wrote
+    it). The stored paths handed downstream (XCom ``files``) keep the ``conn_id@`` form, so they open
+    through the same connection. Nothing else changes: the key is kept byte for byte.
+    """
+    scheme, separator, rest = location.partition("://")
+    if not separator:
+        return location
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def result_extension(head: bytes) -> str | None:
     """The extension of an allowed result format shown by its first bytes, else ``None``."""
     if head[4:8] == b"ftyp":

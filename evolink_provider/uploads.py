@@ -14,6 +14,13 @@ whoever can write into a folder on the path could swap a parent folder for a sym
 and the open (``O_NOFOLLOW`` guards the last component only), and the file read would be another one.
 A hard link inside an allowed folder is accepted: it *is* the file, by a name inside the folder, and
 whoever can make one there could as well copy the file there.
+
+Each image is also held to its model's documented rules (:func:`evolink_provider.models.image_limits`:
+pixel size, aspect ratio, bytes per image and per request), its width and height read from the header only
+by the ``imagesize`` library (no second parser of hostile files here), because EvoLink checks them only
+after the task was accepted and fails it mid-generation (``image_dimension_mismatch``). ``local_checks=
+"warn"`` turns those refusals into warnings, for when EvoLink's limits move. http(s) URLs are not checked:
+that would mean fetching them.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
-from evolink_provider.exceptions import EvolinkInputRefusedError
+from evolink_provider.exceptions import EvolinkInputRefusedError, EvolinkValidationError
+from evolink_provider.models import LOCAL_CHECKS, ImageLimits, image_limits, image_problems
 
 if TYPE_CHECKING:
     from evolink_provider.field_rules import MediaRef
@@ -37,8 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: EvoLink's documented limit for a reference image.
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+#: The largest image any model documents (Seedance: 30 MB); never read more. Each model's own limit is
+#: checked after that (:func:`evolink_provider.models.image_limits`).
+MAX_UPLOAD_BYTES = 30 * 1024 * 1024
 #: Extensions of the image types the Files API documents, and the type their first bytes must show.
 IMAGE_EXTENSIONS = {
     ".jpg": "image/jpeg",
@@ -109,11 +118,40 @@ class CheckedInput:
     stream: CheckedStream
     name: str
     content_type: str
+    size: int = 0
+    width: int = -1
+    height: int = -1
 
 
-def open_checked_input(ref: MediaRef, label: str, allowed: AllowedLocations) -> CheckedInput:
+@dataclass(frozen=True)
+class ImageRules:
+    """The model rules an input is held to: ``limits`` (``None``: none documented), and whether breaking
+    them refuses the input (``local_checks="refuse"``) or only warns (``"warn"``)."""
+
+    model: str
+    limits: ImageLimits | None
+    local_checks: str = "refuse"
+
+    @classmethod
+    def of(cls, model: str | None, local_checks: str = "refuse") -> ImageRules:
+        if local_checks not in LOCAL_CHECKS:
+            raise EvolinkValidationError(str(model), "local_checks", local_checks, "'refuse' or 'warn'")
+        return cls(model or "", image_limits(model) if model else None, local_checks)
+
+
+def open_checked_input(
+    ref: MediaRef,
+    label: str,
+    allowed: AllowedLocations,
+    rules: ImageRules | None = None,
+    warnings: list[str] | None = None,
+) -> CheckedInput:
     """Open ``ref`` for upload, or raise :class:`EvolinkInputRefusedError` naming ``label``, the value and
-    the rule it breaks. The caller closes ``stream``."""
+    the rule it breaks. The caller closes ``stream``.
+
+    :param rules: the model's image rules the image must follow (see :class:`ImageRules`).
+    :param warnings: where broken rules go with ``local_checks="warn"``, and advice always.
+    """
 
     def refuse(rule: str) -> EvolinkInputRefusedError:
         return EvolinkInputRefusedError(label, ref.value, rule)
@@ -125,8 +163,35 @@ def open_checked_input(ref: MediaRef, label: str, allowed: AllowedLocations) -> 
             raise refuse("file:// URIs of this machine only")
         value = unquote(parts.path)
     if "://" in value:
-        return _open_storage_uri(value, refuse, allowed)
-    return _open_local_file(Path(value).expanduser(), refuse, allowed)
+        checked = _open_storage_uri(value, refuse, allowed)
+    else:
+        checked = _open_local_file(Path(value).expanduser(), refuse, allowed)
+    try:
+        _follow_model_rules(checked, rules, f"{label}={ref.value!r}", refuse, warnings)
+    except BaseException:
+        checked.stream.close()
+        raise
+    return checked
+
+
+def _follow_model_rules(
+    checked: CheckedInput,
+    rules: ImageRules | None,
+    where: str,
+    refuse: Any,
+    warnings: list[str] | None,
+) -> None:
+    """Hold the image to its model's documented rules (pixels, ratio, bytes): refuse, or warn."""
+    if rules is None or rules.limits is None:
+        return
+    broken, advice = image_problems(rules.limits, checked.width, checked.height, checked.size)
+    facts = f"this file is {checked.width}x{checked.height} px, {checked.size} bytes"
+    if broken and rules.local_checks == "refuse":
+        raise refuse(f"{rules.limits.role} ({rules.model}): {'; '.join(broken)}; {facts}")
+    notes = [f"breaks the rules of {rules.limits.role} ({'; '.join(broken)}); sent (local_checks='warn')"]
+    notes = (notes if broken else []) + advice
+    if warnings is not None:
+        warnings += [f"{where}: {note}; {facts}" for note in notes]
 
 
 def _check_location(real: Path, refuse: Any, allowed: AllowedLocations) -> None:
@@ -164,8 +229,9 @@ def _open_local_file(path: Path, refuse: Any, allowed: AllowedLocations) -> Chec
         raise refuse("an existing, readable file") from None
     if not stat.S_ISREG(info.st_mode):
         raise refuse("regular files, not a directory, FIFO, socket or device")
-    if info.st_size > MAX_UPLOAD_BYTES:
-        raise refuse(f"at most {MAX_UPLOAD_BYTES} bytes (EvoLink's 10 MB limit); it has {info.st_size}")
+    size = info.st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise refuse(f"at most {MAX_UPLOAD_BYTES} bytes (the largest image EvoLink documents); it has {size}")
     # O_NONBLOCK: should a FIFO replace the file after the check, opening it cannot hang.
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -207,17 +273,21 @@ def _open_storage_uri(uri: str, refuse: Any, allowed: AllowedLocations) -> Check
     except (OSError, AttributeError, KeyError):
         raise refuse("an existing object whose size the storage reports") from None
     if not isinstance(size, int) or size > MAX_UPLOAD_BYTES:
-        raise refuse(f"at most {MAX_UPLOAD_BYTES} bytes (EvoLink's 10 MB limit); it has {size}")
+        raise refuse(f"at most {MAX_UPLOAD_BYTES} bytes (the largest image EvoLink documents); it has {size}")
     return _checked(source.open("rb"), size, source.name, content_type, refuse)
 
 
 def _checked(raw: IO[bytes], size: int, name: str, content_type: str, refuse: Any) -> CheckedInput:
+    import imagesize
+
     head = raw.read(16)
     if image_type(head) != content_type:
         raw.close()
         raise refuse(f"files whose content is the {content_type} their name says (its first bytes differ)")
     raw.seek(0)
-    return CheckedInput(CheckedStream(raw, size, refuse), name, content_type)
+    width, height = imagesize.get(cast(Any, raw))  # the header only; (-1, -1) when it cannot tell
+    raw.seek(0)
+    return CheckedInput(CheckedStream(raw, size, refuse), name, content_type, size, width, height)
 
 
 class CheckedStream:
@@ -256,15 +326,23 @@ class CheckedStream:
         self._raw.close()
 
 
-def local_media_digests(hook: EvolinkHook, fields: dict[str, Any], refs: list[MediaRef]) -> dict[str, str]:
+def local_media_digests(
+    hook: EvolinkHook,
+    fields: dict[str, Any],
+    refs: list[MediaRef],
+    rules: ImageRules | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, str]:
     """sha256 of each local input's bytes, by source: the identity of a request with local inputs.
 
-    Read through the same checks as an upload, so an input that may not be uploaded is not even read.
+    Read through the same checks as an upload (``rules`` included), so an input that may not be uploaded
+    is not even read.
     """
     allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
     digests: dict[str, str] = {}
+    sizes: list[int] = []
     for ref in refs:
-        checked = open_checked_input(ref, _field_label(fields, ref), allowed)
+        checked = open_checked_input(ref, _field_label(fields, ref), allowed, rules, warnings)
         digest = hashlib.sha256()
         try:
             while chunk := checked.stream.read(1 << 20):
@@ -272,7 +350,23 @@ def local_media_digests(hook: EvolinkHook, fields: dict[str, Any], refs: list[Me
         finally:
             checked.stream.close()
         digests[ref.value] = digest.hexdigest()
+        sizes.append(checked.size)
+    _check_request_total(rules, sum(sizes), warnings)
     return digests
+
+
+def _check_request_total(rules: ImageRules | None, total: int, warnings: list[str] | None) -> None:
+    """The documented cap on a whole request's media (Seedance: 64 MB), for the inputs the provider reads
+    (an http(s) URL's size is not known without fetching it)."""
+    limit = rules.limits.max_request_bytes if rules and rules.limits else None
+    if rules is None or limit is None or total <= limit:
+        return
+    rule = f"at most {limit // (1024 * 1024)} MB of media in one request ({rules.model}); these images "
+    rule += f"have {total} bytes"
+    if rules.local_checks == "refuse":
+        raise EvolinkInputRefusedError("image_urls", "<all images>", rule)
+    if warnings is not None:
+        warnings.append(f"image_urls: breaks the rule {rule}, sent anyway (local_checks='warn')")
 
 
 def upload_local_media(
@@ -280,6 +374,7 @@ def upload_local_media(
     fields: dict[str, Any],
     refs: list[MediaRef],
     uploads: dict[str, dict[str, Any]] | None = None,
+    rules: ImageRules | None = None,
 ) -> dict[str, Any]:
     """Upload local paths / storage URIs through EvoLink's Files API; their URLs take their place.
 
@@ -288,6 +383,7 @@ def upload_local_media(
     :param uploads: by source (``ref.value``), uploads of an earlier try that are still valid: their
         ``file_url`` is used instead of uploading again. Each new upload's ``data`` is added to it, so
         that the caller can record it with the submission.
+    :param rules: the model's image rules (checked again: a file can change between two reads).
     """
     known = dict(uploads or {})
     allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
@@ -295,7 +391,7 @@ def upload_local_media(
         pending = []
         for ref in refs:
             if ref.value not in known:
-                checked = open_checked_input(ref, _field_label(fields, ref), allowed)
+                checked = open_checked_input(ref, _field_label(fields, ref), allowed, rules)
                 stack.callback(checked.stream.close)
                 pending.append((ref, checked))
         for ref, checked in pending:
@@ -330,3 +426,94 @@ def _field_label(fields: dict[str, Any], ref: MediaRef) -> str:
         isinstance(current, str) and current.strip().startswith("[")
     )
     return f"{ref.field}[{ref.position}]" if listed else ref.field
+
+
+def upload_once(
+    hook: EvolinkHook,
+    sources: list[str],
+    rules: ImageRules | None = None,
+    earlier: list[dict[str, Any]] | None = None,
+    warnings: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Upload each reference image once for a whole run, and say what downstream tasks need of each.
+
+    Every source is read through the same checks as an operator's own upload (allowed folders, type,
+    bytes, the model's image rules) and hashed; an ``earlier`` upload of the same bytes (an earlier run's
+    XCom) is reused while it has more than the reuse margin (6 h) of its 72 h left. The Files API quota
+    (``GET /api/v1/files/quota``) is read once, before the first upload: a run that needs more files than
+    remain fails then, naming the numbers, instead of failing halfway after its earlier tasks paid. On a
+    shared account another run can take the last files in between, so this is best effort.
+
+    :returns: per source, in order: ``source``, ``file_url``, ``sha256``, ``expires_at`` (epoch seconds)
+        and ``reused``.
+    """
+    import time
+
+    from evolink_provider.field_rules import MediaRef
+    from evolink_provider.resume import UPLOAD_REUSE_MARGIN, expiry_epoch
+
+    allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
+    now = time.time()
+    by_digest = {
+        str(entry.get("sha256")): entry
+        for entry in earlier or []
+        if isinstance(entry, dict)
+        and isinstance(entry.get("file_url"), str)
+        and isinstance(entry.get("expires_at"), (int, float))
+        and entry["expires_at"] - UPLOAD_REUSE_MARGIN > now
+    }
+    results: list[dict[str, Any]] = []
+    needed: dict[str, tuple[MediaRef, str]] = {}
+    for index, source in enumerate(sources):
+        ref = MediaRef("image_urls", index, source)
+        checked = open_checked_input(ref, f"images[{index}]", allowed, rules, warnings)
+        digest = hashlib.sha256()
+        try:
+            while chunk := checked.stream.read(1 << 20):
+                digest.update(chunk)
+        finally:
+            checked.stream.close()
+        sha256 = digest.hexdigest()
+        reused = by_digest.get(sha256)
+        if reused is None:
+            needed.setdefault(sha256, (ref, f"images[{index}]"))
+        results.append({"source": source, "sha256": sha256, "reused": reused is not None, **(reused or {})})
+    if needed:
+        _check_quota(hook, len(needed))
+    uploaded: dict[str, dict[str, Any]] = {}
+    for sha256, (ref, label) in needed.items():
+        checked = open_checked_input(ref, label, allowed, rules)
+        try:
+            data = hook.upload_file(cast(Any, checked.stream), checked.name, checked.content_type)
+        finally:
+            checked.stream.close()
+        uploaded[sha256] = {
+            "file_url": str(data["file_url"]),
+            "expires_at": expiry_epoch(data.get("expires_at"), now),
+        }
+        log.info("Uploaded %s to EvoLink's Files API (expires %s).", ref.value, data.get("expires_at"))
+    return [
+        {
+            "source": entry["source"],
+            "file_url": (uploaded.get(entry["sha256"]) or entry)["file_url"],
+            "sha256": entry["sha256"],
+            "expires_at": (uploaded.get(entry["sha256"]) or entry)["expires_at"],
+            "reused": entry["reused"],
+        }
+        for entry in results
+    ]
+
+
+def _check_quota(hook: EvolinkHook, needed: int) -> None:
+    """Fail before the first upload when the Files API quota has fewer files left than the run needs."""
+    quota = hook.get_files_quota()
+    remain = quota.get("remain_files")
+    if isinstance(remain, int) and not isinstance(remain, bool) and remain < needed:
+        raise EvolinkInputRefusedError(
+            "images",
+            f"<{needed} new files>",
+            f"at most the {remain} files left of the Files API quota (used {quota.get('used_files')} of "
+            f"{quota.get('max_files')}, group {quota.get('user_group')!r}); nothing was uploaded. Files "
+            "expire 72 h after their upload, or ask EvoLink for a larger quota",
+        )
+    log.info("EvoLink Files API quota: %s files left; this run uploads %d.", remain, needed)

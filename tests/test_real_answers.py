@@ -24,6 +24,7 @@ from evolink_provider.exceptions import (
     EvolinkConflictError,
     EvolinkInsufficientCreditsError,
     EvolinkRefusedError,
+    EvolinkServerError,
     EvolinkSubmissionUnknownError,
     EvolinkTaskError,
     EvolinkTransportError,
@@ -446,6 +447,41 @@ def test_a_video_upload_is_refused_and_not_retried(
     assert caught.value.code == "400" and "images" in caught.value.api_message
     assert not caught.value.retryable
     assert sim.stats()["requests"]["POST /api/v1/files/upload/stream"] == 1
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_a_files_api_success_false_with_a_transient_code_is_retried(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path, status: int
+) -> None:
+    """The Files API's ``code`` is an HTTP status: 429 and 5xx are transient (EvoLink's CLI and MCP)."""
+    sim.add_faults(
+        {"path_prefix": "/api/v1/files/quota", "kind": "refused", "status": status, "count": 1},
+        {"path_prefix": "/api/v1/files/upload", "kind": "refused", "status": status, "count": 1},
+    )
+    assert hook.get_files_quota()["max_files"] > 0
+    image = tmp_path / "tiny.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with image.open("rb") as stream:
+        transient = status in (429, 503)  # the upload row of the retry policy: what cannot have stored it
+        if transient:
+            assert hook.upload_file(stream, "tiny.png", "image/png")["file_url"]
+        else:
+            with pytest.raises(EvolinkServerError) as caught:
+                hook.upload_file(stream, "tiny.png", "image/png")
+            assert caught.value.retryable and caught.value.code == str(status)
+    requests_made = sim.stats()["requests"]
+    assert requests_made["GET /api/v1/files/quota"] == 2
+    assert requests_made["POST /api/v1/files/upload/stream"] == (2 if transient else 1)
+
+
+def test_a_files_api_success_false_with_another_code_is_final(
+    sim: SimulatorControl, hook: EvolinkHook
+) -> None:
+    sim.add_faults({"path_prefix": "/api/v1/files/quota", "kind": "refused", "status": 403})
+    with pytest.raises(EvolinkRefusedError) as caught:
+        hook.get_files_quota()
+    assert caught.value.code == "403" and not caught.value.retryable
+    assert sim.stats()["requests"]["GET /api/v1/files/quota"] == 1
 
 
 def test_credits_shape_and_a_success_false_refusal(sim: SimulatorControl, hook: EvolinkHook) -> None:

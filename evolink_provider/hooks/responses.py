@@ -123,11 +123,31 @@ def error_fields(body: Any) -> tuple[str | None, str, str | None]:
     )
 
 
+#: Where the Files API's paths start: its ``success: false`` answers carry an HTTP status as their code.
+FILES_API_PREFIX = "/api/v1/files/"
+
+
 def _raise_if_refused(request: ApiRequest, answer: dict[str, Any], request_id: str | None) -> None:
-    """An HTTP 200 saying ``"success": false`` (credits, Files API) is a refusal, not an answer."""
+    """An HTTP 200 saying ``"success": false`` (credits, Files API) is a refusal, not an answer.
+
+    The Files API's ``code`` is an HTTP status and is classified as one, as EvoLink's CLI and MCP server
+    do: 429 and 5xx are transient (the typed error of that status), anything else is a final
+    :class:`EvolinkRefusedError`. A credits refusal stays final: nothing documents its code.
+    """
     if answer.get("success") is not False:
         return
     code, message, body_request_id = error_fields(answer)
+    status = int(code) if code and code.isascii() and code.isdigit() and len(code) == 3 else None
+    if request.path.startswith(FILES_API_PREFIX) and status is not None and (status == 429 or status >= 500):
+        raise error_for_status(
+            status,
+            f"{message or 'success: false'} (HTTP 200 with success: false)",
+            code=code,
+            request_id=body_request_id or request_id,
+            method=request.method,
+            path=request.path,
+            connection=request.connection,
+        )
     raise EvolinkRefusedError(
         message or "success: false",
         status_code=200,

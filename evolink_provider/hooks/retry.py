@@ -11,9 +11,9 @@ kind        repeated                                     never repeated         
 read        GET and the batch-read POST: connection      other 4xx; 402                        backoff
             refused or timed out; reset, read timeout,   token_daily_quota_exceeded (a later
             garbled, truncated or malformed answer;      Airflow retry can, seconds cannot);
-            429; 5xx; 400 no_available_channel,          HTTP 200 success: false
-            model_unavailable, service_unavailable,
-            channel_*
+            429; 5xx; 400 no_available_channel,          HTTP 200 success: false (but a
+            model_unavailable, service_unavailable,      Files API one whose code is 429 or
+            channel_*                                    5xx counts as that status)
 
 submission  POST with an Idempotency-Key: as read, plus  as read, and 409                      backoff
             409 paid_outcome_unknown; always with the    idempotency_conflict; still unknown

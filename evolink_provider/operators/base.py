@@ -105,6 +105,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
         task spends nothing and is not checked.
+    :param local_checks: ``refuse`` (default) or ``warn``: what a local or storage image that breaks its
+        model's documented image rules (pixel size, aspect ratio, bytes; read from its header before any
+        call) does. ``warn`` sends it anyway, for when EvoLink's limits move. http(s) URLs are never
+        checked: that would mean fetching them, so EvoLink checks them, failing the task.
+    :param prompt_policy: ``warn`` (default) or ``refuse`` a prompt longer than EvoLink advises
+        (HappyHorse cuts it silently past 2,500 Chinese / 5,000 other characters; Seedance does not say
+        what it does past 500 Chinese characters or 1,000 words). Scheduled pipelines may prefer
+        ``refuse``: nothing is submitted.
     """
 
     template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
@@ -125,6 +133,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         announce_result_urls: bool = False,
         reattach: str = "auto",
         min_credits: float | None = None,
+        local_checks: str = "refuse",
+        prompt_policy: str = "warn",
         **kwargs: Any,
     ) -> None:
         if asset_alias:
@@ -138,6 +148,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         self.output_path = output_path
         self.reattach = reattach
         self.min_credits = min_credits
+        self.local_checks = local_checks
+        self.prompt_policy = prompt_policy
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -167,7 +179,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def validated_request(self) -> PreparedRequest:
         """The rendered fields checked against the model's documented limits (no HTTP before that), with
         the request's identity (see :func:`~evolink_provider.operators.submission.prepare_request`)."""
-        return prepare_request(self.hook, self.model_name(), self.model_fields(), self.log)
+        return prepare_request(
+            self.hook,
+            self.model_name(),
+            self.model_fields(),
+            self.log,
+            prompt_policy=self.prompt_policy,
+            local_checks=self.local_checks,
+        )
 
     def validated_payload(self) -> dict[str, Any]:
         """The JSON body to POST, local inputs uploaded (a convenience for callers outside ``execute``)."""

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
     from evolink_provider.field_rules import MediaRef
     from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.uploads import ImageRules
 
 
 NO_TASK_STATE_STORE = (
@@ -61,6 +62,8 @@ class PreparedRequest(NamedTuple):
     local_media: list[MediaRef]
     digests: dict[str, str]
     fingerprint: str
+    #: The model's image rules the local inputs were held to (held to again when uploaded).
+    image_rules: ImageRules | None = None
 
 
 @dataclass
@@ -85,28 +88,42 @@ class Attempt:
 
 
 def prepare_request(
-    hook: EvolinkHook, model: str, fields: dict[str, Any], log: logging.Logger | Any
+    hook: EvolinkHook,
+    model: str,
+    fields: dict[str, Any],
+    log: logging.Logger | Any,
+    *,
+    prompt_policy: str = "warn",
+    local_checks: str = "refuse",
 ) -> PreparedRequest:
     """Check the rendered fields (no HTTP before that) and fingerprint what the user asked for.
 
     Local or object-storage inputs stay as their paths here; their bytes are hashed (sha256, read through
-    the upload checks) into the fingerprint, so that the request's identity does not depend on the
-    temporary URLs an upload returns. They are uploaded only when a submission is actually made.
+    the upload checks and the model's image rules) into the fingerprint, so that the request's identity
+    does not depend on the temporary URLs an upload returns. They are uploaded only when a submission is
+    actually made.
+
+    :param prompt_policy: ``warn`` or ``refuse`` a prompt longer than EvoLink advises.
+    :param local_checks: ``refuse`` or ``warn`` about local images that break the model's image rules.
     """
     from evolink_provider.models import validate_request
-    from evolink_provider.uploads import local_media_digests
+    from evolink_provider.uploads import ImageRules, local_media_digests
 
+    warnings: list[str] = []
     try:
-        validated = validate_request(model, fields, allow_local_media=True)
-        digests = local_media_digests(hook, fields, validated.local_media)
+        validated = validate_request(model, fields, allow_local_media=True, prompt_policy=prompt_policy)
+        rules = ImageRules.of(model, local_checks)
+        digests = local_media_digests(hook, fields, validated.local_media, rules, warnings)
     except EvolinkError as error:
         fail_for(error)
     except OSError as error:
         raise AirflowFailException(f"{model}: cannot read a local input: {error}") from error
-    for warning in validated.warnings:
+    for warning in [*validated.warnings, *warnings]:
         log.warning("%s: %s", model, warning)
     fingerprint = request_fingerprint(validated.payload, digests)
-    return PreparedRequest(model, fields, validated.payload, validated.local_media, digests, fingerprint)
+    return PreparedRequest(
+        model, fields, validated.payload, validated.local_media, digests, fingerprint, rules
+    )
 
 
 def payload_for_post(
@@ -132,7 +149,7 @@ def payload_for_post(
     fresh = dict(known)
     uploaded_at = time.time()
     try:
-        fields = upload_local_media(hook, request.fields, request.local_media, fresh)
+        fields = upload_local_media(hook, request.fields, request.local_media, fresh, request.image_rules)
         payload = validate_request(request.model, fields).payload
     except EvolinkError as error:
         fail_for(error)

@@ -18,6 +18,7 @@ Test controls (no authentication; the server binds loopback only):
 * ``POST /_simulator/task_ids`` ``{"ids": [...]}``: the next created tasks take these ids, in order (the
   shapes EvoLink's docs show, ``task-unified-1774857405-abc123``, or answered, ``task-happyhorse-...``).
 * ``POST /_simulator/key_failures`` ``{"api_key", "code"}``: every task of that key fails with ``code``.
+* ``POST /_simulator/files_quota`` ``{"max_files": 3}``: the Files API quota (default 100) until reset.
 * ``POST /_simulator/clock`` ``{"advance": s}``: move a :class:`ManualClock`.
 * ``POST /_simulator/credits`` ``{"remaining": 12.5, "key_remaining": 3, "key_unlimited": false}``: the
   account's balance, the keys' own quota (``token.remaining_credits``) or none (``token.unlimited_credits``),

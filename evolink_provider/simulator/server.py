@@ -35,7 +35,13 @@ from evolink_provider.simulator.tasks import (
     markers,
     pixel_size,
 )
-from evolink_provider.simulator.validation import Accepted, RequestRejected, validate_generation
+from evolink_provider.simulator.validation import (
+    Accepted,
+    RequestRejected,
+    image_failure,
+    request_media_failure,
+    validate_generation,
+)
 
 # (default code, error type). Documented types: 402 insufficient_quota, 403/404 invalid_request_error,
 # 503 service_unavailable_error, and 429 on task reads evo_api_error (TASK_READ_429_TYPE); the others are
@@ -124,6 +130,8 @@ class SimulatorState:
             self.poll_times: dict[str, list[float]] = defaultdict(list)
             self.uploads: dict[str, tuple[str, str, bytes, float]] = {}
             self.tasks_by_prompt: Counter[str] = Counter()
+            #: How many files the Files API keeps for the account (``POST /_simulator/files_quota``).
+            self.files_quota = UPLOAD_QUOTA
 
     def reset(self) -> None:
         self.store.reset()
@@ -439,7 +447,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             return self._upload(raw)
         if method == "GET" and path == "/api/v1/files/quota":
             with self.state.lock:
-                used = len(self.state.uploads)
+                used, quota = len(self.state.uploads), self.state.files_quota
             return json_response(
                 200,
                 {
@@ -449,8 +457,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                     "data": {
                         "user_group": "default",
                         "used_files": used,
-                        "max_files": UPLOAD_QUOTA,
-                        "remain_files": max(0, UPLOAD_QUOTA - used),
+                        "max_files": quota,
+                        "remain_files": max(0, quota - used),
                         "is_custom": False,
                         "quota_reason": "default quota",
                     },
@@ -515,11 +523,16 @@ class SimulatorHandler(BaseHTTPRequestHandler):
     def _media_failure(self, accepted: Accepted) -> str | None:
         """What the real service would fail the task with after fetching its inputs (None: all fine)."""
         own = urlsplit(self.state.base_url)
+        seen_bytes = 0
         for url in accepted.media_urls:
             parts = urlsplit(url)
             host = parts.hostname or ""
             if (host, parts.port) == (own.hostname, own.port):
                 failure = self._own_media_failure(parts.path, accepted)
+                if failure:
+                    return failure
+                seen_bytes += self._own_media_bytes(parts.path)
+                failure = request_media_failure(accepted.model, seen_bytes)
                 if failure:
                     return failure
             elif (
@@ -539,13 +552,19 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             data = upload[2]
             size = image_size(data)
             if size is not None and size[0] != "image/gif":
-                minimum = 300 if accepted.model.endswith("image-to-video") else 400
-                if min(size[1], size[2]) < minimum:
-                    return "image_dimension_mismatch"
+                return image_failure(accepted.model, size[1], size[2], len(data))
             return None
         if len(parts) == 3 and parts[0] == "media" and parts[1] in self.state.store.tasks:
             return None
         return "image_processing_error"
+
+    def _own_media_bytes(self, path: str) -> int:
+        """The size of an uploaded file this server serves (0 for anything else)."""
+        parts = path.strip("/").split("/")
+        if parts[:2] != ["media", "uploads"] or len(parts) < 3:
+            return 0
+        upload = self.state.uploads.get(parts[2])
+        return len(upload[2]) if upload else 0
 
     def _visible_task(self, owner: str, task_id: str) -> SimTask | _Response:
         """The task ``owner``'s key may read, or EvoLink's documented refusal: 403 for another key's task,
@@ -635,7 +654,7 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             # A refusal, as the Files API answers it: HTTP 200 with success false.
             return refusal_response(400, "unsupported file type: only JPEG, PNG, GIF and WEBP images")
         with self.state.lock:
-            if len(self.state.uploads) >= UPLOAD_QUOTA:
+            if len(self.state.uploads) >= self.state.files_quota:
                 return refusal_response(429, "file quota reached")
             file_id = f"file_{uuid.uuid4().hex[:20]}"
             now = self.state.clock.now()
@@ -698,6 +717,10 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                 )
             except (TypeError, ValueError) as error:
                 return error_response(400, str(error))
+            return json_response(200, {"ok": True})
+        if action == "files_quota" and method == "POST":
+            with state.lock:
+                state.files_quota = int(payload.get("max_files", UPLOAD_QUOTA))
             return json_response(200, {"ok": True})
         if action == "clock" and method == "POST":
             if not isinstance(state.clock, ManualClock):

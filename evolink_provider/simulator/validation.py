@@ -302,6 +302,45 @@ def _seedance(model: str, body: dict[str, Any]) -> Accepted:
     return Accepted(model, body, media, False, duration, quality, aspect, audio)
 
 
+_MEGABYTE = 1 << 20
+
+
+def image_failure(model: str, width: int, height: int, size: int) -> str | None:
+    """The task error code EvoLink fails a task with after fetching one input image (None: it fits).
+
+    Transcribed from the document's input-media lines: HappyHorse reference images need a short side of
+    400 px and at most 10 MB; HappyHorse image-to-video (and the edit's images) width and height of 300 px
+    each, width:height between 1:2.5 and 2.5:1, at most 10 MB; the Seedance family 300 to 6000 px on both
+    sides, width/height 0.4 to 2.5, 30 MB. The recommended reference ratio is advice, not a failure. Pixel
+    rules fail as ``image_dimension_mismatch``; the document names no code for bytes, so
+    ``invalid_parameters`` ("sizes") stands in.
+    """
+    if model.startswith("happyhorse-"):
+        if model.endswith("reference-to-video"):
+            pixels_ok = min(width, height) >= 400
+        else:
+            pixels_ok = width >= 300 and height >= 300 and 2 * width <= 5 * height and 2 * height <= 5 * width
+        max_megabytes = 10
+    elif model.startswith("seedance-2.0-"):
+        in_range = all(300 <= side <= 6000 for side in (width, height))
+        pixels_ok = in_range and 2 * height <= 5 * width and 2 * width <= 5 * height
+        max_megabytes = 30
+    else:
+        return None
+    if not pixels_ok:
+        return "image_dimension_mismatch"
+    if size > max_megabytes * _MEGABYTE:
+        return "invalid_parameters"
+    return None
+
+
+def request_media_failure(model: str, total_bytes: int) -> str | None:
+    """The Seedance family's cap on a whole request's media: 64 MB (other families state none)."""
+    if model.startswith("seedance-2.0-") and total_bytes > 64 * _MEGABYTE:
+        return "invalid_parameters"
+    return None
+
+
 _BAD_TIMESTAMPS = 'timestamps must be "start,end" in seconds'
 
 
