@@ -1,4 +1,4 @@
-"""How soon after a deferral may a trigger fire? The window behind ``TRIGGER_MIN_DELAY``, measured.
+"""How soon after a deferral may a trigger fire? The window behind the trigger hold, measured.
 
 Airflow 3.2-3.3's scheduler can fail a task instance whose trigger fires seconds after the deferral
 (apache/airflow#66374, #67287, #71580, #72716): the stale "success" of the worker's defer-exit is processed
@@ -9,18 +9,20 @@ to fire ``delay`` seconds after the deferral, and counts the task instances that
 
     python bench/fast_trigger_race.py 0 15      # about 5 minutes per delay on a 2-core machine
 
-The provider's delay and window are set in the DAG file (the worker imports it before running the task),
-so the production code has no knob for this.
+The provider's hold and wait-on-worker window are set through the test-only timing variable of
+:mod:`evolink_provider.timing`, which every process of the cluster reads.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evolink_provider.timing import TEST_TIMING_ENV
 from tests.e2e.airflow_cluster import AirflowCluster
 
 GENERATIONS = 200
@@ -28,11 +30,7 @@ DAG_SOURCE = """
 import pendulum
 from airflow.sdk import DAG
 
-import evolink_provider.operators.base as base
 from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
-
-base.TRIGGER_MIN_DELAY = {delay}
-base.WAIT_ON_WORKER_WINDOW = 0.0  # every generation defers
 
 with DAG("race_{name}", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
          max_active_tasks=64):
@@ -46,8 +44,12 @@ def measure(delay: float) -> tuple[int, int, float]:
     """(failed task instances, deferred ones, seconds) for one run at ``delay``."""
     name = str(delay).replace(".", "_")
     dag_id = f"race_{name}"
-    source = DAG_SOURCE.format(delay=float(delay), name=name, count=GENERATIONS)
-    with AirflowCluster(extra_dag_sources={f"{dag_id}.py": source}) as cluster:
+    source = DAG_SOURCE.format(name=name, count=GENERATIONS)
+    # Every generation defers (no wait on the worker), and its trigger may fire ``delay`` s after.
+    timing = json.dumps({"trigger_hold": float(delay), "wait_on_worker_window": 0.0})
+    with AirflowCluster(
+        extra_dag_sources={f"{dag_id}.py": source}, extra_env={TEST_TIMING_ENV: timing}
+    ) as cluster:
         cluster.wait_for_dags([dag_id])
         began = time.monotonic()
         run_id = cluster.trigger(dag_id)

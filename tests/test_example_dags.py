@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from evolink_provider.editing import probe
+from tests.airflow_runs import xcom
 from tests.conftest import DAGS_FOLDER, REPO, SimulatorControl
-from tests.test_operators import xcom
 
 EXAMPLES = {
     "example_evolink_text_to_video_edit",

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from tests.airflow_runs import dag_module, run_dag
 from tests.conftest import SimulatorControl
-from tests.test_operators import dag_module, run_dag
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 TASKS = "/v1/tasks/"

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.airflow_runs import run_dag, xcom
 from tests.conftest import SimulatorControl
-from tests.test_operators import run_dag, xcom
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

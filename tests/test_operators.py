@@ -6,69 +6,26 @@ needs them); each ends in a check task that uses the XCom value as a downstream 
 
 from __future__ import annotations
 
-import importlib.util
-from functools import cache
+import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.conftest import DAGS_FOLDER, SimulatorControl
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.timing import steered
+from tests.airflow_runs import (
+    clear_and_rerun,
+    ended_at,
+    run_dag,
+    run_dag_with_id,
+    task_state_store,
+    triggers_for,
+    xcom,
+)
+from tests.conftest import SimulatorControl
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
-
-
-@cache
-def dag_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("evolink_test_dags", DAGS_FOLDER / "evolink_test_dags.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_dag(
-    dag_id: str, logical_date: Any = None, run_conf: dict[str, Any] | None = None
-) -> tuple[str, dict[str, Any]]:
-    """Run a DAG with dag.test(); return the run state and ``{task_id[map_index]: (state, try_number)}``.
-
-    With the ``logical_date`` of an earlier run, dag.test() re-runs that run after clearing it.
-    """
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-
-    dag = dag_module().DAGS[dag_id]
-    dag_run = dag.test(run_conf=run_conf) if logical_date is None else dag.test(logical_date=logical_date)
-    with create_session() as session:
-        rows = (
-            session.query(TaskInstance)
-            .filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id)
-            .all()
-        )
-        tasks = {
-            f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: (
-                str(ti.state),
-                ti.try_number,
-            )
-            for ti in rows
-        }
-    return str(dag_run.state), tasks
-
-
-def xcom(dag_id: str, task_id: str) -> Any:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        row = (
-            session.query(XComModel)
-            .filter(XComModel.dag_id == dag_id, XComModel.task_id == task_id, XComModel.key == "return_value")
-            .order_by(XComModel.timestamp.desc())
-            .first()
-        )
-        assert row is not None, f"no XCom from {dag_id}.{task_id}"
-        return XComModel.deserialize_value(row)
 
 
 MODES = ["sync", "deferrable"]
@@ -157,10 +114,61 @@ def test_a_transient_task_failure_is_resubmitted_by_the_retry(sim: SimulatorCont
     assert len(stats["posts_by_idempotency_key"]) == 2  # a fresh key for the deliberate resubmission
 
 
-def test_wait_timeout_fails_the_task_and_names_it(sim: SimulatorControl) -> None:
-    state, tasks = run_dag("evolink_wait_timeout")
-    assert state == "failed"
-    assert tasks["generate"][0] == "failed"
+def test_wait_timeout_fails_the_task_on_time(sim: SimulatorControl) -> None:
+    """timeout=1 on a task that never ends: the wait ends after 1 s (not by a hang), once, and no trigger."""
+    began = time.time()
+    state, run_id, tasks = run_dag_with_id("evolink_wait_timeout")
+
+    assert (state, tasks["generate"]) == ("failed", ("failed", 1))
+    generated = sim.stats()["tasks_by_idempotency_key"]
+    assert len(generated) == 1
+    (task_id,) = next(iter(generated.values()))
+    created = float(EvolinkHook().get_task(task_id)["created"])  # whole seconds, at most 1 s early
+    assert created >= int(began)
+    waited = ended_at("evolink_wait_timeout", run_id, "generate") - created
+    assert 1.0 <= waited <= 1.0 + 1.0 + 3.0  # the budget, the rounding of created, a margin
+
+
+def test_a_trigger_timeout_is_retried_and_the_retry_reattaches(sim: SimulatorControl) -> None:
+    """The trigger's wait budget (2 s) runs out: a retryable error, so the retry runs, reattaches to the
+    same EvoLink task (one POST) and defers again, until the retries are spent."""
+    state, tasks = run_dag("evolink_trigger_timeout")
+
+    assert (state, tasks["generate"]) == ("failed", ("failed", 2))
+    stats = sim.stats()
+    assert stats["requests"]["POST /v1/videos/generations"] == 1
+    (task_ids,) = stats["tasks_by_idempotency_key"].values()
+    assert len(triggers_for(task_ids)) == 2, "each try deferred once"
+
+
+@pytest.mark.parametrize(("length", "defers"), [("short", False), ("long", True)])
+def test_only_a_task_expected_beyond_the_window_defers(
+    sim: SimulatorControl, length: str, defers: bool
+) -> None:
+    """0.5 s (estimate 1 s, within the 1 s window): waited for on the worker; 2 s: deferred, and resumed
+    no earlier than its trigger's not_before."""
+    dag_id = f"evolink_deferrable_{length}"
+    state, run_id, tasks = run_dag_with_id(dag_id)
+
+    assert state == "success", tasks
+    generated = xcom(dag_id, "generate")
+    deferred = triggers_for([generated["id"]])
+    assert len(deferred) == (1 if defers else 0), deferred
+    if defers:
+        assert ended_at(dag_id, run_id, "generate") >= deferred[0]["not_before"]
+
+
+def test_the_event_waits_for_not_before(sim: SimulatorControl) -> None:
+    """A 3 s hold on a 2 s generation: its trigger sees the end first, and fires only after the hold."""
+    with steered(trigger_hold=3.0):
+        state, run_id, tasks = run_dag_with_id("evolink_deferrable_long")
+
+    assert state == "success", tasks
+    generated = xcom("evolink_deferrable_long", "generate")
+    (deferred,) = triggers_for([generated["id"]])
+    created = float(generated["created"])  # whole seconds, at most 1 s early
+    assert deferred["not_before"] >= created + 3.0
+    assert ended_at("evolink_deferrable_long", run_id, "generate") >= deferred["not_before"]
 
 
 def test_dynamic_mapping_generates_one_video_per_prompt(sim: SimulatorControl) -> None:
@@ -168,23 +176,6 @@ def test_dynamic_mapping_generates_one_video_per_prompt(sim: SimulatorControl) -
     assert state == "success", tasks
     assert {k for k in tasks if k.startswith("generate[")} == {"generate[0]", "generate[1]", "generate[2]"}
     assert sim.stats()["tasks_created"] == 3
-
-
-def clear_run(dag_id: str, logical_date: Any) -> None:
-    """What a user's "Clear" does: Airflow's own clear_task_instances on every task of the run."""
-    from airflow.models.dagrun import DagRun
-    from airflow.models.taskinstance import TaskInstance, clear_task_instances
-    from airflow.utils.session import create_session
-    from airflow.utils.state import DagRunState
-
-    with create_session() as session:
-        run = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.logical_date == logical_date).one()
-        tis = (
-            session.query(TaskInstance)
-            .filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run.run_id)
-            .all()
-        )
-        clear_task_instances(tis, session, dag_run_state=DagRunState.RUNNING)
 
 
 def uploads(sim: SimulatorControl) -> int:
@@ -216,35 +207,34 @@ def test_mapped_local_inputs_reattach_per_map_index(sim: SimulatorControl) -> No
 
 
 def test_a_cleared_completed_task_submits_a_new_generation(sim: SimulatorControl, tmp_path: Path) -> None:
-    import pendulum
-
-    when = pendulum.datetime(2026, 3, 1, tz="UTC")
-    dag = dag_module().DAGS["evolink_clearable"]
-    assert str(dag.test(logical_date=when, run_conf={"output_dir": str(tmp_path)}).state) == "success"
+    """A clear keeps the run and its task_state_store record: only the clear check tells it from a retry
+    (which would reattach to the completed task)."""
+    state, run_id, _ = run_dag_with_id("evolink_clearable", run_conf={"output_dir": str(tmp_path)})
+    assert state == "success"
     first = xcom("evolink_clearable", "generate")
-    assert sim.stats()["tasks_created"] == 1
+    record = task_state_store("evolink_clearable", run_id, "generate")["evolink_submission"]
+    assert record["task_id"] == first["id"]
 
-    clear_run("evolink_clearable", when)
-    state, tasks = run_dag("evolink_clearable", logical_date=when)
+    state, tasks = clear_and_rerun("evolink_clearable", run_id)
 
     assert state == "success", tasks
     second = xcom("evolink_clearable", "generate")
-    assert sim.stats()["tasks_created"] == 2
     assert second["id"] != first["id"]
+    stats = sim.stats()
+    assert stats["tasks_created"] == 2
+    assert sorted(stats["posts_by_idempotency_key"].values()) == [1, 1]  # a fresh key for the clear
+    after = task_state_store("evolink_clearable", run_id, "generate")["evolink_submission"]
+    assert after["task_id"] == second["id"] and after["generation"] != record["generation"]
 
 
 def test_a_cleared_task_whose_results_expired_generates_anew(sim: SimulatorControl, tmp_path: Path) -> None:
-    import pendulum
-
-    when = pendulum.datetime(2026, 3, 2, tz="UTC")
-    dag = dag_module().DAGS["evolink_clearable"]
-    assert str(dag.test(logical_date=when, run_conf={"output_dir": str(tmp_path)}).state) == "success"
+    state, run_id, _ = run_dag_with_id("evolink_clearable", run_conf={"output_dir": str(tmp_path)})
+    assert state == "success"
     first = xcom("evolink_clearable", "generate")
     # From now on every result link answers as an expired one does.
     sim.add_faults({"kind": "not_found", "method": "GET", "path_prefix": f"/media/{first['id']}"})
 
-    clear_run("evolink_clearable", when)
-    state, tasks = run_dag("evolink_clearable", logical_date=when)
+    state, tasks = clear_and_rerun("evolink_clearable", run_id)
 
     assert state == "success", tasks
     assert sim.stats()["tasks_created"] == 2
@@ -252,12 +242,23 @@ def test_a_cleared_task_whose_results_expired_generates_anew(sim: SimulatorContr
 
 
 def test_reattach_never_submits_on_every_try(sim: SimulatorControl) -> None:
-    import pendulum
+    """Every try stops waiting after 0.5 s of a 3 s generation: with ``never`` each retry submits its own
+    (``auto`` would reattach, as test_retry_reattaches_instead_of_submitting_again shows)."""
+    state, tasks = run_dag("evolink_never_reattach")
 
-    when = pendulum.datetime(2026, 3, 4, tz="UTC")
-    assert run_dag("evolink_clearable_never_reattach", logical_date=when)[0] == "success"
-    clear_run("evolink_clearable_never_reattach", when)
-    assert run_dag("evolink_clearable_never_reattach", logical_date=when)[0] == "success"
+    assert (state, tasks["generate"]) == ("failed", ("failed", 3)), "each of the 3 tries times out"
+    stats = sim.stats()
+    assert stats["tasks_created"] == 3
+    assert sorted(stats["posts_by_idempotency_key"].values()) == [1, 1, 1]
+
+
+def test_a_cleared_never_reattach_task_submits_again(sim: SimulatorControl) -> None:
+    state, run_id, _ = run_dag_with_id("evolink_clearable_never_reattach")
+    assert state == "success"
+
+    state, tasks = clear_and_rerun("evolink_clearable_never_reattach", run_id)
+
+    assert state == "success", tasks
     assert sim.stats()["tasks_created"] == 2
 
 

@@ -37,8 +37,8 @@ from evolink_provider.models import validate_request
 from evolink_provider.polling import Outcome, decide_after_poll
 from evolink_provider.storage import result_urls, store_results
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
+from tests.airflow_runs import run_dag
 from tests.conftest import CONNECTION_EXTRA, TEST_API_KEY, SimulatorControl
-from tests.test_operators import run_dag
 from tests.test_trigger import run_trigger
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "a lighthouse at dawn", "duration": 4}

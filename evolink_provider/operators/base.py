@@ -50,9 +50,9 @@ from evolink_provider.polling import (
     task_failure,
 )
 from evolink_provider.results import final_line, finished_value
+from evolink_provider.timing import current as timing
 from evolink_provider.triggers.evolink import (
     DEFAULT_MAX_POLL_FAILURES,
-    TRIGGER_MIN_DELAY,
     EvolinkTaskTrigger,
     task_from_event,
 )
@@ -63,9 +63,6 @@ if TYPE_CHECKING:
 #: Default wait budget: generations take minutes to tens of minutes.
 DEFAULT_TIMEOUT = 2 * 60 * 60
 XCOM_TASK_ID_KEY = "evolink_task_id"
-#: The expected remaining run time up to which a deferrable operator waits on the worker instead of
-#: deferring (see TRIGGER_MIN_DELAY and docs/reliability.md, "Fast triggers").
-WAIT_ON_WORKER_WINDOW = TRIGGER_MIN_DELAY
 
 
 #: Said once per task (and process) when ``deferrable=True`` runs with ``retries=0``.
@@ -213,18 +210,20 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if not self.wait_for_completion:
             self.ledger(context).delivered()
             return task
-        started_at = created_at(task, default=time.time())
-        deadline = time.time() + float(self.timeout)
+        clock = timing()
+        started_at = created_at(task, default=clock.now())
+        deadline = clock.now() + float(self.timeout)
         decision = self._decide(task, started_at, deadline)
         if decision.outcome is Outcome.WAIT and self.deferrable:
             # A trigger that fires seconds after the deferral can get the task instance failed by
             # Airflow 3.2-3.3's scheduler (apache/airflow#66374): a task expected to end soon is waited
-            # for here, and only one still running after that window is deferred.
-            if expected_remaining(task, time.time() - started_at) <= WAIT_ON_WORKER_WINDOW:
-                task = self._wait_here(task, started_at, deadline, until=time.time() + WAIT_ON_WORKER_WINDOW)
+            # for here, and only one still running after that window is deferred (evolink_provider.timing).
+            window = clock.wait_on_worker_window
+            if expected_remaining(task, clock.now() - started_at) <= window:
+                task = self._wait_here(task, started_at, deadline, until=clock.now() + window)
                 decision = self._decide(task, started_at, deadline)
             if decision.outcome is Outcome.WAIT:
-                deferred_at = time.time()
+                deferred_at = clock.now()
                 self.defer(
                     trigger=EvolinkTaskTrigger(
                         evolink_task_id=task["id"],
@@ -234,12 +233,12 @@ class EvolinkBaseVideoOperator(BaseOperator):
                         end_time=deadline,
                         started_at=started_at,
                         first_poll_at=deferred_at + decision.delay,
-                        not_before=deferred_at + TRIGGER_MIN_DELAY,
+                        not_before=deferred_at + clock.trigger_hold,
                     ),
                     method_name="execute_complete",
                     # Only a backstop: the trigger's own timeout event, which names the task, comes first.
                     timeout=timedelta(
-                        seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + TRIGGER_MIN_DELAY
+                        seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + clock.trigger_hold
                     ),
                 )
         if decision.outcome is Outcome.WAIT:
@@ -250,7 +249,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         """What the task's state means now, with this operator's poll settings."""
         return decide_after_poll(
             task,
-            now=time.time(),
+            now=timing().now(),
             started_at=started_at,
             deadline=deadline,
             poll_interval=self.poll_interval,
@@ -324,11 +323,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 raise EvolinkWaitTimeoutError(decision.message)
             if decision.outcome is not Outcome.WAIT:
                 return task
-            if until is not None and time.time() >= until:
+            if until is not None and timing().now() >= until:
                 return task
             if decision.message:
                 self.log.warning(decision.message)
-            delay = decision.delay if until is None else max(0.0, min(decision.delay, until - time.time()))
+            delay = decision.delay if until is None else max(0.0, min(decision.delay, until - timing().now()))
             for pause in reporter.pauses(delay):
                 time.sleep(pause)
                 if line := reporter.between_polls():

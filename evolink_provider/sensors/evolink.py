@@ -23,7 +23,8 @@ from evolink_provider.polling import (
     task_failure,
 )
 from evolink_provider.results import final_line, finished_value
-from evolink_provider.triggers.evolink import TRIGGER_MIN_DELAY, EvolinkTaskTrigger, task_from_event
+from evolink_provider.timing import current as timing
+from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -98,19 +99,20 @@ class EvolinkTaskSensor(BaseSensorOperator):
         first = self.poke(context)
         if first.is_done:
             return first.xcom_value
+        clock = timing()
         self.defer(
             trigger=EvolinkTaskTrigger(
                 evolink_task_id=self.evolink_task_id,
                 evolink_conn_id=self.evolink_conn_id,
                 poll_interval=self.poke_interval,
                 max_poll_interval=self.max_poll_interval,
-                end_time=time.time() + float(self.timeout),
-                # The scheduler race of fast triggers (see TRIGGER_MIN_DELAY) hits sensors too.
-                not_before=time.time() + TRIGGER_MIN_DELAY,
+                end_time=clock.now() + float(self.timeout),
+                # The scheduler race of fast triggers (evolink_provider.timing) hits sensors too.
+                not_before=clock.now() + clock.trigger_hold,
             ),
             method_name="execute_complete",
             timeout=timedelta(
-                seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + TRIGGER_MIN_DELAY
+                seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + clock.trigger_hold
             ),
         )
 

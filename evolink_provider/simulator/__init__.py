@@ -40,6 +40,10 @@ Prompt markers (for sora-character, in the ``video_url`` instead):
 Marker counts (``:N``) live until ``reset``. Fault rules take ``code`` too, and a ``refused`` kind
 answers HTTP 200 ``{"success": false, "code", "msg"}`` as the credits and Files API endpoints do.
 
+``time_scale`` (``--time-scale``) multiplies every task's run time, the default and the marked ones, and
+the ``estimated_time`` that goes with it (at least 1 s), so that a test suite runs the same scenarios
+faster (``0.5``: a ``[sim:seconds=12]`` task takes 6 s and says so).
+
 With ``tls=True`` (``--tls``) it serves HTTPS with a throwaway self-signed certificate, so that the cost of
 new connections can be measured as clients of the real, HTTPS-only API pay it.
 """
@@ -78,11 +82,18 @@ class EvolinkSimulator:
         extra_api_keys: list[str] | None = None,
         result_ttl_seconds: float = RESULT_TTL,
         tls: bool = False,
+        time_scale: float = 1.0,
     ) -> None:
         media = Path(media_dir) if media_dir else Path(tempfile.gettempdir()) / "evolink-simulator-media"
         self.clock = clock or RealClock()
         self.state = SimulatorState(
-            {api_key, *(extra_api_keys or [])}, self.clock, task_seconds, credits, media, result_ttl_seconds
+            {api_key, *(extra_api_keys or [])},
+            self.clock,
+            task_seconds,
+            credits,
+            media,
+            result_ttl_seconds,
+            time_scale,
         )
         #: With ``tls``, the self-signed certificate clients must trust (``REQUESTS_CA_BUNDLE``).
         self.certificate: Path | None = None

@@ -64,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
         help="how long a generation takes (default: %(default)s)",
     )
     parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="multiply every task's run time and estimate, marked ones too (default: %(default)s)",
+    )
+    parser.add_argument(
         "--media-dir", default=None, metavar="DIR", help="where result files are cached (default: a temp dir)"
     )
     parser.add_argument(
@@ -100,6 +107,7 @@ def main() -> None:
         credits=args.credits,
         extra_api_keys=args.extra_api_key,
         tls=args.tls,
+        time_scale=args.time_scale,
     )
     print(f"EvoLink simulator listening on {simulator.base_url}", flush=True)
     print(f"Media: {simulator.state.media.describe()}.", flush=True)

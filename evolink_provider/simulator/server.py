@@ -99,10 +99,11 @@ class SimulatorState:
         credits: float,
         media_dir: Path,
         result_ttl: float = RESULT_TTL,
+        time_scale: float = 1.0,
     ) -> None:
         self.api_keys = api_keys
         self.clock = clock
-        self.store = TaskStore(clock, task_seconds, credits)
+        self.store = TaskStore(clock, task_seconds, credits, time_scale)
         self.faults = FaultPlan()
         self.media = MediaCache(media_dir)
         self.result_ttl = result_ttl

@@ -139,9 +139,12 @@ class SimTask:
 class TaskStore:
     """All tasks, the idempotency record, credits and marker counters, behind one lock."""
 
-    def __init__(self, clock: Clock, task_seconds: float, credits: float) -> None:
+    def __init__(self, clock: Clock, task_seconds: float, credits: float, time_scale: float = 1.0) -> None:
         self.clock = clock
         self.task_seconds = task_seconds
+        #: Multiplies every run time, marked or default, and the estimates that go with it (see
+        #: EvolinkSimulator): the same scenarios, faster.
+        self.time_scale = time_scale
         self.initial_credits = credits
         self.lock = threading.RLock()
         self.reset()
@@ -207,14 +210,15 @@ class TaskStore:
             cancel = self.take_marker(found, "cancel")
             ends = "cancelled" if cancel else "failed" if fail else None
             code = cancel or fail
-            seconds = float(found.get("seconds", self.task_seconds))
+            seconds = float(found.get("seconds", self.task_seconds)) * self.time_scale
+            estimate = float(found["estimate"]) * self.time_scale if "estimate" in found else seconds
             task = SimTask(
                 id=f"task-unified-{int(now)}-{_random_suffix()}",
                 owner=owner,
                 accepted=accepted,
                 created=now,
                 seconds=seconds,
-                estimate=int(found.get("estimate", max(1, round(seconds)))),
+                estimate=max(1, round(estimate)),
                 credits=cost,
                 fail_code=None if code == "none" else code,
                 ends=ends,

@@ -26,11 +26,8 @@ from evolink_provider.polling import (
     decide_after_poll,
     task_failure,
 )
+from evolink_provider.timing import current as timing
 
-#: Seconds after a deferral before a trigger of this provider may fire: Airflow 3.2-3.3's scheduler can fail
-#: a task instance whose trigger fires seconds after the deferral (apache/airflow#66374, #67287, #71580,
-#: #72716; docs/reliability.md, "Fast triggers"). Operators and the sensor pass ``not_before`` from it.
-TRIGGER_MIN_DELAY = 15.0
 #: Consecutive failed polls (each already retried inside the hook) that end a wait.
 DEFAULT_MAX_POLL_FAILURES = 8
 
@@ -103,7 +100,7 @@ class EvolinkTaskTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         async for event in self._wait():
             if self.not_before is not None:
-                await asyncio.sleep(max(0.0, self.not_before - time.time()))
+                await asyncio.sleep(max(0.0, self.not_before - timing().now()))
             yield event
             return
 
@@ -112,7 +109,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         reporter = ProgressReporter(self.evolink_task_id, self.started_at)
         failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
         if self.first_poll_at is not None:
-            await self._sleep(reporter, self.first_poll_at - time.time())
+            await self._sleep(reporter, self.first_poll_at - timing().now())
         while True:
             try:
                 task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
@@ -138,7 +135,7 @@ class EvolinkTaskTrigger(BaseTrigger):
                 self.log.info(line)
             decision = decide_after_poll(
                 task,
-                now=time.time(),
+                now=timing().now(),
                 started_at=self.started_at,
                 deadline=self.end_time,
                 poll_interval=self.poll_interval,

@@ -176,7 +176,26 @@ with new_dag("evolink_transient_failure"):
     )
 
 with new_dag("evolink_wait_timeout"):
-    seedance("deferrable", prompt="never ends [sim:stay=processing]", timeout=1)
+    seedance("sync", prompt="never ends [sim:stay=processing]", timeout=1)
+
+with new_dag("evolink_trigger_timeout"):
+    # Announces 30 s and never starts: the operator defers, the trigger's wait budget (2 s) runs out, and
+    # the timeout must reach the operator as a retryable error: the retry reattaches and defers again.
+    seedance(
+        "deferrable",
+        prompt="never starts [sim:stay=pending] [sim:estimate=30]",
+        timeout=2,
+        retries=1,
+        retry_delay=0,
+    )
+
+# Deferrable generations around the wait-on-worker window (tests/conftest.py steers it to 1 s): one
+# expected to end within it, one expected to outlast it.
+with new_dag("evolink_deferrable_short"):
+    seedance("deferrable", prompt="a blink [sim:seconds=0.5]")
+
+with new_dag("evolink_deferrable_long"):
+    seedance("deferrable", prompt="a long take [sim:seconds=2]")
 
 with new_dag("evolink_mapped"):
     generated = EvolinkSeedanceTextToVideoOperator.partial(task_id="generate", duration=4, **FAST).expand(
@@ -322,6 +341,17 @@ with new_dag("evolink_clearable", params={"output_dir": ""}):
 
 with new_dag("evolink_clearable_never_reattach"):
     seedance("sync", prompt="every try is its own take", reattach="never")
+
+with new_dag("evolink_never_reattach"):
+    # As evolink_reattach_*, but every try must submit its own generation (so none lives to its end).
+    seedance(
+        "sync",
+        prompt="every try is its own take [sim:seconds=3]",
+        reattach="never",
+        timeout=0.5,
+        retries=2,
+        retry_delay=0,
+    )
 
 with new_dag("evolink_mapped_local_images"):
     EvolinkHappyHorseReferenceToVideoOperator.partial(

@@ -443,6 +443,20 @@ class AirflowCluster:
             raise RuntimeError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json() if response.content else None
 
+    def clear(self, dag_id: str, run_id: str, task_ids: list[str]) -> list[str]:
+        """Clear task instances of an existing run as the UI's Clear does (``POST clearTaskInstances``,
+        ``dry_run`` false): the run, its XComs of other tasks and its ``task_state_store`` rows stay, and
+        the scheduler runs the cleared tasks again. Returns the task ids cleared."""
+        body = {
+            "dry_run": False,
+            "dag_run_id": run_id,
+            "task_ids": task_ids,
+            "only_failed": False,
+            "reset_dag_runs": True,
+        }
+        answer = self.api("POST", f"dags/{dag_id}/clearTaskInstances", json=body)
+        return sorted(str(ti["task_id"]) for ti in answer["task_instances"])
+
     def import_errors(self) -> dict[str, str]:
         """``airflow dags list-import-errors``: file name -> error."""
         # It exits 1 when there are import errors.

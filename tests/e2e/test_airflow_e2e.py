@@ -74,6 +74,17 @@ FAST_RUN_EXTRA = 600
 
 
 @dataclass
+class Cleared:
+    """A finished generation cleared through the REST API, and what its second run did."""
+
+    task_ids: list[str]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    posts_added: int
+    state: str
+
+
+@dataclass
 class Outcome:
     cluster: AirflowCluster
     runs: dict[str, str]
@@ -89,6 +100,7 @@ class Outcome:
     heartbeat_timeouts: int = 0
     leaks: list[str] = field(default_factory=list)
     left_running: list[int] = field(default_factory=list)
+    cleared: Cleared | None = None
 
     def evolink_task_id(self, dag_id: str, task_id: str, map_index: int = -1) -> str:
         record = self.cluster.task_state_store(dag_id, self.runs[dag_id], task_id, map_index)
@@ -134,6 +146,27 @@ def restart_triggerer_mid_wait(cluster: AirflowCluster, run_id: str) -> set[int]
     return held_by
 
 
+#: Run once every other run has finished (so the figures above leave it out), then cleared.
+CLEARED = "e2e_clearable"
+
+
+def clear_a_finished_generation(cluster: AirflowCluster) -> Cleared:
+    """Run CLEARED, clear its finished ``generate`` through the REST API, and wait for the run again."""
+    run_id = cluster.trigger(CLEARED)
+    assert cluster.wait_for_runs({CLEARED: run_id}, RUN_TIMEOUT)[CLEARED] == "success"
+
+    def record() -> dict[str, Any]:
+        return dict(cluster.task_state_store(CLEARED, run_id, "generate")["evolink_submission"])
+
+    def posts() -> int:
+        return int(cluster.sim_stats()["requests"].get("POST /v1/videos/generations", 0))
+
+    before, posts_before = record(), posts()
+    task_ids = cluster.clear(CLEARED, run_id, ["generate"])
+    state = cluster.wait_for_runs({CLEARED: run_id}, RUN_TIMEOUT)[CLEARED]
+    return Cleared(task_ids, before, record(), posts() - posts_before, state)
+
+
 @pytest.fixture(scope="module")
 def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
     failed_before = request.session.testsfailed
@@ -141,7 +174,7 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
     began = time.monotonic()
     with AirflowCluster(extra_dag_sources={BROKEN_DAG_FILE: BROKEN_DAG_SOURCE}) as cluster:
         timings["cluster up"] = time.monotonic() - began
-        cluster.wait_for_dags([*REAL_DAGS, SERIALIZATION_CANARY, FAST])
+        cluster.wait_for_dags([*REAL_DAGS, SERIALIZATION_CANARY, FAST, CLEARED])
         cluster.wait_for(
             lambda: cluster.query(
                 "select filename from import_error where filename like ?", f"%{BROKEN_DAG_FILE}"
@@ -166,6 +199,8 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
         result.stats = cluster.sim_stats()
         result.import_errors = cluster.import_errors()
         result.all_runs = cluster.runs()
+        result.cleared = clear_a_finished_generation(cluster)
+        timings["cleared run finished"] = time.monotonic() - began
         result.heartbeat_timeouts = len(
             cluster.query(
                 "select id from log where event = 'heartbeat timeout' and dag_id = ? and run_id = ?",
@@ -205,6 +240,17 @@ def test_no_task_failed_or_logged_an_error(outcome: Outcome) -> None:
         assert instances and {ti.state for ti in instances.values()} == {"success"}, (dag_id, instances)
         assert cluster.task_errors(dag_id, outcome.runs[dag_id]) == []
     assert cluster.watch_errors == []
+
+
+def test_a_cleared_generation_kept_its_run_and_generated_anew(outcome: Outcome) -> None:
+    """The UI's Clear (the REST API's): same run, same task_state_store row, a new generation and key."""
+    cleared = outcome.cleared
+    assert cleared is not None
+    assert (cleared.task_ids, cleared.state) == (["generate"], "success")
+    assert cleared.after["generation"] != cleared.before["generation"]
+    assert cleared.after["task_id"] != cleared.before["task_id"]
+    assert cleared.after["idempotency_key"] != cleared.before["idempotency_key"]
+    assert cleared.posts_added == 1
 
 
 def test_dag_files_import_cleanly_and_a_broken_one_is_reported(outcome: Outcome) -> None:

@@ -18,8 +18,8 @@ import pytest
 import evolink_provider.ledger as ledger
 from evolink_provider import compat
 from evolink_provider.ledger import NO_TASK_STATE_STORE
+from tests.airflow_runs import run_dag, xcom
 from tests.conftest import SimulatorControl, asset_events_of
-from tests.test_operators import run_dag, xcom
 
 AIRFLOW = tuple(int(part) for part in version("apache-airflow").split(".")[:2])
 
