@@ -4,7 +4,7 @@ EvoLink bills every generation and has no cancel call. The promise is: **a video
 was paid for is delivered.** So a POST is made only on positive evidence that no paid task of this request
 can still be delivered, and everything uncertain (a 404, 403, 410, 5xx or timeout on a task read or on a
 fresh result link, an answer that fails a check) spends nothing: the read is repeated a few times inside the
-try (:data:`REREAD_DELAYS`), then the try fails *retryably* naming the EvoLink task and what to do.
+try (:func:`reread_pauses`), then the try fails *retryably* naming the EvoLink task and what to do.
 
 What is recorded per task instance (dag, task, run, map index; never the try number) is one
 :class:`SubmissionRecord` in Airflow 3.3's ``task_state_store``, which survives retries and clears: the
@@ -95,6 +95,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from evolink_provider import timing
 from evolink_provider.answers import epoch_seconds
 from evolink_provider.compat import AirflowFailException, log_once
 from evolink_provider.exceptions import (
@@ -120,8 +121,6 @@ RESULT_LINK_TTL = 24 * 3600.0
 #: can still fetch it when a queued task starts hours later.
 UPLOAD_TTL = 72 * 3600.0
 UPLOAD_REUSE_MARGIN = 6 * 3600.0
-#: Pauses (seconds) between the reads of a recorded task that failed; then the try fails retryably.
-REREAD_DELAYS = (1.0, 3.0)
 #: ``reattach`` values of the operators.
 REATTACH_MODES = ("auto", "never")
 #: ``dag_run.conf`` key that forces a fresh take on a clear: ``true``, or a list of task ids.
@@ -233,6 +232,13 @@ def answer_of(task: dict[str, Any], replayed: bool = False) -> Answer:
             return Answer.FAILED_UNFIXABLE
         return Answer.REPLAYED_FIXABLE if replayed else Answer.FAILED_FIXABLE
     return Answer.COMPLETED if status == "completed" else Answer.RUNNING
+
+
+def reread_pauses() -> tuple[float, float]:
+    """Pauses (seconds) between the reads of a recorded task that failed: a gateway blip or a
+    read-after-write lag passes within seconds, and a try must not hang on a real outage."""
+    pause = timing.current().reread_pause
+    return pause, 3 * pause
 
 
 def link_expired(first_seen_completed: float | None, created: float | None, now: float) -> bool:
@@ -484,7 +490,6 @@ class Ledger:
     regenerate: Any = False
     regenerate_expired: bool = False
     min_credits: float | None = None
-    clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     #: The EvoLink task this try waits for, once known (named by ``on_kill``).
     current_task_id: str | None = None
@@ -589,9 +594,10 @@ class Ledger:
         return task
 
     def _read(self, task_id: str) -> dict[str, Any]:
-        """The recorded task, read up to ``len(REREAD_DELAYS) + 1`` times; then the try fails retryably."""
+        """The recorded task, read up to three times (each read has the hook's own retries); then the try
+        fails retryably."""
         error: EvolinkError | None = None
-        for delay in (*REREAD_DELAYS, None):
+        for delay in (*reread_pauses(), None):
             try:
                 return self.hook.get_task(task_id)
             except EvolinkError as failed:
@@ -680,7 +686,7 @@ class Ledger:
         """Record when this provider first saw its task completed (the start of the links' 24 h)."""
         record = self.record
         if record is not None and record.task_id == task.get("id") and record.completed_seen_at is None:
-            self._save(replace(record, completed_seen_at=self.clock()))
+            self._save(replace(record, completed_seen_at=timing.current().now()))
 
     def stored_files(self) -> list[str] | None:
         """The recorded files of the recorded task, when the set is complete and each is still on disk at
@@ -720,7 +726,7 @@ class Ledger:
             seen = (
                 record.completed_seen_at if record is not None and record.task_id == task.get("id") else None
             )
-            expired = link_expired(seen, epoch_seconds(task.get("created")), self.clock())
+            expired = link_expired(seen, epoch_seconds(task.get("created")), timing.current().now())
             answer = Answer.LINK_EXPIRED if expired else Answer.LINK_REFUSED
             action = decide(self._situation(answer))
             if action is Action.FAIL_RETRYABLY:

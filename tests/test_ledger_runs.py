@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.airflow_runs import run_dag, xcom
+from tests.airflow_runs import clear_and_rerun, run_dag, run_dag_with_id, task_state_store, xcom
 from tests.conftest import SimulatorControl
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -103,3 +103,82 @@ def test_a_different_file_under_the_result_name_is_not_kept(sim: SimulatorContro
     generated = xcom("evolink_ledger_two", "generate")
     stored: list[Any] = [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in generated["files"]]
     assert stored == [hashlib.sha256(served(u)).hexdigest() for u in generated["results"]]
+
+
+# -- clears (Airflow's clear_task_instances on the kept DagRun: tests/airflow_runs.py) --------------
+
+#: Every result link of every task answers 403 (a CDN refusing them): each try fails retryably.
+EVERY_LINK_REFUSED = {"kind": "status", "status": 403, "method": "GET", "path_prefix": "/media/"}
+
+
+def failed_run_with_a_completed_generation(
+    sim: SimulatorControl, tmp_path: Path, dag_id: str = "evolink_ledger_one", **conf: Any
+) -> str:
+    sim.add_faults(EVERY_LINK_REFUSED)
+    state, run_id, tasks = run_dag_with_id(dag_id, run_conf={"output_dir": str(tmp_path), **conf})
+    assert (state, tasks["generate"]) == ("failed", ("failed", 4)), tasks
+    assert sim.stats()["tasks_created"] == 1
+    sim.clear_faults()
+    return run_id
+
+
+def test_a_clear_of_a_failed_task_collects_the_generation_it_paid_for(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    run_id = failed_run_with_a_completed_generation(sim, tmp_path)
+
+    state, tasks = clear_and_rerun("evolink_ledger_one", run_id)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 1
+    record = task_state_store("evolink_ledger_one", run_id, "generate")["evolink_submission"]
+    assert record["delivered"] is True and len(record["stored"]) == record["results"] == 1
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "conf"),
+    [
+        ("evolink_ledger_forced", {}),
+        ("evolink_ledger_one", {"evolink_regenerate": True}),
+        ("evolink_ledger_one", {"evolink_regenerate": ["generate"]}),
+    ],
+    ids=["operator-argument", "conf-true", "conf-task-list"],
+)
+def test_a_clear_with_a_forced_fresh_take_pays_again(
+    sim: SimulatorControl, tmp_path: Path, dag_id: str, conf: dict[str, Any]
+) -> None:
+    run_id = failed_run_with_a_completed_generation(sim, tmp_path, dag_id, **conf)
+
+    state, tasks = clear_and_rerun(dag_id, run_id)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 2
+
+
+def test_a_clear_of_a_task_whose_results_are_proven_expired_pays_again(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    from evolink_provider.timing import current, steered
+
+    run_id = failed_run_with_a_completed_generation(sim, tmp_path)
+    first = task_state_store("evolink_ledger_one", run_id, "generate")["evolink_submission"]["task_id"]
+    sim.add_faults({**EVERY_LINK_REFUSED, "status": 404, "path_prefix": f"/media/{first}/"})
+    real = current().clock
+
+    with steered(clock=lambda: real() + 24 * 3600 + 60):  # a day after the provider saw it completed
+        state, tasks = clear_and_rerun("evolink_ledger_one", run_id)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 2
+
+
+def test_a_refused_link_within_a_day_does_not_pay_again_on_a_clear(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    run_id = failed_run_with_a_completed_generation(sim, tmp_path)
+    sim.add_faults(EVERY_LINK_REFUSED)
+
+    state, tasks = clear_and_rerun("evolink_ledger_one", run_id)
+
+    assert state == "failed", tasks
+    assert sim.stats()["tasks_created"] == 1

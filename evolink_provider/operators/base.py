@@ -170,9 +170,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
         return EvolinkHook(self.evolink_conn_id)
 
     def ledger(self, context: Context) -> Ledger:
-        """The ledger of this try (see :mod:`evolink_provider.ledger`), made once per operator instance."""
-        if "_ledger" not in self.__dict__:
-            self._ledger = Ledger(
+        """The ledger of this try (see :mod:`evolink_provider.ledger`), made once per try: an operator
+        object can outlive a try (``dag.test()`` runs every try on the same one)."""
+        made = self.__dict__.get("_ledger")
+        if made is None or made.context is not context:
+            made = self._ledger = Ledger(
                 context,
                 self.hook,
                 self.log,
@@ -182,7 +184,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 regenerate_expired=self.regenerate_expired,
                 min_credits=self.min_credits,
             )
-        return self._ledger
+        return made
 
     def validated_request(self) -> PreparedRequest:
         """The rendered fields checked against the model's documented limits (no HTTP before that), with

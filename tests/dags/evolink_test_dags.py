@@ -389,15 +389,30 @@ def between_tries(context: Any) -> None:
 # The money path of the ledger (evolink_provider/ledger.py): each try may fail, a retry must deliver what
 # the first try paid for without paying again.
 for name, prompt in (("one", "one paid take"), ("two", "two paid takes [sim:results=2]")):
-    with new_dag(f"evolink_ledger_{name}", params={"output_dir": "", "faults": [], "tamper": False}):
+    with new_dag(
+        f"evolink_ledger_{name}",
+        params={"output_dir": "", "faults": [], "tamper": False, "regenerate": False},
+    ):
         seedance(
             "sync",
             prompt=prompt,
             output_path="{{ params.output_dir }}",
+            regenerate="{{ params.regenerate }}",
             retries=3,
             retry_delay=0,
             on_retry_callback=between_tries,
         )
+
+with new_dag("evolink_ledger_forced", params={"output_dir": "", "faults": []}):
+    # The operator's own "fresh take on a clear" (rendered: "{{ 'True' }}" is the string a template gives).
+    seedance(
+        "sync",
+        prompt="a fresh take on every clear",
+        output_path="{{ params.output_dir }}",
+        regenerate="{{ 'True' }}",
+        retries=3,
+        retry_delay=0,
+    )
 
 with new_dag("evolink_ledger_reread", params={"faults": []}):
     # Every try stops waiting after 0.5 s of a 3 s generation; each retry reads the recorded task first.
