@@ -658,7 +658,9 @@ class Ledger:
                 fail_for(error)
             self._save(replace(new, task_id=task["id"]))
             self.current_task_id = task["id"]
-            replayed = resend or (not self.states.durable and submission < earlier_tries)
+            replayed = (resend and record is not None) or (
+                not self.states.durable and submission < earlier_tries
+            )
             action = decide(self._situation(answer_of(task, replayed)))
             if action is Action.FAIL and replayed:
                 refuse_unfixable(task)
