@@ -134,13 +134,29 @@ def sim(simulator_server: str) -> Iterator[SimulatorControl]:
 
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
-    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one)."""
-    subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"],
-        check=True,
-        capture_output=True,
-        env=os.environ.copy(),
+    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one).
+
+    Migrating takes 15 s and every test process (each xdist worker, each mutant's run) needs one: the
+    first migrates an empty DB once per Airflow version and Python into the temp dir, and every process
+    copies it."""
+    from importlib.metadata import version
+
+    template = Path(tempfile.gettempdir()) / (
+        f"evolink-test-airflow-{version('apache-airflow')}-py{sys.version_info[0]}{sys.version_info[1]}.db"
     )
+    if not template.exists():
+        home = Path(tempfile.mkdtemp(prefix="evolink-airflow-migrate-"))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "airflow", "db", "migrate"],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "AIRFLOW_HOME": str(home)},
+            )
+            os.replace(home / "airflow.db", template)  # atomic: a parallel process sees all or nothing
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+    shutil.copyfile(template, AIRFLOW_HOME / "airflow.db")
     return AIRFLOW_HOME
 
 

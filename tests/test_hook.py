@@ -19,6 +19,7 @@ from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
     EvolinkBadRequestError,
     EvolinkConfigurationError,
+    EvolinkConflictError,
     EvolinkInsufficientCreditsError,
     EvolinkNotFoundError,
     EvolinkPermissionError,
@@ -110,7 +111,9 @@ def test_connection_from_uri_env_var(
     monkeypatch.setenv("AIRFLOW_CONN_EVOLINK_URI", uri)
     hook = EvolinkHook("evolink_uri")
     assert hook.settings.base_url == sim.base_url
-    assert hook.get_credits()["data"]["user"]["remaining_credits"] >= 0
+    # The simulator's own balance, as it reports it to its test controls: the hook read that account.
+    expected = sim.stats()["credits"]["remaining"]
+    assert hook.get_credits()["data"]["user"]["remaining_credits"] == expected
 
 
 def test_base_url_resolution() -> None:
@@ -279,10 +282,13 @@ def test_post_with_unknown_outcome_names_the_key(sim: SimulatorControl, hook: Ev
 def test_same_key_different_body_is_refused(sim: SimulatorControl, hook: EvolinkHook) -> None:
     key = "evl-test-conflict-00000001"
     hook.create_video_task(dict(SEEDANCE), idempotency_key=key)
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(EvolinkConflictError) as caught:
         hook.create_video_task({**SEEDANCE, "prompt": "something else"}, idempotency_key=key)
-    assert "idempotency_conflict" in str(caught.value)
-    assert sim.stats()["tasks_created"] == 1
+    assert caught.value.code == "idempotency_conflict"
+    assert caught.value.retryable is False
+    stats = sim.stats()
+    assert stats["posts_by_idempotency_key"] == {key: 2}  # the conflict was not retried either
+    assert stats["tasks_created"] == 1
 
 
 def test_async_polls_share_one_connection_pool(sim: SimulatorControl, hook: EvolinkHook) -> None:

@@ -498,6 +498,7 @@ def test_a_trickling_server_is_cut_off_at_the_deadline(
             handler.wfile.flush()
 
     hostile.routes["/media/"] = trickle
+    began = time.monotonic()
     try:
         with pytest.raises(EvolinkWaitTimeoutError, match="timeout"):
             store_results(
@@ -505,6 +506,7 @@ def test_a_trickling_server_is_cut_off_at_the_deadline(
             )
     finally:
         stop.set()
+    assert 1.0 - 0.1 <= time.monotonic() - began <= 1.0 + 2.0  # cut off at the deadline, not by a hang
     assert files_under(tmp_path) == []  # the partial file is gone too
 
 
@@ -678,8 +680,10 @@ def test_retry_after_beyond_the_deadline_fails_with_the_error(
         status=429,
         headers={"Retry-After": "120"},
     )
+    began = time.monotonic()
     with pytest.raises(EvolinkRateLimitError):
         EvolinkHook("evolink_hostile").get_task(TASK_ID, deadline=time.time() + 5)
+    assert time.monotonic() - began < 2.0  # at once: not the 120 s, nor the 5 s deadline
 
     async def poll() -> None:
         try:

@@ -175,7 +175,8 @@ def test_dynamic_mapping_generates_one_video_per_prompt(sim: SimulatorControl) -
     state, tasks = run_dag("evolink_mapped")
     assert state == "success", tasks
     assert {k for k in tasks if k.startswith("generate[")} == {"generate[0]", "generate[1]", "generate[2]"}
-    assert sim.stats()["tasks_created"] == 3
+    # One generation per request identity (prompt), none shared or doubled across map indexes.
+    assert sim.stats()["tasks_by_prompt"] == dict.fromkeys(dag_module().MAPPED_PROMPTS, 1)
 
 
 def uploads(sim: SimulatorControl) -> int:

@@ -62,6 +62,21 @@ def test_fires_success_with_the_task_object(sim: SimulatorControl, caplog: pytes
     assert not [r for r in caplog.records if "took" in r.getMessage()], "the event loop was blocked"
 
 
+def test_no_event_fires_before_not_before(sim: SimulatorControl) -> None:
+    """The task ends after 0.5 s; the trigger sees it and still holds the event until ``not_before``."""
+    task_id = submit("waves [sim:seconds=0.5]")
+    not_before = time.time() + 2.0
+    events = run_trigger(
+        EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60, not_before=not_before)
+    )
+    fired = time.time()
+
+    assert events[0]["status"] == "success"
+    assert fired >= not_before
+    polls = sim.stats()["poll_times_by_task"][task_id]
+    assert min(polls) < not_before - 1.0, "the end was seen well before the hold ran out"
+
+
 def test_fires_failed_with_code_and_message(sim: SimulatorControl) -> None:
     task_id = submit("waves [sim:fail=content_policy_violation]")
     events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60))

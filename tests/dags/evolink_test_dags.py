@@ -197,9 +197,10 @@ with new_dag("evolink_deferrable_short"):
 with new_dag("evolink_deferrable_long"):
     seedance("deferrable", prompt="a long take [sim:seconds=2]")
 
+MAPPED_PROMPTS = ["A red kite over dunes", "A tram in the fog", "Koi in a pond"]
 with new_dag("evolink_mapped"):
     generated = EvolinkSeedanceTextToVideoOperator.partial(task_id="generate", duration=4, **FAST).expand(
-        prompt=["A red kite over dunes", "A tram in the fog", "Koi in a pond"]
+        prompt=MAPPED_PROMPTS
     )
     check_video.expand(generated=generated.output)
 

@@ -26,6 +26,7 @@ import pytest
 
 from evolink_provider.editing import probe
 from tests.e2e.airflow_cluster import (
+    OVERALL_BOUND,
     AirflowCluster,
     ProcessGroups,
     TIKey,
@@ -36,7 +37,8 @@ from tests.e2e.airflow_cluster import (
 from tests.e2e.dags.e2e_evolink_recovery import TRIGGERER_RESTART_PROMPT, WORKER_CRASH_PROMPT
 from tests.e2e.dags.e2e_fast_generations import FAST_GENERATIONS, PROMPTS, REATTACHED
 
-pytestmark = pytest.mark.e2e
+# The module's cluster session runs in its first test's setup: bounded by the cluster, not pytest's 900 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(OVERALL_BOUND + 300)]
 
 EXAMPLES = [
     "example_evolink_text_to_video_edit",

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.airflow_cluster import TaskInstance, TIKey
+from tests.e2e.airflow_cluster import OVERALL_BOUND, TaskInstance, TIKey
 from tests.e2e.celery_cluster import CeleryCluster, Seen
 from tests.e2e.dags.e2e_scale_failover import (
     DEFERRABLE_GENERATIONS,
@@ -36,7 +36,8 @@ from tests.e2e.dags.e2e_scale_failover import (
     prompts,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.e2e_celery]
+# The module's cluster session runs in its first test's setup: bounded by the cluster, not pytest's 900 s.
+pytestmark = [pytest.mark.e2e, pytest.mark.e2e_celery, pytest.mark.timeout(OVERALL_BOUND + 300)]
 
 RUN_TIMEOUT = 1200
 #: Triggers each triggerer must hold before the kill, so that the failover moves a real load.
