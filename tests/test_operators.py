@@ -16,6 +16,7 @@ from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.timing import steered
 from tests.airflow_runs import (
     clear_and_rerun,
+    dag_module,
     ended_at,
     run_dag,
     run_dag_with_id,
