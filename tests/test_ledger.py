@@ -493,10 +493,11 @@ def test_a_refused_result_link(
 
     refused_store(monkeypatch)
     store = MemoryStore()
-    recorded(store, completed_seen_at=5000.0)
+    seen = 1000.0 + 24 * 3600  # a day after `created`: only the sighting can say "not yet expired"
+    recorded(store, completed_seen_at=seen)
     hook = FakeHook()
 
-    with steered(clock=lambda: 5000.0 + later), pytest.raises(outcome):
+    with steered(clock=lambda: seen + later), pytest.raises(outcome):
         make(hook, context(store, max_tries=max_tries), regenerate_expired=regenerate_expired).store(
             dict(COMPLETED), "/tmp/x", None
         )
@@ -550,3 +551,16 @@ def test_stored_files_completed_sighting_and_delivery_are_recorded(
     hook = FakeHook()
     retry = make(hook, context(store, try_number=3))
     assert retry.start(str(tmp_path))["id"] == "task-unified-1-abcdefgh"  # delivered + retry: read again
+
+
+def test_a_failed_post_is_raised_as_the_hook_raised_it() -> None:
+    class Refusing(FakeHook):
+        def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+            super().create_video_task(payload, idempotency_key)
+            raise EvolinkServerError("busy", status_code=503)
+
+    store = MemoryStore()
+    with pytest.raises(EvolinkServerError):
+        make(Refusing(), context(store)).start(None)
+    saved = SubmissionRecord.from_stored(store.get(STATE_KEY))
+    assert saved is not None and saved.task_id is None  # the intent stays: a retry resends its key
