@@ -11,7 +11,8 @@ call that logs or prints: ``log.*``, ``self.log.*``, ``log_once``, ``warnings.wa
 or decorators. Each mutant
 is written into the module in place, the module's test selection (``SELECTION`` below, or ``--tests``) runs
 with ``-x`` under a timeout, and the file is restored; a failing, erroring or timed-out run *kills* the
-mutant. Run it on a clean work tree, under the heavy-run lock: ``flock /tmp/evolink-heavy.lock ...``.
+mutant. Run it on a clean work tree, under the heavy-run lock: ``flock /tmp/evolink-heavy.lock ...``;
+stop it with Ctrl-C (SIGINT), which restores the module.
 
 It prints each surviving mutant (line, change, source line) and the score. ``--sample N`` runs a fixed,
 seeded subset of N mutants (the same N for the same seed and module), for modules whose full set is too
@@ -166,7 +167,10 @@ def mutants(source: str) -> list[Mutant]:
                 add(node, repr(type(node.value)(value)), f"{node.value!r} -> {value!r}")
         if isinstance(node, (ast.If, ast.While)) and segment(node.test) is not None:
             add(node.test, f"not ({ast.unparse(node.test)})", "condition negated")
-        if isinstance(node, ast.Return) and node.value is not None:
+        returns_none = isinstance(node, ast.Return) and (
+            node.value is None or (isinstance(node.value, ast.Constant) and node.value.value is None)
+        )
+        if isinstance(node, ast.Return) and not returns_none:
             add(node, "return None", "returns None")
     for function in ast.walk(tree):
         if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -190,6 +194,9 @@ def run_tests(selection: str, timeout: float) -> str:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return "timeout"
+    except BaseException:  # interrupted (Ctrl-C): stop the run too, then restore the module
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
     if code == 5:
         raise SystemExit(f"the selection collects no test: {selection}")
     return "passed" if code == 0 else "failed"

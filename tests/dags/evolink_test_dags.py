@@ -224,9 +224,15 @@ TASK_ERROR_CODES = {
 with new_dag("evolink_task_error_codes"):
     for code, retryable in TASK_ERROR_CODES.items():
         # Retryable codes fail only the first task created with the marker: the Airflow retry succeeds.
+        # 0.4 s generations: 21 of them run one after the other.
         marker = f"[sim:fail={code}:1]" if retryable else f"[sim:fail={code}]"
         EvolinkSeedanceTextToVideoOperator(
-            task_id=code, prompt=f"error code {code} {marker}", duration=4, retries=1, retry_delay=0, **FAST
+            task_id=code,
+            prompt=f"error code {code} {marker} [sim:seconds=0.4]",
+            duration=4,
+            retries=1,
+            retry_delay=0,
+            **FAST,
         )
 
 for mode in ("sync", "deferrable"):
