@@ -176,7 +176,8 @@ def mutants(source: str) -> list[Mutant]:
         if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue  # removing a module-level name only makes an import fail: no news
         for node in ast.walk(function):
-            if isinstance(node, (ast.Expr, ast.Assign, ast.AugAssign, ast.Raise)) and id(node) not in skip:
+            logs = isinstance(node, ast.Expr) and id(node.value) in skip  # a log call as a statement
+            if isinstance(node, (ast.Expr, ast.Assign, ast.AugAssign, ast.Raise)) and not logs:
                 add(node, "pass", "statement removed")
     unique = {(m.start, m.end, m.replacement): m for m in found}
     return sorted(unique.values(), key=lambda m: (m.line, m.start, m.change))

@@ -5,7 +5,7 @@ that comes back is not. A compromised proxy, a wrong base URL or a hostile serve
 file names, crash the triggerer or fill XCom. So every JSON answer is decoded strictly
 (:func:`loads_strict`: no NaN/Infinity, bounded nesting) after being read with a size cap
 (:data:`MAX_ANSWER_BYTES`, enforced by the hook's readers), and every task object passes
-:func:`checked_task` (documented id format, the id asked for, field types, bounded results) in the hook,
+:func:`checked_task` (a safe id, the id asked for, field types, bounded results) in the hook,
 for submissions, single reads and batch reads alike. A failed check is an
 :class:`~evolink_provider.exceptions.EvolinkBadAnswerError`: a failed poll, never another exception.
 """
@@ -15,13 +15,20 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkConfigurationError
 
-#: EvoLink's documented id: ``task-unified-<unix seconds>-<8 lowercase alphanumerics>``; a little slack on
-#: the lengths, none on the characters (the id becomes a URL path segment and a file name).
-TASK_ID_PATTERN = re.compile(r"task-unified-[0-9]{1,20}-[a-z0-9]{8,32}")
+#: A task id is untrusted input checked for *safety*, never for a guessed format: EvoLink documents only a
+#: prefix (``task-unified-``), its own examples vary (``...-abc123``, ``...-seedream5prolayerize``) and
+#: HappyHorse answered ``task-happyhorse-<19 digits>-<mixed case>-<model>`` until 2026-04, so a paid POST
+#: answered with any safe id is accepted. Safe: 1-128 characters of ``[A-Za-z0-9._-]`` (nothing that needs
+#: escaping in a URL path segment or a file name: no ``/``, ``%``, ``?``, ``:``, whitespace), not starting
+#: with a dot (no ``.``/``..`` segment, no hidden file) or a hyphen (a stored file name never reads as a
+#: command-line option). The id becomes a URL path segment (URL-encoded all the same, by the hook) and the
+#: stem of stored file names (:data:`evolink_provider.storage.STORED_NAME`).
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+TASK_ID_RULE = "1-128 characters of A-Za-z0-9._- not starting with '.' or '-'"
 #: The most bytes read of one JSON answer (a task object is about 1 KB; a batch of 50 about 50 KB).
 MAX_ANSWER_BYTES = 1 << 20
 #: The deepest nesting accepted in a JSON answer (a task object nests 3 levels).
@@ -29,6 +36,8 @@ MAX_NESTING_DEPTH = 32
 #: The most result URLs one task may hand over (every model documents one video; sora-character adds a
 #: picture).
 MAX_RESULTS_PER_TASK = 16
+#: Where ``result_data`` (an object, or a list of them) names results; its entries obey the same cap.
+RESULT_DATA_URLS = ("video_url", "profile_picture_url")
 MAX_URL_LENGTH = 8192
 #: ``created`` is Unix seconds: anything beyond the year 5138 is not a timestamp.
 MAX_EPOCH_SECONDS = 10**11
@@ -47,18 +56,15 @@ MAX_INT_DIGITS = 20
 
 
 def is_task_id(value: object) -> bool:
-    """Whether ``value`` is an EvoLink task id in the documented format, exactly."""
+    """Whether ``value`` is a safe task id (:data:`TASK_ID_PATTERN`)."""
     return isinstance(value, str) and TASK_ID_PATTERN.fullmatch(value) is not None
 
 
 def task_id_to_send(task_id: object) -> str:
     """``task_id`` if it may be put in a request path; refuses (before any HTTP) ids with ``/``, ``?``,
-    ``%``, CR/LF or anything else outside the documented format."""
+    ``%``, CR/LF, a leading dot or anything else outside :data:`TASK_ID_PATTERN`."""
     if not is_task_id(task_id):
-        raise EvolinkConfigurationError(
-            f"{_shown(task_id)} is not an EvoLink task id: they look like "
-            "task-unified-<unix seconds>-<8 lowercase letters or digits>"
-        )
+        raise EvolinkConfigurationError(f"{_shown(task_id)} is not a safe EvoLink task id ({TASK_ID_RULE})")
     return str(task_id)
 
 
@@ -147,7 +153,7 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
         refuse(f"a JSON {type(answer).__name__}, not an object")
     task_id = answer.get("id")
     if not is_task_id(task_id):
-        refuse(f"id={_shown(task_id)} is not of the form task-unified-<digits>-<8-32 of a-z0-9>")
+        refuse(f"id={_shown(task_id)} is not a safe task id ({TASK_ID_RULE})")
     if expected_id is not None and task_id != expected_id:
         refuse(f"it is task {task_id}, not the task asked for")
     status = answer.get("status")
@@ -165,8 +171,20 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
             refuse(f"results is not a list of at most {MAX_RESULTS_PER_TASK} URLs")
         if not all(isinstance(url, str) and len(url) <= MAX_URL_LENGTH for url in results):
             refuse(f"results holds something other than URLs of at most {MAX_URL_LENGTH} characters")
-    if not isinstance(answer.get("result_data"), (dict, list, type(None))):
-        refuse(f"result_data={_shown(answer.get('result_data'))} is neither an object nor a list")
+    result_data = answer.get("result_data")
+    if not isinstance(result_data, (dict, list, type(None))):
+        refuse(f"result_data={_shown(result_data)} is neither an object nor a list")
+    entries = result_data if isinstance(result_data, list) else [result_data]
+    if len(entries) > MAX_RESULTS_PER_TASK:
+        # Each entry may name a result: each result becomes a download, an asset event, a lineage dataset.
+        refuse(
+            f"result_data lists {len(entries)} entries, more than the {MAX_RESULTS_PER_TASK} results allowed"
+        )
+    for entry in entries:
+        for name in RESULT_DATA_URLS:
+            url = entry.get(name) if isinstance(entry, dict) else None
+            if url is not None and not (isinstance(url, str) and len(url) <= MAX_URL_LENGTH):
+                refuse(f"result_data {name} is not a URL of at most {MAX_URL_LENGTH} characters")
     for name in ("error", "task_info", "usage"):
         if not isinstance(answer.get(name), (dict, type(None))):
             refuse(f"{name}={_shown(answer.get(name))} is not an object")
@@ -185,22 +203,45 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
     return answer
 
 
-def remaining_credits(answer: Any) -> float | None:
-    """The balance in a ``GET /v1/credits`` answer (``data.user.remaining_credits``), or ``None`` for an
-    account with ``unlimited_credits``; anything else is an
-    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError`."""
+class Credits(NamedTuple):
+    """What a ``GET /v1/credits`` answer says the connection's key can spend.
+
+    ``account`` is ``data.user.remaining_credits``, the account's balance; ``key`` is
+    ``data.token.remaining_credits``, the key's own quota, or ``None`` when ``data.token.unlimited_credits``
+    (the key has no quota of its own; ``unlimited_credits`` belongs to the key's ``token``, never to the
+    account). The account's balance always applies, so nothing is ever "unlimited" to spend.
+    """
+
+    account: float
+    key: float | None
+
+    @property
+    def spendable(self) -> float:
+        """What the key can still spend: the account's balance, and the key's quota when it has one."""
+        return self.account if self.key is None else min(self.account, self.key)
+
+
+def read_credits(answer: Any) -> Credits:
+    """:class:`Credits` of a ``GET /v1/credits`` answer; any other shape is an
+    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError` (a pre-spend check fails closed)."""
     data = answer.get("data") if isinstance(answer, dict) else None
-    user = data.get("user") if isinstance(data, dict) else None
-    if not isinstance(user, dict):
-        raise EvolinkBadAnswerError("EvoLink's credits answer has no data.user object")
-    if user.get("unlimited_credits") is True:
-        return None
-    remaining = user.get("remaining_credits")
-    if isinstance(remaining, (int, float)) and _is_number(remaining):
-        return float(remaining)
-    raise EvolinkBadAnswerError(
-        f"EvoLink's credits answer: data.user.remaining_credits={_shown(remaining)} is not a number"
-    )
+
+    def number(section: str) -> float:
+        part = data.get(section) if isinstance(data, dict) else None
+        if not isinstance(part, dict):
+            raise EvolinkBadAnswerError(f"EvoLink's credits answer has no data.{section} object")
+        remaining = part.get("remaining_credits")
+        if isinstance(remaining, (int, float)) and _is_number(remaining):
+            return float(remaining)
+        raise EvolinkBadAnswerError(
+            f"EvoLink's credits answer: data.{section}.remaining_credits={_shown(remaining)} is not a number"
+        )
+
+    account = number("user")
+    token = data.get("token") if isinstance(data, dict) else None
+    if isinstance(token, dict) and token.get("unlimited_credits") is True:
+        return Credits(account, None)
+    return Credits(account, number("token"))
 
 
 def credits_text(value: float) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evolink_provider.exceptions import EvolinkError
-from evolink_provider.links import safe_link
+from evolink_provider.links import has_unsafe_characters, safe_link
 from evolink_provider.results import credits_of, result_urls
 
 if TYPE_CHECKING:
@@ -110,14 +110,14 @@ def asset_events(
     task: dict[str, Any], request: RequestSummary, announce_result_urls: bool
 ) -> list[tuple[str, dict[str, Any]]]:
     """``(asset URI, extra)`` per stored file of a finished task; per result URL when nothing was stored
-    and ``announce_result_urls`` is set. URLs that are not http(s), or too long for an asset, are left
-    out."""
+    and ``announce_result_urls`` is set. URLs that are not http(s), URIs too long for an asset or holding
+    a control or format character (:func:`~evolink_provider.links.has_unsafe_characters`) are left out."""
     files = [str(location) for location in task.get("files") or []]
     if files:
         return [
             (uri, asset_extra(task, request, index, stored_size(location)))
             for index, location in enumerate(files)
-            if len(uri := asset_uri(location)) <= MAX_ASSET_URI_LENGTH
+            if len(uri := asset_uri(location)) <= MAX_ASSET_URI_LENGTH and not has_unsafe_characters(uri)
         ]
     if not announce_result_urls:
         return []

@@ -3,12 +3,21 @@
 Every error knows whether repeating the same call can help (``retryable``); the hook's retry loop and the
 operators' choice between ``AirflowFailException`` and a plain (Airflow-retryable) failure both read it.
 Messages carry the HTTP status, EvoLink's ``error.code`` / ``error.message`` and the request id, never
-the key.
+the key. Every text a server supplied (``message``, ``code``, ``request_id``, a task's ``status``) passes
+:func:`server_text` before it is part of an error or a log line; the hook has already replaced the
+connection's own key by ``***`` in everything the server answered
+(:func:`evolink_provider.hooks.responses.parse_response`).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, NoReturn
+
+#: The most characters of a server's ``message`` shown in an error or a log line.
+MAX_SERVER_MESSAGE = 500
+#: The most characters of a server's ``code``, ``request_id`` or task ``status`` shown.
+MAX_SERVER_NAME = 128
 
 #: 400 codes that mean "no upstream channel right now": EvoLink moved them from 503 to 400, but they
 #: describe capacity, not a bad request, so they are retried (as are all channel codes, see
@@ -38,6 +47,23 @@ TASK_ERROR_RETRYABLE: dict[str, bool] = {
     "service_unavailable": True,
     "unknown_error": True,
 }
+
+
+def printable(text: object) -> str:
+    """``text`` for a log line: control and format characters (newlines, ANSI escapes, bidi overrides)
+    escaped, so that a string from EvoLink's answer cannot forge log lines or recolour the console."""
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in ("Cc", "Cf") else char
+        for char in str(text)
+    )
+
+
+def server_text(text: object, limit: int = MAX_SERVER_MESSAGE) -> str:
+    """The one rule for server-supplied text shown in an error or a log line: :func:`printable`, and at
+    most ``limit`` characters (a hostile server may send a megabyte of message, or escape sequences in a
+    ``code`` or ``request_id``)."""
+    shown = printable(text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "\u2026"
 
 
 def is_channel_code(code: str | None) -> bool:
@@ -121,10 +147,13 @@ class EvolinkAPIError(EvolinkError):
         connection: str = "",
     ) -> None:
         where = f"{connection}: {method} {path}" if connection else f"EvoLink {method} {path}"
+        message = server_text(message)
+        code = server_text(code, MAX_SERVER_NAME) if code else None
+        request_id = server_text(request_id, MAX_SERVER_NAME) if request_id else None
         self.detail = ", ".join(
             [f"HTTP {status_code}"]
             + ([f"code={code}"] if code else [])
-            + [f"message={message!r}"]
+            + [f'message="{message}"']
             + ([f"request_id={request_id}"] if request_id else [])
         )
         super().__init__(f"{where.replace('  ', ' ').rstrip()} answered {self.detail}")
@@ -230,10 +259,13 @@ class EvolinkTaskError(EvolinkError):
     """The EvoLink task ended ``failed`` or ``cancelled`` (or timed out waiting)."""
 
     def __init__(self, task_id: str, status: str, code: str | None, message: str | None) -> None:
+        status = server_text(status, MAX_SERVER_NAME)
+        code = server_text(code, MAX_SERVER_NAME) if code else None
+        message = server_text(message) if message else None
         super().__init__(
             f"EvoLink task {task_id} ended {status}"
             + (f": code={code}" if code else "")
-            + (f", message={message!r}" if message else "")
+            + (f', message="{message}"' if message else "")
         )
         self.task_id = task_id
         self.status = status

@@ -698,7 +698,7 @@ class Ledger:
             return None
         from evolink_provider.storage import verify_stored
 
-        return verify_stored(str(self.output_path), record.stored, record.results)
+        return verify_stored(record.task_id or "", str(self.output_path), record.stored, record.results)
 
     def _from_storage(self) -> dict[str, Any]:
         assert self.record is not None

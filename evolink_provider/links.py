@@ -7,8 +7,9 @@ finished nothing). The links are listed in the
 provider info (``extra-links``), so ``airflow providers links`` names them.
 
 Trust boundary: a URL comes from EvoLink's answer, which is not trusted, and ends up as an ``href`` in
-the UI. Only an absolute ``http``/``https`` URL with a host, no user info, no whitespace or control
-characters and at most :data:`MAX_LINK_LENGTH` characters is ever a link (:func:`safe_link`); anything
+the UI. Only an absolute ``http``/``https`` URL with a host, no user info, none of
+:func:`has_unsafe_characters`' characters and at most :data:`MAX_LINK_LENGTH` characters is ever a link
+(:func:`safe_link`); anything
 else (``javascript:``, ``data:``, a relative path) gives no link. It is checked when pushed and again when
 read.
 """
@@ -16,6 +17,7 @@ read.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
@@ -33,10 +35,20 @@ MAX_LINK_LENGTH = 4096
 _UNSAFE_CHARACTERS = re.compile(r"[\x00-\x20\x7f\\\"'<>`]")
 
 
+def has_unsafe_characters(text: str) -> bool:
+    """Whether ``text`` holds a character no link or asset URI may: ASCII controls, whitespace, quotes,
+    ``<>`\\`` (they escape an attribute), and any Unicode control, format or separator character
+    (categories ``C*`` and ``Z*``: U+202E reverses the host a reader sees, U+200B hides a character,
+    U+2028 breaks a line)."""
+    if _UNSAFE_CHARACTERS.search(text):
+        return True
+    return not text.isascii() and any(unicodedata.category(char)[0] in "CZ" for char in text)
+
+
 def safe_link(url: object) -> str | None:
     """``url`` if it may be shown as a link: absolute http(s), a host, nothing that could escape an
     attribute or hide the real host; else ``None``."""
-    if not isinstance(url, str) or not url or len(url) > MAX_LINK_LENGTH or _UNSAFE_CHARACTERS.search(url):
+    if not isinstance(url, str) or not url or len(url) > MAX_LINK_LENGTH or has_unsafe_characters(url):
         return None
     try:
         parts = urlsplit(url)

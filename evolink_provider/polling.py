@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from evolink_provider.answers import created_at
-from evolink_provider.exceptions import EvolinkError
+from evolink_provider.exceptions import MAX_SERVER_NAME, EvolinkError, server_text
 from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
 from evolink_provider.results import duration_phrase, printable
 from evolink_provider.storage import result_urls
@@ -108,7 +108,10 @@ def task_failure(task: dict[str, Any]) -> tuple[str | None, str]:
     error = task.get("error")
     if isinstance(error, dict):
         code = error.get("code")
-        return (str(code) if code else None), str(error.get("message") or "")
+        return (
+            server_text(code, MAX_SERVER_NAME) if code else None,
+            server_text(error.get("message") or ""),
+        )
     return None, ""
 
 
@@ -138,6 +141,7 @@ def decide_after_poll(
     """
     status = task.get("status")
     task_id = task.get("id", "?")
+    shown = server_text(status, MAX_SERVER_NAME)
     if status == COMPLETED_STATUS:
         if completed_without_output(task):
             return PollDecision(
@@ -149,14 +153,14 @@ def decide_after_poll(
         code, message = task_failure(task)
         return PollDecision(
             Outcome.FAILED,
-            message=f"EvoLink task {task_id} ended {status}"
+            message=f"EvoLink task {task_id} ended {shown}"
             + (f": code={code}" if code else "")
-            + (f", message={message!r}" if message else ""),
+            + (f', message="{message}"' if message else ""),
         )
     if deadline is not None and now >= deadline:
         return PollDecision(
             Outcome.TIMEOUT,
-            message=f"EvoLink task {task_id} is still {status} after the wait budget; it keeps running "
+            message=f"EvoLink task {task_id} is still {shown} after the wait budget; it keeps running "
             "remotely (EvoLink has no cancel call) and a retry of this Airflow task reattaches to it",
         )
     delay = next_poll_delay(
@@ -164,7 +168,7 @@ def decide_after_poll(
     )
     if deadline is not None:
         delay = max(0.0, min(delay, deadline - now))
-    note = "" if status in RUNNING_STATUSES else f"unknown status {status!r} treated as still running"
+    note = "" if status in RUNNING_STATUSES else f'unknown status "{shown}" treated as still running'
     return PollDecision(Outcome.WAIT, delay=delay, message=note)
 
 

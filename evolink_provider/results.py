@@ -12,22 +12,13 @@ reserved credits, so "used" falls back to "reserved" only for a completed task.
 from __future__ import annotations
 
 import math
-import unicodedata
 from typing import Any
 
 from evolink_provider.answers import credits_text
+from evolink_provider.exceptions import printable
 from evolink_provider.storage import result_urls
 
 __all__ = ["character_name", "credits_of", "final_line", "finished_value", "printable", "result_urls"]
-
-
-def printable(text: object) -> str:
-    """``text`` for a log line: control and format characters (newlines, ANSI escapes, bidi overrides)
-    escaped, so that a string from EvoLink's answer cannot forge log lines or recolour the console."""
-    return "".join(
-        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in ("Cc", "Cf") else char
-        for char in str(text)
-    )
 
 
 def _credit_number(value: Any) -> float | None:

@@ -6,11 +6,11 @@ memory), land under a temporary name first and are renamed only once complete an
 ``Content-Length``, so no half-written file ever carries the final name. HTTP stays in the hook.
 
 Trust boundary: the answer that names the results is not trusted. File names are built only from the task
-id (checked against EvoLink's format) and the result's index; the extension comes from the file's first
-bytes (an allow-list of video and image formats), never from the URL or ``Content-Type``; a symlink in the
-output folder is never followed, replaced or taken for a stored result; each result is capped at
-:data:`DEFAULT_MAX_RESULT_BYTES` and every download ends by the operator's deadline. Local inputs are
-checked and uploaded by :mod:`evolink_provider.uploads`.
+id (checked for safety: :data:`evolink_provider.answers.TASK_ID_PATTERN`) and the result's index
+(:data:`STORED_NAME`); the extension comes from the file's first bytes (an allow-list of video and image
+formats), never from the URL or ``Content-Type``; a symlink in the output folder is never followed, replaced
+or taken for a stored result; each result is capped at :data:`DEFAULT_MAX_RESULT_BYTES` and every download
+ends by the operator's deadline. Local inputs are checked and uploaded by :mod:`evolink_provider.uploads`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from evolink_provider.answers import MAX_RESULTS_PER_TASK, checked_task, is_task_id
+from evolink_provider.answers import (
+    MAX_RESULTS_PER_TASK,
+    RESULT_DATA_URLS,
+    TASK_ID_PATTERN,
+    checked_task,
+    is_task_id,
+)
 from evolink_provider.exceptions import EvolinkError, EvolinkTransportError
 
 if TYPE_CHECKING:
@@ -46,7 +52,13 @@ MP4_BRANDS = frozenset(
 )
 #: Bytes read before the type is decided (WebM names its DocType within its first few dozen bytes).
 HEAD_BYTES = 64
-STORED_NAME = re.compile(r"task-unified-[0-9]+-[a-z0-9]+-[0-9]+\.(mp4|mov|webm|png|jpg|webp)")
+#: A stored result's name: ``<task id>-<index>.<ext>``, the id as :func:`~evolink_provider.answers.is_task_id`
+#: allows it. The index is the digits after the last ``-``, so a name parses one way only: ids may contain
+#: ``-<digits>`` and dots (``a-0.5`` is a safe id), so a name is taken for a task's result only when its
+#: ``id`` and ``index`` groups are that task's (:func:`_is_result_name`), never by a glob alone.
+STORED_NAME = re.compile(
+    rf"(?P<id>{TASK_ID_PATTERN.pattern})-(?P<index>[0-9]+)\.(?P<ext>mp4|mov|webm|png|jpg|webp)"
+)
 
 
 class EvolinkStorageError(EvolinkError):
@@ -122,11 +134,7 @@ def result_urls(task: dict[str, Any]) -> list[str]:
     entries = data if isinstance(data, list) else [data]
     for entry in entries:
         if isinstance(entry, dict):
-            found += [
-                entry[name]
-                for name in ("video_url", "profile_picture_url")
-                if isinstance(entry.get(name), str)
-            ]
+            found += [entry[name] for name in RESULT_DATA_URLS if isinstance(entry.get(name), str)]
     return list(dict.fromkeys(url for url in found if url.strip()))
 
 
@@ -151,7 +159,7 @@ def store_results(
     :param known: the files of this task an earlier try recorded.
     :param on_stored: told of every file this call stores, right after its rename.
     """
-    if not is_task_id(task.get("id")):  # the id becomes a file name: only in EvoLink's format
+    if not is_task_id(task.get("id")):  # the id becomes a file name: only a safe one
         checked_task(task)  # raises, naming the rule the id breaks
     urls = result_urls(task)
     if len(urls) > MAX_RESULTS_PER_TASK + 1:  # + sora-character's profile picture
@@ -168,7 +176,7 @@ def store_results(
     stored = []
     for index, url in enumerate(urls):
         stem = f"{task['id']}-{index}"
-        path = _already_stored(folder, stem, records.get(index))
+        path = _already_stored(folder, str(task["id"]), index, records.get(index))
         if path is None:
             path, item = _store_one(hook, url, folder, stem, index, deadline, max_bytes)
             if on_stored is not None:
@@ -179,7 +187,9 @@ def store_results(
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in stored]
 
 
-def verify_stored(output_path: str, files: Sequence[StoredFile], expected: int) -> list[str] | None:
+def verify_stored(
+    task_id: str, output_path: str, files: Sequence[StoredFile], expected: int
+) -> list[str] | None:
     """The locations of ``files`` when they are a complete set (indexes ``0..expected-1``) and each is
     still a regular file of its recorded size; else None. Nothing is read but the sizes."""
     by_index = {item.index: item for item in files}
@@ -191,7 +201,7 @@ def verify_stored(output_path: str, files: Sequence[StoredFile], expected: int) 
     for index in range(expected):
         item = by_index[index]
         path = folder / item.name
-        if not STORED_NAME.fullmatch(item.name) or not _matches(path, item):
+        if not _is_result_name(item.name, task_id, index) or not _matches(path, item):
             return None
         found.append(path)
     if "://" not in output_path:
@@ -209,12 +219,13 @@ def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
 
 
 def _already_stored(
-    folder: Path | ObjectStoragePath, stem: str, record: StoredFile | None
+    folder: Path | ObjectStoragePath, task_id: str, index: int, record: StoredFile | None
 ) -> Path | ObjectStoragePath | None:
-    """The stored file of result ``stem`` that a later try may keep without downloading it, or None."""
+    """The stored result ``index`` of ``task_id`` that a later try may keep without downloading it, or
+    None."""
     if record is not None:
         path = folder / record.name
-        if record.name.startswith(f"{stem}.") and _matches(path, record):
+        if _is_result_name(record.name, task_id, index) and _matches(path, record):
             log.info("%s is stored as recorded (%d bytes); kept.", path, record.size)
             return path
         log.warning("%s does not match its record (%d bytes): downloading it again.", path, record.size)
@@ -222,8 +233,9 @@ def _already_stored(
     try:
         matches = [
             match
-            for match in folder.glob(f"{stem}.*")
-            if STORED_NAME.fullmatch(match.name) and not (isinstance(match, Path) and match.is_symlink())
+            for match in folder.glob(f"{task_id}-{index}.*")
+            if _is_result_name(match.name, task_id, index)
+            and not (isinstance(match, Path) and match.is_symlink())
         ]
     except OSError:
         return None
@@ -231,6 +243,13 @@ def _already_stored(
         return None
     log.info("%s is stored under its final name by an earlier try (no record of it): kept.", matches[0])
     return matches[0]
+
+
+def _is_result_name(name: str, task_id: str, index: int) -> bool:
+    """Whether ``name`` is result ``index`` of ``task_id`` (``a-0.5-0.mp4`` matches the glob ``a-0.*`` of
+    task ``a`` but is result 0 of task ``a-0.5``)."""
+    parts = STORED_NAME.fullmatch(name)
+    return parts is not None and parts["id"] == task_id and parts["index"] == str(index)
 
 
 def _store_one(
@@ -314,8 +333,11 @@ def _target(folder: Path | ObjectStoragePath, name: str) -> Path | ObjectStorage
 
 def _remove_stale_parts(folder: Path | ObjectStoragePath, stem: str) -> None:
     """Delete the temporary files a killed download of the same result left behind."""
+    own = re.compile(rf"\.{re.escape(stem)}\.part-[0-9a-f]{{8}}")  # not another id's (``a-0.part-1``)
     try:
         for stale in folder.glob(f".{stem}.part-*"):
+            if not own.fullmatch(stale.name):
+                continue
             stale.unlink(missing_ok=True)
             log.info("Removed %s, left by an interrupted download.", stale)
     except OSError as error:

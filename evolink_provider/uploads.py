@@ -8,6 +8,12 @@ Airflow's DAGs folder; a symlink counts where it points), of a type the Files AP
 GIF) by extension *and* by its first bytes, and at most :data:`MAX_UPLOAD_BYTES`. Storage URIs (``s3://``,
 ``gs://``, ...) go only when a listed entry is a prefix of them. The file is then streamed with its checked
 size: one that grows or shrinks meanwhile is refused rather than sent.
+
+The path is checked before it is opened, and the *opened file* again after (:func:`_opened_location`):
+whoever can write into a folder on the path could swap a parent folder for a symlink between the check
+and the open (``O_NOFOLLOW`` guards the last component only), and the file read would be another one.
+A hard link inside an allowed folder is accepted: it *is* the file, by a name inside the folder, and
+whoever can make one there could as well copy the file there.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ IMAGE_EXTENSIONS = {
 }
 #: Pseudo-filesystems: never uploaded, whatever the allowed folders say.
 SYSTEM_ROOTS = (Path("/proc"), Path("/dev"), Path("/sys"))
+#: Linux names the file behind each open descriptor here (see :func:`_opened_location`).
+PROC_FD = Path("/proc/self/fd")
 
 
 def image_type(head: bytes) -> str | None:
@@ -121,12 +129,32 @@ def open_checked_input(ref: MediaRef, label: str, allowed: AllowedLocations) -> 
     return _open_local_file(Path(value).expanduser(), refuse, allowed)
 
 
-def _open_local_file(path: Path, refuse: Any, allowed: AllowedLocations) -> CheckedInput:
-    real = Path(os.path.realpath(path))  # symlinks count where they point
+def _check_location(real: Path, refuse: Any, allowed: AllowedLocations) -> None:
     if any(real == root or real.is_relative_to(root) for root in SYSTEM_ROOTS):
         raise refuse("regular image files; /proc, /dev and /sys are never uploaded")
     if not any(real.is_relative_to(folder) for folder in allowed.folders):
         raise refuse(allowed.rule)
+
+
+def _opened_location(descriptor: int, path: Path) -> Path | None:
+    """Where the file open as ``descriptor`` is. On Linux the kernel says (``/proc/self/fd/N`` names the
+    file that was opened, whatever was swapped since); elsewhere ``path`` resolved again, trusted only
+    when it still leads to the very file opened (same device and inode). ``None``: it cannot be told."""
+    try:
+        return Path(os.readlink(PROC_FD / str(descriptor)))
+    except OSError:
+        pass
+    again = Path(os.path.realpath(path))
+    try:
+        now, opened = os.stat(again), os.fstat(descriptor)
+    except OSError:
+        return None
+    return again if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino) else None
+
+
+def _open_local_file(path: Path, refuse: Any, allowed: AllowedLocations) -> CheckedInput:
+    real = Path(os.path.realpath(path))  # symlinks count where they point
+    _check_location(real, refuse, allowed)
     content_type = IMAGE_EXTENSIONS.get(real.suffix.lower())
     if content_type is None:
         raise refuse(f"images named {', '.join(IMAGE_EXTENSIONS)} (the Files API takes images only)")
@@ -146,9 +174,19 @@ def _open_local_file(path: Path, refuse: Any, allowed: AllowedLocations) -> Chec
         raise refuse("an existing, readable regular file") from None
     raw = os.fdopen(descriptor, "rb")
     opened = os.fstat(descriptor)
-    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+    location = _opened_location(descriptor, path)
+    if (
+        not stat.S_ISREG(opened.st_mode)
+        or (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino)
+        or location is None
+    ):
         raw.close()
         raise refuse("a file that stays the same while it is checked")
+    try:
+        _check_location(location, refuse, allowed)  # the file opened, not the path checked
+    except EvolinkInputRefusedError:
+        raw.close()
+        raise
     return _checked(raw, opened.st_size, real.name, content_type, refuse)
 
 

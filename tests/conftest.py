@@ -22,6 +22,8 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_API_KEY = "sk-sim-pytest-key-5d1c0a97e3"
+#: A second key of the simulator: its tasks are not the first key's (a read with the other key is refused).
+SECOND_API_KEY = "sk-sim-pytest-second-key-71f04b"
 
 
 def _free_port() -> int:
@@ -105,10 +107,17 @@ class SimulatorControl:
     def reset(self) -> None:
         requests.post(f"{self.base_url}/_simulator/reset", timeout=5).raise_for_status()
 
-    def set_credits(self, remaining: float | None = None, unlimited: bool = False) -> None:
-        """What ``GET /v1/credits`` reports until the next reset."""
-        body = {"remaining": remaining, "unlimited": unlimited}
+    def set_credits(
+        self, remaining: float | None = None, key_remaining: float | None = None, key_unlimited: bool = False
+    ) -> None:
+        """The account's balance and the key's own quota (or none) until the next reset."""
+        body = {"remaining": remaining, "key_remaining": key_remaining, "key_unlimited": key_unlimited}
         requests.post(f"{self.base_url}/_simulator/credits", json=body, timeout=5).raise_for_status()
+
+    def issue_task_ids(self, *ids: str) -> None:
+        """The next created tasks take these ids, in order."""
+        response = requests.post(f"{self.base_url}/_simulator/task_ids", json={"ids": list(ids)}, timeout=5)
+        response.raise_for_status()
 
     def posts(self) -> int:
         return int(self.stats()["requests"].get("POST /v1/videos/generations", 0))
@@ -119,7 +128,9 @@ def simulator_server() -> Iterator[str]:
     """The simulator, started once for the session on the port the connection names."""
     from evolink_provider.simulator import EvolinkSimulator
 
-    with EvolinkSimulator(api_key=TEST_API_KEY, port=SIMULATOR_PORT, task_seconds=2.0) as sim:
+    with EvolinkSimulator(
+        api_key=TEST_API_KEY, extra_api_keys=[SECOND_API_KEY], port=SIMULATOR_PORT, task_seconds=2.0
+    ) as sim:
         yield sim.base_url
 
 

@@ -290,3 +290,20 @@ def test_openlineage_events_name_the_inputs_and_the_stored_outputs(
     assert output["namespace"] == "file"
     assert Path(output["name"]).is_relative_to(tmp_path / "videos")
     assert Path(output["name"]).suffix == ".mp4" and Path(output["name"]).is_file()
+
+
+#: Characters that hide or reorder what a reader sees: a bidi override (U+202E), a zero-width space, a C1
+#: control (U+0085), a line separator, a no-break space.
+HIDING_CHARACTERS = ["\u202e", "\u200b", "\u0085", "\u2028", "\u00a0"]
+
+
+@pytest.mark.parametrize("char", HIDING_CHARACTERS, ids=lambda char: f"U+{ord(char):04X}")
+def test_unicode_control_and_format_characters_make_no_link_and_no_asset(char: str) -> None:
+    url = f"https://files.example/4pm.{char}vm.mp4"
+    assert safe_link(url) is None
+    done = {"id": TASK_ID, "status": "completed", "results": [url]}
+    assert link_targets(done) == {}
+    request = summarize_request("seedance-2.0-fast-text-to-video", {"prompt": "p"})
+    assert asset_events(done, request, announce_result_urls=True) == []
+    stored = {**done, "files": [f"file:///tmp/evolink-no-such-folder/{char}4pm.mp4"]}
+    assert asset_events(stored, request, announce_result_urls=False) == []

@@ -77,7 +77,9 @@ def test_credits_and_test_connection(sim: SimulatorControl, hook: EvolinkHook) -
     remaining = hook.get_credits()["data"]["user"]["remaining_credits"]
     ok, message = hook.test_connection()
     assert ok
-    assert message.endswith(f"remaining credits: {remaining:g}")
+    assert message.endswith(
+        f"remaining credits: {remaining:g} (account balance {remaining:g}, the key has no quota of its own)"
+    )
 
 
 def test_test_connection_reports_a_bad_key(sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,6 +63,8 @@ class HostileServer:
         self.routes: dict[str, Respond] = {}
         self.requests: list[tuple[str, str]] = []
         self.bodies: list[bytes] = []
+        #: The headers of each request, in order.
+        self.headers: list[dict[str, str]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -75,6 +77,7 @@ class HostileServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 server.bodies.append(self.rfile.read(length) if length else b"")
                 server.requests.append((self.command, self.path))
+                server.headers.append(dict(self.headers.items()))
                 matches = [prefix for prefix in server.routes if self.path.startswith(prefix)]
                 if not matches:
                     send(self, 404, b'{"error": {"code": "not_found", "message": "nothing here"}}')
@@ -199,8 +202,8 @@ def test_a_poll_answer_for_another_task_is_a_bad_answer(hostile: HostileServer, 
         "task-unified-1-abc%2F..%2Fv1",
         f"{TASK_ID}\r\nX-Evil: 1",
         "task-unified-1/../../v1",
-        "TASK-UNIFIED-1-ABCDEFGH",
-        "task-unified-1-abcdefg",
+        "..",
+        ".task-unified-1-abc",
         f"{TASK_ID}\n",
     ],
 )
@@ -223,6 +226,8 @@ def test_ids_we_send_are_checked_before_any_http(
         (task(results=[f"https://x.example/{i}.mp4" for i in range(10_000)]), "results"),
         (task(results=[{"url": "x"}]), "results"),
         (task(result_data="x"), "result_data"),
+        (task(result_data=[{"video_url": f"https://x.example/{i}.mp4"} for i in range(1500)]), "result_data"),
+        (task(result_data={"profile_picture_url": ["https://x.example/p.png"]}), "result_data"),
         (b'{"id": "' + TASK_ID.encode() + b'", "status": "processing", "progress": NaN}', "NaN"),
         (b'{"id": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
         (b"[" * 50 + b"]" * 50, "nested"),
@@ -237,6 +242,8 @@ def test_ids_we_send_are_checked_before_any_http(
         "10k-results",
         "results-type",
         "result_data",
+        "1500-result_data",
+        "result_data-url",
         "nan",
         "deep",
         "nested-33",
@@ -397,7 +404,7 @@ def test_a_malformed_task_in_a_batch_answer_fails_the_poll_not_the_triggerer(
         )
     )
     assert [event["status"] for event in events] == ["error"]
-    assert "task-unified-<digits>" in events[0]["message"]
+    assert "not a safe task id" in events[0]["message"]
 
 
 def run_trigger(trigger: EvolinkTaskTrigger) -> list[dict[str, Any]]:
@@ -806,3 +813,224 @@ def test_any_answer_ends_as_a_task_or_an_evolink_error_in_both_modes(
     assert len(events) == 1
     status = events[0]["status"]
     assert status in ({"success", "failed", "timeout"} if accepted else {"error"}), events[0]
+
+
+# -- server-supplied text: one printable/length rule, and never the connection's key ---------------------
+
+HOSTILE_KEY = "sk-hostile-test-key-0123"
+#: The key as a JSON escape: a server need not echo it byte for byte.
+ESCAPED_KEY = "".join(f"\\u{ord(char):04x}" for char in HOSTILE_KEY)
+
+
+def _every_text(error: BaseException) -> str:
+    return " ".join([str(error), repr(error), *(str(value) for value in vars(error).values())])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps(
+            {
+                "error": {
+                    "code": f"bad_{HOSTILE_KEY}",
+                    "message": f"invalid key Bearer {HOSTILE_KEY}",
+                    "request_id": f"req-{HOSTILE_KEY}",
+                }
+            }
+        ).encode(),
+        b'{"error": {"code": "x", "message": "key ' + ESCAPED_KEY.encode() + b' refused"}}',
+        b"<html><body>502 upstream said: Authorization: Bearer " + HOSTILE_KEY.encode() + b"</body></html>",
+    ],
+    ids=["json", "json-escaped", "html"],
+)
+def test_a_key_echoed_in_an_error_body_reaches_no_exception_or_log(
+    hostile: HostileServer, hook: EvolinkHook, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    hostile.json("/v1/tasks/", body, status=502, headers={"X-Request-Id": f"id-{HOSTILE_KEY}"})
+    with caplog.at_level(logging.DEBUG):
+        errors = _both_modes(hook)
+    for error in errors:
+        assert "***" in str(error), error
+        assert HOSTILE_KEY not in _every_text(error)
+    assert HOSTILE_KEY not in caplog.text
+    assert "attempt 2 of 2" in caplog.text  # the retries were logged, without the key
+
+
+def test_a_key_echoed_in_a_task_answer_is_replaced_before_anything_reads_it(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    failed = task(status="failed", error={"code": "service_error", "message": f"upstream got {HOSTILE_KEY}"})
+    hostile.json("/v1/tasks/", failed)
+    answer = hook.get_task(TASK_ID)
+    assert answer["error"]["message"] == "upstream got ***"
+    (event,) = run_trigger(
+        EvolinkTaskTrigger(TASK_ID, "evolink_hostile", poll_interval=0.01, end_time=time.time() + 30)
+    )
+    assert event["status"] == "failed" and HOSTILE_KEY not in json.dumps(event)
+
+
+CONTROL = "\x1b[31m\u202e\r\n"
+CONTROL_CHARACTERS = "\x1b\u202e\r\n"
+
+
+def test_code_request_id_status_and_message_pass_one_printable_and_length_rule(
+    hostile: HostileServer, hook: EvolinkHook
+) -> None:
+    from evolink_provider.exceptions import MAX_SERVER_MESSAGE, MAX_SERVER_NAME, EvolinkTaskError
+    from evolink_provider.polling import decide_after_poll
+    from evolink_provider.triggers.evolink import task_from_event
+
+    hostile.json(
+        "/v1/tasks/",
+        {"error": {"code": f"c{CONTROL}" * 100, "message": f"m{CONTROL}" * 10_000, "request_id": CONTROL}},
+        status=400,
+        headers={"X-Request-Id": "h" * 10_000},
+    )
+    for error in _both_modes(hook):
+        shown = str(error)
+        assert not any(char in shown for char in CONTROL_CHARACTERS), shown
+        assert len(shown) < 200 + MAX_SERVER_MESSAGE + 2 * MAX_SERVER_NAME, len(shown)
+
+    failed = task(status="failed", error={"code": f"x{CONTROL}" * 10, "message": f"m{CONTROL}" * 1_000})
+    decision = decide_after_poll(failed, now=time.time(), started_at=time.time(), deadline=None)
+    hostile.json("/v1/tasks/", failed)
+    (event,) = run_trigger(
+        EvolinkTaskTrigger(TASK_ID, "evolink_hostile", poll_interval=0.01, end_time=time.time() + 30)
+    )
+    with pytest.raises(EvolinkTaskError) as ended:
+        task_from_event(event)
+    odd_status = decide_after_poll(
+        task(status=f"queued{CONTROL}"), now=time.time(), started_at=time.time(), deadline=None
+    )
+    ended_status = EvolinkTaskError(TASK_ID, f"cancelled{CONTROL}" * 40, None, None)
+    for shown in (decision.message, str(ended.value), odd_status.message, str(ended_status)):
+        assert not any(char in shown for char in CONTROL_CHARACTERS), shown
+        assert len(shown) < 200 + MAX_SERVER_MESSAGE + 2 * MAX_SERVER_NAME, len(shown)
+
+
+NON_ASCII_KEY = "sk-live-secret\u2013part-caf\u00e9"
+
+
+def test_a_non_ascii_key_is_refused_when_the_connection_is_read_sync_and_in_the_trigger(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typographic dash pasted with the key: the clients failed to encode it (or sent it as Latin-1),
+    the trigger's after the worker's paid submission. Both refuse it before any HTTP, not showing it."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_EVOLINK_NON_ASCII",
+        json.dumps({"conn_type": "evolink", "password": NON_ASCII_KEY, "host": hostile.url}),
+    )
+    with pytest.raises(EvolinkConfigurationError, match="non-ASCII") as refused:
+        EvolinkHook("evolink_non_ascii").get_task(TASK_ID)
+    (event,) = run_trigger(
+        EvolinkTaskTrigger(TASK_ID, "evolink_non_ascii", poll_interval=0.01, end_time=time.time() + 30)
+    )
+    assert event["status"] == "error" and "non-ASCII" in event["message"], event
+    assert not event["retryable"]
+    for shown in (str(refused.value), repr(refused.value), json.dumps(event)):
+        assert "secret" not in shown and "caf" not in shown, shown
+    assert hostile.requests == []
+
+
+@pytest.mark.parametrize("proc", [True, False], ids=["proc-self-fd", "inode-of-the-path-resolved-again"])
+def test_a_parent_folder_swapped_for_a_symlink_after_the_check_reads_no_outside_file(
+    hostile: HostileServer, allowed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc: bool
+) -> None:
+    """The swap happens at a fixed point: right after the path was resolved and checked, before it is
+    opened (in the wild a race a writer of the allowed folder wins 20 times in 12,210 tries)."""
+    import evolink_provider.uploads as uploads
+
+    inside, outside = allowed / "refs", tmp_path / "secrets"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "hero.png").write_bytes(PNG + b"inside")
+    (outside / "hero.png").write_bytes(PNG + b"outside: the deployment's private picture")
+    real_realpath = os.path.realpath
+    swapped = []
+
+    def swap_after_resolving(path: Any, *args: Any, **kwargs: Any) -> str:
+        resolved = real_realpath(path, *args, **kwargs)
+        if str(path) == str(inside / "hero.png") and not swapped:
+            inside.rename(allowed / "refs.before")
+            inside.symlink_to(outside, target_is_directory=True)
+            swapped.append(path)
+        return resolved
+
+    monkeypatch.setattr(os.path, "realpath", swap_after_resolving)
+    if not proc:
+        monkeypatch.setattr(uploads, "PROC_FD", tmp_path / "no-proc", raising=False)
+    with pytest.raises(EvolinkInputRefusedError, match=r"upload_allowed_dirs|stays the same"):
+        upload(str(inside / "hero.png"))
+    assert swapped and hostile.requests == []
+
+
+def test_a_hard_link_inside_an_allowed_folder_is_uploaded(
+    hostile: HostileServer, allowed: Path, tmp_path: Path
+) -> None:
+    """Documented: a hard link is the file, by a name inside the folder (see evolink_provider.uploads)."""
+    elsewhere = tmp_path / "hero.png"
+    elsewhere.write_bytes(PNG + b"linked")
+    os.link(elsewhere, allowed / "hero.png")
+    assert upload(str(allowed / "hero.png"))["image_urls"] == ["https://files.example/u/1.png"]
+
+
+# -- the key goes to the base URL only, and into no log line --------------------------------------------
+
+
+def test_result_hosts_never_see_the_key_on_any_hop_or_retry(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The result host here is the connection's own host (the only private one a download may reach), so
+    a download that reused the API requests' headers would hand it the key."""
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, max_retries=2)
+    answers = iter([503])
+
+    def flaky_then_redirect(handler: BaseHTTPRequestHandler) -> None:
+        status = next(answers, None)
+        if status is not None:
+            send(handler, status, b"busy", content_type="text/plain")
+        else:
+            send(handler, 302, b"", content_type="text/plain", headers={"Location": "/files/v.mp4"})
+
+    hostile.routes["/media/"] = flaky_then_redirect
+    hostile.file("/files/", MP4, "video/mp4")
+    stored = store_results(
+        EvolinkHook("evolink_hostile"), completed(f"{hostile.url}/media/v.mp4"), str(tmp_path)
+    )
+    assert len(stored) == 1
+    assert [path for _, path in hostile.requests] == ["/media/v.mp4", "/media/v.mp4", "/files/v.mp4"]
+    for headers in hostile.headers:
+        assert not {name.lower() for name in headers} & {"authorization", "idempotency-key"}, headers
+        assert not any(HOSTILE_KEY in value for value in headers.values()), headers
+
+
+def test_retries_are_logged_without_the_key(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The send loops log each repeat (sync reads and submissions at WARNING, the triggers' reads at INFO;
+    downloads repeat without a line); no line and no error carries the key, at any level."""
+    set_connection(monkeypatch, "evolink_hostile", hostile.url, max_retries=2, batch_polling=True)
+    for prefix in ("/v1/tasks/", "/v1/videos/generations", "/media/"):
+        hostile.json(prefix, {"error": {"code": "internal_error", "message": "try again"}}, status=503)
+    hook = EvolinkHook("evolink_hostile")
+    with caplog.at_level(logging.DEBUG):
+        for call in (
+            lambda: hook.get_task(TASK_ID),
+            lambda: hook.create_video_task({"model": "m", "prompt": "p"}, "evl-retry-log-test-key-01"),
+            lambda: store_results(hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path)),
+            lambda: asyncio.run(_read_async(TASK_ID)),
+        ):
+            with pytest.raises(EvolinkError) as failed:
+                call()
+            assert HOSTILE_KEY not in _every_text(failed.value)
+    retries = [record for record in caplog.records if "attempt" in record.getMessage()]
+    assert len(retries) >= 6, [record.getMessage() for record in caplog.records]
+    assert HOSTILE_KEY not in caplog.text
+    assert all(HOSTILE_KEY not in repr(record.args) for record in caplog.records)
+
+
+async def _read_async(task_id: str) -> dict[str, Any]:
+    try:
+        return await EvolinkHook("evolink_hostile").aget_task(task_id)
+    finally:
+        await aclose_async_clients()

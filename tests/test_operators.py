@@ -323,10 +323,18 @@ def test_the_sensor_logs_its_outcome(
     assert waited["results"][0] in logged
 
 
-def test_min_credits_refuses_to_submit_below_the_balance(
-    sim: SimulatorControl, capfd: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "balance",
+    [
+        {"remaining": 12.5, "key_unlimited": True},
+        {"remaining": 100_000, "key_remaining": 12.5},
+    ],
+    ids=["account-balance", "key-quota"],
+)
+def test_min_credits_refuses_to_submit_below_what_the_key_can_spend(
+    sim: SimulatorControl, capfd: pytest.CaptureFixture[str], balance: dict[str, Any]
 ) -> None:
-    sim.set_credits(12.5)
+    sim.set_credits(**balance)
 
     state, tasks = run_dag("evolink_min_credits")
 
@@ -340,8 +348,12 @@ def test_min_credits_refuses_to_submit_below_the_balance(
     )
 
 
-@pytest.mark.parametrize("balance", [{"remaining": 50}, {"remaining": 0, "unlimited": True}])
-def test_min_credits_lets_a_sufficient_or_unlimited_balance_submit(
+@pytest.mark.parametrize(
+    "balance",
+    [{"remaining": 50, "key_unlimited": True}, {"remaining": 80, "key_remaining": 50}],
+    ids=["account-balance", "key-quota"],
+)
+def test_min_credits_lets_what_the_key_can_spend_submit(
     sim: SimulatorControl, balance: dict[str, Any]
 ) -> None:
     sim.set_credits(**balance)
@@ -350,6 +362,16 @@ def test_min_credits_lets_a_sufficient_or_unlimited_balance_submit(
 
     assert state == "success", tasks
     assert sim.posts() == 1
+
+
+def test_a_key_without_a_quota_of_its_own_still_spends_the_accounts_balance(sim: SimulatorControl) -> None:
+    """``token.unlimited_credits`` lifts the key's quota, never the account's balance."""
+    sim.set_credits(0, key_unlimited=True)
+
+    state, tasks = run_dag("evolink_min_credits")
+
+    assert state == "failed" and tasks["generate"] == ("failed", 1), tasks
+    assert sim.posts() == 0
 
 
 def test_a_reattaching_retry_does_not_read_the_balance_again(sim: SimulatorControl) -> None:

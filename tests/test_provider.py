@@ -142,7 +142,10 @@ def test_the_connection_test_of_the_ui_and_rest_api_reports_the_credits(sim: Sim
     sim.set_credits(1234567.5)
     assert conn.test_connection() == (
         True,
-        f"Connected to EvoLink at {sim.base_url}; remaining credits: 1234567.5",
+        f"Connected to EvoLink at {sim.base_url}; remaining credits: 1234567.5 "
+        "(account balance 1234567.5, the key has no quota of its own)",
     )
-    sim.set_credits(unlimited=True)
-    assert conn.test_connection()[1].endswith("remaining credits: unlimited")
+    sim.set_credits(key_remaining=12.5)
+    assert conn.test_connection()[1].endswith(
+        "remaining credits: 12.5 (account balance 1234567.5, the key has a quota of 12.5)"
+    )

@@ -19,6 +19,7 @@ import requests
 
 from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
+    EvolinkBadAnswerError,
     EvolinkBadRequestError,
     EvolinkConflictError,
     EvolinkInsufficientCreditsError,
@@ -449,7 +450,8 @@ def test_a_video_upload_is_refused_and_not_retried(
 def test_credits_shape_and_a_success_false_refusal(sim: SimulatorControl, hook: EvolinkHook) -> None:
     answer = hook.get_credits()
     assert set(answer) == {"data", "message"}
-    assert set(answer["data"]["user"]) == {"remaining_credits", "used_credits", "unlimited_credits"}
+    assert set(answer["data"]["user"]) == {"remaining_credits", "used_credits"}
+    assert set(answer["data"]["token"]) == {"remaining_credits", "used_credits", "unlimited_credits"}
     sim.add_faults({"method": "GET", "path_prefix": "/v1/credits", "kind": "refused", "status": 503})
     with pytest.raises(EvolinkRefusedError) as caught:
         EvolinkHook().get_credits()
@@ -654,3 +656,48 @@ def _tiny_png() -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00"))
         + chunk(b"IEND", b"")
     )
+
+
+def _credits(user: dict[str, Any], token: dict[str, Any] | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"user": user}
+    if token is not None:
+        data["token"] = token
+    return {"data": data, "message": "success"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "spendable"),
+    [
+        (_credits({"remaining_credits": 80}, {"remaining_credits": 0, "unlimited_credits": True}), 80),
+        (_credits({"remaining_credits": 80}, {"remaining_credits": 5, "unlimited_credits": False}), 5),
+        (_credits({"remaining_credits": 3}, {"remaining_credits": 50, "unlimited_credits": False}), 3),
+        (_credits({"remaining_credits": 0}, {"remaining_credits": 9, "unlimited_credits": True}), 0),
+        # The reading corrected on 2026-12-03: unlimited_credits under user says nothing about the key.
+        (_credits({"remaining_credits": 7, "unlimited_credits": True}, {"remaining_credits": 2}), 2),
+    ],
+    ids=["key-unlimited", "key-quota-binds", "account-binds", "no-account-balance", "user-flag-ignored"],
+)
+def test_what_a_key_can_spend_is_the_account_and_the_keys_quota(
+    answer: dict[str, Any], spendable: float
+) -> None:
+    from evolink_provider.answers import read_credits
+
+    assert read_credits(answer).spendable == spendable
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _credits({"remaining_credits": 80}, None),
+        _credits({"remaining_credits": 80}, {"unlimited_credits": False}),
+        _credits({"unlimited_credits": True}, {"unlimited_credits": True}),
+    ],
+    ids=["no-token", "limited-key-without-remaining", "no-account-balance"],
+)
+def test_a_credits_answer_that_does_not_say_what_the_key_can_spend_is_a_bad_answer(
+    answer: dict[str, Any],
+) -> None:
+    from evolink_provider.answers import read_credits
+
+    with pytest.raises(EvolinkBadAnswerError, match="credits answer"):
+        read_credits(answer)

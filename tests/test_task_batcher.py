@@ -18,7 +18,7 @@ from evolink_provider.hooks.task_batcher import (
 )
 from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
-from tests.conftest import CONNECTION_EXTRA, SIMULATOR_URL, TEST_API_KEY, SimulatorControl
+from tests.conftest import CONNECTION_EXTRA, SECOND_API_KEY, SIMULATOR_URL, TEST_API_KEY, SimulatorControl
 
 BATCH_CONN = "evolink_batch"
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "a kite over dunes", "duration": 4}
@@ -37,8 +37,8 @@ def batch_conn(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     yield BATCH_CONN
 
 
-def submit(count: int) -> list[str]:
-    hook = EvolinkHook()
+def submit(count: int, conn_id: str = EvolinkHook.default_conn_name) -> list[str]:
+    hook = EvolinkHook(conn_id)
     try:
         return [hook.create_video_task(dict(SEEDANCE))["id"] for _ in range(count)]
     finally:
@@ -156,3 +156,36 @@ def test_batch_answers_of_other_shapes() -> None:
     for odd in ({"data": {"items": [task]}}, {"data": "ok"}, {"data": [task, "x"]}):
         with pytest.raises(UnexpectedBatchAnswer):
             tasks_in_batch_answer(odd)
+
+
+def test_a_batch_carries_one_api_keys_tasks_only(
+    sim: SimulatorControl, batch_conn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two connections with two keys on one event loop: each key's reads go in its own batches. A task
+    read with the other key is refused (the simulator leaves it out of a batch, and a single read of it
+    answers 403), so a shared batch would fail the second key's read."""
+    connection = {
+        "conn_type": "evolink",
+        "password": SECOND_API_KEY,
+        "host": SIMULATOR_URL,
+        "extra": {**CONNECTION_EXTRA, "batch_polling": True},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_EVOLINK_BATCH_SECOND", json.dumps(connection))
+    (first,) = submit(1)
+    (second,) = submit(1, "evolink_batch_second")
+
+    async def main() -> list[Any]:
+        try:
+            reads = (
+                EvolinkHook(batch_conn).aget_task(first),
+                EvolinkHook("evolink_batch_second").aget_task(second),
+            )
+            return await asyncio.gather(*reads, return_exceptions=True)
+        finally:
+            await aclose_async_clients()
+
+    answers = asyncio.run(main())
+
+    assert not [answer for answer in answers if isinstance(answer, BaseException)], answers
+    assert [answer["id"] for answer in answers] == [first, second]
+    assert reads(sim) == (2, 0)  # one batch per key, no fallback read

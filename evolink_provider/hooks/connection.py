@@ -129,11 +129,14 @@ def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
             f"Airflow connection {conn.conn_id!r} has no EvoLink API key: put the key in its password "
             "field (shown as 'API key' in the UI)."
         )
-    if not key.isprintable() or any(char.isspace() for char in key):
+    if not key.isascii() or not key.isprintable() or any(char.isspace() for char in key):
         # Never echo it: the key is a secret, and the HTTP libraries would put it in their error text.
+        # Non-ASCII: an HTTP header carries bytes; requests would send it as Latin-1, the triggers' client
+        # would fail while encoding it, after the (paid) submission was made by the worker.
         raise EvolinkConfigurationError(
-            f"The EvoLink API key of Airflow connection {conn.conn_id!r} contains whitespace or control "
-            "characters (a line break pasted with it?); the key itself is not shown. Re-enter it."
+            f"The EvoLink API key of Airflow connection {conn.conn_id!r} contains whitespace, control or "
+            "non-ASCII characters (a line break or a typographic dash pasted with it?); the key itself is "
+            "not shown. Re-enter it."
         )
     extra = conn.extra_dejson or {}
     base_url = resolve_base_url(conn.host, conn.schema, conn.port)

@@ -23,14 +23,16 @@ import weakref
 from contextlib import AbstractContextManager
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote
 
-from evolink_provider.answers import checked_task, credits_text, remaining_credits, task_id_to_send
+from evolink_provider.answers import checked_task, credits_text, read_credits, task_id_to_send
 from evolink_provider.compat import BaseHook, hook_field_behaviour
 from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
     EvolinkError,
     EvolinkTransportError,
     EvolinkWaitTimeoutError,
+    server_text,
 )
 from evolink_provider.hooks.connection import (
     EvolinkConnectionSettings,
@@ -186,21 +188,27 @@ class EvolinkHook(BaseHook):
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(
-                f"EvoLink Files API did not return a file_url for {filename!r}: {answer.get('msg')!r}",
+                f"EvoLink Files API did not return a file_url for {filename!r}: "
+                f'"{server_text(answer.get("msg") or "")}"',
                 request_sent=True,
             )
         return data
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check the key with the free ``GET /v1/credits`` and report the remaining credits."""
+        """Check the key with the free ``GET /v1/credits`` and report what it can spend
+        (:class:`~evolink_provider.answers.Credits`)."""
         try:
-            balance = remaining_credits(self.get_credits())
+            credits = read_credits(self.get_credits())
         except EvolinkAuthenticationError as error:
             return False, f"EvoLink rejected the API key (HTTP 401: {error.api_message})."
         except EvolinkError as error:
             return False, str(error)
-        remaining = "unlimited" if balance is None else credits_text(balance)
-        return True, f"Connected to EvoLink at {self.settings.base_url}; remaining credits: {remaining}"
+        quota = "no quota of its own" if credits.key is None else f"a quota of {credits_text(credits.key)}"
+        return True, (
+            f"Connected to EvoLink at {self.settings.base_url}; remaining credits: "
+            f"{credits_text(credits.spendable)} (account balance {credits_text(credits.account)}, "
+            f"the key has {quota})"
+        )
 
     def close(self) -> None:
         """Release the sync session's connections."""
@@ -288,7 +296,9 @@ def _failed(future: asyncio.Future[Any]) -> bool:
 
 
 def _task_path(task_id: str) -> str:
-    return f"/v1/tasks/{task_id_to_send(task_id)}"
+    """The read path of a task: the id checked for safety, then URL-encoded as one path segment anyway (as
+    EvoLink's CLI does), so that the path stays one segment whatever the id rule allows."""
+    return f"/v1/tasks/{quote(task_id_to_send(task_id), safe='')}"
 
 
 def _as_is(answer: dict[str, Any]) -> dict[str, Any]:

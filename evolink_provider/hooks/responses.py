@@ -33,16 +33,22 @@ log = logging.getLogger(__name__)
 def parse_response(
     request: _Request, status_code: int, headers: Mapping[str, str], content: bytes
 ) -> dict[str, Any]:
-    """Decode a JSON answer or raise the typed error its status and body describe."""
-    request_id = headers.get("x-request-id") or headers.get("request-id")
+    """Decode a JSON answer or raise the typed error its status and body describe.
+
+    The connection's own API key is replaced by ``***`` wherever the server put it (a string anywhere in
+    the JSON, a body that is not JSON, the request-id header) before anything reads the answer: a server
+    that echoes the key into an error body must not put it into an exception, a log or XCom.
+    """
+    key = _api_key(request)
+    request_id = _without_key(headers.get("x-request-id") or headers.get("request-id"), key)
     if status_code >= 400:
         try:
-            body = loads_strict(content)
+            body = _without_key(loads_strict(content), key, content)
         except ValueError:
             body = None
         code, message, body_request_id = error_fields(body)
         if body is None:
-            message = content[:200].decode("utf-8", "replace").strip()
+            message = _without_key(content.decode("utf-8", "replace"), key)[:200].strip()
         raise error_for_status(
             status_code,
             message or f"HTTP {status_code}",
@@ -54,7 +60,7 @@ def parse_response(
             connection=request.connection,
         )
     try:
-        decoded = loads_strict(content)
+        decoded = _without_key(loads_strict(content), key, content)
     except ValueError as exc:
         reason = str(exc) if "JSON" in str(exc) else "not JSON"
         raise EvolinkBadAnswerError(
@@ -70,6 +76,27 @@ def parse_response(
     if headers.get("idempotency-replayed", "").lower() == "true":
         log.info("EvoLink replayed the original task for this Idempotency-Key (no new task was created).")
     return decoded
+
+
+def _api_key(request: _Request) -> str:
+    """The key ``request`` carries (``Authorization: Bearer <key>``), to be found in what came back."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key if scheme == "Bearer" else ""
+
+
+def _without_key(value: Any, key: str, raw: bytes | None = None) -> Any:
+    """``value`` (decoded JSON, or a text) with every occurrence of ``key`` in its strings, dict keys
+    included, replaced by ``***``. Given the ``raw`` bytes it was decoded from, the walk is skipped when
+    they can hold no copy of the key: neither the key itself nor a JSON escape (``\\u0073k-...``)."""
+    if not key or (raw is not None and key.encode() not in raw and b"\\" not in raw):
+        return value
+    if isinstance(value, str):
+        return value.replace(key, "***")
+    if isinstance(value, dict):
+        return {_without_key(name, key): _without_key(item, key) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_without_key(item, key) for item in value]
+    return value
 
 
 def error_fields(body: Any) -> tuple[str | None, str, str | None]:

@@ -107,9 +107,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
         does the same per run).
     :param regenerate_expired: let an automatic retry pay for a new generation when the results of the
         paid one are proven expired (default off: the retry fails, saying that a clear does).
-    :param min_credits: before submitting, read the account's balance (the free ``GET /v1/credits``) and
-        fail without submitting when it is below this many credits; ``None`` (default) skips the check.
-        Reattaching to an earlier try's task spends nothing and is not checked; unlimited accounts pass.
+    :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
+        account's balance, and the key's own quota unless it has none) and fail without submitting when it
+        is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
+        task spends nothing and is not checked.
     """
 
     template_fields: Sequence[str] = ("evolink_conn_id", "output_path", "regenerate")

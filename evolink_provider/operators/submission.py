@@ -13,7 +13,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from evolink_provider.answers import credits_text, remaining_credits
+from evolink_provider.answers import credits_text, read_credits
 from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkError, fail_for
 from evolink_provider.ledger import UploadRecord, expiry_epoch, request_fingerprint
@@ -99,8 +99,8 @@ def payload_for_post(
 
 
 def check_balance(hook: EvolinkHook, min_credits: float | None, log: logging.Logger | Any) -> None:
-    """Refuse to submit when the account holds fewer than ``min_credits`` credits (``GET /v1/credits``,
-    free); an unlimited account passes, ``None`` skips the check."""
+    """Refuse to submit when the key can spend fewer than ``min_credits`` credits (``GET /v1/credits``,
+    free; :class:`~evolink_provider.answers.Credits`); ``None`` skips the check."""
     if min_credits is None:
         return
     if (
@@ -113,12 +113,9 @@ def check_balance(hook: EvolinkHook, min_credits: float | None, log: logging.Log
             f"min_credits={min_credits!r}: allowed values are None or a number of credits >= 0"
         )
     try:
-        balance = remaining_credits(hook.get_credits())
+        balance = read_credits(hook.get_credits()).spendable
     except EvolinkError as error:
         fail_for(error)
-    if balance is None:
-        log.info("EvoLink account has unlimited credits: min_credits=%s is met.", credits_text(min_credits))
-        return
     if balance < min_credits:
         raise AirflowFailException(
             f"EvoLink balance is {credits_text(balance)} credits, below min_credits="

@@ -15,11 +15,14 @@ Test controls (no authentication; the server binds loopback only):
   truncated, unknown_status, redirect, content_length_lie, not_found, wrong_content_type) and the fields
   (``method``, ``path_prefix``, ``share``, ``count``, ``status``, ``retry_after``, ``delay``, ``location``,
   ``after_processing``).
+* ``POST /_simulator/task_ids`` ``{"ids": [...]}``: the next created tasks take these ids, in order (the
+  shapes EvoLink's docs show, ``task-unified-1774857405-abc123``, or answered, ``task-happyhorse-...``).
 * ``POST /_simulator/key_failures`` ``{"api_key", "code"}``: every task of that key fails with ``code``.
 * ``POST /_simulator/clock`` ``{"advance": s}``: move a :class:`ManualClock`.
-* ``POST /_simulator/credits`` ``{"remaining": 12.5, "unlimited": false}``: what ``GET /v1/credits``
-  reports from now on (``unlimited`` also lifts the 402 for a balance too low); ``reset`` restores
-  ``--credits``.
+* ``POST /_simulator/credits`` ``{"remaining": 12.5, "key_remaining": 3, "key_unlimited": false}``: the
+  account's balance, the keys' own quota (``token.remaining_credits``) or none (``token.unlimited_credits``),
+  each optional, reported by ``GET /v1/credits`` and enforced (402) from now on; ``reset`` restores
+  ``--credits`` and keys without a quota.
 
 Prompt markers (for sora-character, in the ``video_url`` instead):
 

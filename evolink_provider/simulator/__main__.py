@@ -27,7 +27,8 @@ prompt markers (in the prompt; for sora-character, in the video_url):
 
 test controls (no API key needed; loopback only):
   GET /_simulator/stats, POST /_simulator/reset, POST|DELETE /_simulator/faults,
-  POST /_simulator/credits {"remaining": 12.5, "unlimited": false}
+  POST /_simulator/credits {"remaining": 12.5, "key_remaining": 3, "key_unlimited": false},
+  POST /_simulator/task_ids {"ids": ["task-unified-1774857405-abc123"]}  (ids of the next tasks)
 """
 
 

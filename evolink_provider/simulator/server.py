@@ -22,7 +22,7 @@ from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from evolink_provider.simulator.faults import FaultPlan, FaultRule
 from evolink_provider.simulator.media import MediaCache, image_size
@@ -144,7 +144,11 @@ class SimulatorState:
                 "faults_injected": self.faults.injected,
                 "connections_opened": self.connections_opened,
                 "tasks_by_prompt": dict(self.tasks_by_prompt),
-                "credits": {"remaining": self.store.remaining, "used": self.store.used},
+                "credits": {
+                    "remaining": self.store.remaining,
+                    "used": self.store.used,
+                    "key_remaining": self.store.key_remaining,
+                },
             }
 
 
@@ -425,22 +429,22 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/v1/tasks/batch":
             return self._batch(owner, raw)
         if method == "GET" and path.startswith("/v1/tasks/"):
-            return self._task(owner, path.removeprefix("/v1/tasks/"))
+            return self._task(owner, unquote(path.removeprefix("/v1/tasks/")))
         if method == "GET" and path == CREDITS_PATH:
             store = self.state.store
             return json_response(
                 200,
                 {
                     "data": {
+                        # EvoLink's shape (corrected 2026-12-03): unlimited_credits is the key's.
                         "user": {
                             "remaining_credits": round(store.remaining, 4),
                             "used_credits": round(store.used, 4),
-                            "unlimited_credits": store.unlimited,
                         },
                         "token": {
-                            "remaining_quota": round(store.remaining, 4),
-                            "used_quota": round(store.used, 4),
-                            "unlimited_quota": store.unlimited,
+                            "remaining_credits": round(store.key_remaining or 0.0, 4),
+                            "used_credits": round(store.key_used, 4),
+                            "unlimited_credits": store.key_remaining is None,
                         },
                     },
                     "message": "success",
@@ -500,8 +504,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
                     )
                 if isinstance(earlier, SimTask):  # still paid_outcome_unknown for this key
                     return error_response(409, "the outcome of this paid request is not known yet", reject)
-            if not store.unlimited and store.remaining < store.cost(accepted):
-                return error_response(402, "insufficient credits for this request")
+            refusal = store.refusal_for(store.cost(accepted))
+            if refusal is not None:
+                return error_response(402, refusal)
             task = store.create(owner, accepted, key, self._media_failure(accepted))
         if reject == PAID_OUTCOME_UNKNOWN:
             # The paid request went through, but the gateway cannot tell yet: only the same key finds it.
@@ -558,9 +563,15 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         return "image_processing_error"
 
     def _visible_task(self, owner: str, task_id: str) -> SimTask | _Response:
-        if not task_id.startswith("task-unified-"):
-            return error_response(400, f"invalid task id {task_id}", "invalid_task_id")
+        """The task ``owner``'s key may read, or EvoLink's documented refusal: 403 for another key's task,
+        404 for an unknown one, and 400 ``invalid_task_id`` for an unknown id without the documented
+        ``task-unified-`` prefix. A task this server issued is readable whatever its id's shape: EvoLink
+        answered ``task-happyhorse-...`` ids until 2026-04 and its task query read them (the create-then-
+        query flow it documents), so the prefix rule describes today's ids, not a refusal of its own."""
         task = self.state.store.tasks.get(task_id)
+        if task is None and not task_id.startswith("task-unified-"):
+            message = f"invalid task id {task_id}: must start with 'task-unified-'"
+            return error_response(400, message, "invalid_task_id")
         if task is None:
             return error_response(404, f"task {task_id} not found", "task_not_found")
         if task.owner != owner:
@@ -688,12 +699,20 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         if action == "faults" and method == "DELETE":
             state.faults.clear()
             return json_response(200, {"ok": True})
+        if action == "task_ids" and method == "POST":
+            try:
+                state.store.issue_ids(payload.get("ids"))
+            except (TypeError, ValueError) as error:
+                return error_response(400, str(error))
+            return json_response(200, {"ok": True})
         if action == "key_failures" and method == "POST":
             state.store.key_failures[str(payload["api_key"])] = str(payload["code"])
             return json_response(200, {"ok": True})
         if action == "credits" and method == "POST":
             try:
-                state.store.set_balance(payload.get("remaining"), payload.get("unlimited", False))
+                state.store.set_balance(
+                    payload.get("remaining"), payload.get("key_remaining"), payload.get("key_unlimited")
+                )
             except (TypeError, ValueError) as error:
                 return error_response(400, str(error))
             return json_response(200, {"ok": True})

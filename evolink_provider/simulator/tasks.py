@@ -155,22 +155,63 @@ class TaskStore:
             self.by_key: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
             self.marker_uses: dict[str, int] = {}
             self.key_failures: dict[str, str] = {}
+            #: Ids the next created tasks take, in order (a test control), instead of generated ones.
+            self.next_ids: list[str] = []
             self.remaining = self.initial_credits
             self.used = 0.0
-            self.unlimited = False
+            #: The keys' own quota (``token.remaining_credits``); None: ``token.unlimited_credits``. One
+            #: quota serves every key of the simulator (a test sets one key's limit at a time).
+            self.key_remaining: float | None = None
+            self.key_used = 0.0
 
-    def set_balance(self, remaining: Any, unlimited: Any = False) -> None:
-        """Set what ``GET /v1/credits`` reports (a test control): a balance, and/or an unlimited account."""
-        if not isinstance(unlimited, bool):
-            raise TypeError("unlimited must be true or false")
-        if remaining is not None and (
-            isinstance(remaining, bool) or not isinstance(remaining, (int, float)) or remaining < 0
-        ):
-            raise ValueError("remaining must be a number >= 0")
+    def set_balance(
+        self, remaining: Any = None, key_remaining: Any = None, key_unlimited: Any = None
+    ) -> None:
+        """Set what ``GET /v1/credits`` reports and what a submission may spend (a test control): the
+        account's balance (``remaining``), the key's own quota (``key_remaining``), or no key quota
+        (``key_unlimited``); what is not given stays."""
+        for name, value in (("remaining", remaining), ("key_remaining", key_remaining)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+            ):
+                raise ValueError(f"{name} must be a number >= 0")
+        if key_unlimited not in (None, True, False) or (key_unlimited and key_remaining is not None):
+            raise ValueError("key_unlimited must be true or false, and not given with key_remaining")
         with self.lock:
             if remaining is not None:
                 self.remaining = float(remaining)
-            self.unlimited = unlimited
+            if key_remaining is not None:
+                self.key_remaining = float(key_remaining)
+            if key_unlimited:
+                self.key_remaining = None
+
+    def refusal_for(self, cost: float) -> str | None:
+        """Why a submission costing ``cost`` may not be made (None: it may): the account's balance always
+        applies, the key's quota when it has one (EvoLink: what a key can spend)."""
+        if self.remaining < cost:
+            return "insufficient credits for this request"
+        if self.key_remaining is not None and self.key_remaining < cost:
+            return "this API key's credit quota is used up"
+        return None
+
+    def _spend(self, amount: float) -> None:
+        self.remaining -= amount
+        self.used += amount
+        if self.key_remaining is not None:
+            self.key_remaining -= amount
+        self.key_used += amount
+
+    def issue_ids(self, ids: Any) -> None:
+        """Make the next created tasks take ``ids`` (a test control): the shapes EvoLink's docs show
+        (``task-unified-1774857405-abc123``) or answered (``task-happyhorse-...``). An id already in use is
+        refused, as are ids no server could put in a URL path (empty, ``/``, whitespace)."""
+        if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids):
+            raise TypeError("ids must be a list of strings")
+        with self.lock:
+            for item in ids:
+                if not item or item in self.tasks or any(c == "/" or c.isspace() for c in item):
+                    raise ValueError(f"cannot issue task id {item!r}")
+            self.next_ids.extend(ids)
 
     def take_marker(self, found: dict[str, str], name: str) -> str | None:
         """The value of marker ``name`` (``value`` or ``value:N``, acting on its first N uses), counting
@@ -204,8 +245,7 @@ class TaskStore:
         now = self.clock.now()
         with self.lock:
             cost = self.cost(accepted)
-            self.remaining -= cost
-            self.used += cost
+            self._spend(cost)
             fail = self.take_marker(found, "fail") or media_failure or self.key_failures.get(owner)
             cancel = self.take_marker(found, "cancel")
             ends = "cancelled" if cancel else "failed" if fail else None
@@ -213,7 +253,7 @@ class TaskStore:
             seconds = float(found.get("seconds", self.task_seconds)) * self.time_scale
             estimate = float(found["estimate"]) * self.time_scale if "estimate" in found else seconds
             task = SimTask(
-                id=f"task-unified-{int(now)}-{_random_suffix()}",
+                id=self.next_ids.pop(0) if self.next_ids else f"task-unified-{int(now)}-{_random_suffix()}",
                 owner=owner,
                 accepted=accepted,
                 created=now,
@@ -239,8 +279,7 @@ class TaskStore:
             ended = task.state(self.clock.now())[0] in ("failed", "cancelled")
             if ended and not task.extra.get("refunded"):
                 task.extra["refunded"] = True
-                self.remaining += task.credits
-                self.used -= task.credits
+                self._spend(-task.credits)
 
     def task_object(self, task: SimTask, base_url: str) -> dict[str, Any]:
         """The task object exactly as EvoLink documents it."""

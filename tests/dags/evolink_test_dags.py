@@ -433,3 +433,21 @@ with new_dag("evolink_ledger_reread", params={"faults": []}):
             on_retry_callback=between_tries,
         ).output
     )
+
+
+@task
+def check_stored_under_its_id(generated: dict[str, Any]) -> str:
+    """Downstream step: the result was stored as ``<task id>-0.<ext>``, whatever the id's shape."""
+    (stored,) = generated["files"]
+    assert os.path.basename(stored) == f"{generated['id']}-0.mp4", (stored, generated["id"])
+    with open(stored, "rb") as video:
+        assert video.read(12)[4:8] == b"ftyp", stored
+    return str(stored)
+
+
+for mode in ("sync", "deferrable"):
+    with new_dag(f"evolink_issued_id_{mode}", params={"output_dir": ""}):
+        # The simulator is told which id to answer the create with (tests/test_task_ids.py).
+        check_stored_under_its_id(
+            seedance(mode, prompt="an id of EvoLink's examples", output_path="{{ params.output_dir }}").output
+        )
