@@ -422,10 +422,11 @@ def test_a_replayed_unfixable_failure_ends_the_task() -> None:
     assert len(hook.keys) == 1
 
 
-def test_a_fresh_failed_answer_is_handed_on_not_resubmitted() -> None:
+@pytest.mark.parametrize("try_number", [1, 3])
+def test_a_fresh_failed_answer_is_handed_on_not_resubmitted(try_number: int) -> None:
     hook = ReplayingHook("service_error")
 
-    task = make(hook, context(MemoryStore())).start(None)
+    task = make(hook, context(MemoryStore(), try_number=try_number)).start(None)
 
     assert task["status"] == "failed" and len(hook.keys) == 1
 
@@ -564,3 +565,19 @@ def test_a_failed_post_is_raised_as_the_hook_raised_it() -> None:
         make(Refusing(), context(store)).start(None)
     saved = SubmissionRecord.from_stored(store.get(STATE_KEY))
     assert saved is not None and saved.task_id is None  # the intent stays: a retry resends its key
+
+
+def test_a_resubmission_never_reuses_an_earlier_counters_key() -> None:
+    from evolink_provider.ledger import idempotency_key
+
+    store = MemoryStore()
+    record = SubmissionRecord("fp-1", 1, "evl-" + "4" * 48, "task-unified-1-abcdefgh", "seq-2")
+    store.set(STATE_KEY, record.as_stored())
+    hook = FakeHook(
+        [{"id": "task-unified-1-abcdefgh", "status": "failed", "error": {"code": "service_error"}}]
+    )
+
+    make(hook, context(store, try_number=2)).start(None)
+
+    earlier = {idempotency_key("d|t|r|-1", "fp-1", n, "seq-2") for n in (0, 1)}
+    assert hook.keys == [idempotency_key("d|t|r|-1", "fp-1", 2, "seq-2")] and not earlier & set(hook.keys)
