@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation testing of one module: can its tests fail when its logic is broken?
 
-    .venv/bin/python .ci/mutate.py evolink_provider/resume.py [--sample 30] [--seed 1] [--timeout 300]
+    .venv/bin/python .ci/mutate.py evolink_provider/ledger.py [--sample 30] [--seed 1] [--timeout 300]
         [--tests "tests/test_x.py -k y"] [--list]
 
 Each mutant changes one node on one line of the module: a comparison, boolean or arithmetic operator
@@ -42,10 +42,7 @@ SELECTION: dict[str, str] = {
         "tests/test_deferral.py tests/test_operators.py -k 'test_deferral or cleared_completed or "
         "reattach_never or (retry_reattaches and sync) or transient or min_credits_refuses'"
     ),
-    "evolink_provider/resume.py": (
-        "tests/test_operators.py -k 'cleared_completed or reattach_never or (retry_reattaches and sync) "
-        "or transient or (local_inputs_reattach and sync)'"
-    ),
+    "evolink_provider/ledger.py": "tests/test_ledger.py",
     "evolink_provider/storage.py": "tests/test_storage.py",
     "evolink_provider/polling.py": "tests/test_polling.py tests/test_trigger.py",
 }

@@ -15,12 +15,14 @@ ends by the operator's deadline. Local inputs are checked and uploaded by :mod:`
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -61,6 +63,30 @@ STORED_NAME = re.compile(
 
 class EvolinkStorageError(EvolinkError):
     """A result could not be stored as promised (wrong type, wrong size, a different file in the way)."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One result file as stored: its index in the task's results, final name, size and sha256 (computed
+    while it streamed in). The ledger keeps these so that a later try accepts a file without reading it."""
+
+    index: int
+    name: str
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_stored(cls, value: object) -> StoredFile | None:
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(int(value["index"]), str(value["name"]), int(value["size"]), str(value["sha256"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+#: Called after each rename with the file and how many results the task has.
+OnStored = Callable[[StoredFile, int], None]
 
 
 def as_storage_path(location: str) -> ObjectStoragePath:
@@ -134,13 +160,20 @@ def store_results(
     output_path: str,
     deadline: float | None = None,
     max_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    known: Sequence[StoredFile] = (),
+    on_stored: OnStored | None = None,
 ) -> list[str]:
     """Stream every result of ``task`` into ``output_path``; return the stored locations, in order.
 
-    Locations are plain paths when ``output_path`` is one, URIs otherwise.
+    Locations are plain paths when ``output_path`` is one, URIs otherwise. A result already stored is not
+    downloaded again: one that matches its ``known`` record (name and size), or, with no record of it, a
+    regular file under its final name (only a completed download's rename makes one), which is logged. A
+    file that contradicts its record is downloaded anew and replaced.
 
     :param deadline: epoch seconds by which every download must have ended (the operator's timeout).
     :param max_bytes: the most bytes stored per result.
+    :param known: the files of this task an earlier try recorded.
+    :param on_stored: told of every file this call stores, right after its rename.
     """
     if not is_task_id(task.get("id")):  # the id becomes a file name: only a safe one
         checked_task(task)  # raises, naming the rule the id breaks
@@ -155,46 +188,77 @@ def store_results(
     # Local folders go through pathlib: same API, without fsspec's per-write overhead (~40 % throughput).
     folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
     folder.mkdir(parents=True, exist_ok=True)
-    stored = [
-        _store_one(hook, url, folder, f"{task['id']}-{index}", deadline, max_bytes)
-        for index, url in enumerate(urls)
-    ]
+    records = {item.index: item for item in known}
+    stored = []
+    for index, url in enumerate(urls):
+        stem = f"{task['id']}-{index}"
+        path = _already_stored(folder, str(task["id"]), index, records.get(index))
+        if path is None:
+            path, item = _store_one(hook, url, folder, stem, index, deadline, max_bytes)
+            if on_stored is not None:
+                on_stored(item, len(urls))
+        stored.append(path)
     if "://" not in output_path:
         return [str(path) for path in stored]
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in stored]
 
 
-def stored_results(task_id: str, output_path: str, expected: int | None = None) -> list[str] | None:
-    """The results of ``task_id`` an earlier try stored under ``output_path``, or None unless complete.
-
-    A result carries its final name (``<task id>-<n>.<ext>``) only once fully written, so a regular file of
-    that name is complete; a symlink never counts, and the id must be safe (it is globbed; the glob's
-    matches count only when their name is exactly this task's result, see :data:`STORED_NAME`).
-    ``expected`` results must all be there; when it is unknown (the task record is gone), the consecutive
-    results from ``-0`` on, at least one.
-    """
-    if not is_task_id(task_id):
+def verify_stored(
+    task_id: str, output_path: str, files: Sequence[StoredFile], expected: int
+) -> list[str] | None:
+    """The locations of ``files`` when they are a complete set (indexes ``0..expected-1``) and each is
+    still a regular file of its recorded size; else None. Nothing is read but the sizes."""
+    by_index = {item.index: item for item in files}
+    if expected < 1 or sorted(by_index) != list(range(expected)):
         return None
     remote = as_storage_path(output_path)
     folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
-    if not folder.exists():
+    found = []
+    for index in range(expected):
+        item = by_index[index]
+        path = folder / item.name
+        if not _is_result_name(item.name, task_id, index) or not _matches(path, item):
+            return None
+        found.append(path)
+    if "://" not in output_path:
+        return [str(path) for path in found]
+    return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
+
+
+def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
+    try:
+        if isinstance(path, Path) and (path.is_symlink() or not path.is_file()):
+            return False
+        return bool(path.exists()) and path.stat().st_size == item.size
+    except OSError:
+        return False
+
+
+def _already_stored(
+    folder: Path | ObjectStoragePath, task_id: str, index: int, record: StoredFile | None
+) -> Path | ObjectStoragePath | None:
+    """The stored result ``index`` of ``task_id`` that a later try may keep without downloading it, or
+    None."""
+    if record is not None:
+        path = folder / record.name
+        if _is_result_name(record.name, task_id, index) and _matches(path, record):
+            log.info("%s is stored as recorded (%d bytes); kept.", path, record.size)
+            return path
+        log.warning("%s does not match its record (%d bytes): downloading it again.", path, record.size)
         return None
-    found: list[Path | ObjectStoragePath] = []
-    for index in range(MAX_RESULTS_PER_TASK + 1 if expected is None else expected):
+    try:
         matches = [
             match
             for match in folder.glob(f"{task_id}-{index}.*")
             if _is_result_name(match.name, task_id, index)
             and not (isinstance(match, Path) and match.is_symlink())
         ]
-        if len(matches) != 1:
-            break
-        found.append(matches[0])
-    if not found or (expected is not None and len(found) != expected):
+    except OSError:
         return None
-    if "://" not in output_path:
-        return [str(path) for path in found]
-    return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
+    if len(matches) != 1:
+        return None
+    log.info("%s is stored under its final name by an earlier try (no record of it): kept.", matches[0])
+    return matches[0]
 
 
 def _is_result_name(name: str, task_id: str, index: int) -> bool:
@@ -209,9 +273,10 @@ def _store_one(
     url: str,
     folder: Path | ObjectStoragePath,
     stem: str,
+    index: int,
     deadline: float | None,
     max_bytes: int,
-) -> Path | ObjectStoragePath:
+) -> tuple[Path | ObjectStoragePath, StoredFile]:
     with hook.open_result(url, deadline=deadline) as result:
         kind = result.content_type
         if not kind.startswith(ACCEPTED_TYPES) and kind != "application/octet-stream":
@@ -229,18 +294,15 @@ def _store_one(
                 "file by its first bytes; nothing stored"
             )
         target = _target(folder, f"{stem}.{suffix}")
-        if target.exists():
-            if result.content_length is not None and target.stat().st_size == result.content_length:
-                log.info("%s is already stored from an earlier try; kept.", target)
-                return target
-            raise EvolinkStorageError(f"{target} exists and is not this result; refusing to overwrite it")
         _remove_stale_parts(folder, stem)
         partial = folder / f".{stem}.part-{secrets.token_hex(4)}"
         written = 0
+        digest = hashlib.sha256()
         try:
             with _create_new(partial) as sink:
                 for chunk in itertools.chain((head,), chunks):
                     written += len(chunk)
+                    digest.update(chunk)
                     if written > max_bytes:
                         raise EvolinkStorageError(
                             f"result {stem} is larger than the {max_bytes} bytes allowed"
@@ -251,12 +313,15 @@ def _store_one(
                     f"result {stem} ended after {written} of {result.content_length} announced bytes",
                     request_sent=True,
                 )
-            cast(Any, partial).rename(target)  # both are Path, or both ObjectStoragePath
+            # Both are Path, or both ObjectStoragePath; a file in the way contradicted its record.
+            cast(Any, partial).replace(target) if isinstance(partial, Path) else cast(Any, partial).rename(
+                target
+            )
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
     log.info("Stored %s (%d bytes).", target, written)
-    return target
+    return target, StoredFile(index, target.name, written, digest.hexdigest())
 
 
 def _head(chunks: Iterator[bytes]) -> bytes:

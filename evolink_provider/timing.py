@@ -41,6 +41,9 @@ class Timing:
 
     trigger_hold: float = 15.0
     wait_on_worker_window: float = 15.0
+    #: The first pause before the ledger reads a recorded task again (then three times it); see
+    #: :mod:`evolink_provider.ledger`.
+    reread_pause: float = 1.0
     #: Epoch seconds now.
     clock: Callable[[], float] = time.time
 

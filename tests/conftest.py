@@ -75,7 +75,7 @@ for source in (REPO / "tests" / "dags").glob("*.py"):
 #: The timing the tests run on (evolink_provider.timing): a 1 s trigger hold and wait-on-worker window
 #: instead of 15 s, so that the simulator's 2 s generations really defer and their triggers fire within
 #: seconds. A test that checks the production values steers them back (``steered(**PRODUCTION)``).
-TEST_TIMING = {"trigger_hold": 1.0, "wait_on_worker_window": 1.0}
+TEST_TIMING = {"trigger_hold": 1.0, "wait_on_worker_window": 1.0, "reread_pause": 0.2}
 
 
 @pytest.fixture(autouse=True)

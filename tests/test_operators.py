@@ -243,24 +243,6 @@ def test_a_cleared_task_whose_results_expired_generates_anew(sim: SimulatorContr
     assert xcom("evolink_clearable", "generate")["id"] != first["id"]
 
 
-def test_a_retry_whose_results_expired_before_storing_generates_anew(
-    sim: SimulatorControl, tmp_path: Path
-) -> None:
-    """The first download answers 404 (an expired link) and nothing is stored: a new generation, no 403."""
-    import pendulum
-
-    sim.add_faults({"kind": "not_found", "method": "GET", "path_prefix": "/media/task-", "count": 1})
-    when = pendulum.datetime(2026, 3, 3, tz="UTC")
-    dag = dag_module().DAGS["evolink_clearable"]
-
-    run = dag.test(logical_date=when, run_conf={"output_dir": str(tmp_path)})
-
-    assert str(run.state) == "success"
-    generated = xcom("evolink_clearable", "generate")
-    assert sim.stats()["tasks_created"] == 2
-    assert [Path(f).name.startswith(generated["id"]) for f in generated["files"]] == [True]
-
-
 def test_reattach_never_submits_on_every_try(sim: SimulatorControl) -> None:
     """Every try stops waiting after 0.5 s of a 3 s generation: with ``never`` each retry submits its own
     (``auto`` would reattach, as test_retry_reattaches_instead_of_submitting_again shows)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from evolink_provider.exceptions import EvolinkConfigurationError, EvolinkError, EvolinkNotFoundError
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.models import validate_request
-from evolink_provider.storage import EvolinkStorageError, store_results
+from evolink_provider.storage import EvolinkStorageError, StoredFile, store_results
 from evolink_provider.uploads import upload_local_media
 from tests.conftest import CONNECTION_EXTRA, TEST_API_KEY, SimulatorControl, _free_port
 
@@ -65,14 +66,48 @@ def test_storing_again_reuses_the_same_result(
     assert store_results(hook, task, str(tmp_path)) == first
 
 
-def test_a_different_file_under_the_name_is_never_overwritten(
+def test_without_a_record_a_file_under_the_final_name_is_kept_unread(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a completed download's rename makes a final name, so it is kept (and logged), not fetched."""
+    task = completed_task(hook)
+    (tmp_path / f"{task['id']}-0.mp4").write_bytes(b"stored by an earlier try")
+
+    assert store_results(hook, task, str(tmp_path)) == [str(tmp_path / f"{task['id']}-0.mp4")]
+    assert sim.stats()["requests"].get("GET /media", 0) == 0
+    assert "no record of it" in caplog.text
+
+
+def test_a_file_that_contradicts_its_record_is_downloaded_again_and_recorded(
     sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
 ) -> None:
     task = completed_task(hook)
-    (tmp_path / f"{task['id']}-0.mp4").write_bytes(b"someone else's file")
-    with pytest.raises(EvolinkStorageError, match="refusing to overwrite"):
-        store_results(hook, task, str(tmp_path))
-    assert (tmp_path / f"{task['id']}-0.mp4").read_bytes() == b"someone else's file"
+    seen: list[tuple[StoredFile, int]] = []
+    (first,) = store_results(hook, task, str(tmp_path), on_stored=lambda item, n: seen.append((item, n)))
+    real = Path(first).read_bytes()
+    ((item, count),) = seen
+    assert (item.index, item.name, item.size, count) == (0, Path(first).name, len(real), 1)
+    assert item.sha256 == hashlib.sha256(real).hexdigest()
+
+    Path(first).write_bytes(b"other bytes")
+    store_results(hook, task, str(tmp_path), known=[item])
+    assert Path(first).read_bytes() == real
+    assert sim.stats()["requests"]["GET /media"] == 2
+
+    store_results(hook, task, str(tmp_path), known=[item])  # matching its record: not read again
+    assert sim.stats()["requests"]["GET /media"] == 2
+
+
+def test_a_chunked_result_without_content_length_is_stored(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    sim.add_faults({"kind": "chunked", "method": "GET", "path_prefix": "/media/"})
+    task = completed_task(hook)
+
+    (stored,) = store_results(hook, task, str(tmp_path))
+
+    assert Path(stored).read_bytes()[4:8] == b"ftyp"
+    assert sim.stats()["faults_injected"] == 1
 
 
 @pytest.mark.parametrize(

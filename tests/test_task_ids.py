@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from evolink_provider.answers import is_task_id
-from evolink_provider.storage import STORED_NAME, stored_results
+from evolink_provider.storage import STORED_NAME, StoredFile, _already_stored, verify_stored
 from tests.airflow_runs import run_dag, xcom
 from tests.conftest import SimulatorControl
 
@@ -61,8 +61,11 @@ def test_unsafe_ids_are_refused(task_id: object) -> None:
 def test_a_stored_result_counts_only_under_its_own_task_id(tmp_path: Path) -> None:
     """``a-0.5-0.mp4`` is result 0 of task ``a-0.5``; it matches the glob ``a-0.*`` of task ``a``."""
     (tmp_path / "a-0.5-0.mp4").write_bytes(b"x")
-    assert stored_results("a", str(tmp_path)) is None
-    assert stored_results("a-0.5", str(tmp_path)) == [str(tmp_path / "a-0.5-0.mp4")]
+    assert _already_stored(tmp_path, "a", 0, None) is None
+    assert _already_stored(tmp_path, "a-0.5", 0, None) == tmp_path / "a-0.5-0.mp4"
+    recorded = StoredFile(0, "a-0.5-0.mp4", 1, "")
+    assert verify_stored("a", str(tmp_path), [recorded], 1) is None
+    assert verify_stored("a-0.5", str(tmp_path), [recorded], 1) == [str(tmp_path / "a-0.5-0.mp4")]
 
 
 def test_clearing_stale_parts_of_a_result_leaves_another_tasks_download(tmp_path: Path) -> None:

@@ -1,10 +1,10 @@
 """The orchestration every EvoLink generation operator shares: validate, submit or reattach, wait, collect.
 
 The flow is one-way: validate the rendered fields (no HTTP before that), reattach to or submit the EvoLink
-task (:mod:`evolink_provider.operators.submission`, the only code that spends credits), wait (here, or in
-the triggerer when ``deferrable``), then collect the results into XCom (and into storage when
-``output_path`` is set). "What does this poll mean" is :func:`evolink_provider.polling.decide_after_poll`,
-shared with the trigger and the sensor.
+task (:mod:`evolink_provider.ledger` decides every spend and every give-up), wait (here, or in the
+triggerer when ``deferrable``), then collect the results into XCom (and into storage when ``output_path``
+is set), and record that the result was delivered. "What does this poll mean" is
+:func:`evolink_provider.polling.decide_after_poll`, shared with the trigger and the sensor.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from functools import cached_property
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -25,24 +25,19 @@ from evolink_provider.assets import (
     summarize_request,
     with_alias,
 )
-from evolink_provider.compat import AirflowFailException, conf
+from evolink_provider.compat import AirflowFailException, conf, log_once
 from evolink_provider.exceptions import (
     EvolinkError,
-    EvolinkNotFoundError,
     EvolinkTaskError,
     EvolinkWaitTimeoutError,
     fail_for,
 )
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.retry import Verdict
+from evolink_provider.ledger import Ledger, NewGeneration
 from evolink_provider.lineage import operator_lineage
 from evolink_provider.links import RESULT_LINKS, push_links
-from evolink_provider.operators.submission import (
-    PreparedRequest,
-    Submitter,
-    payload_for_post,
-    prepare_request,
-)
+from evolink_provider.operators.submission import PreparedRequest, payload_for_post, prepare_request
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
@@ -70,8 +65,14 @@ DEFAULT_TIMEOUT = 2 * 60 * 60
 XCOM_TASK_ID_KEY = "evolink_task_id"
 
 
-class ResultsExpiredError(EvolinkError):
-    """A reused task's result links expired before its results were stored under ``output_path``."""
+#: Said once per task (and process) when ``deferrable=True`` runs with ``retries=0``.
+DEFER_RACE_WARNING = (
+    "%s: deferrable=True with retries=0. Airflow's scheduler can fail a task instance whose trigger fires "
+    "soon after its deferral (apache/airflow#66374; the provider holds every event 15 s, which narrows the "
+    "race but does not close it), and then this run has no retry. The EvoLink task is paid for either way: "
+    "clearing the failed task instance collects that video without paying again. Set retries >= 1 to "
+    "recover automatically."
+)
 
 
 def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
@@ -97,10 +98,15 @@ class EvolinkBaseVideoOperator(BaseOperator):
         each (see :mod:`evolink_provider.assets`); any ``AssetAlias`` in ``outlets`` gets them too.
     :param announce_result_urls: without ``output_path``, announce the result URLs as assets instead
         (they expire after 24 h).
-    :param reattach: ``auto`` (default): an automatic retry of the same try sequence (a crash, a killed
-        worker, a wait timeout, a triggerer restart) reattaches to the EvoLink task it submitted, while a
-        cleared task instance or a new DAG run submits a new generation. ``never``: every try submits its
-        own generation (each one is billed).
+    :param reattach: ``auto`` (default): an automatic retry (a crash, a killed worker, a wait timeout, a
+        triggerer restart) reattaches to the EvoLink task it paid for; a clear makes a new generation when
+        the result was delivered and otherwise picks up the paid one (the table of
+        :mod:`evolink_provider.ledger`). ``never``: every try submits its own generation (each one billed).
+    :param regenerate: force a fresh take when the task instance is cleared, even if its paid result was
+        never delivered (templated; ``dag_run.conf["evolink_regenerate"]`` = true or a list of task ids
+        does the same per run).
+    :param regenerate_expired: let an automatic retry pay for a new generation when the results of the
+        paid one are proven expired (default off: the retry fails, saying that a clear does).
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
@@ -115,7 +121,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         ``refuse``: nothing is submitted.
     """
 
-    template_fields: Sequence[str] = ("evolink_conn_id", "output_path")
+    template_fields: Sequence[str] = ("evolink_conn_id", "output_path", "regenerate")
     ui_color = "#e8defc"
     operator_extra_links = RESULT_LINKS
 
@@ -135,6 +141,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         min_credits: float | None = None,
         local_checks: str = "refuse",
         prompt_policy: str = "warn",
+        regenerate: bool | str = False,
+        regenerate_expired: bool = False,
         **kwargs: Any,
     ) -> None:
         if asset_alias:
@@ -150,6 +158,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         self.min_credits = min_credits
         self.local_checks = local_checks
         self.prompt_policy = prompt_policy
+        self.regenerate = regenerate
+        self.regenerate_expired = regenerate_expired
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
         self.poll_interval = poll_interval
@@ -172,9 +182,22 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def hook(self) -> EvolinkHook:
         return EvolinkHook(self.evolink_conn_id)
 
-    @cached_property
-    def submitter(self) -> Submitter:
-        return Submitter(self.hook, self.log, self.reattach, self.output_path, self.min_credits)
+    def ledger(self, context: Context) -> Ledger:
+        """The ledger of this try (see :mod:`evolink_provider.ledger`), made once per try: an operator
+        object can outlive a try (``dag.test()`` runs every try on the same one)."""
+        made = self.__dict__.get("_ledger")
+        if made is None or made.context is not context:
+            made = self._ledger = Ledger(
+                context,
+                self.hook,
+                self.log,
+                cache(self.validated_request),
+                reattach=self.reattach,
+                regenerate=self.regenerate,
+                regenerate_expired=self.regenerate_expired,
+                min_credits=self.min_credits,
+            )
+        return made
 
     def validated_request(self) -> PreparedRequest:
         """The rendered fields checked against the model's documented limits (no HTTP before that), with
@@ -193,24 +216,21 @@ class EvolinkBaseVideoOperator(BaseOperator):
         return payload_for_post(self.hook, self.validated_request(), {}, self.log)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        request = self.validated_request()
-        task = self.submitter.submit_or_reattach(context, request)
+        self.validated_request()  # refuse a bad field before any HTTP
+        if self.deferrable and self.retries == 0:
+            log_once(self.log, DEFER_RACE_WARNING % self.task_id)
+        task = self.ledger(context).start(self.output_path)
         try:
             return self._wait_and_finish(context, task)
-        except ResultsExpiredError as expired:
-            return self._renew(context, request, expired)
-
-    def _renew(self, context: Context, request: PreparedRequest | None, expired: ResultsExpiredError) -> Any:
-        """The reused task's results expired before they were stored: say so, and generate anew."""
-        self.log.warning("%s; submitting a new generation instead of failing.", expired)
-        task = self.submitter.submit_or_reattach(context, request or self.validated_request(), renew=True)
-        return self._wait_and_finish(context, task)
+        except NewGeneration as regenerated:
+            return self._wait_and_finish(context, regenerated.task)
 
     def _wait_and_finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
         context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
         if task.get("from_storage"):
             return self._publish(context, finished_value(task))
         if not self.wait_for_completion:
+            self.ledger(context).delivered()
             return task
         clock = timing()
         started_at = created_at(task, default=clock.now())
@@ -269,14 +289,15 @@ class EvolinkBaseVideoOperator(BaseOperator):
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
         try:
             return self._publish(context, self._finish(context, task, deadline))
-        except ResultsExpiredError as expired:
-            return self._renew(context, None, expired)
+        except NewGeneration as regenerated:
+            return self._wait_and_finish(context, regenerated.task)
 
     def _publish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
         """Announce a finished task's results: its extra links, its asset events, and (kept on the
         operator) its lineage."""
         self.finished_task = task
         push_links(context, task)
+        self.ledger(context).delivered()
         events = announce_assets(
             context,
             self.outlets,
@@ -299,10 +320,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
         return operator_lineage(self.request_summary(), self.finished_task)
 
     def on_kill(self) -> None:
-        record = self.submitter.current_task_id if "submitter" in self.__dict__ else None
+        record = self._ledger.current_task_id if "_ledger" in self.__dict__ else None
         self.log.warning(
             "EvoLink has no cancel call: task %s keeps generating and is billed when it completes. "
-            "A retry of this Airflow task reattaches to it; a clear submits a new generation.",
+            "A retry or a clear of this Airflow task picks it up (the ledger's table).",
             record or "(not submitted yet)",
         )
 
@@ -367,22 +388,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     "same empty task. Clear the task to generate anew."
                 )
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
+        ledger = self.ledger(context)
+        ledger.saw_completed(task)
         if self.output_path:
-            from evolink_provider.storage import result_urls, store_results, stored_results
-
             try:
-                task = {**task, "files": store_results(self.hook, task, self.output_path, deadline)}
-            except EvolinkNotFoundError as error:
-                files = stored_results(task["id"], self.output_path, len(result_urls(task)))
-                if files is None:
-                    raise ResultsExpiredError(
-                        f"The results of EvoLink task {task['id']} expired ({error.status_code}) before "
-                        f"all were stored under {self.output_path}"
-                    ) from error
-                self.log.info(
-                    "The results of EvoLink task %s expired; they are stored: %s", task["id"], files
-                )
-                task = {**task, "files": files}
+                task = {**task, "files": ledger.store(task, self.output_path, deadline)}
             except EvolinkError as error:
                 fail_for(error)
         self.log.info(final_line(task, elapsed=now - created_at(task, default=now)))

@@ -33,6 +33,7 @@ Prompt markers (for sora-character, in the ``video_url`` instead):
 * ``[sim:stay=processing]``: the task never ends.
 * ``[sim:fail=none]``: the task fails without an ``error`` object. ``[sim:cancel=request_cancelled]`` /
   ``[sim:cancel=none]``: the task ends ``cancelled`` with that error code / without an error.
+* ``[sim:results=3]``: a completed video task lists 3 results (``video.mp4``, ``video-1.mp4``, ...).
 * ``[sim:output=result_data_list]`` / ``result_data_object`` / ``none``: the completed task lists its
   video in ``result_data[].video_url`` / ``result_data.video_url`` (``results`` empty), or nowhere.
 * ``[sim:reject=CODE]`` (``CODE:N``: the first N submissions only): the submission is refused with that

@@ -21,6 +21,7 @@ KINDS = frozenset(
         "content_length_lie",  # media: announce more bytes than are sent, then close
         "not_found",  # 404 with the documented body
         "wrong_content_type",  # media: served as text/html
+        "chunked",  # answer with Transfer-Encoding: chunked and no Content-Length (as many CDNs do)
     }
 )
 
@@ -30,6 +31,8 @@ class FaultRule:
     kind: str
     method: str = "*"
     path_prefix: str = "/"
+    #: Matches only paths ending so (the n-th result of any task: ``/video-1.mp4``).
+    path_suffix: str = ""
     share: float = 1.0
     count: int | None = None
     status: int = 500
@@ -50,7 +53,11 @@ class FaultRule:
         return cls(**known)
 
     def matches(self, method: str, path: str) -> bool:
-        return self.method in ("*", method) and path.startswith(self.path_prefix)
+        return (
+            self.method in ("*", method)
+            and path.startswith(self.path_prefix)
+            and path.endswith(self.path_suffix)
+        )
 
 
 class FaultPlan:

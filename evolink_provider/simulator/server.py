@@ -305,16 +305,30 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         self.connection.close()
         raise _Dropped
 
-    def _send(self, response: _Response, *, promise_extra: int = 0, head: bool = False) -> None:
+    def _send(
+        self, response: _Response, *, promise_extra: int = 0, head: bool = False, chunked: bool = False
+    ) -> None:
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(response.length() + promise_extra))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(response.length() + promise_extra))
         if "X-Request-Id" not in response.headers:
             self.send_header("X-Request-Id", new_request_id())
         for name, value in response.headers.items():
             self.send_header(name, value)
         self.end_headers()
         if head:
+            return
+        if chunked:
+            body = response.body.read_bytes() if isinstance(response.body, Path) else response.body
+            data = body if isinstance(body, bytes) else bytes(range(256)) * (body // 256 + 1)
+            data = data[: response.length()]
+            for start in range(0, len(data), CHUNK):
+                piece = data[start : start + CHUNK]
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
             return
         if isinstance(response.body, Path):
             with response.body.open("rb") as stream:
@@ -353,7 +367,8 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         response = self._route(method, path, raw)
         if rule is not None:
             response = self._fault_after(rule, response, method, path)
-        self._send(response, head=method == "HEAD")
+        chunked = rule is not None and rule.kind == "chunked" and response.status == 200
+        self._send(response, head=method == "HEAD", chunked=chunked)
 
     def _fault_before(self, rule: FaultRule, method: str, path: str) -> _Response | None:
         """Faults that replace the answer; None lets the request through (possibly slowed)."""
@@ -626,7 +641,9 @@ class SimulatorHandler(BaseHTTPRequestHandler):
         accepted = task.accepted
         if parts[2] == "profile.png" and accepted.kind == "character":
             return _Response(200, self.state.media.picture(), "image/png")
-        if parts[2] == "video.mp4" and accepted.kind == "video":
+        take = parts[2][len("video-") : -len(".mp4")] if parts[2].startswith("video-") else ""
+        other_take = take.isdigit() and 0 < int(take) < task.result_count
+        if (parts[2] == "video.mp4" or other_take) and accepted.kind == "video":
             width, height = pixel_size(accepted.quality, accepted.aspect_ratio)
             return _Response(
                 200, self.state.media.video(width, height, accepted.duration, accepted.audio), "video/mp4"

@@ -113,6 +113,8 @@ class SimTask:
     #: Where a completed video is listed: "results" (default), "result_data_list", "result_data_object",
     #: or "none" (a completed task without output).
     output: str = "results"
+    #: How many videos a completed task lists (``[sim:results=N]``).
+    result_count: int = 1
     stay: str | None = None
     character_name: str = ""
     status_override: str | None = None
@@ -261,6 +263,7 @@ class TaskStore:
                 fail_code=None if code == "none" else code,
                 ends=ends,
                 output=found.get("output", "results"),
+                result_count=max(1, min(4, int(found.get("results", "1")))),
                 stay=found.get("stay"),
                 character_name="chr_"
                 + "".join(random.choices(string.ascii_letters + string.digits, k=8))
@@ -310,7 +313,8 @@ class TaskStore:
                 }
             else:
                 video = f"{base_url}/media/{task.id}/video.mp4"
-                body["results"] = [video] if task.output == "results" else []
+                more = [f"{base_url}/media/{task.id}/video-{n}.mp4" for n in range(1, task.result_count)]
+                body["results"] = [video, *more] if task.output == "results" else []
                 if task.output == "result_data_list":
                     body["result_data"] = [{"video_url": video}]
                 elif task.output == "result_data_object":

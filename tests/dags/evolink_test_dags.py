@@ -375,6 +375,66 @@ with new_dag("evolink_completed_without_output"):
     seedance("sync", prompt="empty handed [sim:output=none]", retries=3, retry_delay=0)
 
 
+def between_tries(context: Any) -> None:
+    """``on_retry_callback``: what the test asked to happen between two tries, through the run's params:
+    simulator ``faults`` to add (they then hit the retry's first requests), and ``tamper``, which writes
+    other bytes over the stored first result (a different file under the result's name)."""
+    import json
+    from pathlib import Path
+
+    params = context["params"]
+    if params.get("faults"):
+        host = json.loads(os.environ["AIRFLOW_CONN_EVOLINK_DEFAULT"])["host"]
+        requests.post(
+            f"{host}/_simulator/faults", json={"rules": params["faults"]}, timeout=5
+        ).raise_for_status()
+    if params.get("tamper"):
+        for stored in Path(params["output_dir"]).glob("task-*-0.*"):
+            stored.write_bytes(b"\x00\x00\x00\x18ftypisom" + b"not the paid video" * 3)
+
+
+# The money path of the ledger (evolink_provider/ledger.py): each try may fail, a retry must deliver what
+# the first try paid for without paying again.
+for name, prompt in (("one", "one paid take"), ("two", "two paid takes [sim:results=2]")):
+    with new_dag(
+        f"evolink_ledger_{name}",
+        params={"output_dir": "", "faults": [], "tamper": False, "regenerate": False},
+    ):
+        seedance(
+            "sync",
+            prompt=prompt,
+            output_path="{{ params.output_dir }}",
+            regenerate="{{ params.regenerate }}",
+            retries=3,
+            retry_delay=0,
+            on_retry_callback=between_tries,
+        )
+
+with new_dag("evolink_ledger_forced", params={"output_dir": "", "faults": []}):
+    # The operator's own "fresh take on a clear" (rendered: "{{ 'True' }}" is the string a template gives).
+    seedance(
+        "sync",
+        prompt="a fresh take on every clear",
+        output_path="{{ params.output_dir }}",
+        regenerate="{{ 'True' }}",
+        retries=3,
+        retry_delay=0,
+    )
+
+with new_dag("evolink_ledger_reread", params={"faults": []}):
+    # Every try stops waiting after 0.5 s of a 3 s generation; each retry reads the recorded task first.
+    check_video(
+        seedance(
+            "sync",
+            prompt="read me again [sim:seconds=3]",
+            timeout=0.5,
+            retries=10,
+            retry_delay=0,
+            on_retry_callback=between_tries,
+        ).output
+    )
+
+
 @task
 def check_stored_under_its_id(generated: dict[str, Any]) -> str:
     """Downstream step: the result was stored as ``<task id>-0.<ext>``, whatever the id's shape."""

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-import evolink_provider.operators.submission as submission
+import evolink_provider.ledger as ledger
 from evolink_provider import compat
-from evolink_provider.operators.submission import NO_TASK_STATE_STORE
+from evolink_provider.ledger import NO_TASK_STATE_STORE
 from tests.airflow_runs import run_dag, xcom
 from tests.conftest import SimulatorControl, asset_events_of
 
@@ -68,7 +68,7 @@ class _Recorder:
 def record_what_is_said_once() -> Iterator[None]:
     real = compat.log_once
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(submission, "log_once", lambda logger, message: real(_Recorder(logger), message))
+        patch.setattr(ledger, "log_once", lambda logger, message: real(_Recorder(logger), message))
         yield
 
 

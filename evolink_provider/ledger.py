@@ -1,0 +1,775 @@
+"""The ledger: the one place that decides when a credit is spent and when a paid result is given up.
+
+EvoLink bills every generation and has no cancel call. The promise is: **a video is paid for once, and what
+was paid for is delivered.** So a POST is made only on positive evidence that no paid task of this request
+can still be delivered, and everything uncertain (a 404, 403, 410, 5xx or timeout on a task read or on a
+fresh result link, an answer that fails a check) spends nothing: the read is repeated a few times inside the
+try (:func:`reread_pauses`), then the try fails *retryably* naming the EvoLink task and what to do.
+
+What is recorded per task instance (dag, task, run, map index; never the try number) is one
+:class:`SubmissionRecord` in Airflow 3.3's ``task_state_store``, which survives retries and clears: the
+request's fingerprint, the ``Idempotency-Key`` sent, the task id once known, the *generation* (below), when
+the provider first saw the task completed, every result file stored (name, size, sha256) with the number of
+results the task has, and whether the result was *delivered* (handed downstream). The intent is written
+before the POST and the task id right after, so a crash between the two is recovered by resending the
+*same* key, which EvoLink answers with the task it created. Airflow 3.3's ``ResumableJobMixin`` persists a
+job id only after the submit returns, so it leaves that submit-to-persist window open; the intent record
+closes it. Airflow 3.0-3.2 have no ``task_state_store`` and nothing else is invented here: only the
+derived key (request, generation, counter) lets EvoLink replay a repeated submission.
+
+**Why this try runs** (:func:`try_reason`): a *new run* or first try (no record); an *automatic retry*
+(same generation); a *clear* (another generation); a *forced* fresh take (a clear with ``regenerate``, or
+``reattach="never"``, where every try is a generation of its own). The generation is ``ti.max_tries``:
+Airflow sets ``max_tries = try_number + retries`` whenever a task instance is cleared
+(``clear_task_instances``, and the scheduler for a running task that was cleared) and never changes it on
+an automatic retry; the task runner derives the first try of a sequence as ``max_tries - retries + 1``
+from the same field. A clear of *another* task of the run bumps the run's ``clear_number``, which is why
+that is not used. On 3.0-3.2 the generation is folded into the key, so a clear there never resends an
+earlier generation's key.
+
+**The table** (:func:`decide`, tested row by row by ``tests/test_ledger.py``). *store*: ``3.3`` (a
+``task_state_store``), ``none`` (3.0-3.2), ``any``. *recorded*: ``nothing``; ``intent`` (key, no task id);
+``task`` (an id, result not delivered); ``stored`` (an id, every result file recorded and still on disk,
+not delivered); ``delivered``. *request*: whether the rendered request is the recorded one. *answer*: what
+EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410) as *expired* only
+past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age alone never proves it gone.
+
+| row | store | recorded | request | why | answer | action |
+|-----|-------|----------|---------|-----|--------|--------|
+| R01 | 3.3 | nothing | - | any | - | submit |
+| R02 | 3.3 | intent | same | retry | - | resend |
+| R03 | 3.3 | intent | same | clear | - | resend |
+| R04 | 3.3 | intent | changed | retry | - | fail |
+| R05 | 3.3 | task | same | retry | - | read |
+| R06 | 3.3 | task | same | clear | - | read |
+| R07 | 3.3 | task | changed | retry | - | read |
+| R08 | 3.3 | stored | same | retry or clear | - | use stored |
+| R09 | 3.3 | stored | changed | retry | - | use stored |
+| R10 | 3.3 | delivered | any | retry | - | read |
+| R11 | 3.3 | delivered | any | clear | - | submit |
+| R12 | 3.3 | intent, task or stored | changed | clear | - | submit |
+| R13 | 3.3 | intent, task or stored | any | forced | - | submit |
+| R14 | none | nothing | any | new run or clear | - | submit |
+| R15 | none | nothing | same | retry | - | resend |
+| R16 | none | nothing | changed | retry | - | submit |
+| R17 | any | task | any | any | running | wait |
+| R18 | any | task | any | any | completed | collect |
+| R19 | any | task | any | any | failed, fixable code | submit |
+| R20 | any | task | any | any | cancelled | submit |
+| R21 | any | task | any | any | failed, unfixable code | fail |
+| R22 | any | task | any | any | replayed failure, fixable code | submit |
+| R23 | any | task | any | any | 404 on the task read | fail retryably |
+| R24 | any | task | any | any | other read error | fail retryably |
+| R25 | any | task | any | any | result link refused, not expired | fail retryably |
+| R26 | any | task | any | new run or retry | result link expired | fail |
+| R27 | any | task | any | new run or retry, regenerate_expired | result link expired | submit |
+| R28 | any | task | any | clear or forced | result link expired | submit |
+
+Why each row: R01, R14: nothing paid for this request. R02, R03, R15: the earlier POST may have created a
+task; the same key makes EvoLink answer with it (R03: a clear of a try that never delivered picks up the
+generation it paid for). R04: the recorded key cannot be resent with another body (EvoLink answers 409) and
+the earlier outcome is unknown, so nothing is spent; a clear submits the new request. R05-R07, R10: the
+recorded task is read first (R07: a template that reads the clock renders another request on a retry; the
+paid task is reused, with a warning naming both fingerprints, and a clear submits the new request; R10: a
+retry after delivery delivers the same result again). R08, R09: every result is on disk as recorded; nothing
+is read. R11: the user asked again for a result already delivered. R12: a clear with a changed request has
+no recorded submission for this identity. R13: ``regenerate`` asked for a fresh take. R16: the key folds in
+the request, so without a store a changed request is a new submission (unavoidable there). R17, R18: the paid
+task is waited for or collected. R19, R20, R22: EvoLink says the task failed with a code a resubmission can
+fix (:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled, neither charged: a
+fresh key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25: not evidence that
+the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend nothing, fail the try
+so that a later try reads again. R26: an automatic retry never buys a new generation; the message says that
+a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result is proven expired
+and a new generation was asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from evolink_provider import timing
+from evolink_provider.answers import epoch_seconds
+from evolink_provider.compat import AirflowFailException, log_once
+from evolink_provider.exceptions import (
+    EvolinkError,
+    EvolinkNotFoundError,
+    fail_for,
+    task_error_is_retryable,
+)
+from evolink_provider.polling import FAILED_STATUSES, expected_end, task_failure
+from evolink_provider.results import printable
+from evolink_provider.storage import StoredFile
+
+if TYPE_CHECKING:
+    import logging
+
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.operators.submission import PreparedRequest
+
+STATE_KEY = "evolink_submission"
+#: EvoLink's result links are signed for 24 h from completion.
+RESULT_LINK_TTL = 24 * 3600.0
+#: Files API URLs live 72 h; an upload is reused only while it has this much life left, so that EvoLink
+#: can still fetch it when a queued task starts hours later.
+UPLOAD_TTL = 72 * 3600.0
+UPLOAD_REUSE_MARGIN = 6 * 3600.0
+#: ``reattach`` values of the operators.
+REATTACH_MODES = ("auto", "never")
+#: ``dag_run.conf`` key that forces a fresh take on a clear: ``true``, or a list of task ids.
+REGENERATE_CONF_KEY = "evolink_regenerate"
+
+NO_TASK_STATE_STORE = (
+    "This Airflow has no task_state_store (3.3+): a retry cannot look up the earlier EvoLink task and "
+    "relies on EvoLink replaying the Idempotency-Key instead (said once per process)."
+)
+
+
+class Recorded(Enum):
+    NOTHING = "nothing"
+    INTENT = "intent"
+    TASK = "task"
+    STORED = "stored"
+    DELIVERED = "delivered"
+
+
+class Why(Enum):
+    NEW = "new run"
+    RETRY = "retry"
+    CLEAR = "clear"
+    FORCED = "forced"
+
+
+class Answer(Enum):
+    NOT_ASKED = "-"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED_FIXABLE = "failed, fixable code"
+    CANCELLED = "cancelled"
+    FAILED_UNFIXABLE = "failed, unfixable code"
+    REPLAYED_FIXABLE = "replayed failure, fixable code"
+    READ_NOT_FOUND = "404 on the task read"
+    READ_ERROR = "other read error"
+    LINK_REFUSED = "result link refused, not expired"
+    LINK_EXPIRED = "result link expired"
+
+
+class Action(Enum):
+    SUBMIT = "submit"
+    RESEND = "resend"
+    READ = "read"
+    WAIT = "wait"
+    COLLECT = "collect"
+    USE_STORED = "use stored"
+    FAIL_RETRYABLY = "fail retryably"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Everything :func:`decide` looks at."""
+
+    durable: bool
+    recorded: Recorded
+    why: Why
+    answer: Answer = Answer.NOT_ASKED
+    same_request: bool = True
+    regenerate_expired: bool = False
+
+
+def decide(s: Situation) -> Action:
+    """The action of the module docstring's table for ``s`` (a pure function: no I/O, no clock)."""
+    if s.answer is not Answer.NOT_ASKED:
+        return _after_answer(s)
+    if not s.durable:  # R14-R16: only the derived key exists
+        return Action.RESEND if s.why is Why.RETRY and s.same_request else Action.SUBMIT
+    if s.recorded is Recorded.NOTHING:  # R01
+        return Action.SUBMIT
+    if s.why is Why.FORCED:  # R13
+        return Action.SUBMIT
+    if s.recorded is Recorded.DELIVERED:  # R10, R11
+        return Action.READ if s.why is Why.RETRY else Action.SUBMIT
+    if s.why is not Why.RETRY and not s.same_request:  # R12
+        return Action.SUBMIT
+    if s.recorded is Recorded.INTENT:  # R02-R04
+        return Action.RESEND if s.same_request else Action.FAIL
+    if s.recorded is Recorded.STORED:  # R08, R09
+        return Action.USE_STORED
+    return Action.READ  # R05-R07
+
+
+def _after_answer(s: Situation) -> Action:
+    answer = s.answer
+    if answer is Answer.RUNNING:  # R17
+        return Action.WAIT
+    if answer is Answer.COMPLETED:  # R18
+        return Action.COLLECT
+    if answer in (Answer.FAILED_FIXABLE, Answer.CANCELLED, Answer.REPLAYED_FIXABLE):  # R19, R20, R22
+        return Action.SUBMIT
+    if answer is Answer.FAILED_UNFIXABLE:  # R21
+        return Action.FAIL
+    if answer is Answer.LINK_EXPIRED:  # R26-R28
+        if s.why in (Why.CLEAR, Why.FORCED) or s.regenerate_expired:
+            return Action.SUBMIT
+        return Action.FAIL
+    return Action.FAIL_RETRYABLY  # R23-R25
+
+
+def answer_of(task: dict[str, Any], replayed: bool = False) -> Answer:
+    """What a task object says, in the table's words."""
+    status = task.get("status")
+    if status == "cancelled":
+        return Answer.CANCELLED
+    if status in FAILED_STATUSES:
+        if not task_error_is_retryable(task_failure(task)[0]):
+            return Answer.FAILED_UNFIXABLE
+        return Answer.REPLAYED_FIXABLE if replayed else Answer.FAILED_FIXABLE
+    return Answer.COMPLETED if status == "completed" else Answer.RUNNING
+
+
+def reread_pauses() -> tuple[float, float]:
+    """Pauses (seconds) between the reads of a recorded task that failed: a gateway blip or a
+    read-after-write lag passes within seconds, and a try must not hang on a real outage."""
+    pause = timing.current().reread_pause
+    return pause, 3 * pause
+
+
+def link_expired(first_seen_completed: float | None, created: float | None, now: float) -> bool:
+    """Whether a refused result link is proven expired: past the first time this provider saw the task
+    completed (or, with no such record, its ``created`` time) plus the links' 24 h."""
+    since = first_seen_completed if first_seen_completed is not None else created
+    return since is not None and now > since + RESULT_LINK_TTL
+
+
+# -- the record ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """A local or storage input already uploaded through the Files API."""
+
+    source: str
+    sha256: str
+    file_url: str
+    expires_at: float
+
+    @classmethod
+    def from_stored(cls, value: Any) -> UploadRecord | None:
+        if not isinstance(value, dict):
+            return None
+        try:
+            return cls(
+                str(value["source"]), str(value["sha256"]), str(value["file_url"]), float(value["expires_at"])
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def reusable(self, sha256: str, now: float | None = None) -> bool:
+        """Same bytes, and the URL outlives the safety margin."""
+        moment = time.time() if now is None else now
+        return self.sha256 == sha256 and self.expires_at - UPLOAD_REUSE_MARGIN > moment
+
+
+@dataclass(frozen=True)
+class SubmissionRecord:
+    """One submission of one task instance: ``task_id`` is ``None`` between the POST and its answer.
+
+    ``generation`` is ``None`` in records written before it existed (treated as the current one, the
+    cheaper guess). ``stored`` and ``results`` describe the files of ``task_id`` stored so far and how many
+    results that task has; ``completed_seen_at`` is when this provider first saw it completed.
+    """
+
+    fingerprint: str
+    submission: int
+    idempotency_key: str
+    task_id: str | None = None
+    generation: str | None = None
+    uploads: tuple[UploadRecord, ...] = field(default=())
+    completed_seen_at: float | None = None
+    results: int | None = None
+    stored: tuple[StoredFile, ...] = field(default=())
+    delivered: bool = False
+
+    @classmethod
+    def from_stored(cls, value: Any) -> SubmissionRecord | None:
+        if not isinstance(value, dict):
+            return None
+        try:
+            seen = value.get("completed_seen_at")
+            results = value.get("results")
+            return cls(
+                fingerprint=str(value["fingerprint"]),
+                submission=int(value["submission"]),
+                idempotency_key=str(value["idempotency_key"]),
+                task_id=value.get("task_id") or None,
+                generation=None if value.get("generation") is None else str(value["generation"]),
+                uploads=_parsed(UploadRecord.from_stored, value.get("uploads")),
+                completed_seen_at=None if seen is None else float(seen),
+                results=None if results is None else int(results),
+                stored=_parsed(StoredFile.from_stored, value.get("stored")),
+                delivered=value.get("delivered") is True,
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def as_stored(self) -> dict[str, Any]:
+        stored = {
+            k: v
+            for k, v in asdict(self).items()
+            if v is not None and k not in ("uploads", "stored", "delivered")
+        }
+        if self.uploads:
+            stored["uploads"] = [asdict(upload) for upload in self.uploads]
+        if self.stored:
+            stored["stored"] = [asdict(item) for item in self.stored]
+        if self.delivered:
+            stored["delivered"] = True
+        return stored
+
+
+def _parsed(parse: Callable[[Any], Any], values: Any) -> tuple[Any, ...]:
+    items = values if isinstance(values, list) else []
+    return tuple(item for item in (parse(value) for value in items) if item is not None)
+
+
+def expiry_epoch(value: Any, uploaded_at: float) -> float:
+    """An upload's ``expires_at`` (epoch seconds or ISO-8601) as epoch seconds; 72 h after the upload
+    when missing or unreadable."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            return moment.timestamp()
+    return uploaded_at + UPLOAD_TTL
+
+
+# -- identity and keys -----------------------------------------------------------------------------
+
+
+def payload_fingerprint(payload: dict[str, Any]) -> str:
+    """A stable digest of the request body (key order does not matter)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def request_fingerprint(payload: dict[str, Any], local_digests: dict[str, str]) -> str:
+    """The identity of what the user asked for: the validated body (local inputs still as their paths or
+    URIs) and the sha256 of every local input's bytes. Upload URLs play no part."""
+    if not local_digests:
+        return payload_fingerprint(payload)
+    return payload_fingerprint({"payload": payload, "local_media_sha256": local_digests})
+
+
+def task_instance_identity(context: Any) -> str:
+    """dag / task / run / map index of the running task instance: stable across its retries."""
+    ti = context["ti"]
+    return "|".join(str(part) for part in (ti.dag_id, ti.task_id, ti.run_id, getattr(ti, "map_index", -1)))
+
+
+def try_generation(context: Any, reattach: str) -> str:
+    """Which try sequence this try belongs to (module docstring): ``ti.max_tries`` with ``auto``, the try
+    number with ``never`` (every try a generation of its own)."""
+    ti = context["ti"]
+    if reattach == "never":
+        return f"try-{getattr(ti, 'try_number', 0)}"
+    max_tries = getattr(ti, "max_tries", None)
+    return f"seq-{max_tries}" if isinstance(max_tries, int) else "seq-unknown"
+
+
+def tries_in_sequence(context: Any) -> int:
+    """How many tries of the current try sequence have started, this one included (at least 1)."""
+    ti = context["ti"]
+    try_number = getattr(ti, "try_number", 1)
+    max_tries = getattr(ti, "max_tries", None)
+    retries = getattr(getattr(ti, "task", None), "retries", None)
+    if not isinstance(try_number, int):
+        return 1
+    if isinstance(max_tries, int) and isinstance(retries, int):
+        return max(1, try_number - (max_tries - retries))
+    return max(1, try_number)
+
+
+def idempotency_key(identity: str, fingerprint: str, submission: int, generation: str = "") -> str:
+    """``evl-<48 hex>``: within EvoLink's 16-96 characters of ``[A-Za-z0-9._-]``."""
+    seed = f"{identity}\n{fingerprint}\n{submission}" + (f"\n{generation}" if generation else "")
+    return f"evl-{hashlib.sha256(seed.encode()).hexdigest()[:48]}"
+
+
+def regenerate_requested(context: Any, regenerate: Any) -> bool:
+    """Whether a fresh take is forced: the operator's ``regenerate`` (a bool, or its rendered text), or the
+    run's ``dag_run.conf["evolink_regenerate"]`` (``true``, or a list holding this task's id)."""
+    if regenerate is True or (isinstance(regenerate, str) and regenerate.strip().lower() == "true"):
+        return True
+    run = context.get("dag_run")
+    conf = getattr(run, "conf", None)
+    wanted = conf.get(REGENERATE_CONF_KEY) if isinstance(conf, dict) else None
+    if wanted is True:
+        return True
+    return isinstance(wanted, list) and context["ti"].task_id in wanted
+
+
+def try_reason(record: SubmissionRecord | None, generation: str, forced: bool, context: Any) -> Why:
+    """Why this try runs (module docstring), from the record (3.3) or the try numbers (3.0-3.2)."""
+    if record is None:
+        return Why.RETRY if tries_in_sequence(context) > 1 else Why.NEW
+    if record.generation in (None, generation):
+        return Why.RETRY
+    return Why.FORCED if forced else Why.CLEAR
+
+
+class SubmissionStore:
+    """The task instance's :class:`SubmissionRecord`, in ``task_state_store`` when Airflow has one."""
+
+    def __init__(self, context: Any) -> None:
+        try:
+            self._store = context.get("task_state_store")
+        except AttributeError:
+            self._store = None
+
+    @property
+    def durable(self) -> bool:
+        return self._store is not None
+
+    def load(self) -> SubmissionRecord | None:
+        if self._store is None:
+            return None
+        return SubmissionRecord.from_stored(self._store.get(STATE_KEY))
+
+    def save(self, record: SubmissionRecord) -> None:
+        if self._store is not None:
+            self._store.set(STATE_KEY, record.as_stored())
+
+
+# -- applying the decisions ------------------------------------------------------------------------
+
+
+class RetryLaterError(EvolinkError):
+    """Nothing proves the paid result gone: this try fails (retryably) and spends nothing."""
+
+    retryable = True
+
+
+class NewGeneration(Exception):
+    """Raised by :meth:`Ledger.store` when the results expired and a new generation was submitted."""
+
+    def __init__(self, task: dict[str, Any]) -> None:
+        super().__init__(task.get("id"))
+        self.task = task
+
+
+@dataclass
+class Ledger:
+    """Applies :func:`decide` for one try of one task instance: the only code that POSTs a generation.
+
+    :param request: the validated request, built on demand (``execute_complete`` needs it only to
+        regenerate).
+    :param reattach: ``auto`` or ``never`` (see the operators).
+    :param regenerate: force a fresh take on a clear (see :func:`regenerate_requested`).
+    :param regenerate_expired: let an automatic retry buy a new generation when the results expired.
+    :param min_credits: see :func:`~evolink_provider.operators.submission.check_balance`.
+    """
+
+    context: Any
+    hook: EvolinkHook
+    log: logging.Logger | Any
+    request: Callable[[], PreparedRequest]
+    reattach: str = "auto"
+    regenerate: Any = False
+    regenerate_expired: bool = False
+    min_credits: float | None = None
+    sleep: Callable[[float], None] = time.sleep
+    #: The EvoLink task this try waits for, once known (named by ``on_kill``).
+    current_task_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reattach not in REATTACH_MODES:
+            raise AirflowFailException(f"reattach={self.reattach!r}: allowed values are 'auto' and 'never'")
+        self.states = SubmissionStore(self.context)
+        self.output_path: str | None = None
+        self.record = self.states.load()
+        self.generation = try_generation(self.context, self.reattach)
+        forced = self.reattach == "never" or regenerate_requested(self.context, self.regenerate)
+        self.why = try_reason(self.record, self.generation, forced, self.context)
+
+    def _situation(self, answer: Answer = Answer.NOT_ASKED, same_request: bool = True) -> Situation:
+        return Situation(
+            self.states.durable,
+            self._recorded(),
+            self.why,
+            answer,
+            same_request,
+            bool(self.regenerate_expired),
+        )
+
+    def _recorded(self) -> Recorded:
+        record = self.record
+        if record is None:
+            return Recorded.NOTHING
+        if record.task_id is None:
+            return Recorded.INTENT
+        if record.delivered:
+            return Recorded.DELIVERED
+        return Recorded.STORED if self.stored_files() is not None else Recorded.TASK
+
+    def _save(self, record: SubmissionRecord) -> None:
+        self.record = record
+        self.states.save(record)
+
+    # -- start: submit, resend, read, reattach --------------------------------------------------
+
+    def start(self, output_path: str | None) -> dict[str, Any]:
+        """The task this try waits for or collects (``from_storage`` when its files are all stored)."""
+        self.output_path = output_path
+        if not self.states.durable:
+            log_once(self.log, NO_TASK_STATE_STORE)
+        request = self.request()
+        record = self.record
+        same = record is None or record.fingerprint == request.fingerprint
+        action = decide(self._situation(same_request=same))
+        if record is not None and not same and self.why is Why.RETRY:
+            self.log.warning(
+                "The rendered request differs from the one recorded for EvoLink task %s (a template "
+                "that reads the clock?): recorded fingerprint %s is what the earlier try paid for, %s is "
+                "what this try rendered. The paid task is reused; clear the task instance to submit the "
+                "new request.",
+                record.task_id or "(unknown)",
+                record.fingerprint,
+                request.fingerprint,
+            )
+        if action is Action.FAIL:
+            raise AirflowFailException(
+                f"An earlier try sent Idempotency-Key {record.idempotency_key if record else '?'} and its "
+                "outcome is unknown, but the rendered request changed since: nothing is submitted. Look the "
+                "key up at EvoLink, or clear the task instance to submit the new request."
+            )
+        if action is Action.USE_STORED:
+            return self._from_storage()
+        if action is Action.READ:
+            return self._read_recorded()
+        if action is Action.RESEND:
+            return self._submit(request, resend=True)
+        if self.why in (Why.CLEAR, Why.FORCED) and record is not None:
+            self.log.info(
+                "A clear (%s): a new generation is submitted; the earlier EvoLink task %s is left alone.",
+                "a fresh take was asked for"
+                if self.why is Why.FORCED
+                else "its result was delivered or the request changed",
+                record.task_id or "(unknown)",
+            )
+        return self._submit(request)
+
+    def _read_recorded(self) -> dict[str, Any]:
+        record = self.record
+        assert record is not None and record.task_id is not None
+        task_id = record.task_id
+        task = self._read(task_id)
+        if record.generation != self.generation:
+            # A clear picks up the generation already paid for: from now on its retries are retries.
+            self._save(replace(record, generation=self.generation))
+        action = decide(self._situation(answer_of(task)))
+        if action is Action.FAIL:
+            refuse_unfixable(task)
+        if action is Action.SUBMIT:
+            self.log.info("EvoLink task %s ended %s: submitting once more.", task_id, task.get("status"))
+            return self._submit(self.request())
+        self.log.info(
+            "Reattaching to EvoLink task %s (%s) from an earlier try; nothing is submitted.",
+            task_id,
+            task.get("status"),
+        )
+        self.current_task_id = task_id
+        return task
+
+    def _read(self, task_id: str) -> dict[str, Any]:
+        """The recorded task, read up to three times (each read has the hook's own retries); then the try
+        fails retryably."""
+        error: EvolinkError | None = None
+        for delay in (*reread_pauses(), None):
+            try:
+                return self.hook.get_task(task_id)
+            except EvolinkError as failed:
+                error = failed
+            if delay is not None:
+                self.log.warning(
+                    "Reading EvoLink task %s failed: %s; reading again in %.0fs", task_id, error, delay
+                )
+                self.sleep(delay)
+        answer = Answer.READ_NOT_FOUND if isinstance(error, EvolinkNotFoundError) else Answer.READ_ERROR
+        assert decide(self._situation(answer)) is Action.FAIL_RETRYABLY
+        raise RetryLaterError(
+            f"EvoLink task {task_id}, paid for by an earlier try, could not be read ({error}); nothing "
+            "was submitted. A later try reads it again; if EvoLink really lost it, clear the task instance "
+            f"with dag_run.conf {REGENERATE_CONF_KEY}=true (or regenerate=True) to pay for a new one."
+        ) from error
+
+    def _submit(self, request: PreparedRequest, *, resend: bool = False) -> dict[str, Any]:
+        """POST the request; follow a replayed failed task with a fresh key, once per such failure.
+
+        A failed answer is a replay of an earlier failed task when the key had been sent before: by the
+        try whose intent is recorded (``resend``) or, without ``task_state_store``, by one of the
+        earlier tries of this try sequence (each created at most one task, keys 0..n-2). Anything else
+        is a fresh task that failed at once, handed to the operator like any failure.
+        """
+        from evolink_provider.operators.submission import check_balance, payload_for_post
+
+        identity = task_instance_identity(self.context)
+        record = self.record
+        uploads = {upload.source: upload for upload in record.uploads} if record else {}
+        if resend and record is not None:
+            submission, key = record.submission, record.idempotency_key
+            generation = record.generation or self.generation
+        else:
+            submission = 0 if record is None else record.submission + 1
+            generation = self.generation
+            key = idempotency_key(identity, request.fingerprint, submission, generation)
+        earlier_tries = tries_in_sequence(self.context) - 1
+        payload: dict[str, Any] | None = None
+        while True:
+            new = SubmissionRecord(
+                request.fingerprint,
+                submission,
+                key,
+                None,
+                generation,
+                tuple(uploads[source] for source in sorted(uploads)),
+            )
+            if payload is None:
+                check_balance(self.hook, self.min_credits, self.log)
+                self._save(new)  # the intent, with the uploads of earlier tries
+                payload = payload_for_post(self.hook, request, uploads, self.log)
+                new = replace(new, uploads=tuple(uploads[source] for source in sorted(uploads)))
+            self._save(new)
+            try:
+                task = self.hook.create_video_task(payload, idempotency_key=key)
+            except EvolinkError as error:
+                fail_for(error)
+            self._save(replace(new, task_id=task["id"]))
+            self.current_task_id = task["id"]
+            replayed = (resend and record is not None) or (
+                not self.states.durable and submission < earlier_tries
+            )
+            action = decide(self._situation(answer_of(task, replayed)))
+            if action is Action.FAIL and replayed:
+                refuse_unfixable(task)
+            if action is Action.SUBMIT and replayed:
+                self.log.info("EvoLink replayed failed task %s; submitting once more.", task["id"])
+                submission += 1
+                key = idempotency_key(identity, request.fingerprint, submission, self.generation)
+                generation = self.generation
+                resend = False
+                continue
+            usage = task.get("usage") or {}
+            self.log.info(
+                "Submitted EvoLink task %s (model %s); credits reserved: %s (%s)%s",
+                task["id"],
+                printable(task.get("model")),
+                printable(usage.get("credits_reserved")),
+                printable(usage.get("billing_rule")),
+                "; " + end if (end := expected_end(task, time.time())) else "",
+            )
+            return task
+
+    # -- collect: stored files, expiry, delivery --------------------------------------------------
+
+    def saw_completed(self, task: dict[str, Any]) -> None:
+        """Record when this provider first saw its task completed (the start of the links' 24 h)."""
+        record = self.record
+        if record is not None and record.task_id == task.get("id") and record.completed_seen_at is None:
+            self._save(replace(record, completed_seen_at=timing.current().now()))
+
+    def stored_files(self) -> list[str] | None:
+        """The recorded files of the recorded task, when the set is complete and each is still on disk at
+        its recorded size; else None."""
+        record = self.record
+        if record is None or not record.results or not self.output_path:
+            return None
+        from evolink_provider.storage import verify_stored
+
+        return verify_stored(record.task_id or "", str(self.output_path), record.stored, record.results)
+
+    def _from_storage(self) -> dict[str, Any]:
+        assert self.record is not None
+        files = self.stored_files()
+        self.log.info("Every result of EvoLink task %s is stored as recorded: %s", self.record.task_id, files)
+        self.current_task_id = self.record.task_id
+        return {
+            "id": self.record.task_id,
+            "status": "completed",
+            "results": [],
+            "files": files,
+            "from_storage": True,
+        }
+
+    def store(self, task: dict[str, Any], output_path: str, deadline: float | None) -> list[str]:
+        """Stream the task's results into ``output_path``, recording each file as it lands; a refused
+        result link is decided by the table (rows R25-R28)."""
+        from evolink_provider.storage import store_results
+
+        self.output_path = output_path
+        self.saw_completed(task)
+        record = self.record
+        known = record.stored if record is not None and record.task_id == task.get("id") else ()
+        try:
+            return store_results(self.hook, task, output_path, deadline, known=known, on_stored=self._stored)
+        except EvolinkNotFoundError as error:
+            seen = (
+                record.completed_seen_at if record is not None and record.task_id == task.get("id") else None
+            )
+            expired = link_expired(seen, epoch_seconds(task.get("created")), timing.current().now())
+            answer = Answer.LINK_EXPIRED if expired else Answer.LINK_REFUSED
+            action = decide(self._situation(answer))
+            if action is Action.FAIL_RETRYABLY:
+                raise RetryLaterError(
+                    f"A result link of EvoLink task {task['id']} was refused ({error.status_code}) although "
+                    "it cannot have expired yet: nothing was submitted. A later try downloads it again."
+                ) from error
+            if action is Action.FAIL:
+                raise AirflowFailException(
+                    f"The results of EvoLink task {task['id']} expired ({error.status_code}) before all "
+                    f"were stored under {output_path}. An automatic retry never pays again: clear the task "
+                    "instance (or set regenerate_expired=True) to buy a new generation."
+                ) from error
+            self.log.warning(
+                "The results of EvoLink task %s expired (%s): submitting a new generation.",
+                task["id"],
+                error.status_code,
+            )
+            raise NewGeneration(self._submit(self.request())) from error
+
+    def _stored(self, item: StoredFile, results: int) -> None:
+        record = self.record
+        if record is None or record.task_id is None:
+            return
+        kept = tuple(known for known in record.stored if known.index != item.index)
+        self._save(
+            replace(record, stored=tuple(sorted((*kept, item), key=lambda f: f.index)), results=results)
+        )
+
+    def delivered(self) -> None:
+        """The result was handed downstream: a clear from now on asks for a new generation."""
+        record = self.record
+        if record is not None and record.task_id is not None and not record.delivered:
+            self._save(replace(record, delivered=True, generation=self.generation))
+
+
+def refuse_unfixable(task: dict[str, Any]) -> None:
+    """A failed task whose error code no resubmission can fix ends the Airflow task, clearly."""
+    code, message = task_failure(task)
+    if task.get("status") == "failed" and not task_error_is_retryable(code):
+        raise AirflowFailException(
+            f"EvoLink task {task.get('id')} failed with {code}: {message or '(no message)'}; "
+            "a resubmission cannot fix that code, so nothing is submitted again."
+        )

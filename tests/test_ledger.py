@@ -1,0 +1,583 @@
+"""The ledger's decision table, row by row, and its wiring with an in-memory state store.
+
+``test_every_row_of_the_table`` reads the table from :mod:`evolink_provider.ledger`'s docstring: a row
+without a case here fails, and so does a case whose action differs from the row's.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from evolink_provider import ledger
+from evolink_provider.compat import AirflowFailException
+from evolink_provider.exceptions import EvolinkNotFoundError, EvolinkServerError, EvolinkTransportError
+from evolink_provider.ledger import (
+    STATE_KEY,
+    Action,
+    Answer,
+    Ledger,
+    Recorded,
+    RetryLaterError,
+    Situation,
+    SubmissionRecord,
+    Why,
+    decide,
+    link_expired,
+)
+from evolink_provider.operators.submission import PreparedRequest
+
+S3, NONE = True, False
+
+
+def cases(
+    durable: bool, recorded: list[Recorded], same: list[bool], why: list[Why], **kw: Any
+) -> list[Situation]:
+    return [Situation(durable, r, w, same_request=s, **kw) for r in recorded for s in same for w in why]
+
+
+RECORDED_BUT_NOT_DELIVERED = [Recorded.INTENT, Recorded.TASK, Recorded.STORED]
+BOTH = [True, False]
+
+
+def answered(answer: Answer, why: list[Why], **kw: Any) -> list[Situation]:
+    return [
+        Situation(durable, Recorded.TASK, w, answer, same, **kw)
+        for durable in BOTH
+        for same in BOTH
+        for w in why
+    ]
+
+
+CASES: dict[str, list[Situation]] = {
+    "R01": cases(S3, [Recorded.NOTHING], BOTH, list(Why)),
+    "R02": cases(S3, [Recorded.INTENT], [True], [Why.RETRY]),
+    "R03": cases(S3, [Recorded.INTENT], [True], [Why.CLEAR]),
+    "R04": cases(S3, [Recorded.INTENT], [False], [Why.RETRY]),
+    "R05": cases(S3, [Recorded.TASK], [True], [Why.RETRY]),
+    "R06": cases(S3, [Recorded.TASK], [True], [Why.CLEAR]),
+    "R07": cases(S3, [Recorded.TASK], [False], [Why.RETRY]),
+    "R08": cases(S3, [Recorded.STORED], [True], [Why.RETRY, Why.CLEAR]),
+    "R09": cases(S3, [Recorded.STORED], [False], [Why.RETRY]),
+    "R10": cases(S3, [Recorded.DELIVERED], BOTH, [Why.RETRY]),
+    "R11": cases(S3, [Recorded.DELIVERED], BOTH, [Why.CLEAR]),
+    "R12": cases(S3, RECORDED_BUT_NOT_DELIVERED, [False], [Why.CLEAR]),
+    "R13": cases(S3, [*RECORDED_BUT_NOT_DELIVERED, Recorded.DELIVERED], BOTH, [Why.FORCED]),
+    "R14": cases(NONE, [Recorded.NOTHING], BOTH, [Why.NEW, Why.CLEAR]),
+    "R15": cases(NONE, [Recorded.NOTHING], [True], [Why.RETRY]),
+    "R16": cases(NONE, [Recorded.NOTHING], [False], [Why.RETRY]),
+    "R17": answered(Answer.RUNNING, list(Why)),
+    "R18": answered(Answer.COMPLETED, list(Why)),
+    "R19": answered(Answer.FAILED_FIXABLE, list(Why)),
+    "R20": answered(Answer.CANCELLED, list(Why)),
+    "R21": answered(Answer.FAILED_UNFIXABLE, list(Why), regenerate_expired=True),
+    "R22": answered(Answer.REPLAYED_FIXABLE, list(Why)),
+    "R23": answered(Answer.READ_NOT_FOUND, list(Why), regenerate_expired=True),
+    "R24": answered(Answer.READ_ERROR, list(Why), regenerate_expired=True),
+    "R25": answered(Answer.LINK_REFUSED, list(Why), regenerate_expired=True),
+    "R26": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY]),
+    "R27": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY], regenerate_expired=True),
+    "R28": answered(Answer.LINK_EXPIRED, [Why.CLEAR, Why.FORCED]),
+}
+
+
+def table_rows() -> dict[str, str]:
+    """``{row: action}`` as the module docstring states them."""
+    rows = re.findall(r"^\| (R\d\d) \|.*\| ([a-z ]+) \|$", ledger.__doc__ or "", re.MULTILINE)
+    assert rows, "the ledger's docstring lost its table"
+    return dict(rows)
+
+
+def test_every_row_of_the_table_has_a_case() -> None:
+    assert sorted(table_rows()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("row", sorted(CASES))
+def test_every_row_of_the_table(row: str) -> None:
+    expected = Action(table_rows()[row])
+    for situation in CASES[row]:
+        assert decide(situation) is expected, situation
+
+
+def test_expiry_needs_24_hours_from_the_first_completed_sighting() -> None:
+    day = 24 * 3600.0
+    assert not link_expired(1000.0, 0.0, 1000.0 + day)  # the record wins over an old `created`
+    assert link_expired(1000.0, 0.0, 1000.0 + day + 1)
+    assert not link_expired(None, 1000.0, 1000.0 + day)
+    assert link_expired(None, 1000.0, 1000.0 + day + 1)
+    assert not link_expired(None, None, 10 * day)  # nothing proves it
+
+
+# -- the wiring, with an in-memory task_state_store and a fake context -------------------------------
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+
+class FakeHook:
+    """Answers reads from ``reads`` (an exception is raised) and records every POST's key."""
+
+    def __init__(self, reads: list[Any] | None = None) -> None:
+        self.reads = list(reads or [])
+        self.keys: list[str] = []
+
+    def get_task(self, task_id: str, **_: Any) -> dict[str, Any]:
+        answer = self.reads.pop(0) if self.reads else {"id": task_id, "status": "processing"}
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        self.keys.append(idempotency_key)
+        return {"id": f"task-unified-1-new{len(self.keys):05d}", "status": "pending"}
+
+
+REQUEST = PreparedRequest("seedance-2.0-text-to-video", {}, {"prompt": "p"}, [], {}, "fp-1")
+
+
+def context(store: MemoryStore | None, max_tries: int = 2, try_number: int = 1) -> dict[str, Any]:
+    ti = SimpleNamespace(
+        dag_id="d",
+        task_id="t",
+        run_id="r",
+        map_index=-1,
+        try_number=try_number,
+        max_tries=max_tries,
+        task=SimpleNamespace(retries=2),
+    )
+    found: dict[str, Any] = {"ti": ti, "dag_run": SimpleNamespace(conf={})}
+    if store is not None:
+        found["task_state_store"] = store
+    return found
+
+
+def make(hook: FakeHook, ctx: dict[str, Any], **kw: Any) -> Ledger:
+    import logging
+
+    return Ledger(ctx, hook, logging.getLogger("test"), lambda: REQUEST, sleep=lambda _: None, **kw)  # type: ignore[arg-type]
+
+
+def recorded(store: MemoryStore, **kw: Any) -> None:
+    record = SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, "task-unified-1-abcdefgh", "seq-2", **kw)
+    store.set(STATE_KEY, record.as_stored())
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        EvolinkNotFoundError("gone?", status_code=404),
+        EvolinkServerError("busy", status_code=503),
+        EvolinkTransportError("timed out", request_sent=True),
+    ],
+    ids=["404", "503", "timeout"],
+)
+def test_no_error_on_the_reattach_read_counts_as_gone(error: Exception) -> None:
+    """M05: any read error treated as "gone" would submit here; the ledger re-reads, then fails retryably."""
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook([error] * 3)
+
+    with pytest.raises(RetryLaterError, match="task-unified-1-abcdefgh"):
+        make(hook, context(store)).start(None)
+    assert hook.keys == [] and hook.reads == []
+
+
+def test_a_read_error_then_an_answer_reattaches() -> None:
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook([EvolinkNotFoundError("lag", status_code=404)])
+
+    task = make(hook, context(store)).start(None)
+
+    assert task["id"] == "task-unified-1-abcdefgh" and hook.keys == []
+
+
+def test_a_clear_without_a_task_state_store_sends_a_new_key() -> None:
+    """M30: on Airflow 3.0-3.2 a clear (max_tries raised) must not resend the old generation's key."""
+    hook = FakeHook()
+    make(hook, context(None, max_tries=2)).start(None)
+    make(hook, context(None, max_tries=2, try_number=2)).start(None)  # a retry: the same key, replayed
+    make(hook, context(None, max_tries=5, try_number=3)).start(None)  # cleared
+
+    assert hook.keys[0] == hook.keys[1]
+    assert hook.keys[2] != hook.keys[0]
+
+
+def test_a_clear_of_an_undelivered_task_picks_it_up_and_a_delivered_one_regenerates() -> None:
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook()
+
+    picked = make(hook, context(store, max_tries=5)).start(None)
+    assert picked["id"] == "task-unified-1-abcdefgh" and hook.keys == []
+
+    done = make(hook, context(store, max_tries=5))
+    done.delivered()
+    make(hook, context(store, max_tries=8)).start(None)
+    assert len(hook.keys) == 1
+
+
+@pytest.mark.parametrize("conf", [{"evolink_regenerate": True}, {"evolink_regenerate": ["t"]}])
+def test_a_forced_fresh_take_on_a_clear(conf: dict[str, Any]) -> None:
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook()
+    ctx = context(store, max_tries=5)
+    ctx["dag_run"].conf = conf
+
+    make(hook, ctx).start(None)
+
+    assert len(hook.keys) == 1
+
+
+def test_a_changed_request_on_a_retry_reuses_the_paid_task(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    record = SubmissionRecord("fp-0", 0, "evl-" + "0" * 48, "task-unified-1-abcdefgh", "seq-2")
+    store.set(STATE_KEY, record.as_stored())
+    hook = FakeHook()
+
+    task = make(hook, context(store)).start(None)
+
+    assert task["id"] == "task-unified-1-abcdefgh" and hook.keys == []
+    assert "fp-0" in caplog.text and "fp-1" in caplog.text and "clear the task instance" in caplog.text
+
+
+def test_an_intent_with_a_changed_request_on_a_retry_spends_nothing() -> None:
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-0", 0, "evl-" + "1" * 48, None, "seq-2").as_stored())
+    hook = FakeHook()
+
+    with pytest.raises(AirflowFailException, match="clear the task instance"):
+        make(hook, context(store)).start(None)
+    assert hook.keys == []
+
+
+# -- the record, the keys and the store decisions -------------------------------------------------
+
+
+def test_a_record_survives_the_state_store_and_refuses_garbage() -> None:
+    from evolink_provider.ledger import UploadRecord
+    from evolink_provider.storage import StoredFile
+
+    record = SubmissionRecord(
+        "fp",
+        2,
+        "evl-" + "2" * 48,
+        "task-unified-1-abcdefgh",
+        "seq-3",
+        (UploadRecord("/a.png", "sha", "https://files/a", 1e10),),
+        completed_seen_at=12.5,
+        results=2,
+        stored=(StoredFile(0, "task-unified-1-abcdefgh-0.mp4", 10, "ab"),),
+        delivered=True,
+    )
+    assert SubmissionRecord.from_stored(record.as_stored()) == record
+    bare = SubmissionRecord("fp", 0, "k")
+    assert bare.as_stored() == {"fingerprint": "fp", "submission": 0, "idempotency_key": "k"}
+    assert SubmissionRecord.from_stored(bare.as_stored()) == bare
+    garbages: list[Any] = [None, [], {"fingerprint": "fp"}, {**bare.as_stored(), "submission": "x"}]
+    for garbage in garbages:
+        assert SubmissionRecord.from_stored(garbage) is None
+    partly = SubmissionRecord.from_stored({**record.as_stored(), "uploads": [{"source": 1}], "stored": "x"})
+    assert partly is not None and partly.uploads == () and partly.stored == ()
+    assert SubmissionRecord.from_stored({**bare.as_stored(), "delivered": "yes"}).delivered is False  # type: ignore[union-attr]
+
+
+def test_uploads_are_reused_with_the_same_bytes_and_enough_life_left() -> None:
+    from evolink_provider.ledger import UPLOAD_REUSE_MARGIN, UploadRecord, expiry_epoch
+
+    upload = UploadRecord("/a.png", "sha", "https://files/a", 1000.0 + UPLOAD_REUSE_MARGIN)
+    assert upload.reusable("sha", now=999.0)
+    assert not upload.reusable("sha", now=1000.0)
+    assert not upload.reusable("other", now=0.0)
+    assert expiry_epoch(5, 0.0) == 5.0
+    assert expiry_epoch("1970-01-01T00:01:40Z", 0.0) == 100.0
+    assert expiry_epoch("1970-01-01T00:01:40", 0.0) == 100.0
+    assert (
+        expiry_epoch("soon", 10.0) == expiry_epoch(None, 10.0) == expiry_epoch(True, 10.0) == 10.0 + 72 * 3600
+    )
+
+
+def test_identity_keys_and_try_sequences() -> None:
+    from evolink_provider.ledger import (
+        idempotency_key,
+        request_fingerprint,
+        task_instance_identity,
+        tries_in_sequence,
+        try_generation,
+    )
+
+    assert request_fingerprint({"a": 1, "b": 2}, {}) == request_fingerprint({"b": 2, "a": 1}, {})
+    assert request_fingerprint({"a": 1}, {"/x": "s"}) != request_fingerprint({"a": 1}, {})
+    key = idempotency_key("i", "f", 0, "g")
+    assert re.fullmatch(r"evl-[0-9a-f]{48}", key)
+    assert (
+        len(
+            {
+                key,
+                idempotency_key("i", "f", 1, "g"),
+                idempotency_key("i", "f", 0, "h"),
+                idempotency_key("i", "f", 0),
+            }
+        )
+        == 4
+    )
+    ctx = context(None, max_tries=7, try_number=6)
+    assert task_instance_identity(ctx) == "d|t|r|-1"
+    assert try_generation(ctx, "auto") == "seq-7" and try_generation(ctx, "never") == "try-6"
+    ctx["ti"].max_tries = None
+    assert try_generation(ctx, "auto") == "seq-unknown"
+    assert tries_in_sequence(context(None, max_tries=7, try_number=6)) == 1  # cleared at try 5: 6 is its 1st
+    assert tries_in_sequence(context(None, max_tries=2, try_number=3)) == 3
+    no_task = context(None, try_number=4)
+    no_task["ti"].task = None
+    assert tries_in_sequence(no_task) == 4
+    no_task["ti"].try_number = "?"
+    assert tries_in_sequence(no_task) == 1
+
+
+@pytest.mark.parametrize(
+    ("argument", "conf", "forced"),
+    [
+        (False, {}, False),
+        (True, {}, True),
+        ("True", {}, True),
+        (" true ", {}, True),
+        ("False", {}, False),
+        (False, {"evolink_regenerate": True}, True),
+        (False, {"evolink_regenerate": ["t"]}, True),
+        (False, {"evolink_regenerate": ["other"]}, False),
+        (False, {"evolink_regenerate": "t"}, False),
+        (False, None, False),
+    ],
+)
+def test_what_forces_a_fresh_take(argument: Any, conf: Any, forced: bool) -> None:
+    from evolink_provider.ledger import regenerate_requested
+
+    ctx = context(None)
+    ctx["dag_run"].conf = conf
+    assert regenerate_requested(ctx, argument) is forced
+
+
+def test_a_bad_reattach_value_is_refused() -> None:
+    with pytest.raises(AirflowFailException, match="reattach='sometimes'"):
+        make(FakeHook(), context(MemoryStore()), reattach="sometimes")
+
+
+def test_reattach_never_makes_every_try_a_forced_take() -> None:
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook()
+
+    make(hook, context(store, try_number=2), reattach="never").start(None)
+
+    assert len(hook.keys) == 1
+
+
+class ReplayingHook(FakeHook):
+    """The first POST answers with an earlier, failed task (a replay); later ones create a task."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__()
+        self.code = code
+
+    def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        task = super().create_video_task(payload, idempotency_key)
+        if len(self.keys) == 1:
+            return {**task, "status": "failed", "error": {"code": self.code, "message": "m"}}
+        return task
+
+
+def test_a_replayed_fixable_failure_is_resubmitted_once_with_a_fresh_key() -> None:
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "3" * 48, None, "seq-2").as_stored())
+    hook = ReplayingHook("service_error")
+
+    task = make(hook, context(store, try_number=2)).start(None)
+
+    assert hook.keys[0] == "evl-" + "3" * 48 and len(hook.keys) == 2 and hook.keys[1] != hook.keys[0]
+    assert task["status"] == "pending"
+    saved = SubmissionRecord.from_stored(store.get(STATE_KEY))
+    assert saved is not None and (saved.submission, saved.task_id) == (1, task["id"])
+
+
+def test_a_replayed_unfixable_failure_ends_the_task() -> None:
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "3" * 48, None, "seq-2").as_stored())
+    hook = ReplayingHook("content_policy_violation")
+
+    with pytest.raises(AirflowFailException, match="content_policy_violation"):
+        make(hook, context(store, try_number=2)).start(None)
+    assert len(hook.keys) == 1
+
+
+@pytest.mark.parametrize("try_number", [1, 3])
+def test_a_fresh_failed_answer_is_handed_on_not_resubmitted(try_number: int) -> None:
+    hook = ReplayingHook("service_error")
+
+    task = make(hook, context(MemoryStore(), try_number=try_number)).start(None)
+
+    assert task["status"] == "failed" and len(hook.keys) == 1
+
+
+@pytest.mark.parametrize(
+    ("read", "posts"),
+    [
+        ({"status": "failed", "error": {"code": "service_error"}}, 1),
+        ({"status": "cancelled"}, 1),
+        ({"status": "completed", "results": ["https://cdn/x.mp4"]}, 0),
+    ],
+)
+def test_the_recorded_tasks_answer_decides(read: dict[str, Any], posts: int) -> None:
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook([{"id": "task-unified-1-abcdefgh", **read}])
+
+    make(hook, context(store, try_number=2)).start(None)
+
+    assert len(hook.keys) == posts
+
+
+def test_an_unfixable_recorded_failure_ends_the_task() -> None:
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook(
+        [{"id": "task-unified-1-abcdefgh", "status": "failed", "error": {"code": "invalid_parameters"}}]
+    )
+
+    with pytest.raises(AirflowFailException, match="invalid_parameters"):
+        make(hook, context(store, try_number=2)).start(None)
+    assert hook.keys == []
+
+
+COMPLETED = {
+    "id": "task-unified-1-abcdefgh",
+    "status": "completed",
+    "created": 1000,
+    "results": ["https://cdn/x"],
+}
+
+
+def refused_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    import evolink_provider.storage as storage
+
+    def refuse(*_: Any, **__: Any) -> list[str]:
+        raise EvolinkNotFoundError("refused", status_code=403)
+
+    monkeypatch.setattr(storage, "store_results", refuse)
+
+
+@pytest.mark.parametrize(
+    ("max_tries", "regenerate_expired", "later", "outcome"),
+    [
+        (2, False, 60.0, RetryLaterError),  # within a day of the first completed sighting
+        (2, False, 24 * 3600 + 60.0, AirflowFailException),  # expired, an automatic retry
+        (2, True, 24 * 3600 + 60.0, ledger.NewGeneration),  # expired, opted in
+        (5, False, 24 * 3600 + 60.0, ledger.NewGeneration),  # expired, a clear
+    ],
+)
+def test_a_refused_result_link(
+    monkeypatch: pytest.MonkeyPatch, max_tries: int, regenerate_expired: bool, later: float, outcome: type
+) -> None:
+    from evolink_provider.timing import steered
+
+    refused_store(monkeypatch)
+    store = MemoryStore()
+    seen = 1000.0 + 24 * 3600  # a day after `created`: only the sighting can say "not yet expired"
+    recorded(store, completed_seen_at=seen)
+    hook = FakeHook()
+
+    with steered(clock=lambda: seen + later), pytest.raises(outcome):
+        make(hook, context(store, max_tries=max_tries), regenerate_expired=regenerate_expired).store(
+            dict(COMPLETED), "/tmp/x", None
+        )
+    assert len(hook.keys) == (1 if outcome is ledger.NewGeneration else 0)
+
+
+def test_without_a_sighting_the_links_age_from_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evolink_provider.timing import steered
+
+    refused_store(monkeypatch)
+    hook = FakeHook()
+    with steered(clock=lambda: 1000.0 + 24 * 3600 + 1), pytest.raises(AirflowFailException):
+        make(hook, context(None)).store(dict(COMPLETED), "/tmp/x", None)
+    with steered(clock=lambda: 1000.0 + 24 * 3600 - 1), pytest.raises(RetryLaterError):
+        make(hook, context(None)).store(dict(COMPLETED), "/tmp/x", None)
+
+
+def test_stored_files_completed_sighting_and_delivery_are_recorded(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import evolink_provider.storage as storage
+    from evolink_provider.storage import StoredFile
+    from evolink_provider.timing import steered
+
+    def store_two(
+        hook: Any, task: Any, output_path: str, deadline: Any, known: Any, on_stored: Any
+    ) -> list[str]:
+        for index in (0, 1):
+            name = f"{task['id']}-{index}.mp4"
+            (tmp_path / name).write_bytes(b"x" * (index + 3))
+            on_stored(StoredFile(index, name, index + 3, "h"), 2)
+        return [str(tmp_path / f"{task['id']}-{i}.mp4") for i in (0, 1)]
+
+    monkeypatch.setattr(storage, "store_results", store_two)
+    store = MemoryStore()
+    recorded(store)
+    first = make(FakeHook(), context(store))
+    with steered(clock=lambda: 777.0):
+        first.store(dict(COMPLETED), str(tmp_path), None)
+        first.saw_completed(dict(COMPLETED))  # the first sighting stays
+    saved = SubmissionRecord.from_stored(store.get(STATE_KEY))
+    assert saved is not None and (saved.completed_seen_at, saved.results, len(saved.stored)) == (777.0, 2, 2)
+
+    again = make(FakeHook(), context(store, try_number=2))
+    task = again.start(str(tmp_path))
+    assert task["from_storage"] is True and len(task["files"]) == 2
+    again.delivered()
+    assert store.get(STATE_KEY)["delivered"] is True
+
+    (tmp_path / saved.stored[1].name).write_bytes(b"changed size")
+    hook = FakeHook()
+    retry = make(hook, context(store, try_number=3))
+    assert retry.start(str(tmp_path))["id"] == "task-unified-1-abcdefgh"  # delivered + retry: read again
+
+
+def test_a_failed_post_is_raised_as_the_hook_raised_it() -> None:
+    class Refusing(FakeHook):
+        def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+            super().create_video_task(payload, idempotency_key)
+            raise EvolinkServerError("busy", status_code=503)
+
+    store = MemoryStore()
+    with pytest.raises(EvolinkServerError):
+        make(Refusing(), context(store)).start(None)
+    saved = SubmissionRecord.from_stored(store.get(STATE_KEY))
+    assert saved is not None and saved.task_id is None  # the intent stays: a retry resends its key
+
+
+def test_a_resubmission_never_reuses_an_earlier_counters_key() -> None:
+    from evolink_provider.ledger import idempotency_key
+
+    store = MemoryStore()
+    record = SubmissionRecord("fp-1", 1, "evl-" + "4" * 48, "task-unified-1-abcdefgh", "seq-2")
+    store.set(STATE_KEY, record.as_stored())
+    hook = FakeHook(
+        [{"id": "task-unified-1-abcdefgh", "status": "failed", "error": {"code": "service_error"}}]
+    )
+
+    make(hook, context(store, try_number=2)).start(None)
+
+    earlier = {idempotency_key("d|t|r|-1", "fp-1", n, "seq-2") for n in (0, 1)}
+    assert hook.keys == [idempotency_key("d|t|r|-1", "fp-1", 2, "seq-2")] and not earlier & set(hook.keys)
