@@ -450,7 +450,7 @@ def upload_once(
     import time
 
     from evolink_provider.field_rules import MediaRef
-    from evolink_provider.resume import UPLOAD_REUSE_MARGIN, expiry_epoch
+    from evolink_provider.ledger import UPLOAD_REUSE_MARGIN, expiry_epoch
 
     allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
     now = time.time()
