@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from evolink_provider.models import FIELD_DOCS, KNOWN_MODELS, field_docs, schema_for
+from evolink_provider.operators.base import EvolinkBaseVideoOperator
 from evolink_provider.operators.evolink import (
     EvolinkHappyHorseReferenceToVideoOperator,
     EvolinkModelOperator,
@@ -52,7 +53,7 @@ def test_signature_template_fields_and_docs_are_the_schema_fields(
     fields = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name != "model"]
     assert set(fields) == schema_fields(operator)
     switch = ["model"] if len(operator.evolink_models) > 1 else []
-    assert list(operator.template_fields) == ["evolink_conn_id", "output_path", *switch, *fields]
+    assert list(operator.template_fields) == [*EvolinkBaseVideoOperator.template_fields, *switch, *fields]
     for name in [*fields, *switch]:
         assert f":param {name}: " in (operator.__doc__ or ""), name
 

@@ -41,7 +41,12 @@ class EvolinkVideoGenerationOperator(EvolinkBaseVideoOperator):
     :param request_fields: further model fields, e.g. ``{"duration": 8, "quality": "1080p"}``.
     """
 
-    template_fields: Sequence[str] = ("evolink_conn_id", "output_path", "model", "prompt", "request_fields")
+    template_fields: Sequence[str] = (
+        *EvolinkBaseVideoOperator.template_fields,
+        "model",
+        "prompt",
+        "request_fields",
+    )
     template_fields_renderers = {"request_fields": "json"}
 
     def __init__(
