@@ -365,9 +365,21 @@ def payload_fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def request_fingerprint(payload: dict[str, Any], local_digests: dict[str, str]) -> str:
+def request_fingerprint(
+    payload: dict[str, Any], local_digests: dict[str, str], uploaded: dict[str, str] | None = None
+) -> str:
     """The identity of what the user asked for: the validated body (local inputs still as their paths or
-    URIs) and the sha256 of every local input's bytes. Upload URLs play no part."""
+    URIs) and the sha256 of every local input's bytes. Upload URLs play no part: an ``image_urls`` URL an
+    upload step made (``uploaded``: URL -> sha256) counts as its sha256, since a re-run of that step
+    gives the same bytes another URL."""
+    if uploaded:
+        images = payload.get("image_urls")
+        if isinstance(images, list):
+            named = [
+                {"uploaded_sha256": uploaded[url]} if isinstance(url, str) and url in uploaded else url
+                for url in images
+            ]
+            payload = {**payload, "image_urls": named}
     if not local_digests:
         return payload_fingerprint(payload)
     return payload_fingerprint({"payload": payload, "local_media_sha256": local_digests})

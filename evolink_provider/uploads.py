@@ -517,3 +517,42 @@ def _check_quota(hook: EvolinkHook, needed: int) -> None:
             "expire 72 h after their upload, or ask EvoLink for a larger quota",
         )
     log.info("EvoLink Files API quota: %s files left; this run uploads %d.", remain, needed)
+
+
+def uploaded_image_urls(model: str, fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Take :func:`upload_once`'s entries given as ``image_urls`` items: each becomes its ``file_url``.
+
+    The upload step hands out a new URL whenever it runs again (a clear of it), for the same bytes; a
+    generation task that only saw the URL would take a cleared run for another request and pay again.
+    Given the entries (``upload.output["images"]``), it knows each image's sha256, and the request's
+    identity names that digest instead of the URL (:func:`evolink_provider.ledger.request_fingerprint`).
+
+    :returns: the fields with plain URLs, and ``{file_url: sha256}`` of the entries (empty when none).
+    """
+    images = fields.get("image_urls")
+    if not isinstance(images, list) or not any(isinstance(image, dict) for image in images):
+        return fields, {}
+    urls: list[Any] = []
+    digests: dict[str, str] = {}
+    for index, image in enumerate(images):
+        if not isinstance(image, dict):
+            urls.append(image)
+            continue
+        url, sha256 = image.get("file_url"), image.get("sha256")
+        if (
+            not isinstance(url, str)
+            or not isinstance(sha256, str)
+            or len(sha256) != 64
+            or any(char not in "0123456789abcdef" for char in sha256)
+            or digests.get(url, sha256) != sha256
+        ):
+            raise EvolinkValidationError(
+                model,
+                f"image_urls[{index}]",
+                image,
+                "a URL, a local path or storage URI, or an entry of EvolinkUploadImagesOperator's "
+                '"images" ({"file_url": str, "sha256": 64 lowercase hex digits, ...}; one digest per URL)',
+            )
+        urls.append(url)
+        digests[url] = sha256
+    return {**fields, "image_urls": urls}, digests

@@ -152,6 +152,39 @@ def test_local_checks_warn_logs_what_the_image_breaks(rule_images: Path) -> None
         prepare_request(EvolinkHook(), "happyhorse-1.0-reference-to-video", fields, log, local_checks="no")
 
 
+def test_upload_step_entries_are_sent_as_urls_and_identified_by_their_digest() -> None:
+    model = "happyhorse-1.0-reference-to-video"
+    hero, robot = "a" * 64, "b" * 64
+
+    def prepared(*images: Any) -> Any:
+        fields = {"prompt": "character1 and character2 wave", "image_urls": list(images)}
+        return prepare_request(EvolinkHook(), model, fields, ListLog())
+
+    def entry(url: str, sha256: str) -> dict[str, Any]:
+        return {"source": "hero.png", "file_url": url, "sha256": sha256, "expires_at": 1.0, "reused": False}
+
+    first = prepared(entry("https://files.example/1.png", hero), "https://cdn.example/robot.png")
+    assert first.payload["image_urls"] == ["https://files.example/1.png", "https://cdn.example/robot.png"]
+    again = prepared(entry("https://files.example/2.png", hero), "https://cdn.example/robot.png")
+    assert again.fingerprint == first.fingerprint  # a new upload of the same bytes
+    assert prepared(
+        entry("https://files.example/1.png", robot), "https://cdn.example/robot.png"
+    ).fingerprint != (first.fingerprint)
+    # A plain URL stays its own identity.
+    assert prepared("https://files.example/2.png", "https://cdn.example/robot.png").fingerprint != (
+        prepared("https://files.example/1.png", "https://cdn.example/robot.png").fingerprint
+    )
+    for bad in (
+        {"file_url": "https://files.example/1.png"},
+        {"file_url": "https://files.example/1.png", "sha256": "A" * 64},
+        {"file_url": 3, "sha256": hero},
+    ):
+        with pytest.raises(AirflowFailException, match=r"image_urls\[0\]=.*EvolinkUploadImagesOperator"):
+            prepared(bad, "https://cdn.example/robot.png")
+    with pytest.raises(AirflowFailException, match="one digest per URL"):
+        prepared(entry("https://files.example/1.png", hero), entry("https://files.example/1.png", robot))
+
+
 @pytest.mark.usefixtures("sim")
 def test_seedance_caps_a_whole_request_at_64_mb(rule_images: Path) -> None:
     images = [write_png(rule_images / f"big-{index}.png", 1000, 1000, size=22 * MB) for index in range(3)]

@@ -208,6 +208,27 @@ def test_mapped_local_inputs_reattach_per_map_index(sim: SimulatorControl) -> No
     assert uploads(sim) == 2
 
 
+def test_a_cleared_upload_step_gives_new_urls_and_the_generation_reattaches(sim: SimulatorControl) -> None:
+    """The upload step's entries carry each image's sha256: the request's identity names the digest, so
+    the same bytes under a new URL are the same request (a clear reads the paid task, R06, not R12)."""
+    state, run_id, tasks = run_dag_with_id("evolink_upload_step_cleared")
+    assert state == "failed" and tasks["generate[0]"][0] == "failed", tasks  # the wait timed out
+    first = xcom("evolink_upload_step_cleared", "upload")
+    assert sim.stats()["tasks_created"] == 1
+    time.sleep(3)  # the paid EvoLink task completes meanwhile
+
+    state, tasks = clear_and_rerun("evolink_upload_step_cleared", run_id)
+
+    second = xcom("evolink_upload_step_cleared", "upload")
+    assert second["images"][0]["sha256"] == first["images"][0]["sha256"]
+    assert second["urls"] != first["urls"], "the clear must upload again, under a new URL"
+    assert uploads(sim) == 2
+    stats = sim.stats()
+    assert stats["requests"]["POST /v1/videos/generations"] == 1, stats["requests"]
+    assert stats["tasks_created"] == 1
+    assert state == "success", tasks
+
+
 def test_a_cleared_completed_task_submits_a_new_generation(sim: SimulatorControl, tmp_path: Path) -> None:
     """A clear keeps the run and its task_state_store record: only the clear check tells it from a retry
     (which would reattach to the completed task)."""

@@ -112,6 +112,10 @@ def test_conn_id_paths_store_through_the_connection_and_name_the_object(
     assert events[0][1]["size_bytes"] > 0
     assert events[0][0] == module.PRODUCED_URI
     assert queued_runs_of("evolink_consume_s3_video") == [module.PRODUCED_URI], "the consumer is queued"
+    # The consumer runs and reads the stored file through the asset's URI.
+    assert str(module.DAGS["evolink_consume_s3_video"].test().state) == "success"
+    read = xcom("evolink_consume_s3_video", "read_stored_video")
+    assert read == {"uri": module.PRODUCED_URI, "box": "ftyp"}
     links = xcom_links()
     key = keys[0].replace("+", "%2B").replace(":", "%3A")
     assert links["stored_file"] == (

@@ -84,6 +84,11 @@ def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
 class EvolinkBaseVideoOperator(BaseOperator):
     """Orchestration shared by every EvoLink generation operator (subclasses only name the fields).
 
+    ``image_urls`` may also hold the entries ``EvolinkUploadImagesOperator`` hands out
+    (``upload.output["images"]``): their URLs are sent, and the request's identity names each image by
+    its sha256 instead, so a clear of the upload step (new URLs, same bytes) leaves a cleared or retried
+    task reattaching to what it paid for (:func:`~evolink_provider.uploads.uploaded_image_urls`).
+
     :param evolink_conn_id: Airflow connection of type ``evolink`` (password = API key).
     :param wait_for_completion: wait for the task to end; when False, return the created task at once.
     :param deferrable: wait in the triggerer instead of holding a worker slot.

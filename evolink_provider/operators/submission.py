@@ -52,16 +52,19 @@ def prepare_request(
     Local or object-storage inputs stay as their paths here; their bytes are hashed (sha256, read through
     the upload checks and the model's image rules) into the fingerprint, so that the request's identity
     does not depend on the temporary URLs an upload returns. They are uploaded only when a submission is
-    actually made.
+    actually made. Images uploaded by an earlier step and given as its entries (``file_url`` and
+    ``sha256``: :func:`~evolink_provider.uploads.uploaded_image_urls`) are sent as their URLs and
+    identified by their sha256 as well.
 
     :param prompt_policy: ``warn`` or ``refuse`` a prompt longer than EvoLink advises.
     :param local_checks: ``refuse`` or ``warn`` about local images that break the model's image rules.
     """
     from evolink_provider.models import validate_request
-    from evolink_provider.uploads import ImageRules, local_media_digests
+    from evolink_provider.uploads import ImageRules, local_media_digests, uploaded_image_urls
 
     warnings: list[str] = []
     try:
+        fields, uploaded = uploaded_image_urls(model, fields)
         validated = validate_request(model, fields, allow_local_media=True, prompt_policy=prompt_policy)
         rules = ImageRules.of(model, local_checks)
         digests = local_media_digests(hook, fields, validated.local_media, rules, warnings)
@@ -71,7 +74,7 @@ def prepare_request(
         raise AirflowFailException(f"{model}: cannot read a local input: {error}") from error
     for warning in [*validated.warnings, *warnings]:
         log.warning("%s: %s", model, warning)
-    fingerprint = request_fingerprint(validated.payload, digests)
+    fingerprint = request_fingerprint(validated.payload, digests, uploaded)
     return PreparedRequest(
         model, fields, validated.payload, validated.local_media, digests, fingerprint, rules
     )

@@ -25,10 +25,14 @@ class EvolinkUploadImagesOperator(BaseOperator):
     """Upload reference images once and hand their URLs to the generation tasks of the run.
 
     Returns ``{"urls": [...], "images": [{"source", "file_url", "sha256", "expires_at", "reused"}, ...]}``
-    in the order given, and pushes the URLs under the XCom key ``urls``: pass ``upload.output["urls"]``
-    as ``image_urls`` (``.partial(...)`` of mapped tasks). Uploads of an earlier run of this task (its
-    XCom) are reused while they have more than 6 h of their 72 h left. The Files API quota is read once,
-    before the first upload; a run that needs more files than remain fails then, naming the numbers.
+    in the order given, and pushes both lists under the XCom keys ``images`` and ``urls``. Pass
+    ``upload.output["images"]`` as ``image_urls`` (``.partial(...)`` of mapped tasks): the generation
+    tasks send the URLs and know each image by its sha256, so when this task is cleared and uploads
+    again (new URLs, same bytes), a cleared or retried generation task still reattaches to the EvoLink
+    task it paid for. ``upload.output["urls"]`` (plain URLs) loses that: a new URL is a new request.
+    Uploads of an earlier run of this task (its XCom) are reused while they have more than 6 h of their
+    72 h left. The Files API quota is read once, before the first upload; a run that needs more files
+    than remain fails then, naming the numbers.
 
     :param images: local paths or storage URIs (the same rules as an operator's ``image_urls``:
         ``upload_allowed_dirs``, JPEG/PNG/WEBP/GIF, size).
@@ -77,5 +81,6 @@ class EvolinkUploadImagesOperator(BaseOperator):
         reused = sum(1 for image in images if image["reused"])
         self.log.info("%d image(s): %d reused from an earlier run, the rest uploaded.", len(images), reused)
         urls = [image["file_url"] for image in images]
-        context["ti"].xcom_push(key="urls", value=urls)  # upload.output["urls"]
+        context["ti"].xcom_push(key="images", value=images)  # upload.output["images"]
+        context["ti"].xcom_push(key="urls", value=urls)
         return {"urls": urls, "images": images}

@@ -78,6 +78,6 @@ with new_dag("evolink_upload_once_mapped"):
     EvolinkHappyHorseReferenceToVideoOperator.partial(
         task_id="generate",
         prompt="character1, character2 and character3 wave",
-        image_urls=upload.output["urls"],
+        image_urls=upload.output["images"],
         wait_for_completion=False,
     ).expand(seed=list(range(1, 51)))

@@ -3,6 +3,8 @@ announced as asset events; ``tests/test_s3_storage.py`` runs it against a moto S
 
 from __future__ import annotations
 
+from typing import Any
+
 import pendulum
 from airflow.sdk import DAG, Asset, task
 
@@ -33,11 +35,21 @@ DAGS[dag.dag_id] = dag
 
 with DAG("evolink_consume_s3_video", schedule=[Asset(PRODUCED_URI)], start_date=LOGICAL_DATE) as consumer:
 
-    @task
-    def announce() -> str:
-        return PRODUCED_URI
+    @task(inlets=[Asset(PRODUCED_URI)])
+    def read_stored_video(inlet_events: Any = None) -> dict[str, Any] | None:
+        """Open the latest event's asset by its URI (the object, no connection id in it) through the
+        connection that can read the bucket; ``None`` before anything was produced."""
+        from airflow.sdk import ObjectStoragePath
 
-    announce()
+        events = inlet_events[Asset(PRODUCED_URI)]
+        if not events:
+            return None
+        uri = events[-1].asset.uri
+        with ObjectStoragePath(uri, conn_id=S3_CONN_ID).open("rb") as stored:
+            head = stored.read(12)
+        return {"uri": uri, "box": head[4:8].decode("latin-1")}
+
+    read_stored_video()
 DAGS[consumer.dag_id] = consumer
 
 # The README's S3-in/S3-out reel pipeline ("Run it on a real Airflow"), with the test's connection.

@@ -371,6 +371,21 @@ with new_dag("evolink_mapped_local_images"):
         **FAST,
     ).expand(image_urls=[[str(ASSETS / "hero.png")], [(ASSETS / "robot.png").as_uri()]])
 
+with new_dag("evolink_upload_step_cleared"):
+    from evolink_provider.operators.upload import EvolinkUploadImagesOperator
+
+    # The first run's generation times out while its EvoLink task is still running; a clear of the whole
+    # run uploads the image again (a new URL for the same bytes) and must reattach, not pay again.
+    upload = EvolinkUploadImagesOperator(task_id="upload", images=[str(ASSETS / "hero.png")])
+    EvolinkHappyHorseReferenceToVideoOperator.partial(
+        task_id="generate",
+        prompt="character1 waves [sim:seconds=3]",
+        duration=3,
+        image_urls=upload.output["images"],
+        timeout=0.5,
+        **FAST,
+    ).expand(seed=[7])
+
 with new_dag("evolink_completed_without_output"):
     seedance("sync", prompt="empty handed [sim:output=none]", retries=3, retry_delay=0)
 
