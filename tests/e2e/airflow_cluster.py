@@ -462,7 +462,7 @@ class AirflowCluster:
             raise RuntimeError(f"{method} {path}: HTTP {response.status_code}: {response.text[:500]}")
         return response.json() if response.content else None
 
-    def clear(self, dag_id: str, run_id: str, task_ids: list[str]) -> list[str]:
+    def clear(self, dag_id: str, run_id: str, task_ids: list[str], only_failed: bool = False) -> list[str]:
         """Clear task instances of an existing run as the UI's Clear does (``POST clearTaskInstances``,
         ``dry_run`` false): the run, its XComs of other tasks and its ``task_state_store`` rows stay, and
         the scheduler runs the cleared tasks again. Returns the task ids cleared."""
@@ -470,7 +470,7 @@ class AirflowCluster:
             "dry_run": False,
             "dag_run_id": run_id,
             "task_ids": task_ids,
-            "only_failed": False,
+            "only_failed": only_failed,
             "reset_dag_runs": True,
         }
         answer = self.api("POST", f"dags/{dag_id}/clearTaskInstances", json=body)
