@@ -320,7 +320,8 @@ class EvolinkInputRefusedError(EvolinkValidationError):
     file, not an allowed image, too large); raised before any HTTP call."""
 
     def __init__(self, field: str, value: Any, rule: str) -> None:
-        super().__init__("local input", field, value, rule)
+        source = "storage input" if isinstance(value, str) and "://" in value else "local input"
+        super().__init__(source, field, value, rule)
 
 
 def fail_for(error: EvolinkError) -> NoReturn:

@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from evolink_provider.exceptions import EvolinkInputRefusedError, EvolinkValidationError
 from evolink_provider.models import LOCAL_CHECKS, ImageLimits, image_limits, image_problems
+from evolink_provider.storage import object_uri
 
 if TYPE_CHECKING:
     from evolink_provider.field_rules import MediaRef
@@ -105,7 +106,9 @@ def allowed_locations(configured: tuple[str, ...], source: str = "the connection
         if entry.startswith("file://"):
             entry = unquote(urlsplit(entry).path)
         if "://" in entry:
-            prefixes.append(entry if entry.endswith("/") else entry + "/")
+            # The allow-list names objects: a ``conn_id@`` only picks the connection that reads them.
+            prefix = object_uri(entry)
+            prefixes.append(prefix if prefix.endswith("/") else prefix + "/")
         else:
             folders.append(Path(os.path.realpath(Path(entry).expanduser())))
     return AllowedLocations(tuple(folders), tuple(prefixes), source)
@@ -260,9 +263,12 @@ def _open_storage_uri(uri: str, refuse: Any, allowed: AllowedLocations) -> Check
     from evolink_provider.storage import as_storage_path
 
     segments = urlsplit(uri).path.split("/")
-    if ".." in segments or "." in segments or not any(uri.startswith(p) for p in allowed.uri_prefixes):
+    named = object_uri(uri)
+    if ".." in segments or "." in segments or not any(named.startswith(p) for p in allowed.uri_prefixes):
+        listed = ", ".join(allowed.uri_prefixes) or "none"
         raise refuse(
-            f"storage URIs under a prefix listed in the extra upload_allowed_dirs of {allowed.source}"
+            f"storage URIs under a prefix listed in the extra upload_allowed_dirs of {allowed.source} "
+            f"(compared without any conn_id@; listed now: {listed})"
         )
     source = as_storage_path(uri)
     content_type = IMAGE_EXTENSIONS.get(Path(source.name).suffix.lower())

@@ -597,6 +597,17 @@ def test_an_allowed_image_is_streamed_with_its_checked_length(hostile: HostileSe
     assert picture.read_bytes() in hostile.bodies[0]
 
 
+def test_a_storage_prefix_names_the_object_whatever_connection_reads_it() -> None:
+    """The string form of ``upload_allowed_dirs`` keeps a storage URI whole (``os.pathsep`` once cut it at
+    its ``:``), and ``conn_id@`` only picks the connection: the allow-list compares objects."""
+    from evolink_provider.hooks.connection import _allowed_dirs
+    from evolink_provider.uploads import allowed_locations
+
+    configured = _allowed_dirs(f"/a{os.pathsep}/b,s3://aws_default@bucket/refs")
+    assert configured == ("/a", "/b", "s3://aws_default@bucket/refs")
+    assert allowed_locations(configured).uri_prefixes == ("s3://bucket/refs/",)
+
+
 def make_socket(path: Path) -> None:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))

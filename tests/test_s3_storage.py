@@ -199,3 +199,33 @@ def test_the_readme_reel_pipeline_runs_s3_in_s3_out(s3_server: str) -> None:
     assert keys == ["reels/2026-01-01.mp4"]
     info = editing.probe(f"s3://{module.S3_CONN_ID}@{module.BUCKET}/reels/2026-01-01.mp4")
     assert info.duration == pytest.approx(12.0, abs=0.5) and (info.width, info.height) == (320, 180)
+
+
+@pytest.mark.usefixtures("sim")
+def test_a_reference_image_in_s3_is_allowed_by_its_prefix_whatever_connection_reads_it(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's allow-list form: a comma-separated string naming ``s3://bucket/refs/``; the input is
+    read through ``s3://conn_id@bucket/refs/...``. A URI outside the prefix is refused, listing it."""
+    from evolink_provider.exceptions import EvolinkInputRefusedError
+    from evolink_provider.field_rules import MediaRef
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.uploads import upload_local_media
+    from tests.conftest import CONNECTION_EXTRA, SIMULATOR_URL, TEST_API_KEY
+    from tests.media_files import png_bytes
+
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket="evolink-refs")
+    client.put_object(Bucket="evolink-refs", Key="refs/hero.png", Body=png_bytes(640, 480))
+    extra = {**CONNECTION_EXTRA, "upload_allowed_dirs": f"{DAGS_FOLDER},s3://evolink-refs/refs/"}
+    connection = {"conn_type": "evolink", "password": TEST_API_KEY, "host": SIMULATOR_URL, "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_EVOLINK_S3_REFS", json.dumps(connection))
+    hook = EvolinkHook("evolink_s3_refs")
+
+    inside = MediaRef("image_urls", 0, "s3://evolink_test_s3@evolink-refs/refs/hero.png")
+    fields = upload_local_media(hook, {"prompt": "p", "image_urls": [inside.value]}, [inside])
+    assert fields["image_urls"][0].startswith("http")
+
+    outside = MediaRef("image_urls", 0, "s3://evolink_test_s3@evolink-refs/private/hero.png")
+    with pytest.raises(EvolinkInputRefusedError, match=r"storage input.*listed now: s3://evolink-refs/refs/"):
+        upload_local_media(hook, {"prompt": "p", "image_urls": [outside.value]}, [outside])

@@ -103,14 +103,18 @@ def _extra_float(extra: Mapping[str, Any], name: str, default: float) -> float:
 
 
 def _allowed_dirs(value: Any) -> tuple[str, ...]:
-    """The ``upload_allowed_dirs`` extra: a list, or one string separated by commas or ``os.pathsep``."""
+    """The ``upload_allowed_dirs`` extra: a list, or one string separated by commas (a part that is not a
+    storage URI may hold several folders joined by ``os.pathsep``, whose ``:`` would cut a URI apart)."""
     import os
-    import re
 
     if value in (None, ""):
         return ()
     if isinstance(value, str):
-        items: list[Any] = re.split(f"[,{re.escape(os.pathsep)}]", value)
+        items: list[Any] = [
+            folder
+            for part in value.split(",")
+            for folder in ([part] if "://" in part else part.split(os.pathsep))
+        ]
     elif isinstance(value, (list, tuple)):
         items = list(value)
     else:
