@@ -64,6 +64,7 @@ past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age a
 | R26 | any | task | any | new run or retry | result link expired | fail |
 | R27 | any | task | any | new run or retry, regenerate_expired | result link expired | submit |
 | R28 | any | task | any | clear or forced | result link expired | submit |
+| R29 | any | task | any | any | failed or cancelled after being seen completed | fail retryably |
 
 Why each row: R01, R14: nothing paid for this request. R02, R03, R15: the earlier POST may have created a
 task; the same key makes EvoLink answer with it (R03: a clear of a try that never delivered picks up the
@@ -81,7 +82,9 @@ fresh key (counter + 1), once per failure. R21: no resubmission can fix that cod
 the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend nothing, fail the try
 so that a later try reads again. R26: an automatic retry never buys a new generation; the message says that
 a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result is proven expired
-and a new generation was asked for.
+and a new generation was asked for. R29: this provider saw the task completed (so EvoLink billed it); a later
+read saying failed or cancelled (any code, ``resource_not_found`` included) contradicts that and is not
+evidence: spend nothing, fail the try so that a later read collects it.
 """
 
 from __future__ import annotations
@@ -159,6 +162,7 @@ class Answer(Enum):
     READ_ERROR = "other read error"
     LINK_REFUSED = "result link refused, not expired"
     LINK_EXPIRED = "result link expired"
+    CONTRADICTED = "failed or cancelled after being seen completed"
 
 
 class Action(Enum):
@@ -219,12 +223,15 @@ def _after_answer(s: Situation) -> Action:
         if s.why in (Why.CLEAR, Why.FORCED) or s.regenerate_expired:
             return Action.SUBMIT
         return Action.FAIL
-    return Action.FAIL_RETRYABLY  # R23-R25
+    return Action.FAIL_RETRYABLY  # R23-R25, R29
 
 
-def answer_of(task: dict[str, Any], replayed: bool = False) -> Answer:
-    """What a task object says, in the table's words."""
+def answer_of(task: dict[str, Any], replayed: bool = False, seen_completed: bool = False) -> Answer:
+    """What a task object says, in the table's words; ``seen_completed``: this provider recorded it
+    completed before (row R29)."""
     status = task.get("status")
+    if seen_completed and (status == "cancelled" or status in FAILED_STATUSES):
+        return Answer.CONTRADICTED
     if status == "cancelled":
         return Answer.CANCELLED
     if status in FAILED_STATUSES:
@@ -579,7 +586,16 @@ class Ledger:
         if record.generation != self.generation:
             # A clear picks up the generation already paid for: from now on its retries are retries.
             self._save(replace(record, generation=self.generation))
-        action = decide(self._situation(answer_of(task)))
+        answer = answer_of(task, seen_completed=record.completed_seen_at is not None)
+        action = decide(self._situation(answer))
+        if action is Action.FAIL_RETRYABLY:
+            code, message = task_failure(task)
+            raise RetryLaterError(
+                f"EvoLink task {task_id} was seen completed (and so billed) by an earlier try, but now "
+                f"reads {printable(task.get('status'))} ({printable(code)}: {printable(message)}): a "
+                "contradiction, not evidence that the paid result is gone, so nothing was submitted. A "
+                "later try reads it again."
+            )
         if action is Action.FAIL:
             refuse_unfixable(task)
         if action is Action.SUBMIT:

@@ -81,6 +81,7 @@ CASES: dict[str, list[Situation]] = {
     "R26": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY]),
     "R27": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY], regenerate_expired=True),
     "R28": answered(Answer.LINK_EXPIRED, [Why.CLEAR, Why.FORCED]),
+    "R29": answered(Answer.CONTRADICTED, list(Why), regenerate_expired=True),
 }
 
 
@@ -447,6 +448,25 @@ def test_the_recorded_tasks_answer_decides(read: dict[str, Any], posts: int) -> 
     make(hook, context(store, try_number=2)).start(None)
 
     assert len(hook.keys) == posts
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        {"status": "failed", "error": {"code": "service_error"}},
+        {"status": "failed", "error": {"code": "resource_not_found"}},
+        {"status": "cancelled"},
+    ],
+    ids=["failed-fixable", "failed-resource-not-found", "cancelled"],
+)
+def test_a_task_seen_completed_then_read_failed_spends_nothing(read: dict[str, Any]) -> None:
+    store = MemoryStore()
+    recorded(store, completed_seen_at=1000.0)
+    hook = FakeHook([{"id": "task-unified-1-abcdefgh", **read}])
+
+    with pytest.raises(RetryLaterError, match="task-unified-1-abcdefgh was seen completed"):
+        make(hook, context(store, try_number=2)).start(None)
+    assert hook.keys == []
 
 
 def test_an_unfixable_recorded_failure_ends_the_task() -> None:
