@@ -10,7 +10,9 @@ What is recorded per task instance (dag, task, run, map index; never the try num
 :class:`SubmissionRecord` in Airflow 3.3's ``task_state_store``, which survives retries and clears: the
 request's fingerprint, the ``Idempotency-Key`` sent, the task id once known, the *generation* (below), when
 the provider first saw the task completed, every result file stored (name, size, sha256) with the number of
-results the task has, and whether the result was *delivered* (handed downstream). The intent is written
+results the task has, and whether the result was *delivered* (handed downstream: written by the
+operator's ``post_execute``, after the user's own hook, so only Airflow's XCom push and success report
+come later, and a failure there leaves a failed task instance whose clear pays again). The intent is written
 before the POST and the task id right after, so a crash between the two is recovered by resending the
 *same* key, which EvoLink answers with the task it created. Airflow 3.3's ``ResumableJobMixin`` persists a
 job id only after the submit returns, so it leaves that submit-to-persist window open; the intent record

@@ -185,6 +185,25 @@ def test_a_refused_link_within_a_day_does_not_pay_again_on_a_clear(
     assert sim.stats()["tasks_created"] == 1
 
 
+@pytest.mark.parametrize("mode", ["sync", "deferrable"])
+def test_a_failure_after_execute_leaves_the_generation_undelivered(
+    sim: SimulatorControl, tmp_path: Path, mode: str
+) -> None:
+    """The user's post_execute hook fails after the video was stored: the task instance failed, so the
+    result is not recorded delivered and a clear collects it instead of paying again."""
+    dag_id = f"evolink_ledger_post_execute_{mode}"
+    (tmp_path / "FAIL_AFTER_EXECUTE").write_text("x")
+    state, run_id, tasks = run_dag_with_id(dag_id, run_conf={"output_dir": str(tmp_path)})
+    assert tasks["generate"][0] == "failed", tasks
+    assert not task_state_store(dag_id, run_id, "generate")["evolink_submission"].get("delivered")
+
+    state, tasks = clear_and_rerun(dag_id, run_id)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 1
+    assert task_state_store(dag_id, run_id, "generate")["evolink_submission"]["delivered"] is True
+
+
 # -- a task seen completed (billed) and then read as failed or cancelled (row R29) -------------------
 
 

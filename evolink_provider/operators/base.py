@@ -3,7 +3,7 @@
 The flow is one-way: validate the rendered fields (no HTTP before that), reattach to or submit the EvoLink
 task (:mod:`evolink_provider.ledger` decides every spend and every give-up), wait (here, or in the
 triggerer when ``deferrable``), then collect the results into XCom (and into storage when ``output_path``
-is set), and record that the result was delivered. "What does this poll mean" is
+is set); ``post_execute`` then records that the result was delivered. "What does this poll mean" is
 :func:`evolink_provider.polling.decide_after_poll`, shared with the trigger and the sensor.
 """
 
@@ -230,8 +230,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if task.get("from_storage"):
             return self._publish(context, finished_value(task))
         if not self.wait_for_completion:
-            self.ledger(context).delivered()
-            return task
+            return task  # handed downstream as a task id: post_execute records it delivered
         clock = timing()
         started_at = created_at(task, default=clock.now())
         deadline = clock.now() + float(self.timeout)
@@ -297,7 +296,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
         operator) its lineage."""
         self.finished_task = task
         push_links(context, task)
-        self.ledger(context).delivered()
         events = announce_assets(
             context,
             self.outlets,
@@ -306,6 +304,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if events:
             self.log.info("Announced %d asset event(s) for EvoLink task %s.", events, task["id"])
         return task
+
+    def post_execute(self, context: Any, result: Any = None) -> None:
+        """Record the result delivered as late as an operator can: Airflow calls this after ``execute`` or
+        ``execute_complete`` returned and after the user's own ``post_execute`` hook, so a failure up to
+        here leaves the paid generation undelivered and a clear collects it (see the ledger's table).
+        With ``wait_for_completion=False`` the task id handed downstream is what is delivered."""
+        super().post_execute(context, result)
+        self.ledger(context).delivered()
 
     def request_summary(self) -> RequestSummary:
         """The model, prompt digest, duration and media inputs of the rendered request."""
