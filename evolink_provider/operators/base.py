@@ -329,7 +329,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         record = self._ledger.current_task_id if "_ledger" in self.__dict__ else None
         self.log.warning(
             "EvoLink has no cancel call: task %s keeps generating and is billed when it completes. "
-            "A retry or a clear of this Airflow task picks it up (the ledger's table).",
+            "A retry, or a clear while its result is undelivered, picks it up (the ledger's table).",
             record or "(not submitted yet)",
         )
 
@@ -391,7 +391,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 # come back empty again; clearing the task asks for a new generation deliberately.
                 raise AirflowFailException(
                     f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
-                    "same empty task. Clear the task to generate anew."
+                    "same empty task, and so would a plain clear. To pay for a new generation, clear the "
+                    'task with regenerate=True or dag_run.conf {"evolink_regenerate": true}.'
                 )
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
         ledger = self.ledger(context)
