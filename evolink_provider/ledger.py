@@ -10,7 +10,9 @@ What is recorded per task instance (dag, task, run, map index; never the try num
 :class:`SubmissionRecord` in Airflow 3.3's ``task_state_store``, which survives retries and clears: the
 request's fingerprint, the ``Idempotency-Key`` sent, the task id once known, the *generation* (below), when
 the provider first saw the task completed, every result file stored (name, size, sha256) with the number of
-results the task has, and whether the result was *delivered* (handed downstream). The intent is written
+results the task has, and whether the result was *delivered* (handed downstream: written by the
+operator's ``post_execute``, after the user's own hook, so only Airflow's XCom push and success report
+come later, and a failure there leaves a failed task instance whose clear pays again). The intent is written
 before the POST and the task id right after, so a crash between the two is recovered by resending the
 *same* key, which EvoLink answers with the task it created. Airflow 3.3's ``ResumableJobMixin`` persists a
 job id only after the submit returns, so it leaves that submit-to-persist window open; the intent record
@@ -39,15 +41,15 @@ past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age a
 | R01 | 3.3 | nothing | - | any | - | submit |
 | R02 | 3.3 | intent | same | retry | - | resend |
 | R03 | 3.3 | intent | same | clear | - | resend |
-| R04 | 3.3 | intent | changed | retry | - | fail |
+| R04 | 3.3 | intent | changed | retry or clear | - | fail |
 | R05 | 3.3 | task | same | retry | - | read |
 | R06 | 3.3 | task | same | clear | - | read |
 | R07 | 3.3 | task | changed | retry | - | read |
 | R08 | 3.3 | stored | same | retry or clear | - | use stored |
-| R09 | 3.3 | stored | changed | retry | - | use stored |
+| R09 | 3.3 | stored | changed | retry or clear | - | use stored |
 | R10 | 3.3 | delivered | any | retry | - | read |
 | R11 | 3.3 | delivered | any | clear | - | submit |
-| R12 | 3.3 | intent, task or stored | changed | clear | - | submit |
+| R12 | 3.3 | task | changed | clear | - | read |
 | R13 | 3.3 | intent, task or stored | any | forced | - | submit |
 | R14 | none | nothing | any | new run or clear | - | submit |
 | R15 | none | nothing | same | retry | - | resend |
@@ -64,24 +66,27 @@ past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age a
 | R26 | any | task | any | new run or retry | result link expired | fail |
 | R27 | any | task | any | new run or retry, regenerate_expired | result link expired | submit |
 | R28 | any | task | any | clear or forced | result link expired | submit |
+| R29 | any | task | any | any | failed or cancelled after being seen completed | fail retryably |
 
 Why each row: R01, R14: nothing paid for this request. R02, R03, R15: the earlier POST may have created a
 task; the same key makes EvoLink answer with it (R03: a clear of a try that never delivered picks up the
 generation it paid for). R04: the recorded key cannot be resent with another body (EvoLink answers 409) and
-the earlier outcome is unknown, so nothing is spent; a clear submits the new request. R05-R07, R10: the
-recorded task is read first (R07: a template that reads the clock renders another request on a retry; the
-paid task is reused, with a warning naming both fingerprints, and a clear submits the new request; R10: a
+the earlier outcome is unknown, so nothing is spent; ``regenerate`` submits the new request. R05-R07, R10,
+R12: the recorded task is read first (R07, R12: a template that reads the clock renders another request on a
+retry or a clear; the undelivered paid task is picked up, with a warning naming both fingerprints and saying
+that ``regenerate=True`` or ``dag_run.conf`` ``{"evolink_regenerate": true}`` submits the new request; R10: a
 retry after delivery delivers the same result again). R08, R09: every result is on disk as recorded; nothing
-is read. R11: the user asked again for a result already delivered. R12: a clear with a changed request has
-no recorded submission for this identity. R13: ``regenerate`` asked for a fresh take. R16: the key folds in
-the request, so without a store a changed request is a new submission (unavoidable there). R17, R18: the paid
-task is waited for or collected. R19, R20, R22: EvoLink says the task failed with a code a resubmission can
-fix (:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled, neither charged: a
-fresh key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25: not evidence that
-the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend nothing, fail the try
-so that a later try reads again. R26: an automatic retry never buys a new generation; the message says that
-a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result is proven expired
-and a new generation was asked for.
+is read. R11: the user asked again for a result already delivered. R13: ``regenerate`` asked for a fresh take.
+R16: the key folds in the request, so without a store a changed request is a new submission (unavoidable
+there). R17, R18: the paid task is waited for or collected. R19, R20, R22: EvoLink says the task failed with a
+code a resubmission can fix (:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled,
+neither charged: a fresh key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25:
+not evidence that the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend
+nothing, fail the try so that a later try reads again. R26: an automatic retry never buys a new generation;
+the message says that a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result
+is proven expired and a new generation was asked for. R29: this provider saw the task completed (so EvoLink
+billed it); a later read saying failed or cancelled (any code, ``resource_not_found`` included) contradicts
+that and is not evidence: spend nothing, fail the try so that a later read collects it.
 """
 
 from __future__ import annotations
@@ -159,6 +164,7 @@ class Answer(Enum):
     READ_ERROR = "other read error"
     LINK_REFUSED = "result link refused, not expired"
     LINK_EXPIRED = "result link expired"
+    CONTRADICTED = "failed or cancelled after being seen completed"
 
 
 class Action(Enum):
@@ -196,13 +202,11 @@ def decide(s: Situation) -> Action:
         return Action.SUBMIT
     if s.recorded is Recorded.DELIVERED:  # R10, R11
         return Action.READ if s.why is Why.RETRY else Action.SUBMIT
-    if s.why is not Why.RETRY and not s.same_request:  # R12
-        return Action.SUBMIT
     if s.recorded is Recorded.INTENT:  # R02-R04
         return Action.RESEND if s.same_request else Action.FAIL
     if s.recorded is Recorded.STORED:  # R08, R09
         return Action.USE_STORED
-    return Action.READ  # R05-R07
+    return Action.READ  # R05-R07, R12
 
 
 def _after_answer(s: Situation) -> Action:
@@ -219,12 +223,15 @@ def _after_answer(s: Situation) -> Action:
         if s.why in (Why.CLEAR, Why.FORCED) or s.regenerate_expired:
             return Action.SUBMIT
         return Action.FAIL
-    return Action.FAIL_RETRYABLY  # R23-R25
+    return Action.FAIL_RETRYABLY  # R23-R25, R29
 
 
-def answer_of(task: dict[str, Any], replayed: bool = False) -> Answer:
-    """What a task object says, in the table's words."""
+def answer_of(task: dict[str, Any], replayed: bool = False, seen_completed: bool = False) -> Answer:
+    """What a task object says, in the table's words; ``seen_completed``: this provider recorded it
+    completed before (row R29)."""
     status = task.get("status")
+    if seen_completed and (status == "cancelled" or status in FAILED_STATUSES):
+        return Answer.CONTRADICTED
     if status == "cancelled":
         return Answer.CANCELLED
     if status in FAILED_STATUSES:
@@ -551,21 +558,23 @@ class Ledger:
         record = self.record
         same = record is None or record.fingerprint == request.fingerprint
         action = decide(self._situation(same_request=same))
-        if record is not None and not same and self.why is Why.RETRY:
+        if record is not None and not same and action in (Action.READ, Action.USE_STORED):
             self.log.warning(
                 "The rendered request differs from the one recorded for EvoLink task %s (a template "
-                "that reads the clock?): recorded fingerprint %s is what the earlier try paid for, %s is "
-                "what this try rendered. The paid task is reused; clear the task instance to submit the "
-                "new request.",
+                "that reads the clock?): recorded fingerprint %s is what an earlier try paid for, %s is "
+                "what this try rendered. The paid task is picked up; regenerate=True or dag_run.conf "
+                '{"%s": true} on a clear submits the new request.',
                 record.task_id or "(unknown)",
                 record.fingerprint,
                 request.fingerprint,
+                REGENERATE_CONF_KEY,
             )
         if action is Action.FAIL:
             raise AirflowFailException(
                 f"An earlier try sent Idempotency-Key {record.idempotency_key if record else '?'} and its "
                 "outcome is unknown, but the rendered request changed since: nothing is submitted. Look the "
-                "key up at EvoLink, or clear the task instance to submit the new request."
+                "key up at EvoLink, or clear the task instance with regenerate=True or dag_run.conf "
+                f'{{"{REGENERATE_CONF_KEY}": true}} to submit the new request.'
             )
         if action is Action.USE_STORED:
             return self._from_storage()
@@ -591,7 +600,16 @@ class Ledger:
         if record.generation != self.generation:
             # A clear picks up the generation already paid for: from now on its retries are retries.
             self._save(replace(record, generation=self.generation))
-        action = decide(self._situation(answer_of(task)))
+        answer = answer_of(task, seen_completed=record.completed_seen_at is not None)
+        action = decide(self._situation(answer))
+        if action is Action.FAIL_RETRYABLY:
+            code, message = task_failure(task)
+            raise RetryLaterError(
+                f"EvoLink task {task_id} was seen completed (and so billed) by an earlier try, but now "
+                f"reads {printable(task.get('status'))} ({printable(code)}: {printable(message)}): a "
+                "contradiction, not evidence that the paid result is gone, so nothing was submitted. A "
+                "later try reads it again."
+            )
         if action is Action.FAIL:
             refuse_unfixable(task)
         if action is Action.SUBMIT:

@@ -68,19 +68,28 @@ class EvolinkStorageError(EvolinkError):
 @dataclass(frozen=True)
 class StoredFile:
     """One result file as stored: its index in the task's results, final name, size and sha256 (computed
-    while it streamed in). The ledger keeps these so that a later try accepts a file without reading it."""
+    while it streamed in), and ``stamp``, what the storage says identifies that version of the file (see
+    :func:`file_stamp`). The ledger keeps these so that a later try accepts a file without reading it: the
+    size alone would keep other bytes of the same size."""
 
     index: int
     name: str
     size: int
     sha256: str
+    stamp: str = ""
 
     @classmethod
     def from_stored(cls, value: object) -> StoredFile | None:
         if not isinstance(value, dict):
             return None
         try:
-            return cls(int(value["index"]), str(value["name"]), int(value["size"]), str(value["sha256"]))
+            return cls(
+                int(value["index"]),
+                str(value["name"]),
+                int(value["size"]),
+                str(value["sha256"]),
+                str(value.get("stamp") or ""),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -207,7 +216,7 @@ def verify_stored(
     task_id: str, output_path: str, files: Sequence[StoredFile], expected: int
 ) -> list[str] | None:
     """The locations of ``files`` when they are a complete set (indexes ``0..expected-1``) and each is
-    still a regular file of its recorded size; else None. Nothing is read but the sizes."""
+    still a regular file of its recorded size and stamp; else None. Nothing is read but the metadata."""
     by_index = {item.index: item for item in files}
     if expected < 1 or sorted(by_index) != list(range(expected)):
         return None
@@ -225,12 +234,26 @@ def verify_stored(
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
 
 
+def file_stamp(path: Path | ObjectStoragePath) -> str:
+    """What identifies this version of a stored file without reading it: a local file's modification
+    time (ns) and inode as of the rename; in object storage the ETag and last-modified time its
+    filesystem's ``info`` gives, when it gives them (else nothing, and only the size is compared)."""
+    if isinstance(path, Path):
+        st = path.stat()
+        return f"{st.st_mtime_ns}:{st.st_ino}"
+    info = path.fs.info(path.path)
+    keys = ("ETag", "etag", "LastModified", "last_modified", "mtime", "updated")
+    return ";".join(f"{key}={info[key]}" for key in keys if isinstance(info, dict) and info.get(key))
+
+
 def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
     try:
         if isinstance(path, Path) and (path.is_symlink() or not path.is_file()):
             return False
-        return bool(path.exists()) and path.stat().st_size == item.size
-    except OSError:
+        if not path.exists() or path.stat().st_size != item.size:
+            return False
+        return not item.stamp or file_stamp(path) == item.stamp
+    except (OSError, ValueError):
         return False
 
 
@@ -321,7 +344,7 @@ def _store_one(
             partial.unlink(missing_ok=True)
             raise
     log.info("Stored %s (%d bytes).", target, written)
-    return target, StoredFile(index, target.name, written, digest.hexdigest())
+    return target, StoredFile(index, target.name, written, digest.hexdigest(), file_stamp(target))
 
 
 def _head(chunks: Iterator[bytes]) -> bytes:

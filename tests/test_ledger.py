@@ -56,15 +56,15 @@ CASES: dict[str, list[Situation]] = {
     "R01": cases(S3, [Recorded.NOTHING], BOTH, list(Why)),
     "R02": cases(S3, [Recorded.INTENT], [True], [Why.RETRY]),
     "R03": cases(S3, [Recorded.INTENT], [True], [Why.CLEAR]),
-    "R04": cases(S3, [Recorded.INTENT], [False], [Why.RETRY]),
+    "R04": cases(S3, [Recorded.INTENT], [False], [Why.RETRY, Why.CLEAR]),
     "R05": cases(S3, [Recorded.TASK], [True], [Why.RETRY]),
     "R06": cases(S3, [Recorded.TASK], [True], [Why.CLEAR]),
     "R07": cases(S3, [Recorded.TASK], [False], [Why.RETRY]),
     "R08": cases(S3, [Recorded.STORED], [True], [Why.RETRY, Why.CLEAR]),
-    "R09": cases(S3, [Recorded.STORED], [False], [Why.RETRY]),
+    "R09": cases(S3, [Recorded.STORED], [False], [Why.RETRY, Why.CLEAR]),
     "R10": cases(S3, [Recorded.DELIVERED], BOTH, [Why.RETRY]),
     "R11": cases(S3, [Recorded.DELIVERED], BOTH, [Why.CLEAR]),
-    "R12": cases(S3, RECORDED_BUT_NOT_DELIVERED, [False], [Why.CLEAR]),
+    "R12": cases(S3, [Recorded.TASK], [False], [Why.CLEAR]),
     "R13": cases(S3, [*RECORDED_BUT_NOT_DELIVERED, Recorded.DELIVERED], BOTH, [Why.FORCED]),
     "R14": cases(NONE, [Recorded.NOTHING], BOTH, [Why.NEW, Why.CLEAR]),
     "R15": cases(NONE, [Recorded.NOTHING], [True], [Why.RETRY]),
@@ -81,6 +81,7 @@ CASES: dict[str, list[Situation]] = {
     "R26": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY]),
     "R27": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY], regenerate_expired=True),
     "R28": answered(Answer.LINK_EXPIRED, [Why.CLEAR, Why.FORCED]),
+    "R29": answered(Answer.CONTRADICTED, list(Why), regenerate_expired=True),
 }
 
 
@@ -241,16 +242,19 @@ def test_a_forced_fresh_take_on_a_clear(conf: dict[str, Any]) -> None:
     assert len(hook.keys) == 1
 
 
-def test_a_changed_request_on_a_retry_reuses_the_paid_task(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("max_tries", [2, 5], ids=["retry", "clear"])
+def test_a_changed_request_reuses_the_undelivered_paid_task(
+    caplog: pytest.LogCaptureFixture, max_tries: int
+) -> None:
     store = MemoryStore()
     record = SubmissionRecord("fp-0", 0, "evl-" + "0" * 48, "task-unified-1-abcdefgh", "seq-2")
     store.set(STATE_KEY, record.as_stored())
     hook = FakeHook()
 
-    task = make(hook, context(store)).start(None)
+    task = make(hook, context(store, max_tries=max_tries)).start(None)
 
     assert task["id"] == "task-unified-1-abcdefgh" and hook.keys == []
-    assert "fp-0" in caplog.text and "fp-1" in caplog.text and "clear the task instance" in caplog.text
+    assert "fp-0" in caplog.text and "fp-1" in caplog.text and "evolink_regenerate" in caplog.text
 
 
 def test_an_intent_with_a_changed_request_on_a_retry_spends_nothing() -> None:
@@ -258,7 +262,7 @@ def test_an_intent_with_a_changed_request_on_a_retry_spends_nothing() -> None:
     store.set(STATE_KEY, SubmissionRecord("fp-0", 0, "evl-" + "1" * 48, None, "seq-2").as_stored())
     hook = FakeHook()
 
-    with pytest.raises(AirflowFailException, match="clear the task instance"):
+    with pytest.raises(AirflowFailException, match="evolink_regenerate"):
         make(hook, context(store)).start(None)
     assert hook.keys == []
 
@@ -447,6 +451,25 @@ def test_the_recorded_tasks_answer_decides(read: dict[str, Any], posts: int) -> 
     make(hook, context(store, try_number=2)).start(None)
 
     assert len(hook.keys) == posts
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        {"status": "failed", "error": {"code": "service_error"}},
+        {"status": "failed", "error": {"code": "resource_not_found"}},
+        {"status": "cancelled"},
+    ],
+    ids=["failed-fixable", "failed-resource-not-found", "cancelled"],
+)
+def test_a_task_seen_completed_then_read_failed_spends_nothing(read: dict[str, Any]) -> None:
+    store = MemoryStore()
+    recorded(store, completed_seen_at=1000.0)
+    hook = FakeHook([{"id": "task-unified-1-abcdefgh", **read}])
+
+    with pytest.raises(RetryLaterError, match="task-unified-1-abcdefgh was seen completed"):
+        make(hook, context(store, try_number=2)).start(None)
+    assert hook.keys == []
 
 
 def test_an_unfixable_recorded_failure_ends_the_task() -> None:

@@ -9,6 +9,7 @@ added by the DAG's ``on_retry_callback`` (``between_tries`` in ``tests/dags/evol
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,4 +182,74 @@ def test_a_refused_link_within_a_day_does_not_pay_again_on_a_clear(
     state, tasks = clear_and_rerun("evolink_ledger_one", run_id)
 
     assert state == "failed", tasks
+    assert sim.stats()["tasks_created"] == 1
+
+
+@pytest.mark.parametrize("mode", ["sync", "deferrable"])
+def test_a_failure_after_execute_leaves_the_generation_undelivered(
+    sim: SimulatorControl, tmp_path: Path, mode: str
+) -> None:
+    """The user's post_execute hook fails after the video was stored: the task instance failed, so the
+    result is not recorded delivered and a clear collects it instead of paying again."""
+    dag_id = f"evolink_ledger_post_execute_{mode}"
+    (tmp_path / "FAIL_AFTER_EXECUTE").write_text("x")
+    state, run_id, tasks = run_dag_with_id(dag_id, run_conf={"output_dir": str(tmp_path)})
+    assert tasks["generate"][0] == "failed", tasks
+    assert not task_state_store(dag_id, run_id, "generate")["evolink_submission"].get("delivered")
+
+    state, tasks = clear_and_rerun(dag_id, run_id)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 1
+    assert task_state_store(dag_id, run_id, "generate")["evolink_submission"]["delivered"] is True
+
+
+# -- a task seen completed (billed) and then read as failed or cancelled (row R29) -------------------
+
+
+@pytest.fixture
+def status_flips_after_completed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """Server side (the in-process simulator's task object; the provider and Airflow are untouched): the
+    read after a task was first answered ``completed`` answers ``flip_to`` with ``code``, once."""
+    from evolink_provider.simulator.tasks import TaskStore
+
+    original = TaskStore.task_object
+    plan: dict[str, Any] = {"flip_to": "failed", "code": "service_error", "seen": set(), "flipped": 0}
+
+    def task_object(self: TaskStore, task: Any, base_url: str) -> dict[str, Any]:
+        body = original(self, task, base_url)
+        if body["status"] == "completed" and task.id in plan["seen"] and plan["flipped"] == 0:
+            plan["flipped"] += 1
+            body = {k: v for k, v in body.items() if k not in ("results", "result_data")}
+            body["status"] = plan["flip_to"]
+            body["error"] = {"code": plan["code"], "message": "flapped", "type": "task_error"}
+        elif body["status"] == "completed":
+            plan["seen"].add(task.id)
+        return body
+
+    monkeypatch.setattr(TaskStore, "task_object", task_object)
+    yield plan
+
+
+@pytest.mark.parametrize(
+    ("flip_to", "code"),
+    [("failed", "service_error"), ("failed", "resource_not_found"), ("cancelled", "cancelled")],
+)
+def test_a_task_seen_completed_then_read_failed_is_collected_not_paid_again(
+    sim: SimulatorControl,
+    tmp_path: Path,
+    status_flips_after_completed: dict[str, Any],
+    flip_to: str,
+    code: str,
+) -> None:
+    """Try 1 sees the task completed (billed) and a result link is refused once; the retry's read answers
+    failed or cancelled. That contradiction spends nothing and fails the try; the next one delivers."""
+    status_flips_after_completed.update(flip_to=flip_to, code=code)
+    sim.add_faults({"kind": "status", "status": 403, "method": "GET", "path_prefix": "/media/", "count": 1})
+
+    state, tasks = run_dag("evolink_ledger_one", run_conf={"output_dir": str(tmp_path)})
+
+    assert status_flips_after_completed["flipped"] == 1, "the flip must hit the retry's read"
+    assert state == "success", tasks
+    assert tasks["generate"] == ("success", 3)
     assert sim.stats()["tasks_created"] == 1

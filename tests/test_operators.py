@@ -285,11 +285,15 @@ def test_a_cleared_never_reattach_task_submits_again(sim: SimulatorControl) -> N
     assert sim.stats()["tasks_created"] == 2
 
 
-def test_a_completed_task_without_results_fails_once(sim: SimulatorControl) -> None:
+def test_a_completed_task_without_results_fails_once(
+    sim: SimulatorControl, capfd: pytest.CaptureFixture[str]
+) -> None:
     state, tasks = run_dag("evolink_completed_without_output")
     assert state == "failed"
     assert tasks["generate"] == ("failed", 1)  # AirflowFailException: retries=3 left unused
     assert sim.stats()["tasks_created"] == 1
+    out, err = capfd.readouterr()
+    assert "evolink_regenerate" in out + err, "the message names what really makes a new generation"
 
 
 # -- credits and progress in view (issue 14) ------------------------------------------------------

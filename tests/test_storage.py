@@ -90,11 +90,27 @@ def test_a_file_that_contradicts_its_record_is_downloaded_again_and_recorded(
     assert item.sha256 == hashlib.sha256(real).hexdigest()
 
     Path(first).write_bytes(b"other bytes")
-    store_results(hook, task, str(tmp_path), known=[item])
+    store_results(hook, task, str(tmp_path), known=[item], on_stored=lambda item, n: seen.append((item, n)))
     assert Path(first).read_bytes() == real
     assert sim.stats()["requests"]["GET /media"] == 2
 
-    store_results(hook, task, str(tmp_path), known=[item])  # matching its record: not read again
+    store_results(hook, task, str(tmp_path), known=[seen[-1][0]])  # matching its record: not read again
+    assert sim.stats()["requests"]["GET /media"] == 2
+
+
+def test_other_bytes_of_the_same_size_contradict_the_record(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    task = completed_task(hook)
+    seen: list[tuple[StoredFile, int]] = []
+    (first,) = store_results(hook, task, str(tmp_path), on_stored=lambda item, n: seen.append((item, n)))
+    real = Path(first).read_bytes()
+    ((item, _count),) = seen
+
+    Path(first).write_bytes(b"X" * len(real))  # same size, other bytes, written after the rename
+    store_results(hook, task, str(tmp_path), known=[item])
+
+    assert Path(first).read_bytes() == real
     assert sim.stats()["requests"]["GET /media"] == 2
 
 

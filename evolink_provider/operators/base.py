@@ -3,7 +3,7 @@
 The flow is one-way: validate the rendered fields (no HTTP before that), reattach to or submit the EvoLink
 task (:mod:`evolink_provider.ledger` decides every spend and every give-up), wait (here, or in the
 triggerer when ``deferrable``), then collect the results into XCom (and into storage when ``output_path``
-is set), and record that the result was delivered. "What does this poll mean" is
+is set); ``post_execute`` then records that the result was delivered. "What does this poll mean" is
 :func:`evolink_provider.polling.decide_after_poll`, shared with the trigger and the sensor.
 """
 
@@ -235,8 +235,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if task.get("from_storage"):
             return self._publish(context, finished_value(task))
         if not self.wait_for_completion:
-            self.ledger(context).delivered()
-            return task
+            return task  # handed downstream as a task id: post_execute records it delivered
         clock = timing()
         started_at = created_at(task, default=clock.now())
         deadline = clock.now() + float(self.timeout)
@@ -302,7 +301,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
         operator) its lineage."""
         self.finished_task = task
         push_links(context, task)
-        self.ledger(context).delivered()
         events = announce_assets(
             context,
             self.outlets,
@@ -311,6 +309,14 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if events:
             self.log.info("Announced %d asset event(s) for EvoLink task %s.", events, task["id"])
         return task
+
+    def post_execute(self, context: Any, result: Any = None) -> None:
+        """Record the result delivered as late as an operator can: Airflow calls this after ``execute`` or
+        ``execute_complete`` returned and after the user's own ``post_execute`` hook, so a failure up to
+        here leaves the paid generation undelivered and a clear collects it (see the ledger's table).
+        With ``wait_for_completion=False`` the task id handed downstream is what is delivered."""
+        super().post_execute(context, result)
+        self.ledger(context).delivered()
 
     def request_summary(self) -> RequestSummary:
         """The model, prompt digest, duration and media inputs of the rendered request."""
@@ -328,7 +334,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         record = self._ledger.current_task_id if "_ledger" in self.__dict__ else None
         self.log.warning(
             "EvoLink has no cancel call: task %s keeps generating and is billed when it completes. "
-            "A retry or a clear of this Airflow task picks it up (the ledger's table).",
+            "A retry, or a clear while its result is undelivered, picks it up (the ledger's table).",
             record or "(not submitted yet)",
         )
 
@@ -390,7 +396,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 # come back empty again; clearing the task asks for a new generation deliberately.
                 raise AirflowFailException(
                     f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
-                    "same empty task. Clear the task to generate anew."
+                    "same empty task, and so would a plain clear. To pay for a new generation, clear the "
+                    'task with regenerate=True or dag_run.conf {"evolink_regenerate": true}.'
                 )
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
         ledger = self.ledger(context)

@@ -169,7 +169,8 @@ class EvolinkTaskTrigger(BaseTrigger):
         what a retry and a clear do next."""
         self.log.warning(
             "EvoLink has no cancel call: task %s keeps generating (and is billed when it completes). "
-            "A retry of this Airflow task reattaches to it; a clear submits a new generation.",
+            "A retry of this Airflow task, or a clear while its result is undelivered, picks it up "
+            "(the ledger's table).",
             self.evolink_task_id,
         )
 

@@ -425,6 +425,28 @@ for name, prompt in (("one", "one paid take"), ("two", "two paid takes [sim:resu
             on_retry_callback=between_tries,
         )
 
+
+def fail_once_after_execute(context: Any, result: Any = None) -> None:
+    """A user's ``post_execute`` hook that fails once (the marker file in ``output_dir``): a failure after
+    ``execute`` returned, before the try succeeded."""
+    from pathlib import Path
+
+    marker = Path(context["params"]["output_dir"]) / "FAIL_AFTER_EXECUTE"
+    if marker.exists():
+        marker.unlink()
+        raise RuntimeError("publishing failed after execute returned")
+
+
+for mode in ("sync", "deferrable"):
+    with new_dag(f"evolink_ledger_post_execute_{mode}", params={"output_dir": ""}):
+        seedance(
+            mode,
+            prompt="delivered only on success [sim:seconds=4]",
+            output_path="{{ params.output_dir }}",
+            retries=0,
+            post_execute=fail_once_after_execute,
+        )
+
 with new_dag("evolink_ledger_forced", params={"output_dir": "", "faults": []}):
     # The operator's own "fresh take on a clear" (rendered: "{{ 'True' }}" is the string a template gives).
     seedance(
