@@ -328,3 +328,26 @@ def test_no_aiohttp_exception_rides_along_with_the_error(
     assert error.__cause__ is None and error.__context__ is None
     assert "sk-hostile" not in str(error) + repr(error) and "aiohttp" not in str(error) + repr(error)
     assert str(error).startswith("EvoLink connection 'evolink_failing'"), error
+
+
+def test_the_connection_extra_is_never_read_synchronously_on_the_event_loop(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before Airflow 3.3.2, Connection.extra_dejson masks the extra's secrets with a synchronous call to the
+    # supervisor: on a triggerer's loop it raises DeadlockImminentError when another async call is in
+    # flight. Stand-in: extra_dejson refuses a running loop.
+    from airflow.sdk.definitions.connection import Connection
+
+    real = Connection.extra_dejson
+
+    def guarded(self: Connection) -> dict:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return real.fget(self)  # type: ignore[attr-defined]
+        raise RuntimeError("DeadlockImminentError stand-in: extra_dejson called on the event loop")
+
+    monkeypatch.setattr(Connection, "extra_dejson", property(guarded))
+    set_connection(monkeypatch, "evolink_extra", server.url)
+    server.json("/v1/tasks/", task())
+    assert [answer["id"] for answer in read_tasks("evolink_extra", 1)] == [TASK_ID]
