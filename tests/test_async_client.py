@@ -351,3 +351,29 @@ def test_the_connection_extra_is_never_read_synchronously_on_the_event_loop(
     set_connection(monkeypatch, "evolink_extra", server.url)
     server.json("/v1/tasks/", task())
     assert [answer["id"] for answer in read_tasks("evolink_extra", 1)] == [TASK_ID]
+
+
+def test_a_trigger_run_in_its_own_event_loop_leaves_no_session_loop_or_socket_behind(sim: Any) -> None:
+    # dag.test() runs each deferral's trigger in asyncio.run and nothing there closes the session: it must
+    # not outlive its loop (the session holds the loop, so a weak key alone never dies).
+    import gc
+    import os
+    import warnings
+
+    from evolink_provider.hooks import transport
+
+    created = EvolinkHook().create_video_task({"model": "seedance-2.0-fast-text-to-video", "prompt": "p"})
+
+    async def one_poll() -> None:
+        await EvolinkHook().aget_task(created["id"])
+
+    asyncio.run(one_poll())  # warm up imports
+    gc.collect()
+    fds, clients = len(os.listdir("/proc/self/fd")), len(transport._CLIENTS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            asyncio.run(one_poll())
+        gc.collect()
+    assert (len(transport._CLIENTS) - clients, len(os.listdir("/proc/self/fd")) - fds) == (0, 0)
+    assert not [warning for warning in caught if "Unclosed" in str(warning.message)]

@@ -45,6 +45,7 @@ from evolink_provider.hooks.connection import (
     needs_masking,
     settings_from_connection,
 )
+from evolink_provider.hooks.transport import PER_LOOP_STATE
 
 if TYPE_CHECKING:
     import requests
@@ -315,6 +316,7 @@ _ASYNC_SETTINGS: weakref.WeakKeyDictionary[
 _TASK_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], TaskBatcher]] = (
     weakref.WeakKeyDictionary()
 )
+PER_LOOP_STATE.extend((_ASYNC_SETTINGS, _TASK_BATCHERS))
 
 
 def _failed(future: asyncio.Future[Any]) -> bool:
