@@ -72,6 +72,7 @@ __all__ = [
     "amask_secret",
     "conf",
     "get_async_connection",
+    "get_async_extra_dejson",
     "hook_field_behaviour",
     "log_once",
 ]
@@ -88,6 +89,20 @@ async def get_async_connection(conn_id: str) -> Any:
 
         return await sync_to_async(BaseHook.get_connection)(conn_id)
     return await read(conn_id)
+
+
+async def get_async_extra_dejson(conn: Any) -> dict[str, Any]:
+    """The connection's extra, read on an event loop by common-compat's ``get_async_extra_dejson``:
+    ``extra_dejson`` masks the extra's secrets with a synchronous call to the supervisor, which raises
+    ``DeadlockImminentError`` on a loop with another async call in flight. Where the installed
+    common-compat predates it, ``extra_dejson`` in a ``sync_to_async`` thread, as for the connection."""
+    try:
+        from airflow.providers.common.compat.connection import get_async_extra_dejson as read
+    except ImportError:  # common-compat before 1.23
+        from asgiref.sync import sync_to_async
+
+        return await sync_to_async(lambda: conn.extra_dejson)()
+    return await read(conn)
 
 
 _said: set[str] = set()

@@ -328,3 +328,52 @@ def test_no_aiohttp_exception_rides_along_with_the_error(
     assert error.__cause__ is None and error.__context__ is None
     assert "sk-hostile" not in str(error) + repr(error) and "aiohttp" not in str(error) + repr(error)
     assert str(error).startswith("EvoLink connection 'evolink_failing'"), error
+
+
+def test_the_connection_extra_is_never_read_synchronously_on_the_event_loop(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before Airflow 3.3.2, Connection.extra_dejson masks the extra's secrets with a synchronous call to the
+    # supervisor: on a triggerer's loop it raises DeadlockImminentError when another async call is in
+    # flight. Stand-in: extra_dejson refuses a running loop.
+    from airflow.sdk.definitions.connection import Connection
+
+    real = Connection.extra_dejson
+
+    def guarded(self: Connection) -> dict:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return real.fget(self)  # type: ignore[attr-defined]
+        raise RuntimeError("DeadlockImminentError stand-in: extra_dejson called on the event loop")
+
+    monkeypatch.setattr(Connection, "extra_dejson", property(guarded))
+    set_connection(monkeypatch, "evolink_extra", server.url)
+    server.json("/v1/tasks/", task())
+    assert [answer["id"] for answer in read_tasks("evolink_extra", 1)] == [TASK_ID]
+
+
+def test_a_trigger_run_in_its_own_event_loop_leaves_no_session_loop_or_socket_behind(sim: Any) -> None:
+    # dag.test() runs each deferral's trigger in asyncio.run and nothing there closes the session: it must
+    # not outlive its loop (the session holds the loop, so a weak key alone never dies).
+    import gc
+    import os
+    import warnings
+
+    from evolink_provider.hooks import transport
+
+    created = EvolinkHook().create_video_task({"model": "seedance-2.0-fast-text-to-video", "prompt": "p"})
+
+    async def one_poll() -> None:
+        await EvolinkHook().aget_task(created["id"])
+
+    asyncio.run(one_poll())  # warm up imports
+    gc.collect()
+    fds, clients = len(os.listdir("/proc/self/fd")), len(transport._CLIENTS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            asyncio.run(one_poll())
+        gc.collect()
+    assert (len(transport._CLIENTS) - clients, len(os.listdir("/proc/self/fd")) - fds) == (0, 0)
+    assert not [warning for warning in caught if "Unclosed" in str(warning.message)]

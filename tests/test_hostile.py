@@ -270,6 +270,23 @@ def test_malformed_poll_answers_are_bad_answers_sync_and_async(
     assert sync_error.value.retryable and async_error.value.retryable  # a failed poll, counted
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_an_error_never_followed_nor_read_as_the_task_sync_and_async(
+    hostile: HostileServer, hook: EvolinkHook, status: int
+) -> None:
+    # The redirect carries a valid task body and points back at the same server: following it or reading
+    # the body would both end in a task.
+    body = json.dumps(task()).encode()
+    location = f"{hostile.url}/v1/tasks/{TASK_ID}?moved"
+    hostile.routes["/v1/tasks/"] = lambda handler: send(handler, status, body, headers={"Location": location})
+    errors = _both_modes(hook)
+    for error in errors:
+        assert isinstance(error, EvolinkConfigurationError), error
+        assert f"HTTP {status}" in str(error) and "redirects are not followed" in str(error)
+        assert not error.retryable
+    assert len(hostile.requests) == 2  # one each: neither followed nor retried
+
+
 def _gzip_of_spaces(megabytes: int) -> bytes:
     """``{`` + that many MB of spaces + ``}``, gzipped without ever holding it uncompressed."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)

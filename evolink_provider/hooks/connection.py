@@ -127,8 +127,14 @@ def _allowed_dirs(value: Any) -> tuple[str, ...]:
     return tuple(item.strip() for item in items if item.strip())
 
 
-def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
-    """Read and check the connection; raises before any HTTP call when the key is missing or malformed."""
+def settings_from_connection(
+    conn: Connection, extra: dict[str, Any] | None = None
+) -> EvolinkConnectionSettings:
+    """Read and check the connection; raises before any HTTP call when the key is missing or malformed.
+
+    ``extra``: the connection's extra already read (on an event loop it must be read asynchronously, see
+    :func:`evolink_provider.compat.get_async_extra_dejson`); else ``conn.extra_dejson``.
+    """
     key = (conn.password or "").strip()
     if not key:
         raise EvolinkConfigurationError(
@@ -144,7 +150,8 @@ def settings_from_connection(conn: Connection) -> EvolinkConnectionSettings:
             "non-ASCII characters (a line break or a typographic dash pasted with it?); the key itself is "
             "not shown. Re-enter it."
         )
-    extra = conn.extra_dejson or {}
+    if extra is None:
+        extra = conn.extra_dejson or {}
     base_url = resolve_base_url(conn.host, conn.schema, conn.port)
     files_base_url = str(extra.get("files_base_url") or "").rstrip("/")
     if not files_base_url:

@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote
 
 from evolink_provider.answers import checked_task, credits_text, read_credits, task_id_to_send
-from evolink_provider.compat import BaseHook, get_async_connection, hook_field_behaviour
+from evolink_provider.compat import (
+    BaseHook,
+    get_async_connection,
+    get_async_extra_dejson,
+    hook_field_behaviour,
+)
 from evolink_provider.exceptions import (
     EvolinkAuthenticationError,
     EvolinkError,
@@ -40,6 +45,7 @@ from evolink_provider.hooks.connection import (
     needs_masking,
     settings_from_connection,
 )
+from evolink_provider.hooks.transport import PER_LOOP_STATE
 
 if TYPE_CHECKING:
     import requests
@@ -118,7 +124,7 @@ class EvolinkHook(BaseHook):
 
     async def _aread_settings(self) -> EvolinkConnectionSettings:
         conn = await get_async_connection(self.evolink_conn_id)
-        settings = settings_from_connection(conn)
+        settings = settings_from_connection(conn, await get_async_extra_dejson(conn) or {})
         if needs_masking(settings.api_key, conn.password):
             from evolink_provider.compat import amask_secret
 
@@ -310,6 +316,7 @@ _ASYNC_SETTINGS: weakref.WeakKeyDictionary[
 _TASK_BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], TaskBatcher]] = (
     weakref.WeakKeyDictionary()
 )
+PER_LOOP_STATE.extend((_ASYNC_SETTINGS, _TASK_BATCHERS))
 
 
 def _failed(future: asyncio.Future[Any]) -> bool:

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 from evolink_provider.answers import MAX_ANSWER_BYTES, loads_strict
 from evolink_provider.exceptions import (
     EvolinkBadAnswerError,
+    EvolinkConfigurationError,
     EvolinkError,
     EvolinkRefusedError,
     EvolinkTransportError,
     error_for_status,
+    server_text,
 )
 from evolink_provider.hooks.connection import ApiRequest
 from evolink_provider.hooks.retry import parse_retry_after
@@ -56,6 +58,15 @@ def parse_response(
             method=request.method,
             path=request.path,
             connection=request.connection,
+        )
+    if not 200 <= status_code < 300:
+        # A redirect (or an interim answer) on the API is not an answer, and is never followed: the request
+        # carries the key. Not retried, a base URL that redirects (http to https, a moved host) must be fixed.
+        location = _without_key(headers.get("location"), key)
+        raise EvolinkConfigurationError(
+            f"{request.connection}: {request.method} {request.path} answered HTTP {status_code}, not an "
+            "answer of the API (redirects are not followed; check the connection's base URL)"
+            + (f", Location: {server_text(str(location))}" if location else "")
         )
     try:
         decoded = _without_key(loads_strict(content), key, content)

@@ -280,6 +280,8 @@ class _LoopClient:
         import urllib.request
 
         self.session = session
+        #: The task that closes the session when the loop ends (held here: a loop holds tasks weakly).
+        self.keeper: asyncio.Task[None] | None = None
         self._proxies = urllib.request.getproxies()
         self._by_origin: dict[str, dict[str, Any]] = {}
 
@@ -331,7 +333,27 @@ async def _loop_client() -> _LoopClient:
                 skip_auto_headers=("Accept-Encoding",),
             )
             client = _CLIENTS[loop] = _LoopClient(session)
+            client.keeper = loop.create_task(_close_when_the_loop_ends(loop, client))
     return client
+
+
+#: Other per-loop state (the hooks' connection readings and batchers), dropped with the loop's session.
+PER_LOOP_STATE: list[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]] = [_CLIENT_LOCKS]
+
+
+async def _close_when_the_loop_ends(loop: asyncio.AbstractEventLoop, client: _LoopClient) -> None:
+    """Wait until cancelled, then close the loop's session and drop its per-loop state. The session (and
+    what the per-loop maps hold) keeps the loop alive, so a weak key alone never dies; ``asyncio.run``
+    (``dag.test()``, one per deferral) and the triggerer's shutdown cancel pending tasks and let them
+    finish, so a loop that ends leaves no session, loop or socket behind."""
+    try:
+        await loop.create_future()
+    finally:
+        if _CLIENTS.get(loop) is client:
+            del _CLIENTS[loop]
+        for state in PER_LOOP_STATE:
+            state.pop(loop, None)
+        await client.session.close()
 
 
 def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
@@ -355,6 +377,8 @@ async def aclose_async_clients() -> None:
     """Close this event loop's session (tests and benchmarks; the triggerer never needs it)."""
     client = _CLIENTS.pop(asyncio.get_running_loop(), None)
     if client is not None:
+        if client.keeper is not None:
+            client.keeper.cancel()
         await client.session.close()
 
 
