@@ -27,7 +27,9 @@ Airflow sets ``max_tries = try_number + retries`` whenever a task instance is cl
 an automatic retry; the task runner derives the first try of a sequence as ``max_tries - retries + 1``
 from the same field. A clear of *another* task of the run bumps the run's ``clear_number``, which is why
 that is not used. On 3.0-3.2 the generation is folded into the key, so a clear there never resends an
-earlier generation's key.
+earlier generation's key. A task that a user marked failed, or that Airflow's scheduler failed after its
+trigger fired (the defer race, docs/reliability.md "Fast triggers"), delivered nothing: its clear is an
+ordinary *clear* of an undelivered generation, which collects what was paid for.
 
 **The table** (:func:`decide`, tested row by row by ``tests/test_ledger.py``). *store*: ``3.3`` (a
 ``task_state_store``), ``none`` (3.0-3.2), ``any``. *recorded*: ``nothing``; ``intent`` (key, no task id);
