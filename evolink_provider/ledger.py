@@ -292,7 +292,9 @@ class SubmissionRecord:
 
     ``generation`` is ``None`` in records written before it existed (treated as the current one, the
     cheaper guess). ``stored`` and ``results`` describe the files of ``task_id`` stored so far and how many
-    results that task has; ``completed_seen_at`` is when this provider first saw it completed.
+    results that task has; ``completed_seen_at`` is when this provider first saw it completed, and
+    ``completed_task`` the (checked) task object it saw then, so that a later try that finds every result
+    stored hands downstream the same value (links, character name, credits) without reading the task.
     """
 
     fingerprint: str
@@ -305,6 +307,7 @@ class SubmissionRecord:
     results: int | None = None
     stored: tuple[StoredFile, ...] = field(default=())
     delivered: bool = False
+    completed_task: dict[str, Any] | None = None
 
     @classmethod
     def from_stored(cls, value: Any) -> SubmissionRecord | None:
@@ -324,6 +327,9 @@ class SubmissionRecord:
                 results=None if results is None else int(results),
                 stored=_parsed(StoredFile.from_stored, value.get("stored")),
                 delivered=value.get("delivered") is True,
+                completed_task=value["completed_task"]
+                if isinstance(value.get("completed_task"), dict)
+                else None,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -717,10 +723,12 @@ class Ledger:
     # -- collect: stored files, expiry, delivery --------------------------------------------------
 
     def saw_completed(self, task: dict[str, Any]) -> None:
-        """Record when this provider first saw its task completed (the start of the links' 24 h)."""
+        """Record when this provider first saw its task completed (the start of the links' 24 h), and the
+        task object it saw (what a try that finds every result stored hands downstream)."""
         record = self.record
         if record is not None and record.task_id == task.get("id") and record.completed_seen_at is None:
-            self._save(replace(record, completed_seen_at=timing.current().now()))
+            seen = {key: value for key, value in task.items() if key not in ("files", "from_storage")}
+            self._save(replace(record, completed_seen_at=timing.current().now(), completed_task=seen))
 
     def stored_files(self) -> list[str] | None:
         """The recorded files of the recorded task, when the set is complete and each is still on disk at
@@ -737,13 +745,10 @@ class Ledger:
         files = self.stored_files()
         self.log.info("Every result of EvoLink task %s is stored as recorded: %s", self.record.task_id, files)
         self.current_task_id = self.record.task_id
-        return {
-            "id": self.record.task_id,
-            "status": "completed",
-            "results": [],
-            "files": files,
-            "from_storage": True,
-        }
+        seen = self.record.completed_task
+        if seen is None or seen.get("id") != self.record.task_id:  # a record written before it was kept
+            seen = {"id": self.record.task_id, "status": "completed", "results": []}
+        return {**seen, "files": files, "from_storage": True}
 
     def store(self, task: dict[str, Any], output_path: str, deadline: float | None) -> list[str]:
         """Stream the task's results into ``output_path``, recording each file as it lands; a refused

@@ -568,6 +568,8 @@ def test_stored_files_completed_sighting_and_delivery_are_recorded(
     again = make(FakeHook(), context(store, try_number=2))
     task = again.start(str(tmp_path))
     assert task["from_storage"] is True and len(task["files"]) == 2
+    # Downstream gets the task as first seen completed (its links), not a thinner value.
+    assert {k: v for k, v in task.items() if k not in ("files", "from_storage")} == COMPLETED
     again.delivered()
     assert store.get(STATE_KEY)["delivered"] is True
 
