@@ -711,7 +711,9 @@ class Ledger:
                 continue
             usage = task.get("usage") or {}
             self.log.info(
-                "Submitted EvoLink task %s (model %s); credits reserved: %s (%s)%s",
+                "%s EvoLink task %s (model %s); credits reserved: %s (%s)%s",
+                # A resent key is answered with the task the lost answer named, if EvoLink created one.
+                "Resent the recorded Idempotency-Key: EvoLink answered with" if replayed else "Submitted",
                 task["id"],
                 printable(task.get("model")),
                 printable(usage.get("credits_reserved")),

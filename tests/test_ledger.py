@@ -606,3 +606,22 @@ def test_a_resubmission_never_reuses_an_earlier_counters_key() -> None:
 
     earlier = {idempotency_key("d|t|r|-1", "fp-1", n, "seq-2") for n in (0, 1)}
     assert hook.keys == [idempotency_key("d|t|r|-1", "fp-1", 2, "seq-2")] and not earlier & set(hook.keys)
+
+
+def test_a_resent_key_is_not_logged_as_a_new_submission(caplog: pytest.LogCaptureFixture) -> None:
+    """An intent without a task id is resent with the same key: what EvoLink answers is the task the lost
+    answer named (if any), not a new paid submission, and the log says so."""
+    store = MemoryStore()
+    intent = SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2")
+    store.set(STATE_KEY, intent.as_stored())
+    hook = FakeHook()
+
+    with caplog.at_level("INFO", logger="test"):
+        make(hook, context(store, try_number=2)).start(None)
+    assert len(hook.keys) == 1
+    assert "Resent the recorded Idempotency-Key" in caplog.text and "Submitted EvoLink" not in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="test"):
+        make(FakeHook(), context(MemoryStore())).start(None)
+    assert "Submitted EvoLink task" in caplog.text
