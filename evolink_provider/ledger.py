@@ -724,6 +724,17 @@ class Ledger:
 
     # -- collect: stored files, expiry, delivery --------------------------------------------------
 
+    def check_resumed(self, task: dict[str, Any]) -> None:
+        """A trigger event must name the task this task instance recorded: an event for another task
+        (a forged or stale event row) spends nothing and stores nothing; the try fails retryably."""
+        record = self.record
+        if record is not None and record.task_id is not None and task.get("id") != record.task_id:
+            raise RetryLaterError(
+                f"The trigger event names EvoLink task {printable(task.get('id'))}, but this task instance "
+                f"recorded {record.task_id}: nothing was stored or submitted. A later try reads the "
+                "recorded task."
+            )
+
     def saw_completed(self, task: dict[str, Any]) -> None:
         """Record when this provider first saw its task completed (the start of the links' 24 h), and the
         task object it saw (what a try that finds every result stored hands downstream)."""

@@ -625,3 +625,14 @@ def test_a_resent_key_is_not_logged_as_a_new_submission(caplog: pytest.LogCaptur
     with caplog.at_level("INFO", logger="test"):
         make(FakeHook(), context(MemoryStore())).start(None)
     assert "Submitted EvoLink task" in caplog.text
+
+
+def test_a_trigger_event_for_another_task_is_refused() -> None:
+    """execute_complete checks the event against the record before storing anything."""
+    store = MemoryStore()
+    recorded(store)
+    ledger = make(FakeHook(), context(store))
+    ledger.check_resumed({"id": "task-unified-1-abcdefgh", "status": "completed"})
+    with pytest.raises(RetryLaterError, match="recorded task-unified-1-abcdefgh"):
+        ledger.check_resumed({"id": "task-unified-9-otherone", "status": "completed"})
+    make(FakeHook(), context(MemoryStore())).check_resumed({"id": "any", "status": "completed"})

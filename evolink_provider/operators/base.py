@@ -289,6 +289,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
             task = task_from_event(event)
         except EvolinkError as error:
             fail_for(error)
+        self.ledger(context).check_resumed(task)
         end_time = event.get("end_time") if isinstance(event, dict) else None
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
         try:
