@@ -126,6 +126,17 @@ class CheckedInput:
     height: int = -1
 
 
+def sha256_of(checked: CheckedInput) -> str:
+    """The sha256 of a checked input's bytes, read through its checks (and closed)."""
+    digest = hashlib.sha256()
+    try:
+        while chunk := checked.stream.read(1 << 20):
+            digest.update(chunk)
+    finally:
+        checked.stream.close()
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ImageRules:
     """The model rules an input is held to: ``limits`` (``None``: none documented), and whether breaking
@@ -349,13 +360,7 @@ def local_media_digests(
     sizes: list[int] = []
     for ref in refs:
         checked = open_checked_input(ref, _field_label(fields, ref), allowed, rules, warnings)
-        digest = hashlib.sha256()
-        try:
-            while chunk := checked.stream.read(1 << 20):
-                digest.update(chunk)
-        finally:
-            checked.stream.close()
-        digests[ref.value] = digest.hexdigest()
+        digests[ref.value] = sha256_of(checked)
         sizes.append(checked.size)
     _check_request_total(rules, sum(sizes), warnings)
     return digests
@@ -473,13 +478,7 @@ def upload_once(
     for index, source in enumerate(sources):
         ref = MediaRef("image_urls", index, source)
         checked = open_checked_input(ref, f"images[{index}]", allowed, rules, warnings)
-        digest = hashlib.sha256()
-        try:
-            while chunk := checked.stream.read(1 << 20):
-                digest.update(chunk)
-        finally:
-            checked.stream.close()
-        sha256 = digest.hexdigest()
+        sha256 = sha256_of(checked)
         reused = by_digest.get(sha256)
         if reused is None:
             needed.setdefault(sha256, (ref, f"images[{index}]"))
