@@ -631,6 +631,20 @@ class Ledger:
         self.current_task_id = task_id
         return task
 
+    def reread(self, task_id: str, error: EvolinkError) -> dict[str, Any]:
+        """The wait's poll of the paid task failed with an error the poll row does not repeat (a 404 right
+        after the POST: read-after-write lag, a gateway blip): rows R23 and R24, no evidence that the task
+        is gone. It is read again (the recorded id, when there is one); a try that still cannot read it
+        fails retryably, so the automatic retry, not a clear, picks the paid task up."""
+        record = self.record
+        recorded = record.task_id if record is not None and record.task_id else task_id
+        self.log.warning(
+            "Polling EvoLink task %s failed: %s; no evidence that the paid task is gone: reading it again.",
+            recorded,
+            error,
+        )
+        return self._read(recorded)
+
     def _read(self, task_id: str) -> dict[str, Any]:
         """The recorded task, read up to three times (each read has the hook's own retries); then the try
         fails retryably."""

@@ -246,7 +246,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
             # for here, and only one still running after that window is deferred (evolink_provider.timing).
             window = clock.wait_on_worker_window
             if expected_remaining(task, clock.now() - started_at) <= window:
-                task = self._wait_here(task, started_at, deadline, until=clock.now() + window)
+                task = self._wait_here(context, task, started_at, deadline, until=clock.now() + window)
                 decision = self._decide(task, started_at, deadline)
             if decision.outcome is Outcome.WAIT:
                 deferred_at = clock.now()
@@ -268,7 +268,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     ),
                 )
         if decision.outcome is Outcome.WAIT:
-            task = self._wait_here(task, started_at, deadline)
+            task = self._wait_here(context, task, started_at, deadline)
         return self._publish(context, self._finish(context, task, deadline))
 
     def _decide(self, task: dict[str, Any], started_at: float, deadline: float) -> PollDecision:
@@ -288,7 +288,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
         try:
             task = task_from_event(event)
         except EvolinkError as error:
-            fail_for(error)
+            if not (isinstance(event, dict) and event.get("status") == "error" and not error.retryable):
+                fail_for(error)
+            # A poll error the trigger does not repeat (a 404): the ledger's rows R23, R24.
+            task = self.ledger(context).reread(str(event.get("evolink_task_id")), error)
+            return self._wait_and_finish(context, task)
         self.ledger(context).check_resumed(task)
         end_time = event.get("end_time") if isinstance(event, dict) else None
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
@@ -342,10 +346,16 @@ class EvolinkBaseVideoOperator(BaseOperator):
     # -- waiting and collecting -------------------------------------------------------------------
 
     def _wait_here(
-        self, task: dict[str, Any], started_at: float, deadline: float, until: float | None = None
+        self,
+        context: Context,
+        task: dict[str, Any],
+        started_at: float,
+        deadline: float,
+        until: float | None = None,
     ) -> dict[str, Any]:
         """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
-        ``until`` (epoch seconds) passes with the task still running."""
+        ``until`` (epoch seconds) passes with the task still running. A poll error the poll row does not
+        repeat (a 404) is the ledger's to judge (:meth:`~evolink_provider.ledger.Ledger.reread`)."""
         reporter = ProgressReporter(task["id"], started_at)
         failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES, self.poll_interval, self.max_poll_interval)
         task_id = task["id"]
@@ -372,7 +382,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
             except EvolinkError as error:
                 retry = failures.after_failure(error, deadline=deadline)
                 if retry.verdict is Verdict.GIVE_UP:
-                    fail_for(error)
+                    if error.retryable:
+                        raise error
+                    task = self.ledger(context).reread(task_id, error)
+                    failures.success()
+                    continue
                 if retry.verdict is Verdict.OUT_OF_TIME:
                     raise EvolinkWaitTimeoutError(
                         f"EvoLink task {task_id}: the wait budget ran out while polls failed: {error}"

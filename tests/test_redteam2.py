@@ -1,0 +1,36 @@
+"""A second attack on the money path (issue 21), in real DAG runs counted by the simulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.airflow_runs import run_dag
+from tests.conftest import SimulatorControl
+
+pytestmark = pytest.mark.usefixtures("airflow_db")
+
+
+def test_a_404_on_a_poll_during_the_wait_is_retried_not_given_up(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    """Right after the POST one poll answers 404 (read-after-write lag, a gateway blip): the paid task
+    must still be delivered by the automatic retry, not failed for good."""
+    sim.add_faults({"kind": "not_found", "method": "GET", "path_prefix": "/v1/tasks/", "count": 1})
+
+    state, tasks = run_dag("evolink_ledger_one", run_conf={"output_dir": str(tmp_path)})
+
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 1)), "read again within the try"
+
+
+def test_a_404_on_the_triggers_poll_is_retried_not_given_up(sim: SimulatorControl, tmp_path: Path) -> None:
+    """The deferrable twin: the trigger's first poll answers 404; its non-retryable error event must not
+    end the task instance for good with the video paid for."""
+    sim.add_faults({"kind": "not_found", "method": "GET", "path_prefix": "/v1/tasks/", "count": 1})
+
+    state, tasks = run_dag("evolink_ledger_deferrable", run_conf={"output_dir": str(tmp_path)})
+
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 1)), "read again within the try"
