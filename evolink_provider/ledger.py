@@ -698,8 +698,11 @@ class Ledger:
                 generation,
                 tuple(uploads[source] for source in sorted(uploads)),
             )
-            if payload is None:
+            if not resend:
+                # A resent key was checked by the try that sent it first: EvoLink answers it with the task
+                # it created, whose own cost may have taken the balance below min_credits.
                 check_balance(self.hook, self.min_credits, self.log)
+            if payload is None:
                 self._save(new)  # the intent, with the uploads of earlier tries
                 payload = payload_for_post(self.hook, request, uploads, self.log)
                 new = replace(new, uploads=tuple(uploads[source] for source in sorted(uploads)))

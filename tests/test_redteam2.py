@@ -34,3 +34,25 @@ def test_a_404_on_the_triggers_poll_is_retried_not_given_up(sim: SimulatorContro
 
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 1)), "read again within the try"
+
+
+def test_a_resent_key_is_not_refused_by_min_credits(sim: SimulatorControl, tmp_path: Path) -> None:
+    """Every answer to the first try's POST is lost after EvoLink created the task (it reserved the
+    credits): the retry resends the recorded key. The balance is now below ``min_credits`` because of
+    that very task; refusing the resend would leave the paid video undelivered for good (a clear
+    resends the same key and is refused again)."""
+    sim.set_credits(remaining=101)
+    sim.add_faults(
+        {
+            "kind": "reset",
+            "method": "POST",
+            "path_prefix": "/v1/videos/generations",
+            "after_processing": True,
+            "count": 5,  # the hook's max_retries + 1 attempts of the first try
+        }
+    )
+
+    state, tasks = run_dag("evolink_ledger_min_credits", run_conf={"output_dir": str(tmp_path)})
+
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 2)), tasks

@@ -115,7 +115,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
-        task spends nothing and is not checked.
+        task, or resending the key an earlier try recorded (checked when it was first sent), is not checked.
     :param local_checks: ``refuse`` (default) or ``warn``: what a local or storage image that breaks its
         model's documented image rules (pixel size, aspect ratio, bytes; read from its header before any
         call) does. ``warn`` sends it anyway, for when EvoLink's limits move. http(s) URLs are never
