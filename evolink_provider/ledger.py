@@ -80,9 +80,12 @@ that ``regenerate=True`` or ``dag_run.conf`` ``{"evolink_regenerate": true}`` su
 retry after delivery delivers the same result again). R08, R09: every result is on disk as recorded; nothing
 is read. R11: the user asked again for a result already delivered. R13: ``regenerate`` asked for a fresh take.
 R16: the key folds in the request, so without a store a changed request is a new submission (unavoidable
-there). R17, R18: the paid task is waited for or collected. R19, R20, R22: EvoLink says the task failed with a
-code a resubmission can fix (:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled,
-neither charged: a fresh key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25:
+there). R15 with inline local images: the retry uploads them again, EvoLink refuses the resent key with the
+new URLs (``idempotency_conflict``) and the try fails naming the key, buying nothing; the upload step's URLs
+stay the same for every retry. R17, R18: the paid task is waited for or collected. R19, R20, R22:
+EvoLink says the task failed with a code a resubmission can fix
+(:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled, neither charged: a fresh
+key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25:
 not evidence that the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend
 nothing, fail the try so that a later try reads again. R26: an automatic retry never buys a new generation;
 the message says that a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result
@@ -106,6 +109,7 @@ from evolink_provider import timing
 from evolink_provider.answers import epoch_seconds
 from evolink_provider.compat import AirflowFailException, log_once
 from evolink_provider.exceptions import (
+    EvolinkConflictError,
     EvolinkError,
     EvolinkNotFoundError,
     fail_for,
@@ -707,15 +711,25 @@ class Ledger:
                 payload = payload_for_post(self.hook, request, uploads, self.log)
                 new = replace(new, uploads=tuple(uploads[source] for source in sorted(uploads)))
             self._save(new)
-            try:
-                task = self.hook.create_video_task(payload, idempotency_key=key)
-            except EvolinkError as error:
-                fail_for(error)
-            self._save(replace(new, task_id=task["id"]))
-            self.current_task_id = task["id"]
             replayed = (resend and record is not None) or (
                 not self.states.durable and submission < earlier_tries
             )
+            try:
+                task = self.hook.create_video_task(payload, idempotency_key=key)
+            except EvolinkError as error:
+                if replayed and request.local_media and isinstance(error, EvolinkConflictError):
+                    raise AirflowFailException(
+                        f"EvoLink refused Idempotency-Key {key} ({error.code}): an earlier try sent it "
+                        "with other Files API URLs for the same local images, so the task it paid for "
+                        "cannot be reached from here, and nothing new was submitted. Find it in the EvoLink "
+                        "dashboard by that key. A try cannot reuse an earlier try's uploads without "
+                        "task_state_store (Airflow 3.3): upload local images with "
+                        "EvolinkUploadImagesOperator (its URLs stay the same for every retry); a clear "
+                        "pays for a new take."
+                    ) from error
+                fail_for(error)
+            self._save(replace(new, task_id=task["id"]))
+            self.current_task_id = task["id"]
             action = decide(self._situation(answer_of(task, replayed)))
             if action is Action.FAIL and replayed:
                 refuse_unfixable(task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,28 @@ def test_a_resent_key_is_not_refused_by_min_credits(sim: SimulatorControl, tmp_p
 
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 2)), tasks
+
+
+@pytest.fixture
+def without_task_state_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Airflow 3.0-3.2 in this 3.3 process: the ledger finds no ``task_state_store`` in the context."""
+    from evolink_provider.ledger import SubmissionStore
+
+    monkeypatch.setattr(SubmissionStore, "__init__", lambda self, context: setattr(self, "_store", None))
+    yield
+
+
+@pytest.mark.usefixtures("without_task_state_store")
+def test_without_a_store_a_retry_with_local_images_fails_naming_the_paid_key(
+    sim: SimulatorControl, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """On 3.0-3.2 a retry uploads the local images again (new URLs), so resending the derived key is a
+    different body: EvoLink answers idempotency_conflict. Nothing more may be bought, and the failure
+    must say where the paid task is and how to avoid it, not show a bare 409."""
+    state, tasks = run_dag("evolink_mapped_local_images")
+
+    assert state == "failed"
+    assert tasks == {"generate[0]": ("failed", 2), "generate[1]": ("failed", 2)}, "no retry burnt on a 409"
+    assert sim.stats()["tasks_created"] == 2, "one per prompt: the retry bought nothing"
+    log = "".join(capfd.readouterr())
+    assert log.count("EvoLink refused Idempotency-Key evl-") >= 2 and "EvolinkUploadImagesOperator" in log
