@@ -115,7 +115,7 @@ from evolink_provider.exceptions import (
     fail_for,
     task_error_is_retryable,
 )
-from evolink_provider.polling import FAILED_STATUSES, expected_end, task_failure
+from evolink_provider.polling import FAILED_STATUSES, completed_without_output, expected_end, task_failure
 from evolink_provider.results import printable
 from evolink_provider.storage import StoredFile
 
@@ -648,6 +648,22 @@ class Ledger:
             error,
         )
         return self._read(recorded)
+
+    def reread_empty(self, task: dict[str, Any]) -> dict[str, Any]:
+        """A task read ``completed`` without any result: its list may be filled in a moment after the
+        status (read-after-write lag), so within the try it is read again (:func:`reread_pauses`) before
+        the operator gives the paid task up."""
+        for delay in reread_pauses():
+            if task.get("status") != "completed" or not completed_without_output(task):
+                return task
+            self.log.warning(
+                "EvoLink task %s reads completed without any result; reading it again in %.0fs",
+                task.get("id"),
+                delay,
+            )
+            self.sleep(delay)
+            task = self._read(str(task["id"]))
+        return task
 
     def _read(self, task_id: str) -> dict[str, Any]:
         """The recorded task, read up to three times (each read has the hook's own retries); then the try

@@ -82,3 +82,39 @@ def test_without_a_store_a_retry_with_local_images_fails_naming_the_paid_key(
     assert sim.stats()["tasks_created"] == 2, "one per prompt: the retry bought nothing"
     log = "".join(capfd.readouterr())
     assert log.count("EvoLink refused Idempotency-Key evl-") >= 2 and "EvolinkUploadImagesOperator" in log
+
+
+@pytest.fixture
+def results_lag_once(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Server side (the in-process simulator's task object; the provider and Airflow are untouched): the
+    first read of a completed task answers ``completed`` before its result list is filled in."""
+    from typing import Any
+
+    from evolink_provider.simulator.tasks import SimTask, TaskStore
+
+    original = TaskStore.task_object
+    seen = {"empty": 0}
+
+    def task_object(self: TaskStore, task: SimTask, base_url: str) -> dict[str, Any]:
+        body = original(self, task, base_url)
+        if body["status"] == "completed" and seen["empty"] == 0:
+            seen["empty"] += 1
+            body = {**body, "results": []}
+            body.pop("result_data", None)
+        return body
+
+    monkeypatch.setattr(TaskStore, "task_object", task_object)
+    yield seen
+
+
+@pytest.mark.parametrize("dag_id", ["evolink_ledger_one", "evolink_ledger_deferrable"])
+def test_a_completed_read_whose_results_lag_is_read_again_not_given_up(
+    sim: SimulatorControl, tmp_path: Path, results_lag_once: dict[str, int], dag_id: str
+) -> None:
+    """``completed`` with no result yet, once (the list filled in a moment after the status): the paid
+    video must be delivered, not given up with an AirflowFailException."""
+    state, tasks = run_dag(dag_id, run_conf={"output_dir": str(tmp_path)})
+
+    assert results_lag_once["empty"] == 1
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 1)), tasks

@@ -288,11 +288,16 @@ class EvolinkBaseVideoOperator(BaseOperator):
         try:
             task = task_from_event(event)
         except EvolinkError as error:
-            if not (isinstance(event, dict) and event.get("status") == "error" and not error.retryable):
+            said = event if isinstance(event, dict) else {}
+            kind, seen = said.get("status"), said.get("task")
+            if kind == "failed" and isinstance(seen, dict) and seen.get("status") == "completed":
+                task = seen  # completed without any result yet: _finish reads it again
+            elif kind == "error" and not error.retryable:
+                # A poll error the trigger does not repeat (a 404): the ledger's rows R23, R24.
+                task = self.ledger(context).reread(str(said.get("evolink_task_id")), error)
+                return self._wait_and_finish(context, task)
+            else:
                 fail_for(error)
-            # A poll error the trigger does not repeat (a 404): the ledger's rows R23, R24.
-            task = self.ledger(context).reread(str(event.get("evolink_task_id")), error)
-            return self._wait_and_finish(context, task)
         self.ledger(context).check_resumed(task)
         end_time = event.get("end_time") if isinstance(event, dict) else None
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
@@ -399,6 +404,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def _finish(self, context: Context, task: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Turn a terminal task into the XCom value, or into the right Airflow failure; results are
         stored by ``deadline`` (epoch seconds), so ``timeout`` covers downloads too."""
+        if task.get("status") == "completed":
+            task = self.ledger(context).reread_empty(task)
         now = time.time()
         decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
         if decision.outcome is Outcome.WAIT:
@@ -406,9 +413,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if decision.outcome is not Outcome.SUCCESS:
             code, message = task_failure(task)
             if task.get("status") == "completed":
-                # Completed (and so billed) with nothing to hand downstream: end it once. A retry would
-                # only reattach to the same empty task, and a resubmission would pay again for what may
-                # come back empty again; clearing the task asks for a new generation deliberately.
+                # Completed (and so billed) with nothing to hand downstream, also when read again: end it
+                # once. A retry would only reattach to the same empty task, and a resubmission would pay
+                # again for what may come back empty again; clearing asks for a new generation deliberately.
                 raise AirflowFailException(
                     f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
                     "same empty task, and so would a plain clear. To pay for a new generation, clear the "
