@@ -35,8 +35,9 @@ ordinary *clear* of an undelivered generation, which collects what was paid for.
 ``task_state_store``), ``none`` (3.0-3.2), ``any``. *recorded*: ``nothing``; ``intent`` (key, no task id);
 ``task`` (an id, result not delivered); ``stored`` (an id, every result file recorded and still on disk,
 not delivered); ``delivered``. *request*: whether the rendered request is the recorded one. *answer*: what
-EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410) as *expired* only
-past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age alone never proves it gone.
+EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410, 400/401) as
+*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age alone never
+proves it gone.
 
 | row | store | recorded | request | why | answer | action |
 |-----|-------|----------|---------|-----|--------|--------|

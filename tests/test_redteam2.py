@@ -118,3 +118,20 @@ def test_a_completed_read_whose_results_lag_is_read_again_not_given_up(
     assert results_lag_once["empty"] == 1
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 1)), tasks
+
+
+@pytest.mark.parametrize("status", [400, 401])
+def test_a_fresh_result_link_refused_with_another_4xx_buys_nothing_and_is_delivered(
+    sim: SimulatorControl, tmp_path: Path, status: int
+) -> None:
+    """A signed link refused once with 400 (how Google Cloud Storage answers an expired or not-yet-valid
+    signature) or 401 (a CDN's signature check): the same evidence as a 403 on a fresh link (row R25),
+    so the retry downloads it again; it must not end the task instance with the video paid for."""
+    sim.add_faults(
+        {"kind": "status", "status": status, "method": "GET", "path_prefix": "/media/", "count": 1}
+    )
+
+    state, tasks = run_dag("evolink_ledger_one", run_conf={"output_dir": str(tmp_path)})
+
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 2)), tasks
