@@ -135,3 +135,17 @@ def test_a_fresh_result_link_refused_with_another_4xx_buys_nothing_and_is_delive
 
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 2)), tasks
+
+
+def test_a_page_served_once_instead_of_the_video_buys_nothing_and_is_delivered(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    """A fresh link answers 200 with an HTML page once (a CDN or WAF challenge page): nothing is stored
+    from it, and, being what the host served this time and no evidence about the paid result, it fails the
+    try retryably; the retry downloads the video."""
+    sim.add_faults({"kind": "wrong_content_type", "method": "GET", "path_prefix": "/media/", "count": 1})
+
+    state, tasks = run_dag("evolink_ledger_one", run_conf={"output_dir": str(tmp_path)})
+
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 2)), tasks
