@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from evolink_provider.exceptions import EvolinkTransportError
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.storage import store_results
 from tests.airflow_runs import run_dag
 from tests.conftest import SimulatorControl
+from tests.test_hostile import MP4, HostileServer, completed, files_under
+from tests.test_hostile import hook as hook  # the hostile server fixtures
+from tests.test_hostile import hostile as hostile
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -88,8 +95,6 @@ def test_without_a_store_a_retry_with_local_images_fails_naming_the_paid_key(
 def results_lag_once(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     """Server side (the in-process simulator's task object; the provider and Airflow are untouched): the
     first read of a completed task answers ``completed`` before its result list is filled in."""
-    from typing import Any
-
     from evolink_provider.simulator.tasks import SimTask, TaskStore
 
     original = TaskStore.task_object
@@ -149,3 +154,25 @@ def test_a_page_served_once_instead_of_the_video_buys_nothing_and_is_delivered(
 
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 2)), tasks
+
+
+def test_a_chunked_result_cut_off_before_its_last_chunk_is_not_stored(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    """Without Content-Length only the chunked framing says where the body ends: a connection closed
+    before the last (empty) chunk is a broken download (retryable), never a stored result."""
+
+    def cut_off(handler: Any) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "video/mp4")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.write(b"%x\r\n%s\r\n" % (2000, MP4[:2000]))
+        handler.close_connection = True
+
+    hostile.routes["/media/"] = cut_off
+
+    with pytest.raises(EvolinkTransportError, match="broke off") as raised:
+        store_results(hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path))
+    assert raised.value.retryable
+    assert files_under(tmp_path) == []
