@@ -740,7 +740,8 @@ class Ledger:
                         "with other Files API URLs for the same local images, so the task it paid for "
                         "cannot be reached from here, and nothing new was submitted. Find it in the EvoLink "
                         "dashboard by that key. A try cannot reuse an earlier try's uploads without "
-                        "task_state_store (Airflow 3.3): upload local images with "
+                        "task_state_store (Airflow 3.3), nor once they near their 72 h expiry: upload local "
+                        "images with "
                         "EvolinkUploadImagesOperator (its URLs stay the same for every retry); a clear "
                         "pays for a new take."
                     ) from error
