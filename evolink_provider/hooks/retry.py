@@ -25,8 +25,9 @@ upload      Files API POST, only what cannot have        a reset, timeout or gar
             stored the file: connection refused or       after sending (uploads are not
             connect timeout (nothing sent), 429, 503     idempotent); other statuses
 
-download    result GET: transport errors, 429, 5xx       403, 404, 410 (the link expired: the  backoff
-                                                         caller decides); other statuses
+download    result GET: transport errors, 429, 5xx       400, 401, 403, 404, 410 (the link     backoff
+                                                         was refused: the caller decides);
+                                                         other statuses
 
 poll        a wait's failed poll, after the read's own   a non-retryable error (401, 403,      doubling
             retries: any retryable error (transport,     404, ...); the max_poll_failures-th
