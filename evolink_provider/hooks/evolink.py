@@ -194,17 +194,24 @@ class EvolinkHook(BaseHook):
             )
         return data
 
-    def upload_file(self, stream: BinaryIO, filename: str, content_type: str) -> dict[str, Any]:
+    def upload_file(
+        self, stream: BinaryIO, filename: str, content_type: str, deadline: float | None = None
+    ) -> dict[str, Any]:
         """Upload a file through EvoLink's Files API; returns its ``data`` (``file_url`` expires in 72 h).
 
         Uploads are not idempotent and are free, so only failures that cannot have stored the file are
         retried (the *upload* row of :mod:`evolink_provider.hooks.retry`).
+
+        :param deadline: epoch seconds; no retry waits past it and no answer is read after it. Without
+            one, an upload has one read timeout per attempt (``read_timeout * (max_retries + 1)``).
         """
         settings = self.settings
+        if deadline is None:
+            deadline = time.time() + settings.timeouts.read * settings.retry.max_attempts
         request = build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
         from evolink_provider.hooks.transport import upload
 
-        answer = upload(self.session, request, settings, stream, filename, content_type)
+        answer = upload(self.session, request, settings, stream, filename, content_type, deadline)
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(

@@ -114,15 +114,17 @@ def upload(
     stream: BinaryIO,
     filename: str,
     content_type: str,
+    deadline: float,
 ) -> dict[str, Any]:
     """Send ``stream`` as a multipart upload, repeated (from its start) only where the retry policy's
-    upload row allows: uploads are not idempotent."""
+    upload row allows (uploads are not idempotent), and, like :func:`send`, no retry waits past
+    ``deadline`` nor is an answer read after it."""
 
     def attempt() -> dict[str, Any]:
         stream.seek(0)
-        return _send_multipart(session, request, settings.timeouts, stream, filename, content_type)
+        return _send_multipart(session, request, settings.timeouts, stream, filename, content_type, deadline)
 
-    return settings.retry.retrying(request.kind, None, log, logging.WARNING)(attempt)
+    return settings.retry.retrying(request.kind, deadline, log, logging.WARNING)(attempt)
 
 
 def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
@@ -164,6 +166,7 @@ def _send_multipart(
     stream: BinaryIO,
     filename: str,
     content_type: str,
+    deadline: float,
 ) -> dict[str, Any]:
     import requests
 
@@ -177,7 +180,7 @@ def _send_multipart(
             allow_redirects=False,
             stream=True,
         )
-        content = read_capped(request, response, _answer_until(timeouts, None))
+        content = read_capped(request, response, _answer_until(timeouts, deadline))
     except requests.ConnectionError as exc:
         raise transport_error(request, exc, request_sent=not refused(exc)) from None
     except requests.RequestException as exc:
