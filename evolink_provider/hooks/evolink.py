@@ -276,7 +276,7 @@ class EvolinkHook(BaseHook):
         if not settings.batch_polling:
             return await self._aread_task(settings, task_id, deadline)
         _task_path(task_id)  # refuse a malformed id before it joins a batch
-        read = self._task_batcher(settings).read(task_id)
+        read = self._task_batcher(settings).read(task_id, deadline)
         if deadline is None:
             return await read
         try:
@@ -302,11 +302,11 @@ class EvolinkHook(BaseHook):
         batcher = batchers.get(settings.batch_owner)
         if batcher is None:
 
-            async def read_batch(task_ids: list[str]) -> list[dict[str, Any]]:
+            async def read_batch(task_ids: list[str], deadline: float | None) -> list[dict[str, Any]]:
                 request = build_request(
                     settings, "POST", TASK_BATCH_PATH, json_body={"task_ids": task_ids}, read_only=True
                 )
-                return await asend(request, settings, _checked_batch)
+                return await asend(request, settings, _checked_batch, deadline)
 
             batcher = TaskBatcher(read_batch, partial(self._aread_task, settings))
             batchers[settings.batch_owner] = batcher
