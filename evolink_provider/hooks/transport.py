@@ -275,8 +275,10 @@ class _LoopClient:
     the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read when it is
     built, as every other HTTP client of the deployment reads them.
 
-    The proxy of each origin is looked up once: aiohttp's ``trust_env`` looks it up (and ``~/.netrc``) in
-    a thread for every request, which made a poll cost several times its CPU (docs/benchmarks.md).
+    Not aiohttp's ``trust_env``: it looks the proxy up (and ``~/.netrc``) in a thread for every request,
+    several times a poll's CPU (docs/benchmarks.md), and fails every request to a host that ``~/.netrc``
+    names (it will not combine those credentials with the ``Authorization`` header). NO_PROXY is honoured
+    alike, and a proxy is sent only its own credentials (``Proxy-Authorization``).
     """
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
@@ -363,7 +365,13 @@ def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
     """``aiohttp.TCPConnector`` that never lends out an idle connection on which bytes arrived that no
     request asked for: aiohttp parses them into an answer and hands it to the next request on that
     connection (a desync: one poll reading another's, or a smuggled, answer; httpcore drops such a
-    connection too). Such a connection is closed and the next one taken."""
+    connection too). Such a connection is closed and the next one taken.
+
+    ``should_close`` (no underscore, but undocumented) is read because no documented aiohttp API says
+    whether a pooled connection holds unread bytes; ``force_close`` would close that gap by opening a
+    connection (a TLS handshake) per poll, many times a poll's CPU. Bytes that arrive between this check
+    and the answer are the answer to any HTTP/1.1 client; a task read must still name the task asked for.
+    """
 
     class FreshConnector(aiohttp.TCPConnector):
         async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
