@@ -96,9 +96,6 @@ class ResultDownloads:
         import requests
 
         self.session = requests.Session()
-        plain = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-        self.session.mount("http://", plain)
-        self.session.mount("https://", plain)
 
     @contextmanager
     def open(

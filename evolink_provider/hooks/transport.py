@@ -80,17 +80,6 @@ class _MultipartBody:
 # -- sync client ----------------------------------------------------------------------------------
 
 
-def new_session() -> requests.Session:
-    """A ``requests.Session`` for one hook, so its calls reuse keep-alive connections."""
-    import requests
-
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
 def send(
     session: requests.Session,
     request: ApiRequest,
@@ -122,7 +111,8 @@ def upload(
 
     def attempt() -> dict[str, Any]:
         stream.seek(0)
-        return _send_multipart(session, request, settings.timeouts, stream, filename, content_type, deadline)
+        body = _MultipartBody(stream, filename, content_type)
+        return _send_once(session, request, settings.timeouts, deadline, body)
 
     return settings.retry.retrying(request.kind, deadline, log, logging.WARNING)(attempt)
 
@@ -135,16 +125,23 @@ def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
 
 
 def _send_once(
-    session: requests.Session, request: ApiRequest, timeouts: Timeouts, deadline: float | None = None
+    session: requests.Session,
+    request: ApiRequest,
+    timeouts: Timeouts,
+    deadline: float | None = None,
+    body: _MultipartBody | None = None,
 ) -> dict[str, Any]:
+    """One exchange: ``request``'s JSON body, or the multipart ``body`` of an upload."""
     import requests
 
+    headers = request.headers if body is None else {**request.headers, "Content-Type": body.content_type}
     try:
         response = session.request(
             request.method,
             request.url,
-            headers=request.headers,
+            headers=headers,
             json=request.json_body,
+            data=body,
             timeout=(timeouts.connect, timeouts.read),
             allow_redirects=False,
             stream=True,
@@ -155,35 +152,6 @@ def _send_once(
     except requests.ConnectionError as exc:
         raise transport_error(request, exc, request_sent=not refused(exc)) from None
     except requests.RequestException as exc:  # read timeouts, chunked-encoding errors, ...
-        raise transport_error(request, exc, request_sent=True) from None
-    return parse_response(request, response.status_code, response.headers, content)
-
-
-def _send_multipart(
-    session: requests.Session,
-    request: ApiRequest,
-    timeouts: Timeouts,
-    stream: BinaryIO,
-    filename: str,
-    content_type: str,
-    deadline: float,
-) -> dict[str, Any]:
-    import requests
-
-    body = _MultipartBody(stream, filename, content_type)
-    try:
-        response = session.post(
-            request.url,
-            headers={**request.headers, "Content-Type": body.content_type},
-            data=body,
-            timeout=(timeouts.connect, timeouts.read),
-            allow_redirects=False,
-            stream=True,
-        )
-        content = read_capped(request, response, _answer_until(timeouts, deadline))
-    except requests.ConnectionError as exc:
-        raise transport_error(request, exc, request_sent=not refused(exc)) from None
-    except requests.RequestException as exc:
         raise transport_error(request, exc, request_sent=True) from None
     return parse_response(request, response.status_code, response.headers, content)
 
