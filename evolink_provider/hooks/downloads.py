@@ -101,9 +101,8 @@ class ResultDownloads:
     def open(
         self, url: str, settings: EvolinkConnectionSettings, deadline: float | None = None
     ) -> Iterator[ResultStream]:
-        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked.
-        With a ``deadline`` (epoch seconds) no retry sleeps past it and the body stops with an error
-        once it has passed."""
+        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked
+        (``deadline``: see ``EvolinkHook.open_result``)."""
         current = url
         for _hop in range(6):
             address = check_download_url(current, own_base_url=settings.base_url)

@@ -239,14 +239,9 @@ class EvolinkHook(BaseHook):
         return ResultDownloads()
 
     def open_result(self, url: str, deadline: float | None = None) -> AbstractContextManager[ResultStream]:
-        """Open a result URL for streaming (``with hook.open_result(url) as result:``).
-
-        No ``Authorization`` header is sent, every hop (at most 5 redirects) must resolve to a public
-        address unless it is the connection's own host, and the connection goes to the address checked
-        (see :mod:`evolink_provider.hooks.downloads`). Transient failures are retried with the
-        connection's policy. With a ``deadline`` (epoch seconds) no retry sleeps past it and the body
-        stops with an error once it has passed.
-        """
+        """Open a result URL for streaming (``with hook.open_result(url) as result:``), each hop checked
+        and retried as :mod:`evolink_provider.hooks.downloads` says; with a ``deadline`` (epoch seconds)
+        no retry sleeps past it and the body stops with an error once it has passed."""
         return self._downloads.open(url, self.settings, deadline)
 
     # -- async calls (triggers) --------------------------------------------------------------------
