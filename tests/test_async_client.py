@@ -111,6 +111,22 @@ def test_an_environment_proxy_with_credentials_is_sent_them_and_no_proxy_is_hono
     assert len(seen) == 1
 
 
+def test_a_netrc_entry_for_the_api_host_changes_nothing(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The environment is read for proxies only: a ``~/.netrc`` naming the API's host (kept for other
+    tools) neither replaces the Bearer key nor fails the read (aiohttp's ``trust_env`` would refuse to
+    combine its credentials with the Authorization header)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    set_connection(monkeypatch, "evolink_netrc", server.url)
+    server.json("/v1/tasks/", task())
+    assert read_tasks("evolink_netrc", 1)[0]["id"] == TASK_ID
+    assert [headers.get("Authorization", "").split(" ")[0] for headers in server.headers] == ["Bearer"]
+
+
 def test_hooks_of_one_event_loop_share_one_connection_lookup(
     server: HostileServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

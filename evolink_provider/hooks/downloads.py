@@ -101,17 +101,13 @@ class ResultDownloads:
         import requests
 
         self.session = requests.Session()
-        plain = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-        self.session.mount("http://", plain)
-        self.session.mount("https://", plain)
 
     @contextmanager
     def open(
         self, url: str, settings: EvolinkConnectionSettings, deadline: float | None = None
     ) -> Iterator[ResultStream]:
-        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked.
-        With a ``deadline`` (epoch seconds) no retry sleeps past it and the body stops with an error
-        once it has passed."""
+        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked
+        (``deadline``: see ``EvolinkHook.open_result``)."""
         current = url
         for _hop in range(6):
             address = check_download_url(current, own_base_url=settings.base_url)
