@@ -7,6 +7,7 @@ without a case here fails, and so does a case whose action differs from the row'
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,7 +15,12 @@ import pytest
 
 from evolink_provider import ledger
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkNotFoundError, EvolinkServerError, EvolinkTransportError
+from evolink_provider.exceptions import (
+    EvolinkConflictError,
+    EvolinkNotFoundError,
+    EvolinkServerError,
+    EvolinkTransportError,
+)
 from evolink_provider.ledger import (
     STATE_KEY,
     Action,
@@ -127,13 +133,15 @@ class MemoryStore:
 
 
 class FakeHook:
-    """Answers reads from ``reads`` (an exception is raised) and records every POST's key."""
+    """Answers reads from ``reads`` (an exception is raised) and records every read's id and POST's key."""
 
     def __init__(self, reads: list[Any] | None = None) -> None:
         self.reads = list(reads or [])
+        self.read_ids: list[str] = []
         self.keys: list[str] = []
 
     def get_task(self, task_id: str, **_: Any) -> dict[str, Any]:
+        self.read_ids.append(task_id)
         answer = self.reads.pop(0) if self.reads else {"id": task_id, "status": "processing"}
         if isinstance(answer, Exception):
             raise answer
@@ -163,10 +171,16 @@ def context(store: MemoryStore | None, max_tries: int = 2, try_number: int = 1) 
     return found
 
 
-def make(hook: FakeHook, ctx: dict[str, Any], **kw: Any) -> Ledger:
+def make(
+    hook: FakeHook,
+    ctx: dict[str, Any],
+    request: PreparedRequest = REQUEST,
+    sleep: Callable[[float], None] = lambda _: None,
+    **kw: Any,
+) -> Ledger:
     import logging
 
-    return Ledger(ctx, hook, logging.getLogger("test"), lambda: REQUEST, sleep=lambda _: None, **kw)  # type: ignore[arg-type]
+    return Ledger(ctx, hook, logging.getLogger("test"), lambda: request, sleep=sleep, **kw)  # type: ignore[arg-type]
 
 
 def recorded(store: MemoryStore, **kw: Any) -> None:
@@ -837,3 +851,173 @@ def test_what_a_try_with_a_record_says(
         make(FakeHook(), context(store, max_tries=max_tries)).start(None)
 
     assert (said in caplog.text) is expected
+
+
+# -- the wait's failed poll and empty completed read (R23, R24), a resent key's refusals --------------
+
+
+def test_a_failed_poll_during_the_wait_reads_the_recorded_task_again() -> None:
+    """R23/R24 while waiting: the recorded task is read again, whatever id the poll named."""
+    store = MemoryStore()
+    recorded(store)
+    hook = FakeHook()
+
+    task = make(hook, context(store)).reread(
+        "task-unified-1-polled", EvolinkNotFoundError("lag", status_code=404)
+    )
+
+    assert hook.read_ids == ["task-unified-1-abcdefgh"] and task["id"] == "task-unified-1-abcdefgh"
+    assert hook.keys == []
+
+
+@pytest.mark.parametrize(
+    "record",
+    [None, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2")],
+    ids=["no-record", "intent-without-task"],
+)
+def test_a_failed_poll_without_a_recorded_task_reads_the_polled_one(record: SubmissionRecord | None) -> None:
+    store = MemoryStore()
+    if record is not None:
+        store.set(STATE_KEY, record.as_stored())
+    hook = FakeHook()
+
+    task = make(hook, context(store)).reread(
+        "task-unified-1-polled", EvolinkNotFoundError("lag", status_code=404)
+    )
+
+    assert hook.read_ids == ["task-unified-1-polled"] and task["id"] == "task-unified-1-polled"
+
+
+def test_a_poll_that_still_fails_after_the_rereads_fails_the_try_retryably() -> None:
+    store = MemoryStore()
+    recorded(store)
+    error = EvolinkNotFoundError("gone?", status_code=404)
+    hook = FakeHook([error] * 3)
+
+    with pytest.raises(RetryLaterError, match="task-unified-1-abcdefgh"):
+        make(hook, context(store)).reread("task-unified-1-abcdefgh", error)
+    assert hook.keys == [] and hook.reads == []
+
+
+EMPTY = {"id": "task-unified-1-abcdefgh", "status": "completed", "results": []}
+FILLED = {**EMPTY, "results": ["https://cdn/x.mp4"]}
+FAILED = {**EMPTY, "status": "failed", "error": {"code": "service_error"}}
+
+
+@pytest.mark.parametrize(
+    ("first", "reads", "expected", "pauses"),
+    [
+        (FILLED, [], FILLED, 0),  # its result is there: no read
+        (EMPTY, [FILLED], FILLED, 1),  # the list filled in a moment after the status
+        (EMPTY, [FAILED], FAILED, 1),  # read as something else: the operator judges that answer
+        (EMPTY, [EMPTY, EMPTY], EMPTY, 2),  # still empty after every pause: the operator gives it up
+    ],
+    ids=["filled", "filled-later", "read-failed", "still-empty"],
+)
+def test_a_completed_task_without_results_is_read_again(
+    first: dict[str, Any], reads: list[Any], expected: dict[str, Any], pauses: int
+) -> None:
+    from evolink_provider.ledger import reread_pauses
+
+    slept: list[float] = []
+    hook = FakeHook(reads)
+
+    task = make(hook, context(MemoryStore()), sleep=slept.append).reread_empty(dict(first))
+
+    assert task == expected and hook.reads == []
+    assert slept == list(reread_pauses()[:pauses]) and len(hook.read_ids) == pauses
+
+
+def test_min_credits_is_not_checked_again_for_a_resent_key() -> None:
+    """The key's spend was checked by the try that sent it first: its own task's cost may have taken the
+    balance below the reserve, and EvoLink answers the resent key with that task."""
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2").as_stored())
+    hook = CreditsHook(9.0)
+
+    make(hook, context(store, try_number=2), min_credits=10.0).start(None)
+
+    assert hook.keys == ["evl-" + "0" * 48]
+
+
+def test_min_credits_is_checked_for_the_fresh_key_after_a_replayed_failure() -> None:
+    class LowBalance(ReplayingHook):
+        def get_credits(self) -> dict[str, Any]:
+            return {"data": {"user": {"remaining_credits": 9.0}, "token": {"unlimited_credits": True}}}
+
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2").as_stored())
+    hook = LowBalance("service_error")
+
+    with pytest.raises(AirflowFailException, match="min_credits"):
+        make(hook, context(store, try_number=2), min_credits=10.0).start(None)
+    assert hook.keys == ["evl-" + "0" * 48]  # the resent key only: the fresh one would spend
+
+
+class ConflictHook(FakeHook):
+    """Every POST is refused with ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        super().create_video_task(payload, idempotency_key)
+        raise self.error
+
+
+CONFLICT = EvolinkConflictError("key reused", status_code=409, code="idempotency_conflict")
+BUSY = EvolinkServerError("busy", status_code=503)
+
+
+@pytest.mark.parametrize(
+    ("durable", "try_number", "local", "error", "named"),
+    [
+        (False, 2, True, CONFLICT, True),  # 3.0-3.2: the derived key, resent with new upload URLs
+        (True, 2, True, CONFLICT, True),  # 3.3: the recorded intent's key, resent
+        (False, 1, True, CONFLICT, False),  # a first try's key: not a resend
+        (False, 2, False, CONFLICT, False),  # no local images: the body cannot have changed that way
+        (False, 2, True, BUSY, False),  # another error: raised as the hook raised it
+    ],
+    ids=["3.0-3.2-retry", "3.3-resent-intent", "first-try", "no-local-images", "not-a-conflict"],
+)
+def test_a_resent_key_refused_for_new_upload_urls_names_the_key_and_the_remedy(
+    monkeypatch: pytest.MonkeyPatch,
+    durable: bool,
+    try_number: int,
+    local: bool,
+    error: Exception,
+    named: bool,
+) -> None:
+    """R15 with inline local images: a retry uploads them again and EvoLink refuses the resent key
+    (``idempotency_conflict``); the try fails naming the key and the upload step, buying nothing."""
+    from evolink_provider.field_rules import MediaRef
+    from evolink_provider.operators import submission
+
+    monkeypatch.setattr(submission, "payload_for_post", lambda hook, request, uploads, log: request.payload)
+    request = REQUEST._replace(local_media=[MediaRef("image_urls", 0, "/in/a.png")] if local else [])
+    store = MemoryStore() if durable else None
+    if store is not None:
+        store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "5" * 48, None, "seq-2").as_stored())
+    hook = ConflictHook(error)
+
+    with pytest.raises((AirflowFailException, EvolinkServerError)) as raised:
+        make(hook, context(store, try_number=try_number), request=request).start(None)
+
+    assert len(hook.keys) == 1
+    said = str(raised.value)
+    assert ("EvolinkUploadImagesOperator" in said and hook.keys[0] in said) is named
+    assert (raised.value is error) is (error is BUSY)
+
+
+def test_a_fresh_keys_failed_answer_after_a_resubmission_is_not_a_replay() -> None:
+    """A resubmission (the recorded task was cancelled) POSTs a key never sent: a failed answer is a
+    fresh task that failed, handed on, not a replay to follow with yet another key."""
+    store = MemoryStore()
+    recorded(store)
+    hook = ReplayingHook("service_error")
+    hook.reads = [{"id": "task-unified-1-abcdefgh", "status": "cancelled"}]
+
+    task = make(hook, context(store, try_number=2)).start(None)
+
+    assert task["status"] == "failed" and len(hook.keys) == 1
