@@ -7,17 +7,22 @@
 Each figure is the median over fresh interpreters (alternating the provider and the baseline, so a burst of
 load on a shared machine touches both) of the time ``import evolink_provider.operators.evolink`` takes after
 ``import airflow.sdk``, less the same measurement of ``pass``. The children run from a temporary folder, so
-the ``evolink_provider`` they import is the one installed in that interpreter's environment, not this tree.
+the ``evolink_provider`` they import is the one installed in that interpreter's environment (or the tree
+``PYTHONPATH`` names), not this tree. They may write bytecode whatever ``PYTHONDONTWRITEBYTECODE`` says,
+and a first run writes it: a deployed install has its ``.pyc`` files (pip writes them), and compiling the
+sources on every import would be measured instead.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 
-RUNS = int(__import__("os").environ.get("BENCH_IMPORT_RUNS", "9"))
+RUNS = int(os.environ.get("BENCH_IMPORT_RUNS", "9"))
+ENV = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 #: The goal of issue 22: at most this much over ``airflow.sdk`` on every supported minor.
 TARGET_MS = 50.0
 STATEMENT = "import evolink_provider.operators.evolink"
@@ -42,7 +47,7 @@ def _one(python: str, statement: str, folder: str) -> tuple[str, float]:
 def measure(python: str) -> dict[str, float | str]:
     ours, base = [], []
     with tempfile.TemporaryDirectory() as folder:
-        _one(python, STATEMENT, folder)  # warm the file cache and the .pyc files
+        _one(python, STATEMENT, folder)  # write the .pyc files, warm the file cache
         for _ in range(RUNS):
             version, seconds = _one(python, STATEMENT, folder)
             ours.append(seconds)
