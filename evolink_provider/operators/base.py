@@ -32,7 +32,7 @@ from evolink_provider.exceptions import (
     EvolinkWaitTimeoutError,
     fail_for,
 )
-from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.hooks.retry import Verdict
 from evolink_provider.lineage import operator_lineage
 from evolink_provider.links import RESULT_LINKS, push_links
@@ -54,6 +54,7 @@ from evolink_provider.timing import current as timing
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from evolink_provider.hooks.evolink import EvolinkHook
     from evolink_provider.ledger import Ledger
 
 #: Default wait budget: generations take minutes to tens of minutes.
@@ -129,7 +130,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def __init__(
         self,
         *,
-        evolink_conn_id: str = EvolinkHook.default_conn_name,
+        evolink_conn_id: str = DEFAULT_CONN_ID,
         wait_for_completion: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = DEFAULT_POLL_INTERVAL,
@@ -181,6 +182,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> EvolinkHook:
+        from evolink_provider.hooks.evolink import EvolinkHook
+
         return EvolinkHook(self.evolink_conn_id)
 
     def ledger(self, context: Context) -> Ledger:
