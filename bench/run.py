@@ -177,7 +177,6 @@ def run_triggers(
     """N triggers, with the provider's default poll settings, on one fresh event loop in this process
     (``bare_aiohttp``: the same schedule on a bare aiohttp session instead of the provider's triggers)."""
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.hooks.transport import CONNECTIONS_PER_ORIGIN as ASYNC_POOL_SIZE
     from evolink_provider.hooks.transport import aclose_async_clients
     from evolink_provider.polling import DEFAULT_POLL_INTERVAL, decide_after_poll
     from evolink_provider.triggers.evolink import EvolinkTaskTrigger
@@ -217,10 +216,14 @@ def run_triggers(
                 fired_at[task_id] = time.time()
 
             await asyncio.gather(*(wait(task_id) for task_id in ids))
-        elif bare_aiohttp:
+        elif bare_aiohttp:  # this tree only: an old tree's child never takes this branch
             import aiohttp
 
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=ASYNC_POOL_SIZE, keepalive_timeout=45)
+            from evolink_provider.hooks.transport import CONNECTIONS_PER_ORIGIN
+
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=CONNECTIONS_PER_ORIGIN, keepalive_timeout=45
+            )
             async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
 
                 async def bare(task_id: str, first: float) -> None:
