@@ -2,7 +2,7 @@
 """Mutation testing of one module: can its tests fail when its logic is broken?
 
     .venv/bin/python .ci/mutate.py evolink_provider/ledger.py [--sample 30] [--seed 1] [--timeout 300]
-        [--tests "tests/test_x.py -k y"] [--list]
+        [--tests "tests/test_x.py -k y"] [--lines 12,40] [--list]
 
 Each mutant changes one node on one line of the module: a comparison, boolean or arithmetic operator
 swapped, a number or True/False changed, a condition negated, a ``return`` made to return None, a
@@ -16,7 +16,8 @@ stop it with Ctrl-C (SIGINT), which restores the module.
 
 It prints each surviving mutant (line, change, source line) and the score. ``--sample N`` runs a fixed,
 seeded subset of N mutants (the same N for the same seed and module), for modules whose full set is too
-slow; ``--list`` prints the mutants without running anything.
+slow; ``--lines`` keeps only the mutants (of the sample, if any) on those lines, to re-run a run's survivors
+after tests were added; ``--list`` prints the mutants without running anything.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--tests", help="pytest arguments (default: the module's SELECTION)")
     parser.add_argument("--sample", type=int, default=0, help="run a seeded subset of this many mutants")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lines", help="comma-separated line numbers: run only the mutants on these lines")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per test run (default: 300)")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     args = parser.parse_args()
@@ -223,6 +225,9 @@ def main() -> None:
     chosen = every
     if args.sample and args.sample < len(every):
         chosen = sorted(random.Random(args.seed).sample(every, args.sample), key=lambda m: (m.line, m.start))
+    if args.lines:
+        wanted = {int(line) for line in args.lines.split(",")}
+        chosen = [mutant for mutant in chosen if mutant.line in wanted]
     lines = original.splitlines()
     print(f"{module}: {len(every)} mutants, running {len(chosen)}; tests: {selection}", flush=True)
     if args.list:
@@ -254,7 +259,9 @@ def main() -> None:
     score = 100.0 * killed / len(chosen) if chosen else 100.0
     print(
         f"\n{module}: killed {killed} of {len(chosen)} ({score:.0f} %)"
-        + (f", a seeded sample (seed {args.seed}) of {len(every)}" if chosen is not every else "")
+        + (f", of a seeded sample (seed {args.seed}, {args.sample})" if 0 < args.sample < len(every) else "")
+        + (f", on lines {args.lines}" if args.lines else "")
+        + f"; {len(every)} mutants in all"
         + f", in {time.monotonic() - began:.0f} s"
     )
 

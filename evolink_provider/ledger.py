@@ -35,8 +35,9 @@ ordinary *clear* of an undelivered generation, which collects what was paid for.
 ``task_state_store``), ``none`` (3.0-3.2), ``any``. *recorded*: ``nothing``; ``intent`` (key, no task id);
 ``task`` (an id, result not delivered); ``stored`` (an id, every result file recorded and still on disk,
 not delivered); ``delivered``. *request*: whether the rendered request is the recorded one. *answer*: what
-EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410) as *expired* only
-past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age alone never proves it gone.
+EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410, 400/401) as
+*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age alone never
+proves it gone.
 
 | row | store | recorded | request | why | answer | action |
 |-----|-------|----------|---------|-----|--------|--------|
@@ -80,9 +81,12 @@ that ``regenerate=True`` or ``dag_run.conf`` ``{"evolink_regenerate": true}`` su
 retry after delivery delivers the same result again). R08, R09: every result is on disk as recorded; nothing
 is read. R11: the user asked again for a result already delivered. R13: ``regenerate`` asked for a fresh take.
 R16: the key folds in the request, so without a store a changed request is a new submission (unavoidable
-there). R17, R18: the paid task is waited for or collected. R19, R20, R22: EvoLink says the task failed with a
-code a resubmission can fix (:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled,
-neither charged: a fresh key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25:
+there). R15 with inline local images: the retry uploads them again, EvoLink refuses the resent key with the
+new URLs (``idempotency_conflict``) and the try fails naming the key, buying nothing; the upload step's URLs
+stay the same for every retry. R17, R18: the paid task is waited for or collected. R19, R20, R22:
+EvoLink says the task failed with a code a resubmission can fix
+(:func:`~evolink_provider.exceptions.task_error_is_retryable`) or was cancelled, neither charged: a fresh
+key (counter + 1), once per failure. R21: no resubmission can fix that code. R23-R25:
 not evidence that the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend
 nothing, fail the try so that a later try reads again. R26: an automatic retry never buys a new generation;
 the message says that a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result
@@ -106,12 +110,13 @@ from evolink_provider import timing
 from evolink_provider.answers import epoch_seconds
 from evolink_provider.compat import AirflowFailException, log_once
 from evolink_provider.exceptions import (
+    EvolinkConflictError,
     EvolinkError,
     EvolinkNotFoundError,
     fail_for,
     task_error_is_retryable,
 )
-from evolink_provider.polling import FAILED_STATUSES, expected_end, task_failure
+from evolink_provider.polling import FAILED_STATUSES, completed_without_output, expected_end, task_failure
 from evolink_provider.results import printable
 from evolink_provider.storage import StoredFile
 
@@ -631,6 +636,36 @@ class Ledger:
         self.current_task_id = task_id
         return task
 
+    def reread(self, task_id: str, error: EvolinkError) -> dict[str, Any]:
+        """The wait's poll of the paid task failed with an error the poll row does not repeat (a 404 right
+        after the POST: read-after-write lag, a gateway blip): rows R23 and R24, no evidence that the task
+        is gone. It is read again (the recorded id, when there is one); a try that still cannot read it
+        fails retryably, so the automatic retry, not a clear, picks the paid task up."""
+        record = self.record
+        recorded = record.task_id if record is not None and record.task_id else task_id
+        self.log.warning(
+            "Polling EvoLink task %s failed: %s; no evidence that the paid task is gone: reading it again.",
+            recorded,
+            error,
+        )
+        return self._read(recorded)
+
+    def reread_empty(self, task: dict[str, Any]) -> dict[str, Any]:
+        """A task read ``completed`` without any result: its list may be filled in a moment after the
+        status (read-after-write lag), so within the try it is read again (:func:`reread_pauses`) before
+        the operator gives the paid task up."""
+        for delay in reread_pauses():
+            if task.get("status") != "completed" or not completed_without_output(task):
+                return task
+            self.log.warning(
+                "EvoLink task %s reads completed without any result; reading it again in %.0fs",
+                task.get("id"),
+                delay,
+            )
+            self.sleep(delay)
+            task = self._read(str(task["id"]))
+        return task
+
     def _read(self, task_id: str) -> dict[str, Any]:
         """The recorded task, read up to three times (each read has the hook's own retries); then the try
         fails retryably."""
@@ -684,21 +719,35 @@ class Ledger:
                 generation,
                 tuple(uploads[source] for source in sorted(uploads)),
             )
-            if payload is None:
+            if not resend:
+                # A resent key was checked by the try that sent it first: EvoLink answers it with the task
+                # it created, whose own cost may have taken the balance below min_credits.
                 check_balance(self.hook, self.min_credits, self.log)
+            if payload is None:
                 self._save(new)  # the intent, with the uploads of earlier tries
                 payload = payload_for_post(self.hook, request, uploads, self.log)
                 new = replace(new, uploads=tuple(uploads[source] for source in sorted(uploads)))
             self._save(new)
-            try:
-                task = self.hook.create_video_task(payload, idempotency_key=key)
-            except EvolinkError as error:
-                fail_for(error)
-            self._save(replace(new, task_id=task["id"]))
-            self.current_task_id = task["id"]
             replayed = (resend and record is not None) or (
                 not self.states.durable and submission < earlier_tries
             )
+            try:
+                task = self.hook.create_video_task(payload, idempotency_key=key)
+            except EvolinkError as error:
+                if replayed and request.local_media and isinstance(error, EvolinkConflictError):
+                    raise AirflowFailException(
+                        f"EvoLink refused Idempotency-Key {key} ({error.code}): an earlier try sent it "
+                        "with other Files API URLs for the same local images, so the task it paid for "
+                        "cannot be reached from here, and nothing new was submitted. Find it in the EvoLink "
+                        "dashboard by that key. A try cannot reuse an earlier try's uploads without "
+                        "task_state_store (Airflow 3.3), nor once they near their 72 h expiry: upload local "
+                        "images with "
+                        "EvolinkUploadImagesOperator (its URLs stay the same for every retry); a clear "
+                        "pays for a new take."
+                    ) from error
+                fail_for(error)
+            self._save(replace(new, task_id=task["id"]))
+            self.current_task_id = task["id"]
             action = decide(self._situation(answer_of(task, replayed)))
             if action is Action.FAIL and replayed:
                 refuse_unfixable(task)

@@ -65,6 +65,14 @@ class EvolinkStorageError(EvolinkError):
     """A result could not be stored as promised (wrong type, wrong size, a different file in the way)."""
 
 
+class EvolinkServedContentError(EvolinkStorageError):
+    """A result host served something that is not a video or image (an HTML error or challenge page with
+    status 200): what it served this time, no evidence about the paid result, so nothing is stored and a
+    later try downloads again (the ledger's row R25)."""
+
+    retryable = True
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """One result file as stored: its index in the task's results, final name, size and sha256 (computed
@@ -303,7 +311,7 @@ def _store_one(
     with hook.open_result(url, deadline=deadline) as result:
         kind = result.content_type
         if not kind.startswith(ACCEPTED_TYPES) and kind != "application/octet-stream":
-            raise EvolinkStorageError(f"result {stem} is {kind or 'untyped'}, not a video or image")
+            raise EvolinkServedContentError(f"result {stem} is {kind or 'untyped'}, not a video or image")
         if result.content_length is not None and result.content_length > max_bytes:
             raise EvolinkStorageError(
                 f"result {stem} announces {result.content_length} bytes, more than the {max_bytes} allowed"
@@ -312,7 +320,7 @@ def _store_one(
         head = _head(chunks)
         suffix = result_extension(head)
         if suffix is None:
-            raise EvolinkStorageError(
+            raise EvolinkServedContentError(
                 f"result {stem} (served as {kind or 'untyped'}) is not an MP4, MOV, WebM, PNG, JPEG or WebP "
                 "file by its first bytes; nothing stored"
             )

@@ -21,6 +21,12 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+
+# With PYTHONDONTWRITEBYTECODE set (some CI images set it), every Python process the tests start (the
+# xdist workers, Airflow's CLI, a plain-install venv, a cluster's task processes) compiles all of Airflow
+# from source again: most of the suite's time. The test processes may cache their bytecode.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 TEST_API_KEY = "sk-sim-pytest-key-5d1c0a97e3"
 #: A second key of the simulator: its tasks are not the first key's (a read with the other key is refused).
 SECOND_API_KEY = "sk-sim-pytest-second-key-71f04b"

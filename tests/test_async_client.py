@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -108,6 +109,22 @@ def test_an_environment_proxy_with_credentials_is_sent_them_and_no_proxy_is_hono
     with pytest.raises(EvolinkTransportError, match="host name not found"):
         read_tasks("evolink_proxied", 1)  # straight to the base URL, which does not resolve
     assert len(seen) == 1
+
+
+def test_a_netrc_entry_for_the_api_host_changes_nothing(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """The environment is read for proxies only: a ``~/.netrc`` naming the API's host (kept for other
+    tools) neither replaces the Bearer key nor fails the read (aiohttp's ``trust_env`` would refuse to
+    combine its credentials with the Authorization header)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password other-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    set_connection(monkeypatch, "evolink_netrc", server.url)
+    server.json("/v1/tasks/", task())
+    assert read_tasks("evolink_netrc", 1)[0]["id"] == TASK_ID
+    assert [headers.get("Authorization", "").split(" ")[0] for headers in server.headers] == ["Bearer"]
 
 
 def test_hooks_of_one_event_loop_share_one_connection_lookup(
@@ -399,27 +416,54 @@ def test_the_connection_extra_is_never_read_synchronously_on_the_event_loop(
     assert [answer["id"] for answer in read_tasks("evolink_extra", 1)] == [TASK_ID]
 
 
+def sockets_open_to(port: int | None) -> int:
+    """This process's TCP sockets whose far end is ``port`` (client sides only: the simulator's own accepted
+    sockets, other files of the process and the sync client's pool toward other ports are not counted)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table, encoding="ascii") as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[9] in inodes and fields[3] != "06":  # 06: TIME_WAIT
+                    count += 1
+    return count
+
+
 def test_a_trigger_run_in_its_own_event_loop_leaves_no_session_loop_or_socket_behind(sim: Any) -> None:
     # dag.test() runs each deferral's trigger in asyncio.run and nothing there closes the session: it must
     # not outlive its loop (the session holds the loop, so a weak key alone never dies).
     import gc
-    import os
     import warnings
 
     from evolink_provider.hooks import transport
 
-    created = EvolinkHook().create_video_task({"model": "seedance-2.0-fast-text-to-video", "prompt": "p"})
+    submitter = EvolinkHook()
+    created = submitter.create_video_task({"model": "seedance-2.0-fast-text-to-video", "prompt": "p"})
+    submitter.close()  # its pooled socket to the simulator would otherwise be counted (or close mid-count)
 
     async def one_poll() -> None:
         await EvolinkHook().aget_task(created["id"])
 
     asyncio.run(one_poll())  # warm up imports
     gc.collect()
-    fds, clients = len(os.listdir("/proc/self/fd")), len(transport._CLIENTS)
+    port = urlsplit(sim.base_url).port
+    sockets, clients = sockets_open_to(port), len(transport._CLIENTS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(5):
             asyncio.run(one_poll())
         gc.collect()
-    assert (len(transport._CLIENTS) - clients, len(os.listdir("/proc/self/fd")) - fds) == (0, 0)
+    assert (len(transport._CLIENTS) - clients, sockets_open_to(port) - sockets) == (0, 0)
     assert not [warning for warning in caught if "Unclosed" in str(warning.message)]

@@ -487,3 +487,23 @@ def test_result_downloads_go_to_the_checked_address_and_verify_the_host_name(
         else:
             with pytest.raises(EvolinkTransportError, match="SSLError"), hook.open_result(url):
                 pass
+
+
+def test_an_upload_retries_within_a_bounded_time(
+    sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """An upload without a caller's deadline gets one read timeout per attempt: a Retry-After that would
+    wait past it ends the upload with its error instead of sleeping (it once retried with no deadline)."""
+    extra = {"read_timeout": 1, "max_retries": 2, "retry_after_max": 10}
+    set_connection(monkeypatch, "evolink_upload", password=TEST_API_KEY, host=sim.base_url, extra=extra)
+    upload_path = "/api/v1/files/upload/stream"
+    sim.add_faults(
+        {"method": "POST", "path_prefix": upload_path, "kind": "status", "status": 503, "retry_after": "10"}
+    )
+    picture = tmp_path / "dot.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    started = time.monotonic()
+    with picture.open("rb") as stream, pytest.raises(EvolinkServerError):
+        EvolinkHook("evolink_upload").upload_file(stream, "dot.png", "image/png")
+    assert time.monotonic() - started < 3
+    assert sim.stats()["requests"][f"POST {upload_path}"] == 1

@@ -189,9 +189,10 @@ def test_no_error_on_the_reattach_read_counts_as_gone(error: Exception) -> None:
     recorded(store)
     hook = FakeHook([error] * 3)
 
-    with pytest.raises(RetryLaterError, match="task-unified-1-abcdefgh"):
+    with pytest.raises(RetryLaterError, match="task-unified-1-abcdefgh") as raised:
         make(hook, context(store)).start(None)
     assert hook.keys == [] and hook.reads == []
+    assert raised.value.__cause__ is error  # the last read's error, with its status, is kept
 
 
 def test_a_read_error_then_an_answer_reattaches() -> None:
@@ -347,6 +348,8 @@ def test_identity_keys_and_try_sequences() -> None:
     no_task = context(None, try_number=4)
     no_task["ti"].task = None
     assert tries_in_sequence(no_task) == 4
+    no_task["ti"].try_number = 0  # not started yet: still "at least 1"
+    assert tries_in_sequence(no_task) == 1
     no_task["ti"].try_number = "?"
     assert tries_in_sequence(no_task) == 1
 
@@ -636,3 +639,201 @@ def test_a_trigger_event_for_another_task_is_refused() -> None:
     with pytest.raises(RetryLaterError, match="recorded task-unified-1-abcdefgh"):
         ledger.check_resumed({"id": "task-unified-9-otherone", "status": "completed"})
     make(FakeHook(), context(MemoryStore())).check_resumed({"id": "any", "status": "completed"})
+
+
+# -- what each POST carries and what it is preceded by --------------------------------------------
+
+
+class RecordingHook(ReplayingHook):
+    """A replay of a fixable failure on the first POST; records, at each POST, the payload and the record
+    the state store held (the intent must be there before the POST leaves)."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        super().__init__("service_error")
+        self.store = store
+        self.at_post: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
+        self.at_post.append((payload, dict(self.store.get(STATE_KEY))))
+        return super().create_video_task(payload, idempotency_key)
+
+
+def test_every_post_carries_the_request_and_follows_its_recorded_intent() -> None:
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "3" * 48, None, "seq-2").as_stored())
+    hook = RecordingHook(store)
+
+    make(hook, context(store, try_number=2)).start(None)
+
+    assert len(hook.at_post) == 2  # the resent key (a replayed failure), then a fresh key
+    for (payload, intent), key in zip(hook.at_post, hook.keys, strict=True):
+        assert payload == REQUEST.payload
+        assert (intent["idempotency_key"], intent.get("task_id")) == (key, None)
+
+
+class CreditsHook(FakeHook):
+    def __init__(self, spendable: float) -> None:
+        super().__init__()
+        self.spendable = spendable
+
+    def get_credits(self) -> dict[str, Any]:
+        return {"data": {"user": {"remaining_credits": self.spendable}, "token": {"unlimited_credits": True}}}
+
+
+@pytest.mark.parametrize(("spendable", "posts"), [(9.0, 0), (10.0, 1)])
+def test_min_credits_is_checked_before_the_post(spendable: float, posts: int) -> None:
+    hook = CreditsHook(spendable)
+    ledger_ = make(hook, context(MemoryStore()), min_credits=10.0)
+
+    if posts:
+        ledger_.start(None)
+    else:
+        with pytest.raises(AirflowFailException, match="min_credits"):
+            ledger_.start(None)
+    assert len(hook.keys) == posts
+
+
+@pytest.mark.parametrize(("try_number", "posts"), [(1, 1), (3, 2)], ids=["first-try", "third-try"])
+def test_without_a_store_a_failed_answer_is_a_replay_only_after_earlier_tries(
+    try_number: int, posts: int
+) -> None:
+    """Airflow 3.0-3.2: a failed answer at try 1 is a fresh task (handed on); at try 3 the key of an
+    earlier try was replayed, so a fresh key follows once."""
+    hook = ReplayingHook("service_error")
+
+    task = make(hook, context(None, try_number=try_number)).start(None)
+
+    assert len(hook.keys) == posts and task["status"] == ("failed" if posts == 1 else "pending")
+
+
+@pytest.mark.parametrize(
+    ("reads", "named"),
+    [
+        ([], "task-unified-1-abcdefgh"),  # reattached to the recorded task
+        (
+            [{"id": "task-unified-1-abcdefgh", "status": "cancelled"}],
+            "task-unified-1-new00001",
+        ),  # resubmitted
+    ],
+    ids=["reattached", "resubmitted"],
+)
+def test_the_task_waited_for_is_named(reads: list[Any], named: str) -> None:
+    """``current_task_id`` is what ``on_kill`` names: the task this try waits for."""
+    store = MemoryStore()
+    recorded(store)
+
+    started = make(FakeHook(reads), context(store, try_number=2))
+    started.start(None)
+
+    assert started.current_task_id == named
+
+
+def test_a_naive_upload_expiry_is_utc_whatever_the_machines_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from evolink_provider.ledger import expiry_epoch
+
+    monkeypatch.setenv("TZ", "JST-9")  # a POSIX zone: no tz database needed
+    time.tzset()
+    try:
+        assert expiry_epoch("1970-01-02T00:00:00", 0.0) == 24 * 3600.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        (({"a": 1, "b": 2}, {}), ({"b": 2, "a": 1}, {}), True),  # key order
+        (({"a": 1}, {"/x": "s"}), ({"a": 1}, {"/x": "t"}), False),  # other local bytes
+        (({"a": 1}, {"/x": "s"}), ({"a": 1}, {}), False),
+        (  # an upload step's URL counts as its bytes: a re-run uploads the same bytes under another URL
+            ({"image_urls": ["https://f/1"]}, {}, {"https://f/1": "s"}),
+            ({"image_urls": ["https://f/2"]}, {}, {"https://f/2": "s"}),
+            True,
+        ),
+        (
+            ({"image_urls": ["https://f/1"]}, {}, {"https://f/1": "s"}),
+            ({"image_urls": ["https://f/2"]}, {}, {"https://f/2": "t"}),
+            False,
+        ),
+        (
+            ({"image_urls": ["https://f/1"]}, {}, {"https://f/9": "s"}),
+            ({"image_urls": ["https://f/2"]}, {}),
+            False,
+        ),
+    ],
+    ids=[
+        "key-order",
+        "local-bytes",
+        "local-vs-none",
+        "uploaded-same-bytes",
+        "uploaded-other-bytes",
+        "plain-urls",
+    ],
+)
+def test_what_the_request_fingerprint_tells_apart(
+    first: tuple[Any, ...], second: tuple[Any, ...], same: bool
+) -> None:
+    from evolink_provider.ledger import request_fingerprint
+
+    assert (request_fingerprint(*first) == request_fingerprint(*second)) is same
+
+
+def test_a_stored_set_recorded_before_its_task_object_was_kept(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file stored, but the record predates ``completed_task``: a minimal completed task is handed
+    on, and the recorded task is the one this try is about."""
+    from evolink_provider.storage import StoredFile
+
+    (tmp_path / "task-unified-1-abcdefgh-0.mp4").write_bytes(b"xyz")
+    store = MemoryStore()
+    recorded(store, results=1, stored=(StoredFile(0, "task-unified-1-abcdefgh-0.mp4", 3, "h"),))
+    hook = FakeHook()
+
+    started = make(hook, context(store, try_number=2))
+    task = started.start(str(tmp_path))
+
+    assert task["from_storage"] is True and hook.keys == [] and hook.reads == []
+    assert {k: task[k] for k in ("id", "status", "results")} == {
+        "id": "task-unified-1-abcdefgh",
+        "status": "completed",
+        "results": [],
+    }
+    assert started.current_task_id == "task-unified-1-abcdefgh"
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["3.3", "3.0-3.2"])
+def test_a_missing_task_state_store_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, durable: bool
+) -> None:
+    from evolink_provider import compat
+
+    monkeypatch.setattr(compat, "_said", set())  # once per process: start from a fresh process's state
+    with caplog.at_level("WARNING", logger="test"):
+        make(FakeHook(), context(MemoryStore() if durable else None)).start(None)
+
+    assert ("has no task_state_store" in caplog.text) is not durable
+
+
+@pytest.mark.parametrize(
+    ("delivered", "max_tries", "said", "expected"),
+    [
+        (False, 2, "differs from the one recorded", False),  # the same request: no fingerprint warning
+        (True, 5, "A clear (its result was delivered", True),  # a clear pays again, and says so
+        (True, 2, "A clear", False),  # a retry after delivery reads the task again
+    ],
+    ids=["same-request", "clear-of-delivered", "retry-of-delivered"],
+)
+def test_what_a_try_with_a_record_says(
+    caplog: pytest.LogCaptureFixture, delivered: bool, max_tries: int, said: str, expected: bool
+) -> None:
+    store = MemoryStore()
+    recorded(store, delivered=delivered)
+
+    with caplog.at_level("INFO", logger="test"):
+        make(FakeHook(), context(store, max_tries=max_tries)).start(None)
+
+    assert (said in caplog.text) is expected

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from evolink_provider.exceptions import EvolinkNotFoundError, EvolinkServerError
+from evolink_provider.exceptions import EvolinkError, EvolinkNotFoundError, EvolinkServerError
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.task_batcher import (
     BATCH_MAX_IDS,
@@ -189,3 +190,32 @@ def test_a_batch_carries_one_api_keys_tasks_only(
     assert not [answer for answer in answers if isinstance(answer, BaseException)], answers
     assert [answer["id"] for answer in answers] == [first, second]
     assert reads(sim) == (2, 0)  # one batch per key, no fallback read
+
+
+def test_a_batch_read_retries_no_longer_than_the_deadline_of_its_reads(
+    sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is bounded like a single read: its retries stop by its reads' deadline instead of going on
+    in the background after every read waiting for it has given up."""
+    extra = {**CONNECTION_EXTRA, "batch_polling": True, "max_retries": 30, "retry_after_max": 1}
+    connection = {"conn_type": "evolink", "password": TEST_API_KEY, "host": SIMULATOR_URL, "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_EVOLINK_BATCH_DEADLINE", json.dumps(connection))
+    (task_id,) = submit(1)
+    fault = {"method": "POST", "path_prefix": "/v1/tasks/batch", "kind": "status", "status": 503}
+
+    async def main() -> tuple[int, int]:
+        hook = EvolinkHook("evolink_batch_deadline")
+        try:
+            await hook.aget_task(task_id)  # the loop's client and the connection reading are ready
+            sim.add_faults({**fault, "retry_after": "0.2"})
+            with pytest.raises(EvolinkError):
+                await hook.aget_task(task_id, deadline=time.time() + 2)
+            sent_by_the_deadline = reads(sim)[0]
+            await asyncio.sleep(2)  # the loop lives on, as a triggerer's does
+            return sent_by_the_deadline, reads(sim)[0]
+        finally:
+            await aclose_async_clients()
+
+    sent_by_the_deadline, sent_later = asyncio.run(main())
+    assert sent_by_the_deadline >= 3
+    assert sent_later - sent_by_the_deadline <= 1  # at most one exchange already under way

@@ -4,8 +4,9 @@ Result links are public signed URLs on third-party hosts, so no ``Authorization`
 must not reach them). Every hop must be http(s), carry no credentials, and resolve to a public address,
 unless it is the connection's own host (the simulator on loopback); the request is then sent to the very
 address that was checked (no second DNS lookup to rebind; see :class:`ResultDownloads`). Transient failures
-are repeated as the retry policy's *download* row says; a link that answers 403, 404 or 410 has expired and
-is left to the caller.
+are repeated as the retry policy's *download* row says; a link that answers 403, 404 or 410 (or a
+signature refused with 400 or 401: :data:`LINK_REFUSED`) has expired or was refused, and is left to the
+caller.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class ResultStream:
 
 
 DOWNLOAD_CHUNK = 1 << 20
+#: Statuses of a refused result link: 403, 404, 410, and a signature refused as 400 (Google Cloud Storage's
+#: expired or not-yet-valid signed URL) or 401 (a CDN's check). No key is sent to result hosts, so none of
+#: them is about the account; the ledger decides between "refused" and "expired" (rows R25-R28).
+LINK_REFUSED = (400, 401, 403, 404, 410)
 
 
 def _chunks(url: str, response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
@@ -96,17 +101,13 @@ class ResultDownloads:
         import requests
 
         self.session = requests.Session()
-        plain = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
-        self.session.mount("http://", plain)
-        self.session.mount("https://", plain)
 
     @contextmanager
     def open(
         self, url: str, settings: EvolinkConnectionSettings, deadline: float | None = None
     ) -> Iterator[ResultStream]:
-        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked.
-        With a ``deadline`` (epoch seconds) no retry sleeps past it and the body stops with an error
-        once it has passed."""
+        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked
+        (``deadline``: see ``EvolinkHook.open_result``)."""
         current = url
         for _hop in range(6):
             address = check_download_url(current, own_base_url=settings.base_url)
@@ -169,7 +170,7 @@ class ResultDownloads:
             if response.status_code < 400:
                 return response
             response.close()
-            if response.status_code in (403, 404, 410):
+            if response.status_code in LINK_REFUSED:
                 raise EvolinkNotFoundError(
                     "the result link is gone or expired (EvoLink keeps results for 24 h)",
                     status_code=response.status_code,

@@ -1,17 +1,6 @@
-"""EvolinkHook: the EvoLink calls a DAG author (and the operators, sensor and trigger) makes.
-
-Each method is a thin step over the modules that do the work:
-
-* :mod:`~evolink_provider.hooks.connection`: the Airflow connection, read and checked once;
-* :mod:`~evolink_provider.hooks.transport`: requests sent by the sync (``requests``) and async
-  (``aiohttp``) clients, and :mod:`~evolink_provider.hooks.responses`: their answers read and mapped to
-  :mod:`evolink_provider.exceptions`;
-* :mod:`~evolink_provider.hooks.retry`: the one retry policy (its table says what is repeated, and when);
-* :mod:`~evolink_provider.hooks.downloads`: result downloads and their address checks;
-* :mod:`~evolink_provider.hooks.task_batcher`: the triggers' reads coalesced (``batch_polling``).
-
-Nothing received is trusted (see :mod:`evolink_provider.answers`): task objects are checked before they
-are returned.
+"""EvolinkHook: the EvoLink calls a DAG author (and the operators, sensor and trigger) makes, each a thin
+step over the modules of this package (docs/architecture.md). Nothing received is trusted (see
+:mod:`evolink_provider.answers`): task objects are checked before they are returned.
 """
 
 from __future__ import annotations
@@ -20,9 +9,10 @@ import asyncio
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import quote
 
 from evolink_provider.answers import checked_task, credits_text, read_credits, task_id_to_send
@@ -41,6 +31,7 @@ from evolink_provider.exceptions import (
 )
 from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.hooks.connection import (
+    ApiRequest,
     EvolinkConnectionSettings,
     build_request,
     needs_masking,
@@ -53,6 +44,8 @@ if TYPE_CHECKING:
 
     from evolink_provider.hooks.downloads import ResultDownloads, ResultStream
     from evolink_provider.hooks.task_batcher import TaskBatcher
+
+T = TypeVar("T")
 
 CREATE_VIDEO_PATH = "/v1/videos/generations"
 CREDITS_PATH = "/v1/credits"
@@ -136,10 +129,11 @@ class EvolinkHook(BaseHook):
 
     @cached_property
     def session(self) -> requests.Session:
-        """One ``requests.Session`` per hook, so calls reuse keep-alive connections."""
-        from evolink_provider.hooks.transport import new_session
+        """One ``requests.Session`` per hook, so calls reuse keep-alive connections (its adapters retry
+        nothing themselves: the tenacity loops of :mod:`~evolink_provider.hooks.transport` do)."""
+        import requests
 
-        return new_session()
+        return requests.Session()
 
     def create_video_task(
         self, payload: dict[str, Any], idempotency_key: str | None = None
@@ -150,44 +144,30 @@ class EvolinkHook(BaseHook):
         :param idempotency_key: 16-96 characters of ``[A-Za-z0-9._-]``; derive it from the work so that a
             repeat replays the original task. A random one is used when omitted.
         """
-        settings = self.settings
+        key = idempotency_key or new_idempotency_key()
         request = build_request(
-            settings,
-            "POST",
-            CREATE_VIDEO_PATH,
-            json_body=payload,
-            idempotency_key=idempotency_key or new_idempotency_key(),
+            self.settings, "POST", CREATE_VIDEO_PATH, json_body=payload, idempotency_key=key
         )
-        from evolink_provider.hooks.transport import send
-
-        return send(self.session, request, settings, checked_task)
+        return self._send(request, checked_task)
 
     def get_task(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
         """Read a task (``GET /v1/tasks/{task_id}``); the answer must be that task, well formed.
 
         :param deadline: epoch seconds; retries that would sleep past it give up with the last error.
         """
-        settings = self.settings
-        request = build_request(settings, "GET", _task_path(task_id))
-        from evolink_provider.hooks.transport import send
-
-        return send(self.session, request, settings, partial(checked_task, expected_id=task_id), deadline)
+        request = build_request(self.settings, "GET", _task_path(task_id))
+        return self._send(request, partial(checked_task, expected_id=task_id), deadline)
 
     def get_credits(self) -> dict[str, Any]:
         """Read the account's credits (``GET /v1/credits``; free)."""
-        settings = self.settings
-        from evolink_provider.hooks.transport import send
-
-        return send(self.session, build_request(settings, "GET", CREDITS_PATH), settings, _as_is)
+        return self._send(build_request(self.settings, "GET", CREDITS_PATH), _as_is)
 
     def get_files_quota(self) -> dict[str, Any]:
         """The Files API quota (``GET /api/v1/files/quota``): ``user_group``, ``used_files``,
         ``max_files``, ``remain_files``, ``is_custom``, ``quota_reason``."""
         settings = self.settings
         request = build_request(settings, "GET", FILES_QUOTA_PATH, base_url=settings.files_base_url)
-        from evolink_provider.hooks.transport import send
-
-        data = send(self.session, request, settings, _as_is).get("data")
+        data = self._send(request, _as_is).get("data")
         if not isinstance(data, dict):
             raise EvolinkTransportError(
                 f"{request.connection}: GET {FILES_QUOTA_PATH} answered without a data object",
@@ -195,17 +175,31 @@ class EvolinkHook(BaseHook):
             )
         return data
 
-    def upload_file(self, stream: BinaryIO, filename: str, content_type: str) -> dict[str, Any]:
+    def _send(
+        self, request: ApiRequest, accept: Callable[[dict[str, Any]], T], deadline: float | None = None
+    ) -> T:
+        from evolink_provider.hooks.transport import send
+
+        return send(self.session, request, self.settings, accept, deadline)
+
+    def upload_file(
+        self, stream: BinaryIO, filename: str, content_type: str, deadline: float | None = None
+    ) -> dict[str, Any]:
         """Upload a file through EvoLink's Files API; returns its ``data`` (``file_url`` expires in 72 h).
 
         Uploads are not idempotent and are free, so only failures that cannot have stored the file are
         retried (the *upload* row of :mod:`evolink_provider.hooks.retry`).
+
+        :param deadline: epoch seconds; no retry waits past it and no answer is read after it. Without
+            one, an upload has one read timeout per attempt (``read_timeout * (max_retries + 1)``).
         """
         settings = self.settings
+        if deadline is None:
+            deadline = time.time() + settings.timeouts.read * settings.retry.max_attempts
         request = build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
         from evolink_provider.hooks.transport import upload
 
-        answer = upload(self.session, request, settings, stream, filename, content_type)
+        answer = upload(self.session, request, settings, stream, filename, content_type, deadline)
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(
@@ -246,14 +240,9 @@ class EvolinkHook(BaseHook):
         return ResultDownloads()
 
     def open_result(self, url: str, deadline: float | None = None) -> AbstractContextManager[ResultStream]:
-        """Open a result URL for streaming (``with hook.open_result(url) as result:``).
-
-        No ``Authorization`` header is sent, every hop (at most 5 redirects) must resolve to a public
-        address unless it is the connection's own host, and the connection goes to the address checked
-        (see :mod:`evolink_provider.hooks.downloads`). Transient failures are retried with the
-        connection's policy. With a ``deadline`` (epoch seconds) no retry sleeps past it and the body
-        stops with an error once it has passed.
-        """
+        """Open a result URL for streaming (``with hook.open_result(url) as result:``), each hop checked
+        and retried as :mod:`evolink_provider.hooks.downloads` says; with a ``deadline`` (epoch seconds)
+        no retry sleeps past it and the body stops with an error once it has passed."""
         return self._downloads.open(url, self.settings, deadline)
 
     # -- async calls (triggers) --------------------------------------------------------------------
@@ -270,7 +259,7 @@ class EvolinkHook(BaseHook):
         if not settings.batch_polling:
             return await self._aread_task(settings, task_id, deadline)
         _task_path(task_id)  # refuse a malformed id before it joins a batch
-        read = self._task_batcher(settings).read(task_id)
+        read = self._task_batcher(settings).read(task_id, deadline)
         if deadline is None:
             return await read
         try:
@@ -296,11 +285,11 @@ class EvolinkHook(BaseHook):
         batcher = batchers.get(settings.batch_owner)
         if batcher is None:
 
-            async def read_batch(task_ids: list[str]) -> list[dict[str, Any]]:
+            async def read_batch(task_ids: list[str], deadline: float | None) -> list[dict[str, Any]]:
                 request = build_request(
                     settings, "POST", TASK_BATCH_PATH, json_body={"task_ids": task_ids}, read_only=True
                 )
-                return await asend(request, settings, _checked_batch)
+                return await asend(request, settings, _checked_batch, deadline)
 
             batcher = TaskBatcher(read_batch, partial(self._aread_task, settings))
             batchers[settings.batch_owner] = batcher

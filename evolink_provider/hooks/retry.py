@@ -25,8 +25,9 @@ upload      Files API POST, only what cannot have        a reset, timeout or gar
             stored the file: connection refused or       after sending (uploads are not
             connect timeout (nothing sent), 429, 503     idempotent); other statuses
 
-download    result GET: transport errors, 429, 5xx       403, 404, 410 (the link expired: the  backoff
-                                                         caller decides); other statuses
+download    result GET: transport errors, 429, 5xx       400, 401, 403, 404, 410 (the link     backoff
+                                                         was refused: the caller decides);
+                                                         other statuses
 
 poll        a wait's failed poll, after the read's own   a non-retryable error (401, 403,      doubling
             retries: any retryable error (transport,     404, ...); the max_poll_failures-th
@@ -44,9 +45,10 @@ schedule jitters the next poll); the ``max_poll_failures``-th in a row (8 by def
 successful poll starts the count again.
 
 *Deadlines*: a caller that knows its deadline (the operator's ``timeout``, the trigger's ``end_time``)
-passes it, and no wait ends past it: the send and download loops raise the last error instead, a wait
-ends as timed out. A submission whose outcome is still unknown when its attempts run out (sent, then a
-reset, timeout, malformed answer, 5xx or 409 ``paid_outcome_unknown``) becomes
+passes it (an upload without one has one read timeout per attempt), and no wait ends past it: the send,
+upload and download loops raise the last error instead, a wait ends as timed out. A submission whose
+outcome is still unknown when its attempts run out (sent, then a reset, timeout, malformed answer, 5xx or
+409 ``paid_outcome_unknown``) becomes
 :class:`~evolink_provider.exceptions.EvolinkSubmissionUnknownError` naming the key, which the Airflow
 retry sends again. A *failed task* is not an error of a request: whether it is resubmitted is
 :func:`evolink_provider.exceptions.task_error_is_retryable` (EvoLink's task error table).

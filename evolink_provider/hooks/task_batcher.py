@@ -23,6 +23,7 @@ This module holds no HTTP: the hook hands it the two coroutines that read (the h
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -39,8 +40,11 @@ BATCH_WINDOW_SECONDS = 0.5
 #: Answers of the batch endpoint that mean "not here, or not in this shape": read singly from then on.
 ENDPOINT_MISSING_STATUSES = frozenset({400, 404, 405, 422})
 
-ReadBatch = Callable[[list[str]], Awaitable[list[dict[str, Any]]]]
-ReadOne = Callable[[str], Awaitable[dict[str, Any]]]
+#: Both reads take the deadline (epoch seconds, ``None``: none) their retries must not wait past.
+ReadBatch = Callable[[list[str], float | None], Awaitable[list[dict[str, Any]]]]
+ReadOne = Callable[[str, float | None], Awaitable[dict[str, Any]]]
+#: The futures waiting for one task id, and the latest deadline among them (``None``: one has none).
+Waiting = dict[str, tuple[list[asyncio.Future[dict[str, Any]]], float | None]]
 
 
 class UnexpectedBatchAnswer(EvolinkError):
@@ -60,18 +64,21 @@ class TaskBatcher:
         self._read_batch = read_batch
         self._read_one = read_one
         self._window = window
-        self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
+        self._waiting: Waiting = {}
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
         self.batch_supported = True
 
-    async def read(self, task_id: str) -> dict[str, Any]:
-        """The task object of ``task_id``, read in the next batch (or singly once batches are off)."""
+    async def read(self, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        """The task object of ``task_id``, read in the next batch (or singly once batches are off). A batch
+        is bounded like a single read, by the latest ``deadline`` of the reads it serves."""
         if not self.batch_supported:
-            return await self._read_one(task_id)
+            return await self._read_one(task_id, deadline)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self._waiting.setdefault(task_id, []).append(future)
+        futures, latest = self._waiting.get(task_id, ([], deadline))
+        futures.append(future)
+        self._waiting[task_id] = (futures, _later(latest, deadline))
         if len(self._waiting) >= BATCH_MAX_IDS:
             self._send_waiting()
         elif self._timer is None:
@@ -89,12 +96,13 @@ class TaskBatcher:
             self._running.add(running)
             running.add_done_callback(self._running.discard)
 
-    async def _settle_batch(self, batch: dict[str, list[asyncio.Future[dict[str, Any]]]]) -> None:
+    async def _settle_batch(self, batch: Waiting) -> None:
         if not self.batch_supported:  # turned off while this batch waited
             await self._settle_singly(batch)
             return
+        deadlines = [deadline for _, deadline in batch.values()]
         try:
-            tasks = await self._read_batch(list(batch))
+            tasks = await self._read_batch(list(batch), functools.reduce(_later, deadlines))
         except Exception as error:
             if _endpoint_missing(error):
                 if self.batch_supported:
@@ -105,27 +113,32 @@ class TaskBatcher:
                     )
                 await self._settle_singly(batch)
             else:
-                for futures in batch.values():
+                for futures, _ in batch.values():
                     _settle(futures, error=error)
             return
         found = {task.get("id"): task for task in tasks if isinstance(task, dict)}
         missing = {}
-        for task_id, futures in batch.items():
+        for task_id, waiting in batch.items():
             if task_id in found:
-                _settle(futures, result=found[task_id])
+                _settle(waiting[0], result=found[task_id])
             else:
-                missing[task_id] = futures
+                missing[task_id] = waiting
         if missing:
             await self._settle_singly(missing)
 
-    async def _settle_singly(self, batch: dict[str, list[asyncio.Future[dict[str, Any]]]]) -> None:
-        reads = (self._read_one(task_id) for task_id in batch)
+    async def _settle_singly(self, batch: Waiting) -> None:
+        reads = (self._read_one(task_id, deadline) for task_id, (_, deadline) in batch.items())
         answers = await asyncio.gather(*reads, return_exceptions=True)
-        for futures, answer in zip(batch.values(), answers, strict=True):
+        for (futures, _), answer in zip(batch.values(), answers, strict=True):
             if isinstance(answer, BaseException):
                 _settle(futures, error=answer)
             else:
                 _settle(futures, result=answer)
+
+
+def _later(one: float | None, other: float | None) -> float | None:
+    """The later of two deadlines; ``None`` (no deadline) is later than any."""
+    return None if one is None or other is None else max(one, other)
 
 
 def _endpoint_missing(error: BaseException) -> bool:

@@ -86,17 +86,6 @@ class _MultipartBody:
 # -- sync client ----------------------------------------------------------------------------------
 
 
-def new_session() -> requests.Session:
-    """A ``requests.Session`` for one hook, so its calls reuse keep-alive connections."""
-    import requests
-
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
-    session.mount("https://", adapter)
-    session.mount("http://", adapter)
-    return session
-
-
 def send(
     session: requests.Session,
     request: ApiRequest,
@@ -120,15 +109,18 @@ def upload(
     stream: BinaryIO,
     filename: str,
     content_type: str,
+    deadline: float,
 ) -> dict[str, Any]:
     """Send ``stream`` as a multipart upload, repeated (from its start) only where the retry policy's
-    upload row allows: uploads are not idempotent."""
+    upload row allows (uploads are not idempotent), and, like :func:`send`, no retry waits past
+    ``deadline`` nor is an answer read after it."""
 
     def attempt() -> dict[str, Any]:
         stream.seek(0)
-        return _send_multipart(session, request, settings.timeouts, stream, filename, content_type)
+        body = _MultipartBody(stream, filename, content_type)
+        return _send_once(session, request, settings.timeouts, deadline, body)
 
-    return settings.retry.retrying(request.kind, None, log, logging.WARNING)(attempt)
+    return settings.retry.retrying(request.kind, deadline, log, logging.WARNING)(attempt)
 
 
 def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
@@ -139,16 +131,23 @@ def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
 
 
 def _send_once(
-    session: requests.Session, request: ApiRequest, timeouts: Timeouts, deadline: float | None = None
+    session: requests.Session,
+    request: ApiRequest,
+    timeouts: Timeouts,
+    deadline: float | None = None,
+    body: _MultipartBody | None = None,
 ) -> dict[str, Any]:
+    """One exchange: ``request``'s JSON body, or the multipart ``body`` of an upload."""
     import requests
 
+    headers = request.headers if body is None else {**request.headers, "Content-Type": body.content_type}
     try:
         response = session.request(
             request.method,
             request.url,
-            headers=request.headers,
+            headers=headers,
             json=request.json_body,
+            data=body,
             timeout=(timeouts.connect, timeouts.read),
             allow_redirects=False,
             stream=True,
@@ -159,34 +158,6 @@ def _send_once(
     except requests.ConnectionError as exc:
         raise transport_error(request, exc, request_sent=not refused(exc)) from None
     except requests.RequestException as exc:  # read timeouts, chunked-encoding errors, ...
-        raise transport_error(request, exc, request_sent=True) from None
-    return parse_response(request, response.status_code, response.headers, content)
-
-
-def _send_multipart(
-    session: requests.Session,
-    request: ApiRequest,
-    timeouts: Timeouts,
-    stream: BinaryIO,
-    filename: str,
-    content_type: str,
-) -> dict[str, Any]:
-    import requests
-
-    body = _MultipartBody(stream, filename, content_type)
-    try:
-        response = session.post(
-            request.url,
-            headers={**request.headers, "Content-Type": body.content_type},
-            data=body,
-            timeout=(timeouts.connect, timeouts.read),
-            allow_redirects=False,
-            stream=True,
-        )
-        content = read_capped(request, response, _answer_until(timeouts, None))
-    except requests.ConnectionError as exc:
-        raise transport_error(request, exc, request_sent=not refused(exc)) from None
-    except requests.RequestException as exc:
         raise transport_error(request, exc, request_sent=True) from None
     return parse_response(request, response.status_code, response.headers, content)
 
@@ -321,8 +292,10 @@ class _LoopClient:
     the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read when it is
     built, as every other HTTP client of the deployment reads them.
 
-    The proxy of each origin is looked up once: aiohttp's ``trust_env`` looks it up (and ``~/.netrc``) in
-    a thread for every request, which made a poll cost several times its CPU (docs/benchmarks.md).
+    Not aiohttp's ``trust_env``: it looks the proxy up (and ``~/.netrc``) in a thread for every request,
+    several times a poll's CPU (docs/benchmarks.md), and fails every request to a host that ``~/.netrc``
+    names (it will not combine those credentials with the ``Authorization`` header). NO_PROXY is honoured
+    alike, and a proxy is sent only its own credentials (``Proxy-Authorization``).
     """
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
@@ -413,7 +386,13 @@ def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
     """``aiohttp.TCPConnector`` that never lends out an idle connection on which bytes arrived that no
     request asked for: aiohttp parses them into an answer and hands it to the next request on that
     connection (a desync: one poll reading another's, or a smuggled, answer; httpcore drops such a
-    connection too). Such a connection is closed and the next one taken."""
+    connection too). Such a connection is closed and the next one taken.
+
+    ``should_close`` (no underscore, but undocumented) is read because no documented aiohttp API says
+    whether a pooled connection holds unread bytes; ``force_close`` would close that gap by opening a
+    connection (a TLS handshake) per poll, many times a poll's CPU. Bytes that arrive between this check
+    and the answer are the answer to any HTTP/1.1 client; a task read must still name the task asked for.
+    """
 
     class FreshConnector(aiohttp.TCPConnector):
         async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:

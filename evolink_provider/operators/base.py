@@ -112,7 +112,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
-        task spends nothing and is not checked.
+        task, or resending the key an earlier try recorded (checked when it was first sent), is not checked.
     :param local_checks: ``refuse`` (default) or ``warn``: what a local or storage image that breaks its
         model's documented image rules (pixel size, aspect ratio, bytes; read from its header before any
         call) does. ``warn`` sends it anyway, for when EvoLink's limits move. http(s) URLs are never
@@ -249,7 +249,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
             # for here, and only one still running after that window is deferred (evolink_provider.timing).
             window = clock.wait_on_worker_window
             if expected_remaining(task, clock.now() - started_at) <= window:
-                task = self._wait_here(task, started_at, deadline, until=clock.now() + window)
+                task = self._wait_here(context, task, started_at, deadline, until=clock.now() + window)
                 decision = self._decide(task, started_at, deadline)
             if decision.outcome is Outcome.WAIT:
                 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
@@ -273,7 +273,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     ),
                 )
         if decision.outcome is Outcome.WAIT:
-            task = self._wait_here(task, started_at, deadline)
+            task = self._wait_here(context, task, started_at, deadline)
         return self._publish(context, self._finish(context, task, deadline))
 
     def _decide(self, task: dict[str, Any], started_at: float, deadline: float) -> PollDecision:
@@ -296,7 +296,16 @@ class EvolinkBaseVideoOperator(BaseOperator):
         try:
             task = task_from_event(event)
         except EvolinkError as error:
-            fail_for(error)
+            said = event if isinstance(event, dict) else {}
+            kind, seen = said.get("status"), said.get("task")
+            if kind == "failed" and isinstance(seen, dict) and seen.get("status") == "completed":
+                task = seen  # completed without any result yet: _finish reads it again
+            elif kind == "error" and not error.retryable:
+                # A poll error the trigger does not repeat (a 404): the ledger's rows R23, R24.
+                task = self.ledger(context).reread(str(said.get("evolink_task_id")), error)
+                return self._wait_and_finish(context, task)
+            else:
+                fail_for(error)
         self.ledger(context).check_resumed(task)
         end_time = event.get("end_time") if isinstance(event, dict) else None
         deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
@@ -350,10 +359,16 @@ class EvolinkBaseVideoOperator(BaseOperator):
     # -- waiting and collecting -------------------------------------------------------------------
 
     def _wait_here(
-        self, task: dict[str, Any], started_at: float, deadline: float, until: float | None = None
+        self,
+        context: Context,
+        task: dict[str, Any],
+        started_at: float,
+        deadline: float,
+        until: float | None = None,
     ) -> dict[str, Any]:
         """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
-        ``until`` (epoch seconds) passes with the task still running."""
+        ``until`` (epoch seconds) passes with the task still running. A poll error the poll row does not
+        repeat (a 404) is the ledger's to judge (:meth:`~evolink_provider.ledger.Ledger.reread`)."""
         from evolink_provider.triggers.evolink import DEFAULT_MAX_POLL_FAILURES
 
         reporter = ProgressReporter(task["id"], started_at)
@@ -382,7 +397,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
             except EvolinkError as error:
                 retry = failures.after_failure(error, deadline=deadline)
                 if retry.verdict is Verdict.GIVE_UP:
-                    fail_for(error)
+                    if error.retryable:
+                        raise error
+                    task = self.ledger(context).reread(task_id, error)
+                    failures.success()
+                    continue
                 if retry.verdict is Verdict.OUT_OF_TIME:
                     raise EvolinkWaitTimeoutError(
                         f"EvoLink task {task_id}: the wait budget ran out while polls failed: {error}"
@@ -395,6 +414,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def _finish(self, context: Context, task: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Turn a terminal task into the XCom value, or into the right Airflow failure; results are
         stored by ``deadline`` (epoch seconds), so ``timeout`` covers downloads too."""
+        if task.get("status") == "completed":
+            task = self.ledger(context).reread_empty(task)
         now = time.time()
         decision = decide_after_poll(task, now=now, started_at=now, deadline=None)
         if decision.outcome is Outcome.WAIT:
@@ -402,9 +423,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if decision.outcome is not Outcome.SUCCESS:
             code, message = task_failure(task)
             if task.get("status") == "completed":
-                # Completed (and so billed) with nothing to hand downstream: end it once. A retry would
-                # only reattach to the same empty task, and a resubmission would pay again for what may
-                # come back empty again; clearing the task asks for a new generation deliberately.
+                # Completed (and so billed) with nothing to hand downstream, also when read again: end it
+                # once. A retry would only reattach to the same empty task, and a resubmission would pay
+                # again for what may come back empty again; clearing asks for a new generation deliberately.
                 raise AirflowFailException(
                     f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
                     "same empty task, and so would a plain clear. To pay for a new generation, clear the "

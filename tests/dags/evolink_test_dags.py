@@ -426,6 +426,31 @@ for name, prompt in (("one", "one paid take"), ("two", "two paid takes [sim:resu
         )
 
 
+with new_dag("evolink_ledger_deferrable", params={"output_dir": "", "faults": []}):
+    # The deferrable twin of evolink_ledger_one: its wait runs in the trigger (tests/test_redteam2.py).
+    seedance(
+        "deferrable",
+        prompt="one paid take, waited for in the triggerer [sim:seconds=3]",
+        output_path="{{ params.output_dir }}",
+        retries=3,
+        retry_delay=0,
+        on_retry_callback=between_tries,
+    )
+
+
+with new_dag("evolink_ledger_min_credits", params={"output_dir": "", "faults": []}):
+    # A reserve of 100 credits kept: the first try's check passes, its own generation then spends the
+    # balance below the reserve (tests/test_redteam2.py).
+    seedance(
+        "sync",
+        prompt="keep a reserve",
+        output_path="{{ params.output_dir }}",
+        min_credits=100,
+        retries=2,
+        retry_delay=0,
+    )
+
+
 def fail_once_after_execute(context: Any, result: Any = None) -> None:
     """A user's ``post_execute`` hook that fails once (the marker file in ``output_dir``): a failure after
     ``execute`` returned, before the try succeeded."""
