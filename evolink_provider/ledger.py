@@ -113,6 +113,7 @@ from evolink_provider.exceptions import (
     EvolinkConflictError,
     EvolinkError,
     EvolinkNotFoundError,
+    EvolinkValidationError,
     fail_for,
     task_error_is_retryable,
 )
@@ -441,14 +442,28 @@ def idempotency_key(identity: str, fingerprint: str, submission: int, generation
 
 
 def regenerate_requested(context: Any, regenerate: Any) -> bool:
-    """Whether a fresh take is forced: the operator's ``regenerate`` (a bool, or its rendered text), or the
-    run's ``dag_run.conf["evolink_regenerate"]`` (``true``, or a list holding this task's id)."""
-    if regenerate is True or (isinstance(regenerate, str) and regenerate.strip().lower() == "true"):
-        return True
+    """Whether a fresh take is forced: the operator's ``regenerate`` (a bool, or its rendered text
+    ``true``/``false``), or the run's ``dag_run.conf["evolink_regenerate"]`` (``true``, or a list holding
+    this task's id). Any other value is refused before any call: a ``"true"`` typed into the trigger form
+    that silently did not force the take would collect the old video instead of the one asked for."""
+    if isinstance(regenerate, str) and regenerate.strip().lower() in ("true", "false"):
+        regenerate = regenerate.strip().lower() == "true"
+    if not isinstance(regenerate, bool):
+        fail_for(EvolinkValidationError("operator", "regenerate", regenerate, "True or False"))
     run = context.get("dag_run")
     conf = getattr(run, "conf", None)
     wanted = conf.get(REGENERATE_CONF_KEY) if isinstance(conf, dict) else None
-    if wanted is True:
+    if not (
+        wanted is None
+        or isinstance(wanted, bool)
+        or (isinstance(wanted, list) and all(isinstance(task_id, str) for task_id in wanted))
+    ):
+        fail_for(
+            EvolinkValidationError(
+                "dag_run.conf", REGENERATE_CONF_KEY, wanted, "true, false, or a list of task ids (JSON)"
+            )
+        )
+    if regenerate or wanted is True:
         return True
     return isinstance(wanted, list) and context["ti"].task_id in wanted
 
