@@ -628,16 +628,8 @@ class Ledger:
         if record.generation != self.generation:
             # A clear picks up the generation already paid for: from now on its retries are retries.
             self._save(replace(record, generation=self.generation))
-        answer = answer_of(task, seen_completed=record.completed_seen_at is not None)
-        action = decide(self._situation(answer))
-        if action is Action.FAIL_RETRYABLY:
-            code, message = task_failure(task)
-            raise RetryLaterError(
-                f"EvoLink task {task_id} was seen completed (and so billed) by an earlier try, but now "
-                f"reads {printable(task.get('status'))} ({printable(code)}: {printable(message)}): a "
-                "contradiction, not evidence that the paid result is gone, so nothing was submitted. A "
-                "later try reads it again."
-            )
+        self.refuse_contradiction(task)
+        action = decide(self._situation(answer_of(task)))
         if action is Action.FAIL:
             refuse_unfixable(task)
         if action is Action.SUBMIT:
@@ -650,6 +642,22 @@ class Ledger:
         )
         self.current_task_id = task_id
         return task
+
+    def refuse_contradiction(self, task: dict[str, Any]) -> None:
+        """Row R29, wherever a read of the recorded task ends (a retry's first read, the wait, a trigger
+        event): failed or cancelled after this provider saw it completed fails the try retryably."""
+        record = self.record
+        ours = record is not None and record.task_id == task.get("id")
+        seen = ours and record is not None and record.completed_seen_at is not None
+        answer = answer_of(task, seen_completed=seen)
+        if answer is Answer.CONTRADICTED and decide(self._situation(answer)) is Action.FAIL_RETRYABLY:
+            code, message = task_failure(task)
+            raise RetryLaterError(
+                f"EvoLink task {printable(task.get('id'))} was seen completed (and so billed) by an earlier "
+                f"try, but now reads {printable(task.get('status'))} ({printable(code)}: "
+                f"{printable(message)}): a contradiction, not evidence that the paid result is gone, so "
+                "nothing was submitted. A later try reads it again."
+            )
 
     def reread(self, task_id: str, error: EvolinkError) -> dict[str, Any]:
         """The wait's poll of the paid task failed with an error the poll row does not repeat (a 404 right

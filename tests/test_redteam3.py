@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,58 @@ def test_a_regenerate_conf_value_that_is_not_true_or_a_list_fails_before_any_cal
 
     assert (state, tasks["generate"]) == ("failed", ("failed", 1)), "no retry of a refused value"
     assert sim.stats()["tasks_created"] == 0 and sim.posts() == 0
+
+
+@pytest.fixture
+def reads_after_completed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """Server side (the in-process simulator's task object; the provider and Airflow are untouched): once
+    a task was answered ``completed``, its next reads answer the statuses in ``plan`` in turn."""
+    from evolink_provider.simulator.tasks import TaskStore
+
+    original = TaskStore.task_object
+    state: dict[str, Any] = {"plan": [], "seen": set(), "served": 0}
+
+    def task_object(self: TaskStore, task: Any, base_url: str) -> dict[str, Any]:
+        body = original(self, task, base_url)
+        if body["status"] == "completed" and task.id in state["seen"] and state["plan"]:
+            status, code = state["plan"].pop(0)
+            state["served"] += 1
+            body = {k: v for k, v in body.items() if k not in ("results", "result_data")}
+            body["status"] = status
+            if code:
+                body["error"] = {"code": code, "message": "flapped", "type": "task_error"}
+        elif body["status"] == "completed":
+            state["seen"].add(task.id)
+        return body
+
+    monkeypatch.setattr(TaskStore, "task_object", task_object)
+    yield state
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "running_reads"),
+    [("evolink_ledger_one", 1), ("evolink_ledger_deferrable", 12)],
+    ids=["sync-wait", "trigger-event"],
+)
+def test_a_wait_ending_failed_after_the_task_was_seen_completed_is_retried(
+    sim: SimulatorControl,
+    tmp_path: Path,
+    reads_after_completed: dict[str, Any],
+    dag_id: str,
+    running_reads: int,
+) -> None:
+    """Row R29 during a wait, not only on a retry's first read: try 1 sees the task completed (billed)
+    and a result link is refused once; the retry reads it ``processing`` (long enough, when deferrable,
+    to outlast the wait on the worker and defer), then its wait ends ``failed`` with an unfixable code.
+    That contradiction must fail the try retryably (the next one delivers), not end the task instance
+    for good with the paid video undelivered."""
+    reads_after_completed["plan"] = [("processing", None)] * running_reads + [
+        ("failed", "content_policy_violation")
+    ]
+    sim.add_faults({"kind": "status", "status": 403, "method": "GET", "path_prefix": "/media/", "count": 1})
+
+    state, tasks = run_dag(dag_id, run_conf={"output_dir": str(tmp_path)})
+
+    assert reads_after_completed["served"] == running_reads + 1, "the flips must hit the retry's reads"
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 3)), tasks

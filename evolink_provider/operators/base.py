@@ -297,6 +297,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 task = self.ledger(context).reread(str(said.get("evolink_task_id")), error)
                 return self._wait_and_finish(context, task)
             else:
+                if kind == "failed" and isinstance(seen, dict):
+                    self.ledger(context).refuse_contradiction(seen)
                 fail_for(error)
         self.ledger(context).check_resumed(task)
         end_time = event.get("end_time") if isinstance(event, dict) else None
@@ -411,6 +413,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if decision.outcome is Outcome.WAIT:
             raise EvolinkWaitTimeoutError(f"EvoLink task {task['id']} is still {task.get('status')}")
         if decision.outcome is not Outcome.SUCCESS:
+            self.ledger(context).refuse_contradiction(task)
             code, message = task_failure(task)
             if task.get("status") == "completed":
                 # Completed (and so billed) with nothing to hand downstream, also when read again: end it
