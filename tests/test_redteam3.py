@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,42 @@ def test_a_wait_ending_failed_after_the_task_was_seen_completed_is_retried(
     assert reads_after_completed["served"] == running_reads + 1, "the flips must hit the retry's reads"
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 3)), tasks
+
+
+@pytest.fixture
+def every_other_task_read_not_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Server side (the in-process simulator's fault plan): every other read of a task answers 404, so
+    each poll of the trigger answers 404 and each re-read of the worker answers the task (a flapping
+    gateway in front of a task that runs for a long time)."""
+    from evolink_provider.simulator.faults import FaultPlan, FaultRule
+
+    original = FaultPlan.pick
+    reads = {"count": 0}
+
+    def pick(self: FaultPlan, method: str, path: str) -> FaultRule | None:
+        if method == "GET" and path.startswith("/v1/tasks/"):
+            reads["count"] += 1
+            if reads["count"] % 2 == 1:
+                return FaultRule("not_found")
+        return original(self, method, path)
+
+    monkeypatch.setattr(FaultPlan, "pick", pick)
+    yield reads
+
+
+def test_a_flapping_404_does_not_restart_the_deferred_waits_budget(
+    sim: SimulatorControl, tmp_path: Path, every_other_task_read_not_found: dict[str, int]
+) -> None:
+    """Each 404 of the trigger's poll is re-read on the worker (rows R23, R24), which deferred again with a
+    fresh ``timeout``: a wait that never ends by its budget (here 2 s for a 45 s generation). The try must
+    end by the deadline the trigger was given, retryably, with nothing more bought."""
+    started = time.monotonic()
+
+    _state, tasks = run_dag("evolink_ledger_short_wait", run_conf={"output_dir": str(tmp_path)})
+
+    elapsed = time.monotonic() - started
+    assert every_other_task_read_not_found["count"] >= 2, "the trigger's poll must have met a 404"
+    assert sim.stats()["tasks_created"] == 1
+    assert tasks["generate"] == ("failed", 1), tasks
+    assert elapsed < 40, f"the wait ran {elapsed:.0f} s on a 2 s budget"
+    assert list(tmp_path.iterdir()) == [], "not waited for past the budget and stored"
