@@ -676,10 +676,12 @@ class Ledger:
     def reread_empty(self, task: dict[str, Any]) -> dict[str, Any]:
         """A task read ``completed`` without any result: its list may be filled in a moment after the
         status (read-after-write lag), so within the try it is read again (:func:`reread_pauses`) before
-        the operator gives the paid task up."""
+        the operator gives the paid task up. It was read completed, so billed: a re-read (or a later try's
+        read) saying failed or cancelled is the contradiction of row R29, never a task to resubmit."""
         for delay in reread_pauses():
             if task.get("status") != "completed" or not completed_without_output(task):
                 return task
+            self.saw_completed(task)
             self.log.warning(
                 "EvoLink task %s reads completed without any result; reading it again in %.0fs",
                 task.get("id"),
@@ -809,11 +811,17 @@ class Ledger:
 
     def saw_completed(self, task: dict[str, Any]) -> None:
         """Record when this provider first saw its task completed (the start of the links' 24 h), and the
-        task object it saw (what a try that finds every result stored hands downstream)."""
+        task object it saw with its results (what a try that finds every result stored hands downstream)."""
         record = self.record
-        if record is not None and record.task_id == task.get("id") and record.completed_seen_at is None:
+        if record is None or record.task_id != task.get("id"):
+            return
+        if record.completed_seen_at is None:
+            record = replace(record, completed_seen_at=timing.current().now())
+        if record.completed_task is None and not completed_without_output(task):
             seen = {key: value for key, value in task.items() if key not in ("files", "from_storage")}
-            self._save(replace(record, completed_seen_at=timing.current().now(), completed_task=seen))
+            record = replace(record, completed_task=seen)
+        if record != self.record:
+            self._save(record)
 
     def stored_files(self) -> list[str] | None:
         """The recorded files of the recorded task, when the set is complete and each is still on disk at

@@ -592,7 +592,9 @@ def test_stored_files_completed_sighting_and_delivery_are_recorded(
     store = MemoryStore()
     recorded(store)
     first = make(FakeHook(), context(store))
-    with steered(clock=lambda: 777.0):
+    with steered(clock=lambda: 777.0):  # first read completed before its results were filled in
+        first.saw_completed({k: v for k, v in COMPLETED.items() if k != "results"})
+    with steered(clock=lambda: 888.0):
         first.store(dict(COMPLETED), str(tmp_path), None)
         first.saw_completed(dict(COMPLETED))  # the first sighting stays
     saved = SubmissionRecord.from_stored(store.get(STATE_KEY))

@@ -32,7 +32,8 @@ def test_a_regenerate_conf_value_that_is_not_true_or_a_list_fails_before_any_cal
 @pytest.fixture
 def reads_after_completed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """Server side (the in-process simulator's task object; the provider and Airflow are untouched): once
-    a task was answered ``completed``, its next reads answer the statuses in ``plan`` in turn."""
+    a task was answered ``completed`` (or, with ``from_first_completed``, from then on), its next reads
+    answer the statuses in ``plan`` in turn (``completed`` there: without any result)."""
     from evolink_provider.simulator.tasks import TaskStore
 
     original = TaskStore.task_object
@@ -40,7 +41,8 @@ def reads_after_completed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str,
 
     def task_object(self: TaskStore, task: Any, base_url: str) -> dict[str, Any]:
         body = original(self, task, base_url)
-        if body["status"] == "completed" and task.id in state["seen"] and state["plan"]:
+        first = state.get("from_first_completed", False)
+        if body["status"] == "completed" and (first or task.id in state["seen"]) and state["plan"]:
             status, code = state["plan"].pop(0)
             state["served"] += 1
             body = {k: v for k, v in body.items() if k not in ("results", "result_data")}
@@ -80,6 +82,28 @@ def test_a_wait_ending_failed_after_the_task_was_seen_completed_is_retried(
     state, tasks = run_dag(dag_id, run_conf={"output_dir": str(tmp_path)})
 
     assert reads_after_completed["served"] == running_reads + 1, "the flips must hit the retry's reads"
+    assert sim.stats()["tasks_created"] == 1
+    assert (state, tasks["generate"]) == ("success", ("success", 3)), tasks
+
+
+@pytest.mark.parametrize("dag_id", ["evolink_ledger_one", "evolink_ledger_deferrable"])
+def test_a_task_read_completed_without_results_then_failed_is_not_paid_again(
+    sim: SimulatorControl, tmp_path: Path, reads_after_completed: dict[str, Any], dag_id: str
+) -> None:
+    """The first ``completed`` read has no result yet (re-read within the try, ``Ledger.reread_empty``),
+    and the re-read, then the retry's read, answer ``failed`` with a fixable code: the task was seen
+    completed (billed), so that is the contradiction of row R29, not a failed uncharged task to
+    resubmit. Nothing more may be bought; the next try collects the paid video."""
+    reads_after_completed["from_first_completed"] = True
+    reads_after_completed["plan"] = [
+        ("completed", None),
+        ("failed", "service_error"),
+        ("failed", "service_error"),
+    ]
+
+    state, tasks = run_dag(dag_id, run_conf={"output_dir": str(tmp_path)})
+
+    assert reads_after_completed["served"] == 3, "the re-read and the retry's read must be answered failed"
     assert sim.stats()["tasks_created"] == 1
     assert (state, tasks["generate"]) == ("success", ("success", 3)), tasks
 
