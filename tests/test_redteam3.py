@@ -9,8 +9,13 @@ from typing import Any
 
 import pytest
 
+from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.storage import EvolinkServedContentError, store_results
 from tests.airflow_runs import run_dag
 from tests.conftest import SimulatorControl
+from tests.test_hostile import HostileServer, completed, files_under
+from tests.test_hostile import hook as hook  # the hostile server fixtures
+from tests.test_hostile import hostile as hostile
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -145,3 +150,17 @@ def test_a_flapping_404_does_not_restart_the_deferred_waits_budget(
     assert tasks["generate"] == ("failed", 1), tasks
     assert elapsed < 40, f"the wait ran {elapsed:.0f} s on a 2 s budget"
     assert list(tmp_path.iterdir()) == [], "not waited for past the budget and stored"
+
+
+def test_a_served_content_type_is_shown_as_server_text(
+    hostile: HostileServer, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    """The ``Content-Type`` of a page served instead of the video is server-supplied text: in the
+    (retryable) error it obeys the printable and length rule, not 20,000 characters of header."""
+    hostile.file("/media/", b"<html>challenge</html>", "text/html" + "\x85x" * 10_000)
+
+    with pytest.raises(EvolinkServedContentError) as raised:
+        store_results(hook, completed(f"{hostile.url}/media/v.mp4"), str(tmp_path))
+    assert raised.value.retryable and len(str(raised.value)) < 300
+    assert "\x85" not in str(raised.value)
+    assert files_under(tmp_path) == []
