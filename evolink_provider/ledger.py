@@ -91,8 +91,9 @@ not evidence that the paid result is gone (a gateway blip, read-after-write lag,
 nothing, fail the try so that a later try reads again. R26: an automatic retry never buys a new generation;
 the message says that a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result
 is proven expired and a new generation was asked for. R29: this provider saw the task completed (so EvoLink
-billed it); a later read saying failed or cancelled (any code, ``resource_not_found`` included) contradicts
-that and is not evidence: spend nothing, fail the try so that a later read collects it.
+billed it; with its results or not yet); a later read saying failed or cancelled (any code,
+``resource_not_found`` included), on a retry's first read, in a wait or in a trigger event, contradicts that
+and is not evidence: spend nothing, fail the try so that a later read collects it.
 """
 
 from __future__ import annotations
