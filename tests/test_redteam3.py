@@ -11,7 +11,7 @@ import pytest
 
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.storage import EvolinkServedContentError, store_results
-from tests.airflow_runs import run_dag
+from tests.airflow_runs import clear_and_rerun, run_dag, run_dag_with_id, task_state_store
 from tests.conftest import SimulatorControl
 from tests.test_hostile import HostileServer, completed, files_under
 from tests.test_hostile import hook as hook  # the hostile server fixtures
@@ -32,6 +32,33 @@ def test_a_regenerate_conf_value_that_is_not_true_or_a_list_fails_before_any_cal
 
     assert (state, tasks["generate"]) == ("failed", ("failed", 1)), "no retry of a refused value"
     assert sim.stats()["tasks_created"] == 0 and sim.posts() == 0
+
+
+def test_a_clear_of_a_task_whose_every_post_answer_was_lost_pays_nothing(
+    sim: SimulatorControl, tmp_path: Path
+) -> None:
+    """Every answer to every try's POST is lost after EvoLink created the task: the run fails with only the
+    intent (the key) recorded and the outcome unknown. A clear of that failed task must resend the same key
+    (EvoLink answers with the task it created) and deliver, not buy a second generation."""
+    lost = {
+        "kind": "reset",
+        "method": "POST",
+        "path_prefix": "/v1/videos/generations",
+        "after_processing": True,
+    }
+    sim.add_faults(lost)
+    state, run_id, tasks = run_dag_with_id("evolink_ledger_one", run_conf={"output_dir": str(tmp_path)})
+    assert (state, tasks["generate"][0]) == ("failed", "failed"), tasks
+    key = task_state_store("evolink_ledger_one", run_id, "generate")["evolink_submission"]["idempotency_key"]
+    assert sim.stats()["tasks_created"] == 1
+    sim.clear_faults()
+
+    state, tasks = clear_and_rerun("evolink_ledger_one", run_id)
+
+    assert state == "success", tasks
+    assert sim.stats()["tasks_created"] == 1
+    record = task_state_store("evolink_ledger_one", run_id, "generate")["evolink_submission"]
+    assert record["idempotency_key"] == key and record["delivered"] is True
 
 
 @pytest.fixture
