@@ -147,14 +147,35 @@ async def _baseline_wait(url: str, task_id: str, poll_interval: float) -> None:
         await asyncio.sleep(poll_interval)
 
 
+async def _aiohttp_wait(session: Any, url: str, task_id: str, first_poll_at: float) -> None:
+    """The provider's poll schedule on a bare shared ``aiohttp`` session (no provider client code): what
+    aiohttp itself costs the loop at this scale, beside the provider's client."""
+    from evolink_provider.polling import decide_after_poll
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    started_at = time.time()
+    await asyncio.sleep(max(0.0, first_poll_at - time.time()))
+    while True:
+        async with session.get(f"{url}/v1/tasks/{task_id}", headers=headers) as response:
+            answer = json.loads(await response.read())
+        if answer["status"] in ("completed", "failed"):
+            return
+        await asyncio.sleep(
+            decide_after_poll(answer, now=time.time(), started_at=started_at, deadline=None).delay
+        )
+
+
 #: Tasks finish at random times this many seconds after the wait begins.
 TASK_FINISH_WINDOW = (10.0, 30.0)
 #: Submissions per second the bench assumes when it schedules the tasks' end (measured: ~600/s).
 ASSUMED_SUBMIT_RATE = 450
 
 
-def run_triggers(url: str, count: int, baseline: bool, conn_id: str = "evolink_default") -> dict[str, float]:
-    """N triggers, with the provider's default poll settings, on one fresh event loop in this process."""
+def run_triggers(
+    url: str, count: int, baseline: bool, conn_id: str = "evolink_default", bare_aiohttp: bool = False
+) -> dict[str, float]:
+    """N triggers, with the provider's default poll settings, on one fresh event loop in this process
+    (``bare_aiohttp``: the same schedule on a bare aiohttp session instead of the provider's triggers)."""
     from evolink_provider.hooks.evolink import EvolinkHook
     from evolink_provider.hooks.transport import aclose_async_clients
     from evolink_provider.polling import DEFAULT_POLL_INTERVAL, decide_after_poll
@@ -195,6 +216,21 @@ def run_triggers(url: str, count: int, baseline: bool, conn_id: str = "evolink_d
                 fired_at[task_id] = time.time()
 
             await asyncio.gather(*(wait(task_id) for task_id in ids))
+        elif bare_aiohttp:  # this tree only: an old tree's child never takes this branch
+            import aiohttp
+
+            from evolink_provider.hooks.transport import CONNECTIONS_PER_ORIGIN
+
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=CONNECTIONS_PER_ORIGIN, keepalive_timeout=45
+            )
+            async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+
+                async def bare(task_id: str, first: float) -> None:
+                    await _aiohttp_wait(session, url, task_id, first)
+                    fired_at[task_id] = time.time()
+
+                await asyncio.gather(*(bare(t, first) for t, first in zip(ids, first_polls, strict=True)))
         else:
 
             async def first_event(trigger: EvolinkTaskTrigger) -> None:
@@ -316,7 +352,13 @@ def bench_triggerer() -> list[str]:
 
         single: dict[int, dict[str, float]] = {}
         for count in sizes:
-            single[count] = run_triggers(url, count, baseline=False)
+            # Beside an old tree, this tree's triggers run in a fresh child process too: in this process
+            # the earlier runs' heap would change how often the full collections come.
+            single[count] = (
+                in_checkout(str(REPO), "_triggers", url, str(count))
+                if OLD_CHECKOUT
+                else run_triggers(url, count, baseline=False)
+            )
             within = single[count]["connections"] <= ASYNC_POOL_SIZE
             lines.append(
                 TRIGGER_LINE.format(mode="provider", **single[count])
@@ -335,6 +377,8 @@ def bench_triggerer() -> list[str]:
                     + verdict(old, single_get=True)
                     + f"; this tree's lag p99 and full collections no worse: {'met' if no_worse else 'MISSED'}"
                 )
+                bare = in_checkout(str(REPO), "_aiohttp", url, str(count))
+                lines.append(TRIGGER_LINE.format(mode="bare aiohttp, same schedule", **bare))
         for count in batch_sizes:
             batched = run_triggers(url, count, baseline=False, conn_id=BATCH_CONN)
             line = TRIGGER_LINE.format(mode="batch_polling", **batched) + verdict(batched, single_get=False)
@@ -545,6 +589,10 @@ def main() -> None:
     if sys.argv[1:2] == ["_triggers"]:  # a child of in_checkout: the simulator runs in the parent
         url, count = sys.argv[2], int(sys.argv[3])
         print(json.dumps(run_triggers(url, count, baseline=False)))
+        return
+    if sys.argv[1:2] == ["_aiohttp"]:  # the same, the schedule polled on a bare aiohttp session
+        url, count = sys.argv[2], int(sys.argv[3])
+        print(json.dumps(run_triggers(url, count, baseline=False, bare_aiohttp=True)))
         return
     chosen = sys.argv[1:] or list(CASES)
     started = time.perf_counter()

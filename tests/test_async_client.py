@@ -304,6 +304,52 @@ def test_the_wait_for_a_connection_ends_at_the_polls_deadline(
     assert took < 2.0, f"the poll waited {took:.1f} s for a connection"
 
 
+def test_a_poll_waiting_for_a_connection_holds_few_objects(
+    server: HostileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection to the origin is held: the polls queued behind them wait before aiohttp builds
+    their requests. Thousands of waiting triggers' objects are what the triggerer's full garbage
+    collections walk. Queued inside aiohttp (its request, headers, URL and timers already built), a poll
+    holds more than half again as many objects as queued before it."""
+    import gc
+
+    from evolink_provider.hooks.transport import CONNECTIONS_PER_ORIGIN
+
+    stop = threading.Event()
+    server.routes["/v1/tasks/"] = _silent(stop)
+    set_connection(monkeypatch, "evolink_queue", server.url, read_timeout=20, max_retries=0)
+    waiting = 300
+
+    async def objects_per_waiting_poll() -> float:
+        holding = [
+            asyncio.ensure_future(EvolinkHook("evolink_queue").aget_task(TASK_ID))
+            for _ in range(CONNECTIONS_PER_ORIGIN)
+        ]
+        queued: list[asyncio.Future[Any]] = []
+        try:
+            await asyncio.sleep(0.5)  # the silent exchanges hold every connection now
+            gc.collect()
+            before = len(gc.get_objects())
+            queued += [
+                asyncio.ensure_future(EvolinkHook("evolink_queue").aget_task(TASK_ID)) for _ in range(waiting)
+            ]
+            await asyncio.sleep(0.3)
+            assert not any(read.done() for read in queued)
+            gc.collect()
+            return (len(gc.get_objects()) - before) / waiting
+        finally:
+            for read in holding + queued:
+                read.cancel()
+            await asyncio.gather(*holding, *queued, return_exceptions=True)
+            await aclose_async_clients()
+
+    try:
+        held = asyncio.run(objects_per_waiting_poll())
+    finally:
+        stop.set()
+    assert held < 85, f"a poll waiting for a connection holds {held:.1f} objects"
+
+
 @pytest.mark.parametrize("failure", ["refused", "reset", "cut", "garbled", "silent"])
 def test_no_aiohttp_exception_rides_along_with_the_error(
     server: HostileServer, monkeypatch: pytest.MonkeyPatch, failure: str

@@ -66,6 +66,18 @@ def test_a_dag_file_and_a_trigger_import_no_http_client_and_no_simulator() -> No
     assert result.stdout.strip() == "[]"
 
 
+def test_a_dag_file_importing_the_operators_loads_no_ledger_hook_or_trigger() -> None:
+    """The ledger, the hook (with its HTTP layer) and the trigger (with Airflow's trigger base) serve a
+    running task only: a DAG file's parse does not pay for them (the import goal of docs/benchmarks.md)."""
+    code = (
+        "import sys; import evolink_provider.operators.evolink;"
+        "print(sorted(m for m in sys.modules if m in ('evolink_provider.ledger',"
+        " 'evolink_provider.hooks.evolink', 'evolink_provider.triggers.evolink')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_cli_lists_the_provider() -> None:
     result = airflow_cli("providers", "list")
     assert result.returncode == 0, result.stderr

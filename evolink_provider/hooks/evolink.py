@@ -29,6 +29,7 @@ from evolink_provider.exceptions import (
     EvolinkWaitTimeoutError,
     server_text,
 )
+from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.hooks.connection import (
     ApiRequest,
     EvolinkConnectionSettings,
@@ -67,7 +68,7 @@ class EvolinkHook(BaseHook):
     """
 
     conn_name_attr = "evolink_conn_id"
-    default_conn_name = "evolink_default"
+    default_conn_name = DEFAULT_CONN_ID
     conn_type = "evolink"
     hook_name = "EvoLink"
 

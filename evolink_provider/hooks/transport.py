@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import sys
 import time
 import uuid
 import weakref
@@ -30,6 +31,11 @@ from evolink_provider.hooks.responses import (
     transport_error,
 )
 from evolink_provider.hooks.retry import Kind, outcome_unknown
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # installed with aiohttp there
+    from async_timeout import timeout
 
 if TYPE_CHECKING:
     import aiohttp
@@ -189,16 +195,29 @@ async def _asend_once(
     if until <= time.time():
         raise answer_out_of_time(request)
     client = await _loop_client()
+    origin = client.origin(request.url)
+    if not await origin.take_slot(until):
+        raise answer_out_of_time(request)
+    try:
+        return await _exchange(client.session, origin, request, timeouts, until)
+    finally:
+        origin.slots.release()
+
+
+async def _exchange(
+    session: aiohttp.ClientSession, origin: _Origin, request: ApiRequest, timeouts: Timeouts, until: float
+) -> dict[str, Any]:
+    """The exchange itself, once this origin's slot is held (see :func:`_asend_once`)."""
     import aiohttp
 
     failure: EvolinkError | None = None
     try:
-        async with client.session.request(
+        async with session.request(
             request.method,
             request.url,
             headers=request.headers,
             json=request.json_body,
-            **client.proxy_for(request.url),
+            **origin.proxy,
             allow_redirects=False,
             # ceil_threshold: aiohttp rounds longer timeouts up to a whole second; a deadline is exact.
             timeout=aiohttp.ClientTimeout(
@@ -238,6 +257,36 @@ CONNECTIONS_PER_ORIGIN = 32
 KEEPALIVE_SECONDS = 45.0
 
 
+class _Origin:
+    """What the requests of one event loop to one origin share: the proxy arguments (looked up once) and
+    the slots for its CONNECTIONS_PER_ORIGIN connections.
+
+    A poll takes a slot *before* aiohttp builds its request: a request waiting inside aiohttp for a free
+    connection already holds its request, headers, URL and timer objects, and thousands of waiting
+    triggers' worth of them outlive the young garbage collections, so the full collections that stall the
+    triggerer's loop come more often (docs/benchmarks.md, issue 22).
+    """
+
+    __slots__ = ("proxy", "slots")
+
+    def __init__(self, proxy: dict[str, Any]) -> None:
+        self.proxy = proxy
+        self.slots = asyncio.Semaphore(CONNECTIONS_PER_ORIGIN)
+
+    async def take_slot(self, until: float) -> bool:
+        """Take a slot, waiting for one at most until ``until`` (epoch seconds); False if time ran out."""
+        if not self.slots.locked():
+            await self.slots.acquire()  # free: taken without suspending
+            return True
+        try:
+            # Not asyncio.wait_for: before Python 3.12 it wraps the wait in a task of its own.
+            async with timeout(until - time.time()):
+                await self.slots.acquire()
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
 class _LoopClient:
     """One event loop's ``aiohttp.ClientSession`` (the triggers of a triggerer share its connections) and
     the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read when it is
@@ -256,26 +305,30 @@ class _LoopClient:
         #: The task that closes the session when the loop ends (held here: a loop holds tasks weakly).
         self.keeper: asyncio.Task[None] | None = None
         self._proxies = urllib.request.getproxies()
-        self._by_origin: dict[str, dict[str, Any]] = {}
+        self._origins: dict[str, _Origin] = {}
 
-    def proxy_for(self, url: str) -> dict[str, Any]:
+    def origin(self, url: str) -> _Origin:
+        """The shared state of requests to ``url``'s origin, built the first time."""
+        key = "/".join(url.split("/", 3)[:3])  # scheme and host:port
+        if key not in self._origins:
+            self._origins[key] = _Origin(self._proxy_for(url))
+        return self._origins[key]
+
+    def _proxy_for(self, url: str) -> dict[str, Any]:
         """The ``proxy`` and ``proxy_auth`` arguments of a request to ``url`` (none: a direct connection)."""
-        origin = url.split("/", 3)[2]
-        if origin not in self._by_origin:
-            import urllib.request
+        import urllib.request
 
-            import aiohttp
+        import aiohttp
 
-            proxy = self._proxies.get(url.split(":", 1)[0]) or self._proxies.get("all")
-            arguments: dict[str, Any] = {}
-            if proxy and not urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
-                parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-                host = parts.netloc.rpartition("@")[2]
-                arguments["proxy"] = urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
-                if parts.username:
-                    arguments["proxy_auth"] = aiohttp.BasicAuth(parts.username, parts.password or "")
-            self._by_origin[origin] = arguments
-        return self._by_origin[origin]
+        proxy = self._proxies.get(url.split(":", 1)[0]) or self._proxies.get("all")
+        arguments: dict[str, Any] = {}
+        if proxy and not urllib.request.proxy_bypass(urlsplit(url).hostname or ""):
+            parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            host = parts.netloc.rpartition("@")[2]
+            arguments["proxy"] = urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+            if parts.username:
+                arguments["proxy_auth"] = aiohttp.BasicAuth(parts.username, parts.password or "")
+        return arguments
 
 
 #: This event loop's client, per loop.

@@ -32,9 +32,8 @@ from evolink_provider.exceptions import (
     EvolinkWaitTimeoutError,
     fail_for,
 )
-from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.hooks.retry import Verdict
-from evolink_provider.ledger import Ledger, NewGeneration
 from evolink_provider.lineage import operator_lineage
 from evolink_provider.links import RESULT_LINKS, push_links
 from evolink_provider.operators.submission import PreparedRequest, payload_for_post, prepare_request
@@ -51,14 +50,12 @@ from evolink_provider.polling import (
 )
 from evolink_provider.results import final_line, finished_value
 from evolink_provider.timing import current as timing
-from evolink_provider.triggers.evolink import (
-    DEFAULT_MAX_POLL_FAILURES,
-    EvolinkTaskTrigger,
-    task_from_event,
-)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.ledger import Ledger
 
 #: Default wait budget: generations take minutes to tens of minutes.
 DEFAULT_TIMEOUT = 2 * 60 * 60
@@ -139,7 +136,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def __init__(
         self,
         *,
-        evolink_conn_id: str = EvolinkHook.default_conn_name,
+        evolink_conn_id: str = DEFAULT_CONN_ID,
         wait_for_completion: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float = DEFAULT_POLL_INTERVAL,
@@ -191,11 +188,15 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> EvolinkHook:
+        from evolink_provider.hooks.evolink import EvolinkHook
+
         return EvolinkHook(self.evolink_conn_id)
 
     def ledger(self, context: Context) -> Ledger:
         """The ledger of this try (see :mod:`evolink_provider.ledger`), made once per try: an operator
         object can outlive a try (``dag.test()`` runs every try on the same one)."""
+        from evolink_provider.ledger import Ledger
+
         made = self.__dict__.get("_ledger")
         if made is None or made.context is not context:
             made = self._ledger = Ledger(
@@ -227,6 +228,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         return payload_for_post(self.hook, self.validated_request(), {}, self.log)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        from evolink_provider.ledger import NewGeneration
+
         self.validated_request()  # refuse a bad field before any HTTP
         if self.deferrable and self.retries == 0:
             log_once(self.log, DEFER_RACE_WARNING % self.task_id)
@@ -258,6 +261,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 task = self._wait_here(context, task, started_at, deadline, until=clock.now() + window)
                 decision = self._decide(task, started_at, deadline)
             if decision.outcome is Outcome.WAIT:
+                from evolink_provider.triggers.evolink import EvolinkTaskTrigger
+
                 deferred_at = clock.now()
                 self.defer(
                     trigger=EvolinkTaskTrigger(
@@ -294,6 +299,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger: check the event, then collect the results (within the same
         deadline the trigger waited for)."""
+        from evolink_provider.ledger import NewGeneration
+        from evolink_provider.triggers.evolink import task_from_event
+
         try:
             task = task_from_event(event)
         except EvolinkError as error:
@@ -372,6 +380,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         """Poll on the worker until the task ends (the synchronous twin of the trigger), or until
         ``until`` (epoch seconds) passes with the task still running. A poll error the poll row does not
         repeat (a 404) is the ledger's to judge (:meth:`~evolink_provider.ledger.Ledger.reread`)."""
+        from evolink_provider.triggers.evolink import DEFAULT_MAX_POLL_FAILURES
+
         reporter = ProgressReporter(task["id"], started_at)
         failures = PollFailureBudget(DEFAULT_MAX_POLL_FAILURES, self.poll_interval, self.max_poll_interval)
         task_id = task["id"]

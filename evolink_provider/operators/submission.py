@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from evolink_provider.answers import credits_text, read_credits
 from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkError, fail_for
-from evolink_provider.ledger import UploadRecord, expiry_epoch, request_fingerprint
 
 if TYPE_CHECKING:
     from evolink_provider.field_rules import MediaRef
     from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.ledger import UploadRecord
     from evolink_provider.uploads import ImageRules
 
 
@@ -59,6 +59,7 @@ def prepare_request(
     :param prompt_policy: ``warn`` or ``refuse`` a prompt longer than EvoLink advises.
     :param local_checks: ``refuse`` or ``warn`` about local images that break the model's image rules.
     """
+    from evolink_provider.ledger import request_fingerprint
     from evolink_provider.models import validate_request
     from evolink_provider.uploads import ImageRules, local_media_digests, uploaded_image_urls
 
@@ -90,6 +91,7 @@ def payload_for_post(
     """
     if not request.local_media:
         return request.payload
+    from evolink_provider.ledger import UploadRecord, expiry_epoch
     from evolink_provider.models import validate_request
     from evolink_provider.uploads import upload_local_media
 
