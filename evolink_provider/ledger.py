@@ -91,8 +91,9 @@ not evidence that the paid result is gone (a gateway blip, read-after-write lag,
 nothing, fail the try so that a later try reads again. R26: an automatic retry never buys a new generation;
 the message says that a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result
 is proven expired and a new generation was asked for. R29: this provider saw the task completed (so EvoLink
-billed it); a later read saying failed or cancelled (any code, ``resource_not_found`` included) contradicts
-that and is not evidence: spend nothing, fail the try so that a later read collects it.
+billed it; with its results or not yet); a later read saying failed or cancelled (any code,
+``resource_not_found`` included), on a retry's first read, in a wait or in a trigger event, contradicts that
+and is not evidence: spend nothing, fail the try so that a later read collects it.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ from evolink_provider.exceptions import (
     EvolinkConflictError,
     EvolinkError,
     EvolinkNotFoundError,
+    EvolinkValidationError,
     fail_for,
     task_error_is_retryable,
 )
@@ -441,14 +443,28 @@ def idempotency_key(identity: str, fingerprint: str, submission: int, generation
 
 
 def regenerate_requested(context: Any, regenerate: Any) -> bool:
-    """Whether a fresh take is forced: the operator's ``regenerate`` (a bool, or its rendered text), or the
-    run's ``dag_run.conf["evolink_regenerate"]`` (``true``, or a list holding this task's id)."""
-    if regenerate is True or (isinstance(regenerate, str) and regenerate.strip().lower() == "true"):
-        return True
+    """Whether a fresh take is forced: the operator's ``regenerate`` (a bool, or its rendered text
+    ``true``/``false``), or the run's ``dag_run.conf["evolink_regenerate"]`` (``true``, or a list holding
+    this task's id). Any other value is refused before any call: a ``"true"`` typed into the trigger form
+    that silently did not force the take would collect the old video instead of the one asked for."""
+    if isinstance(regenerate, str) and regenerate.strip().lower() in ("true", "false"):
+        regenerate = regenerate.strip().lower() == "true"
+    if not isinstance(regenerate, bool):
+        fail_for(EvolinkValidationError("operator", "regenerate", regenerate, "True or False"))
     run = context.get("dag_run")
     conf = getattr(run, "conf", None)
     wanted = conf.get(REGENERATE_CONF_KEY) if isinstance(conf, dict) else None
-    if wanted is True:
+    if not (
+        wanted is None
+        or isinstance(wanted, bool)
+        or (isinstance(wanted, list) and all(isinstance(task_id, str) for task_id in wanted))
+    ):
+        fail_for(
+            EvolinkValidationError(
+                "dag_run.conf", REGENERATE_CONF_KEY, wanted, "true, false, or a list of task ids (JSON)"
+            )
+        )
+    if regenerate or wanted is True:
         return True
     return isinstance(wanted, list) and context["ti"].task_id in wanted
 
@@ -613,16 +629,8 @@ class Ledger:
         if record.generation != self.generation:
             # A clear picks up the generation already paid for: from now on its retries are retries.
             self._save(replace(record, generation=self.generation))
-        answer = answer_of(task, seen_completed=record.completed_seen_at is not None)
-        action = decide(self._situation(answer))
-        if action is Action.FAIL_RETRYABLY:
-            code, message = task_failure(task)
-            raise RetryLaterError(
-                f"EvoLink task {task_id} was seen completed (and so billed) by an earlier try, but now "
-                f"reads {printable(task.get('status'))} ({printable(code)}: {printable(message)}): a "
-                "contradiction, not evidence that the paid result is gone, so nothing was submitted. A "
-                "later try reads it again."
-            )
+        self.refuse_contradiction(task)
+        action = decide(self._situation(answer_of(task)))
         if action is Action.FAIL:
             refuse_unfixable(task)
         if action is Action.SUBMIT:
@@ -635,6 +643,22 @@ class Ledger:
         )
         self.current_task_id = task_id
         return task
+
+    def refuse_contradiction(self, task: dict[str, Any]) -> None:
+        """Row R29, wherever a read of the recorded task ends (a retry's first read, the wait, a trigger
+        event): failed or cancelled after this provider saw it completed fails the try retryably."""
+        record = self.record
+        ours = record is not None and record.task_id == task.get("id")
+        seen = ours and record is not None and record.completed_seen_at is not None
+        answer = answer_of(task, seen_completed=seen)
+        if answer is Answer.CONTRADICTED and decide(self._situation(answer)) is Action.FAIL_RETRYABLY:
+            code, message = task_failure(task)
+            raise RetryLaterError(
+                f"EvoLink task {printable(task.get('id'))} was seen completed (and so billed) by an earlier "
+                f"try, but now reads {printable(task.get('status'))} ({printable(code)}: "
+                f"{printable(message)}): a contradiction, not evidence that the paid result is gone, so "
+                "nothing was submitted. A later try reads it again."
+            )
 
     def reread(self, task_id: str, error: EvolinkError) -> dict[str, Any]:
         """The wait's poll of the paid task failed with an error the poll row does not repeat (a 404 right
@@ -653,10 +677,12 @@ class Ledger:
     def reread_empty(self, task: dict[str, Any]) -> dict[str, Any]:
         """A task read ``completed`` without any result: its list may be filled in a moment after the
         status (read-after-write lag), so within the try it is read again (:func:`reread_pauses`) before
-        the operator gives the paid task up."""
+        the operator gives the paid task up. It was read completed, so billed: a re-read (or a later try's
+        read) saying failed or cancelled is the contradiction of row R29, never a task to resubmit."""
         for delay in reread_pauses():
             if task.get("status") != "completed" or not completed_without_output(task):
                 return task
+            self.saw_completed(task)
             self.log.warning(
                 "EvoLink task %s reads completed without any result; reading it again in %.0fs",
                 task.get("id"),
@@ -786,11 +812,17 @@ class Ledger:
 
     def saw_completed(self, task: dict[str, Any]) -> None:
         """Record when this provider first saw its task completed (the start of the links' 24 h), and the
-        task object it saw (what a try that finds every result stored hands downstream)."""
+        task object it saw with its results (what a try that finds every result stored hands downstream)."""
         record = self.record
-        if record is not None and record.task_id == task.get("id") and record.completed_seen_at is None:
+        if record is None or record.task_id != task.get("id"):
+            return
+        if record.completed_seen_at is None:
+            record = replace(record, completed_seen_at=timing.current().now())
+        if record.completed_task is None and not completed_without_output(task):
             seen = {key: value for key, value in task.items() if key not in ("files", "from_storage")}
-            self._save(replace(record, completed_seen_at=timing.current().now(), completed_task=seen))
+            record = replace(record, completed_task=seen)
+        if record != self.record:
+            self._save(record)
 
     def stored_files(self) -> list[str] | None:
         """The recorded files of the recorded task, when the set is complete and each is still on disk at

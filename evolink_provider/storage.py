@@ -33,7 +33,7 @@ from evolink_provider.answers import (
     checked_task,
     is_task_id,
 )
-from evolink_provider.exceptions import EvolinkError, EvolinkTransportError
+from evolink_provider.exceptions import EvolinkError, EvolinkTransportError, server_text
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -311,7 +311,9 @@ def _store_one(
     with hook.open_result(url, deadline=deadline) as result:
         kind = result.content_type
         if not kind.startswith(ACCEPTED_TYPES) and kind != "application/octet-stream":
-            raise EvolinkServedContentError(f"result {stem} is {kind or 'untyped'}, not a video or image")
+            raise EvolinkServedContentError(
+                f"result {stem} is {server_text(kind, 128) or 'untyped'}, not a video or image"
+            )
         if result.content_length is not None and result.content_length > max_bytes:
             raise EvolinkStorageError(
                 f"result {stem} announces {result.content_length} bytes, more than the {max_bytes} allowed"
@@ -321,8 +323,8 @@ def _store_one(
         suffix = result_extension(head)
         if suffix is None:
             raise EvolinkServedContentError(
-                f"result {stem} (served as {kind or 'untyped'}) is not an MP4, MOV, WebM, PNG, JPEG or WebP "
-                "file by its first bytes; nothing stored"
+                f"result {stem} (served as {server_text(kind, 128) or 'untyped'}) is not an MP4, MOV, WebM, "
+                "PNG, JPEG or WebP file by its first bytes; nothing stored"
             )
         target = _target(folder, f"{stem}.{suffix}")
         _remove_stale_parts(folder, stem)

@@ -379,7 +379,8 @@ def test_identity_keys_and_try_sequences() -> None:
         (False, {"evolink_regenerate": True}, True),
         (False, {"evolink_regenerate": ["t"]}, True),
         (False, {"evolink_regenerate": ["other"]}, False),
-        (False, {"evolink_regenerate": "t"}, False),
+        (False, {"evolink_regenerate": False}, False),
+        (False, {"evolink_regenerate": None}, False),
         (False, None, False),
     ],
 )
@@ -389,6 +390,35 @@ def test_what_forces_a_fresh_take(argument: Any, conf: Any, forced: bool) -> Non
     ctx = context(None)
     ctx["dag_run"].conf = conf
     assert regenerate_requested(ctx, argument) is forced
+
+
+@pytest.mark.parametrize(
+    ("argument", "conf", "named"),
+    [
+        (False, {"evolink_regenerate": "true"}, "evolink_regenerate='true'"),
+        (False, {"evolink_regenerate": "t"}, "evolink_regenerate='t'"),
+        (False, {"evolink_regenerate": 1}, "evolink_regenerate=1"),
+        (False, {"evolink_regenerate": ["t", 2]}, "evolink_regenerate=['t', 2]"),
+        (False, {"evolink_regenerate": {"t": True}}, "evolink_regenerate={'t': True}"),
+        ("yes", {}, "regenerate='yes'"),
+        (1, {}, "regenerate=1"),
+    ],
+)
+def test_a_regenerate_value_that_is_not_a_clear_yes_or_no_is_refused(
+    argument: Any, conf: Any, named: str
+) -> None:
+    """A value that silently did not force the take would collect the old video on a clear instead of
+    the fresh one asked for (or, the other way, read as yes, pay again): refused, naming the key and
+    the allowed values, before any call."""
+    hook = FakeHook()
+    ctx = context(MemoryStore())
+    ctx["dag_run"].conf = conf
+
+    allowed = r"allowed: (true, false, or a list|True or False)"
+    with pytest.raises(AirflowFailException, match=allowed) as error:
+        make(hook, ctx, regenerate=argument)
+    assert named in str(error.value)
+    assert hook.keys == [] and hook.reads == []
 
 
 def test_a_bad_reattach_value_is_refused() -> None:
@@ -576,7 +606,9 @@ def test_stored_files_completed_sighting_and_delivery_are_recorded(
     store = MemoryStore()
     recorded(store)
     first = make(FakeHook(), context(store))
-    with steered(clock=lambda: 777.0):
+    with steered(clock=lambda: 777.0):  # first read completed before its results were filled in
+        first.saw_completed({k: v for k, v in COMPLETED.items() if k != "results"})
+    with steered(clock=lambda: 888.0):
         first.store(dict(COMPLETED), str(tmp_path), None)
         first.saw_completed(dict(COMPLETED))  # the first sighting stays
     saved = SubmissionRecord.from_stored(store.get(STATE_KEY))

@@ -72,6 +72,12 @@ DEFER_RACE_WARNING = (
 )
 
 
+def event_deadline(event: Any) -> float | None:
+    """The deadline a trigger event says the trigger waited for (its ``end_time``), if it says one."""
+    end_time = event.get("end_time") if isinstance(event, dict) else None
+    return float(end_time) if isinstance(end_time, (int, float)) and not isinstance(end_time, bool) else None
+
+
 def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
     """Seconds the task is expected to run still (the polling module's estimate)."""
     expected, _trust = expected_run_time(task, max(0.0, elapsed))
@@ -233,7 +239,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
         except NewGeneration as regenerated:
             return self._wait_and_finish(context, regenerated.task)
 
-    def _wait_and_finish(self, context: Context, task: dict[str, Any]) -> dict[str, Any]:
+    def _wait_and_finish(
+        self, context: Context, task: dict[str, Any], deadline: float | None = None
+    ) -> dict[str, Any]:
+        """Wait for ``task`` and collect it, by ``deadline`` (default: ``timeout`` from now)."""
         context["ti"].xcom_push(key=XCOM_TASK_ID_KEY, value=task["id"])
         if task.get("from_storage"):
             return self._publish(context, finished_value(task))
@@ -241,7 +250,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
             return task  # handed downstream as a task id: post_execute records it delivered
         clock = timing()
         started_at = created_at(task, default=clock.now())
-        deadline = clock.now() + float(self.timeout)
+        deadline = clock.now() + float(self.timeout) if deadline is None else deadline
         decision = self._decide(task, started_at, deadline)
         if decision.outcome is Outcome.WAIT and self.deferrable:
             # A trigger that fires seconds after the deferral can get the task instance failed by
@@ -301,14 +310,16 @@ class EvolinkBaseVideoOperator(BaseOperator):
             if kind == "failed" and isinstance(seen, dict) and seen.get("status") == "completed":
                 task = seen  # completed without any result yet: _finish reads it again
             elif kind == "error" and not error.retryable:
-                # A poll error the trigger does not repeat (a 404): the ledger's rows R23, R24.
+                # A poll error the trigger does not repeat (a 404): the ledger's rows R23, R24, within
+                # the deadline the trigger was given (a flapping 404 must not restart the wait's budget).
                 task = self.ledger(context).reread(str(said.get("evolink_task_id")), error)
-                return self._wait_and_finish(context, task)
+                return self._wait_and_finish(context, task, event_deadline(event))
             else:
+                if kind == "failed" and isinstance(seen, dict):
+                    self.ledger(context).refuse_contradiction(seen)
                 fail_for(error)
         self.ledger(context).check_resumed(task)
-        end_time = event.get("end_time") if isinstance(event, dict) else None
-        deadline = float(end_time) if isinstance(end_time, (int, float)) else time.time() + self.timeout
+        deadline = event_deadline(event) or time.time() + self.timeout
         try:
             return self._publish(context, self._finish(context, task, deadline))
         except NewGeneration as regenerated:
@@ -421,6 +432,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         if decision.outcome is Outcome.WAIT:
             raise EvolinkWaitTimeoutError(f"EvoLink task {task['id']} is still {task.get('status')}")
         if decision.outcome is not Outcome.SUCCESS:
+            self.ledger(context).refuse_contradiction(task)
             code, message = task_failure(task)
             if task.get("status") == "completed":
                 # Completed (and so billed) with nothing to hand downstream, also when read again: end it

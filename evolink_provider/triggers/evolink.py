@@ -116,7 +116,10 @@ class EvolinkTaskTrigger(BaseTrigger):
             except EvolinkError as error:
                 retry = failures.after_failure(error, deadline=self.end_time)
                 if retry.verdict is Verdict.GIVE_UP:
-                    yield self._event("error", message=str(error), retryable=error.retryable)
+                    # end_time: the operator's re-read of the task keeps the deadline (no fresh budget).
+                    yield self._event(
+                        "error", message=str(error), retryable=error.retryable, end_time=self.end_time
+                    )
                     return
                 if retry.verdict is Verdict.OUT_OF_TIME:
                     yield self._event("timeout", message=f"wait budget spent while polls failed: {error}")

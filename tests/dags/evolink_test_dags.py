@@ -438,6 +438,18 @@ with new_dag("evolink_ledger_deferrable", params={"output_dir": "", "faults": []
     )
 
 
+with new_dag("evolink_ledger_short_wait", params={"output_dir": "", "faults": []}):
+    # A 2 s wait budget for a 45 s generation, no retry: the try must end by its deadline, whatever its
+    # polls answer (tests/test_redteam3.py).
+    seedance(
+        "deferrable",
+        prompt="outlives its wait budget [sim:seconds=45]",
+        output_path="{{ params.output_dir }}",
+        timeout=2,
+        retries=0,
+    )
+
+
 with new_dag("evolink_ledger_min_credits", params={"output_dir": "", "faults": []}):
     # A reserve of 100 credits kept: the first try's check passes, its own generation then spends the
     # balance below the reserve (tests/test_redteam2.py).

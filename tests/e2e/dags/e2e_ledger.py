@@ -56,3 +56,6 @@ generation(
     timeout=0.5,
     on_retry_callback=faults_for_the_retry,
 )
+# The worker is SIGKILLed while its POST waits for an answer (the task already created): the retry resends
+# the recorded Idempotency-Key (tests/e2e/test_ledger_e2e.py).
+generation("e2e_ledger_killed_at_post", "killed between the POST and its answer [sim:seconds=2]", 2)
