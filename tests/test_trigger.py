@@ -50,8 +50,31 @@ def test_serialize_round_trip_is_json_safe_and_secret_free() -> None:
     assert TEST_API_KEY not in repr(trigger)
 
 
-def test_fires_success_with_the_task_object(sim: SimulatorControl, caplog: pytest.LogCaptureFixture) -> None:
+def test_fires_success_with_the_task_object(
+    sim: SimulatorControl, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trigger polls without blocking its loop: no sync HTTP call or sleep runs on it (checked on each
+    call, so a loaded machine cannot hide or fake it), and no callback holds it for half a second."""
+    import requests
+
+    # A first run imports the client (once per process, not a blocked poll).
+    run_trigger(EvolinkTaskTrigger(submit("warm-up"), poll_interval=0.2, end_time=time.time() + 60))
+    blocking: list[str] = []
+
+    def on_the_loop(name: str, real: Any) -> Any:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                blocking.append(name)
+            except RuntimeError:
+                pass
+            return real(*args, **kwargs)
+
+        return guarded
+
     task_id = submit()
+    monkeypatch.setattr(requests.Session, "send", on_the_loop("requests", requests.Session.send))
+    monkeypatch.setattr(time, "sleep", on_the_loop("time.sleep", time.sleep))
     with caplog.at_level(logging.WARNING, logger="asyncio"):
         events = run_trigger(EvolinkTaskTrigger(task_id, poll_interval=0.2, end_time=time.time() + 60))
 
@@ -59,7 +82,9 @@ def test_fires_success_with_the_task_object(sim: SimulatorControl, caplog: pytes
     assert events[0]["status"] == "success"
     assert events[0]["task"]["status"] == "completed"
     assert events[0]["task"]["results"]
-    assert not [r for r in caplog.records if "took" in r.getMessage()], "the event loop was blocked"
+    assert blocking == []
+    held = [float(r.args[-1]) for r in caplog.records if "took" in r.getMessage() and r.args]
+    assert not [seconds for seconds in held if seconds >= 0.5], "the event loop was blocked"
 
 
 def test_no_event_fires_before_not_before(sim: SimulatorControl) -> None:
