@@ -800,8 +800,9 @@ class Ledger:
     # -- collect: stored files, expiry, delivery --------------------------------------------------
 
     def check_resumed(self, task: dict[str, Any]) -> None:
-        """A trigger event must name the task this task instance recorded: an event for another task
-        (a forged or stale event row) spends nothing and stores nothing; the try fails retryably."""
+        """A trigger event (``success``, or ``failed``) must name the task this task instance recorded: an
+        event for another task (a forged or stale event row) spends nothing, stores nothing and ends
+        nothing (a ``failed`` one with an unfixable code would skip every retry); the try fails retryably."""
         record = self.record
         if record is not None and record.task_id is not None and task.get("id") != record.task_id:
             raise RetryLaterError(

@@ -1053,3 +1053,22 @@ def test_a_fresh_keys_failed_answer_after_a_resubmission_is_not_a_replay() -> No
     task = make(hook, context(store, try_number=2)).start(None)
 
     assert task["status"] == "failed" and len(hook.keys) == 1
+
+
+def test_a_failed_trigger_event_for_another_task_spends_nothing_and_ends_nothing() -> None:
+    """A ``failed`` event (stale or forged row) naming a task other than the recorded one, with a code no
+    resubmission fixes, ended the task instance for good (``AirflowFailException``: no automatic retry)
+    while the recorded paid task was never read. Like a ``success`` event for another task, it is refused
+    retryably; the event for the recorded task still decides as before."""
+    from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
+
+    operator = EvolinkSeedanceTextToVideoOperator(task_id="t", prompt="p", deferrable=True)
+    failed = {"code": "content_policy_violation", "message": "refused"}
+    cases = (("task-unified-9-otherone", RetryLaterError), ("task-unified-1-abcdefgh", AirflowFailException))
+    for task_id, raised in cases:
+        store = MemoryStore()
+        recorded(store)
+        task = {"id": task_id, "status": "failed", "error": failed}
+        event = {"status": "failed", "evolink_task_id": task_id, "code": failed["code"], "task": task}
+        with pytest.raises(raised, match=task_id):
+            operator.execute_complete(context(store), event)  # type: ignore[arg-type]

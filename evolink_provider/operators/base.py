@@ -315,8 +315,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 task = self.ledger(context).reread(str(said.get("evolink_task_id")), error)
                 return self._wait_and_finish(context, task, event_deadline(event))
             else:
-                if kind == "failed" and isinstance(seen, dict):
-                    self.ledger(context).refuse_contradiction(seen)
+                if kind == "failed":
+                    ledger = self.ledger(context)
+                    named = seen if isinstance(seen, dict) else {"id": said.get("evolink_task_id")}
+                    ledger.check_resumed(named)
+                    ledger.refuse_contradiction(named)
                 fail_for(error)
         self.ledger(context).check_resumed(task)
         deadline = event_deadline(event) or time.time() + self.timeout
