@@ -657,7 +657,9 @@ class Ledger:
                 f"EvoLink task {printable(task.get('id'))} was seen completed (and so billed) by an earlier "
                 f"try, but now reads {printable(task.get('status'))} ({printable(code)}: "
                 f"{printable(message)}): a contradiction, not evidence that the paid result is gone, so "
-                "nothing was submitted. A later try reads it again."
+                "nothing was submitted. A later try reads it again; if EvoLink keeps saying so, clear the "
+                f"task instance with dag_run.conf {REGENERATE_CONF_KEY}=true (or regenerate=True) to pay "
+                "for a new one."
             )
 
     def reread(self, task_id: str, error: EvolinkError) -> dict[str, Any]:

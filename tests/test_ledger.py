@@ -1072,3 +1072,27 @@ def test_a_failed_trigger_event_for_another_task_spends_nothing_and_ends_nothing
         event = {"status": "failed", "evolink_task_id": task_id, "code": failed["code"], "task": task}
         with pytest.raises(raised, match=task_id):
             operator.execute_complete(context(store), event)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("argument", "conf"), [(False, {"evolink_regenerate": True}), ("true", {})], ids=["conf", "text-argument"]
+)
+def test_a_task_seen_completed_that_stays_failed_is_left_only_by_a_forced_clear(
+    argument: Any, conf: dict[str, Any]
+) -> None:
+    """Row R29 holds on every retry and every plain clear for as long as EvoLink reads the task failed,
+    so its message must name the way out; a clear forcing a fresh take (``dag_run.conf``, or the
+    rendered text ``"true"`` of the templated argument) still buys exactly one new generation."""
+    failed = {"id": "task-unified-1-abcdefgh", "status": "failed", "error": {"code": "service_error"}}
+    store = MemoryStore()
+    recorded(store, completed_seen_at=1000.0)
+    hook = FakeHook([failed] * 6)
+    for max_tries in (2, 5):  # an automatic retry, then a plain clear
+        with pytest.raises(RetryLaterError, match=r"clear the task instance with dag_run\.conf"):
+            make(hook, context(store, max_tries=max_tries, try_number=2)).start(None)
+    assert hook.keys == []
+
+    ctx = context(store, max_tries=8, try_number=6)
+    ctx["dag_run"].conf = conf
+    make(hook, ctx, regenerate=argument).start(None)
+    assert len(hook.keys) == 1
