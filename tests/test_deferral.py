@@ -165,3 +165,18 @@ def test_steered_timing_is_read_at_call_time_and_restored() -> None:
     with steered(trigger_hold=7.0) as inside:
         assert current() is inside and inside.trigger_hold == 7.0
     assert current() is before
+
+
+@pytest.mark.parametrize(
+    "end_time",
+    [10**400, float("nan"), float("inf"), "1900000000", True, None],
+    ids=["10**400", "nan", "inf", "text", "bool", "none"],
+)
+def test_an_event_end_time_that_is_no_finite_number_gives_no_deadline(end_time: Any) -> None:
+    """An event's ``end_time`` is read back from a stored row: a value that is no finite number counts as
+    none, so the operator's own ``timeout`` bounds what follows (an integer too big for a float crashed
+    ``execute_complete`` with ``OverflowError``; a NaN deadline never passes)."""
+    from evolink_provider.operators.base import event_deadline
+
+    assert event_deadline({"status": "error", "end_time": end_time}) is None
+    assert event_deadline({"status": "error", "end_time": 1_900_000_000}) == 1_900_000_000.0

@@ -9,6 +9,7 @@ is set); ``post_execute`` then records that the result was delivered. "What does
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -73,9 +74,17 @@ DEFER_RACE_WARNING = (
 
 
 def event_deadline(event: Any) -> float | None:
-    """The deadline a trigger event says the trigger waited for (its ``end_time``), if it says one."""
+    """The deadline a trigger event says the trigger waited for (its ``end_time``), if it says one as a
+    finite number: the event is a stored row, and anything else counts as none (``timeout`` bounds the
+    rest)."""
     end_time = event.get("end_time") if isinstance(event, dict) else None
-    return float(end_time) if isinstance(end_time, (int, float)) and not isinstance(end_time, bool) else None
+    if not isinstance(end_time, (int, float)) or isinstance(end_time, bool):
+        return None
+    try:
+        deadline = float(end_time)
+    except OverflowError:
+        return None
+    return deadline if math.isfinite(deadline) else None
 
 
 def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
