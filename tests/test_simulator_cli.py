@@ -66,3 +66,24 @@ def test_without_ffmpeg_it_serves_a_labelled_clip_and_draws_pictures(tmp_path: P
     assert image_size(picture) == ("image/png", 512, 512)
     assert "pre-encoded" in cache.describe() and "[ffmpeg]" in cache.describe()
     assert cache.video(720, 1280, 8, audio=False).read_bytes() == video  # made once, then served
+
+
+def test_time_scale_and_the_default_estimate_shape_what_a_task_says(tmp_path: Path) -> None:
+    """``task_estimate`` is the estimate of a task with neither marker only; ``time_scale`` scales both."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def estimate(sim: EvolinkSimulator, prompt: str) -> int:
+        body = {"model": "seedance-2.0-fast-text-to-video", "prompt": prompt}
+        answer = requests.post(f"{sim.base_url}/v1/videos/generations", json=body, headers=headers, timeout=5)
+        answer.raise_for_status()
+        return int(answer.json()["task_info"]["estimated_time"])
+
+    with EvolinkSimulator(api_key=KEY, media_dir=tmp_path, task_seconds=0.5, task_estimate=7) as sim:
+        assert estimate(sim, "plain") == 7
+        assert estimate(sim, "marked [sim:seconds=4]") == 4
+        assert estimate(sim, "told [sim:estimate=9]") == 9
+    with EvolinkSimulator(
+        api_key=KEY, media_dir=tmp_path, task_seconds=10, task_estimate=30, time_scale=0.5
+    ) as sim:
+        assert estimate(sim, "plain") == 15
+        assert estimate(sim, "marked [sim:seconds=4]") == 2

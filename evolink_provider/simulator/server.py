@@ -106,10 +106,11 @@ class SimulatorState:
         media_dir: Path,
         result_ttl: float = RESULT_TTL,
         time_scale: float = 1.0,
+        task_estimate: float | None = None,
     ) -> None:
         self.api_keys = api_keys
         self.clock = clock
-        self.store = TaskStore(clock, task_seconds, credits, time_scale)
+        self.store = TaskStore(clock, task_seconds, credits, time_scale, task_estimate)
         self.faults = FaultPlan()
         self.media = MediaCache(media_dir)
         self.result_ttl = result_ttl
