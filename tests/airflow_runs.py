@@ -11,15 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from functools import cache
 from types import ModuleType
 from typing import Any
 
-from tests.conftest import DAGS_FOLDER
+from tests.conftest import DAGS_FOLDER, ONLY_DAGS_ENV
 
 #: ``{task_id or task_id[map_index]: (state, try_number)}`` of one DagRun.
 Tasks = dict[str, tuple[str, int]]
+
+
+@contextlib.contextmanager
+def only_dag(dag_id: str) -> Iterator[None]:
+    """Within the block, a parse of the test DAG files registers ``dag_id`` (conftest's ONLY_DAGS_ENV)."""
+    before = os.environ[ONLY_DAGS_ENV]
+    os.environ[ONLY_DAGS_ENV] = dag_id
+    try:
+        yield
+    finally:
+        os.environ[ONLY_DAGS_ENV] = before
 
 
 @cache
@@ -70,7 +82,8 @@ def run_dag_with_id(
     kwargs: dict[str, Any] = {"run_conf": run_conf}
     if logical_date is not None:
         kwargs["logical_date"] = logical_date
-    dag_run = dag.test(**kwargs)
+    with only_dag(dag_id):
+        dag_run = dag.test(**kwargs)
     return str(dag_run.state), dag_run.run_id, task_states(dag_id, dag_run.run_id)
 
 

@@ -54,8 +54,14 @@ CONNECTION_EXTRA = {
     "retry_after_max": 1.5,
 }
 
+#: The DAG ids (comma-separated) that a parse of the test DAG files registers; unset: all. dag.test()
+#: parses its whole bundle and serializes and stores every DAG registered, on each call: with a hundred
+#: test DAGs that was most of a run's CPU. None outside ``tests.airflow_runs.only_dag``.
+ONLY_DAGS_ENV = "EVOLINK_TEST_ONLY_DAGS"
+
 os.environ.update(
     {
+        ONLY_DAGS_ENV: "",
         "AIRFLOW_HOME": str(AIRFLOW_HOME),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -79,9 +85,13 @@ for source in (REPO / "tests" / "dags").glob("*.py"):
 
 
 #: The timing the tests run on (evolink_provider.timing): a 1 s trigger hold and wait-on-worker window
-#: instead of 15 s, so that the simulator's 2 s generations really defer and their triggers fire within
-#: seconds. A test that checks the production values steers them back (``steered(**PRODUCTION)``).
+#: instead of 15 s. The simulator's default task runs 0.8 s and says it takes 3 s (``task_estimate``): a
+#: deferrable operator defers it at once (its estimate is beyond the window, whatever the whole-second
+#: ``created`` and ``estimated_time`` round away) and its trigger fires after the hold. A test that checks
+#: the production values steers them back (``steered(**PRODUCTION)``).
 TEST_TIMING = {"trigger_hold": 1.0, "wait_on_worker_window": 1.0, "reread_pause": 0.2}
+SIMULATOR_TASK_SECONDS = 0.8
+SIMULATOR_TASK_ESTIMATE = 3.0
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +145,11 @@ def simulator_server() -> Iterator[str]:
     from evolink_provider.simulator import EvolinkSimulator
 
     with EvolinkSimulator(
-        api_key=TEST_API_KEY, extra_api_keys=[SECOND_API_KEY], port=SIMULATOR_PORT, task_seconds=2.0
+        api_key=TEST_API_KEY,
+        extra_api_keys=[SECOND_API_KEY],
+        port=SIMULATOR_PORT,
+        task_seconds=SIMULATOR_TASK_SECONDS,
+        task_estimate=SIMULATOR_TASK_ESTIMATE,
     ) as sim:
         yield sim.base_url
 
@@ -149,13 +163,10 @@ def sim(simulator_server: str) -> Iterator[SimulatorControl]:
     control.clear_faults()
 
 
-@pytest.fixture(scope="session")
-def airflow_db() -> Path:
-    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one).
-
-    Migrating takes 15 s and every test process (each xdist worker, each mutant's run) needs one: the
-    first migrates an empty DB once per Airflow version and Python into the temp dir, and every process
-    copies it."""
+def migrated_db() -> Path:
+    """An empty SQLite metadata DB migrated by this Airflow (``airflow db migrate`` takes 15 s, and every
+    test process needs one): the first process migrates it once per Airflow version and Python into the
+    temp dir, and every process copies it."""
     from importlib.metadata import version
 
     template = Path(tempfile.gettempdir()) / (
@@ -173,7 +184,13 @@ def airflow_db() -> Path:
             os.replace(home / "airflow.db", template)  # atomic: a parallel process sees all or nothing
         finally:
             shutil.rmtree(home, ignore_errors=True)
-    shutil.copyfile(template, AIRFLOW_HOME / "airflow.db")
+    return template
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata DB in the private AIRFLOW_HOME (dag.test() needs one)."""
+    shutil.copyfile(migrated_db(), AIRFLOW_HOME / "airflow.db")
     return AIRFLOW_HOME
 
 

@@ -27,6 +27,7 @@ from evolink_provider.models import (
 )
 from evolink_provider.operators.submission import prepare_request
 from evolink_provider.simulator.validation import image_failure
+from tests.airflow_runs import only_dag
 from tests.conftest import DAGS_FOLDER, SimulatorControl
 from tests.media_files import write_png
 
@@ -48,7 +49,8 @@ def run_rule_dag(dag_id: str) -> dict[str, tuple[str, int]]:
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
-    dag_run = rule_dags().DAGS[dag_id].test()
+    with only_dag(dag_id):
+        dag_run = rule_dags().DAGS[dag_id].test()
     with create_session() as session:
         rows = session.query(TaskInstance).filter(
             TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id
