@@ -246,7 +246,8 @@ import importlib.util, sys
 spec = importlib.util.spec_from_file_location("lineage_dag", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-print("RUN STATE", module.dag.test().state)
+state = module.dag.test().state
+print(f"RUN STATE {state}", flush=True)  # one write: a log thread may print between two
 """
 
 

@@ -32,7 +32,7 @@ from evolink_provider.hooks.connection import DEFAULT_BASE_URL, USER_AGENT, reso
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.retry import parse_retry_after
 from evolink_provider.hooks.transport import aclose_async_clients
-from tests.conftest import CONNECTION_EXTRA, SIMULATOR_PORT, TEST_API_KEY, SimulatorControl
+from tests.conftest import CONNECTION_EXTRA, SIMULATOR_PORT, SIMULATOR_URL, TEST_API_KEY, SimulatorControl
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "a lighthouse at dawn", "duration": 4}
 TASKS = "/v1/tasks/"
@@ -268,13 +268,20 @@ def test_post_is_retried_with_the_same_key_and_creates_one_task(
     assert stats["tasks_by_idempotency_key"][key] == [task["id"]]
 
 
-def test_post_with_unknown_outcome_names_the_key(sim: SimulatorControl, hook: EvolinkHook) -> None:
+def test_post_with_unknown_outcome_names_the_key(
+    sim: SimulatorControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every attempt's answer comes after its 0.5 s read timeout, and after the task was created.
+    extra = {**CONNECTION_EXTRA, "read_timeout": 0.5}
+    set_connection(
+        monkeypatch, "evolink_slow_answers", password=TEST_API_KEY, host=SIMULATOR_URL, extra=extra
+    )
     sim.add_faults(
-        {"method": "POST", "path_prefix": CREATE, "kind": "timeout", "delay": 3, "after_processing": True}
+        {"method": "POST", "path_prefix": CREATE, "kind": "timeout", "delay": 1, "after_processing": True}
     )
     key = "evl-test-post-unknown-0000001"
     with pytest.raises(EvolinkSubmissionUnknownError) as caught:
-        hook.create_video_task(dict(SEEDANCE), idempotency_key=key)
+        EvolinkHook("evolink_slow_answers").create_video_task(dict(SEEDANCE), idempotency_key=key)
     assert key in str(caught.value)
     stats = sim.stats()
     assert stats["tasks_created"] == 1  # every retry replayed the one task
@@ -477,7 +484,10 @@ def test_result_downloads_go_to_the_checked_address_and_verify_the_host_name(
             task = EvolinkHook("evolink_tls").get_task(task["id"])
         # The connection's own host may be private: the simulator by that name.
         named = tls_sim.base_url.replace("127.0.0.1", name)
-        set_connection(monkeypatch, "evolink_named", password=TEST_API_KEY, host=named)
+        # Small backoffs: the refused handshake is retried as a transport error.
+        set_connection(
+            monkeypatch, "evolink_named", password=TEST_API_KEY, host=named, extra=CONNECTION_EXTRA
+        )
         hook = EvolinkHook("evolink_named")
         monkeypatch.setattr(socket, "getaddrinfo", resolve)
         url = task["results"][0].replace("127.0.0.1", name)
