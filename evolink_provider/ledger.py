@@ -94,6 +94,13 @@ is proven expired and a new generation was asked for. R29: this provider saw the
 billed it; with its results or not yet); a later read saying failed or cancelled (any code,
 ``resource_not_found`` included), on a retry's first read, in a wait or in a trigger event, contradicts that
 and is not evidence: spend nothing, fail the try so that a later read collects it.
+
+Two limits, chosen rather than patched. On 3.0-3.2 "seen completed" lives only as long as the try: a task
+read completed without its results by one try and failed with a fixable code by the next is R22 there (a
+new generation, on EvoLink's word that the task failed); 3.3's record makes it R29. A wait (on the worker
+or in the trigger) that ends ``cancelled`` fails the try for good, as EvoLink's own clients never retry a
+cancellation; R20 (a later try or a clear reading it cancelled) submits, since a cancelled task was not
+charged.
 """
 
 from __future__ import annotations
