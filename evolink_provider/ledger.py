@@ -309,6 +309,8 @@ class SubmissionRecord:
     results that task has; ``completed_seen_at`` is when this provider first saw it completed, and
     ``completed_task`` the (checked) task object it saw then, so that a later try that finds every result
     stored hands downstream the same value (links, character name, credits) without reading the task.
+    A task's files stay in the folder the first of them went to (``stored_in``): a try that renders
+    another ``output_path`` completes and hands over that set, so rows R08/R09 hold whatever it renders.
     """
 
     fingerprint: str
@@ -320,6 +322,8 @@ class SubmissionRecord:
     completed_seen_at: float | None = None
     results: int | None = None
     stored: tuple[StoredFile, ...] = field(default=())
+    #: The folder ``stored`` is in (a templated ``output_path`` can render another one on a later try).
+    stored_in: str | None = None
     delivered: bool = False
     completed_task: dict[str, Any] | None = None
 
@@ -340,6 +344,7 @@ class SubmissionRecord:
                 completed_seen_at=None if seen is None else float(seen),
                 results=None if results is None else int(results),
                 stored=_parsed(StoredFile.from_stored, value.get("stored")),
+                stored_in=value["stored_in"] if isinstance(value.get("stored_in"), str) else None,
                 delivered=value.get("delivered") is True,
                 completed_task=value["completed_task"]
                 if isinstance(value.get("completed_task"), dict)
@@ -554,6 +559,9 @@ class Ledger:
             raise AirflowFailException(f"reattach={self.reattach!r}: allowed values are 'auto' and 'never'")
         self.states = SubmissionStore(self.context)
         self.output_path: str | None = None
+        #: The folder this try's downloads go to (:meth:`_folder_of`).
+        self.storing_in: str | None = None
+        self.told_folder = False
         self.record = self.states.load()
         self.generation = try_generation(self.context, self.reattach)
         forced = self.reattach == "never" or regenerate_requested(self.context, self.regenerate)
@@ -842,7 +850,24 @@ class Ledger:
             return None
         from evolink_provider.storage import verify_stored
 
-        return verify_stored(record.task_id or "", str(self.output_path), record.stored, record.results)
+        folder = self._folder_of(record.task_id, str(self.output_path))
+        return verify_stored(record.task_id or "", folder, record.stored, record.results)
+
+    def _folder_of(self, task_id: str | None, output_path: str) -> str:
+        """Where the files of ``task_id`` go: the folder its recorded files are in, else ``output_path``."""
+        record = self.record
+        if record is None or record.task_id != task_id or not record.stored or not record.stored_in:
+            return output_path
+        if record.stored_in != output_path and not self.told_folder:
+            self.told_folder = True
+            self.log.warning(
+                "The files of EvoLink task %s are in %s, where an earlier try stored them; this try's "
+                "output_path renders %s. The set stays where it is: nothing is downloaded or paid for again.",
+                task_id,
+                record.stored_in,
+                output_path,
+            )
+        return record.stored_in
 
     def _from_storage(self) -> dict[str, Any]:
         assert self.record is not None
@@ -863,8 +888,9 @@ class Ledger:
         self.saw_completed(task)
         record = self.record
         known = record.stored if record is not None and record.task_id == task.get("id") else ()
+        self.storing_in = folder = self._folder_of(task.get("id"), output_path)
         try:
-            return store_results(self.hook, task, output_path, deadline, known=known, on_stored=self._stored)
+            return store_results(self.hook, task, folder, deadline, known=known, on_stored=self._stored)
         except EvolinkNotFoundError as error:
             seen = (
                 record.completed_seen_at if record is not None and record.task_id == task.get("id") else None
@@ -895,9 +921,8 @@ class Ledger:
         if record is None or record.task_id is None:
             return
         kept = tuple(known for known in record.stored if known.index != item.index)
-        self._save(
-            replace(record, stored=tuple(sorted((*kept, item), key=lambda f: f.index)), results=results)
-        )
+        stored = tuple(sorted((*kept, item), key=lambda f: f.index))
+        self._save(replace(record, stored=stored, results=results, stored_in=self.storing_in))
 
     def delivered(self) -> None:
         """The result was handed downstream: a clear from now on asks for a new generation."""
