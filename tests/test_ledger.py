@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -1096,3 +1097,48 @@ def test_a_task_seen_completed_that_stays_failed_is_left_only_by_a_forced_clear(
     ctx["dag_run"].conf = conf
     make(hook, ctx, regenerate=argument).start(None)
     assert len(hook.keys) == 1
+
+
+def test_a_set_stays_in_the_folder_its_first_file_went_to(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A templated output_path may render another folder on each try: the set is completed, and handed
+    over, where its first file was stored (rows R08/R09), with one warning naming both folders."""
+    import evolink_provider.storage as storage
+    from evolink_provider.storage import StoredFile
+
+    folders: list[str] = []
+
+    def store_next(
+        hook: Any, task: Any, output_path: str, deadline: Any, known: Any, on_stored: Any
+    ) -> list[str]:
+        folders.append(output_path)
+        index = len(known)
+        name = f"{task['id']}-{index}.mp4"
+        (Path(output_path) / name).write_bytes(b"x" * (index + 3))
+        on_stored(StoredFile(index, name, index + 3, "h"), 2)
+        if index == 0:
+            raise EvolinkServerError("the second download failed", status_code=500)
+        return [str(Path(output_path) / f"{task['id']}-{i}.mp4") for i in (0, 1)]
+
+    monkeypatch.setattr(storage, "store_results", store_next)
+    first_folder, second_folder = tmp_path / "first", tmp_path / "second"
+    first_folder.mkdir()
+    store = MemoryStore()
+    recorded(store)
+    with pytest.raises(EvolinkServerError):
+        make(FakeHook(), context(store)).store(dict(COMPLETED), str(first_folder), None)
+    assert store.get(STATE_KEY)["stored_in"] == str(first_folder)
+
+    retry = make(FakeHook([dict(COMPLETED)]), context(store, try_number=2))
+    with caplog.at_level("WARNING", logger="test"):
+        task = retry.start(str(second_folder))
+        files = retry.store(task, str(second_folder), None)
+    assert folders == [str(first_folder), str(first_folder)]
+    assert files == [str(first_folder / f"{COMPLETED['id']}-{i}.mp4") for i in (0, 1)]
+    told = [r.getMessage() for r in caplog.records if str(second_folder) in r.getMessage()]
+    assert len(told) == 1 and str(first_folder) in told[0]
+
+    hook = FakeHook()
+    third = make(hook, context(store, try_number=3)).start(str(tmp_path / "third"))
+    assert third["from_storage"] is True and third["files"] == files and hook.read_ids == []
