@@ -13,7 +13,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from evolink_provider.answers import created_at
 from evolink_provider.compat import conf
 from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, fail_for
-from evolink_provider.hooks.evolink import EvolinkHook
+from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
@@ -24,10 +24,11 @@ from evolink_provider.polling import (
 )
 from evolink_provider.results import final_line, finished_value
 from evolink_provider.timing import current as timing
-from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
+
+    from evolink_provider.hooks.evolink import EvolinkHook
 
 
 class EvolinkTaskSensor(BaseSensorOperator):
@@ -52,7 +53,7 @@ class EvolinkTaskSensor(BaseSensorOperator):
         self,
         *,
         evolink_task_id: str,
-        evolink_conn_id: str = EvolinkHook.default_conn_name,
+        evolink_conn_id: str = DEFAULT_CONN_ID,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         poke_interval: float = DEFAULT_POLL_INTERVAL,
@@ -67,6 +68,9 @@ class EvolinkTaskSensor(BaseSensorOperator):
 
     @cached_property
     def hook(self) -> EvolinkHook:
+        # The HTTP layer is a running task's, not a DAG file's parse.
+        from evolink_provider.hooks.evolink import EvolinkHook
+
         return EvolinkHook(self.evolink_conn_id)
 
     def poke(self, context: Context) -> PokeReturnValue:
@@ -99,6 +103,8 @@ class EvolinkTaskSensor(BaseSensorOperator):
         first = self.poke(context)
         if first.is_done:
             return first.xcom_value
+        from evolink_provider.triggers.evolink import EvolinkTaskTrigger
+
         clock = timing()
         self.defer(
             trigger=EvolinkTaskTrigger(
@@ -118,6 +124,8 @@ class EvolinkTaskSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the trigger with the task object, or fail with what the event says."""
+        from evolink_provider.triggers.evolink import task_from_event
+
         try:
             return self._outcome(task_from_event(event))
         except EvolinkError as error:
