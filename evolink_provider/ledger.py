@@ -846,31 +846,45 @@ class Ledger:
         """The recorded files of the recorded task, when the set is complete and each is still on disk at
         its recorded size; else None."""
         record = self.record
-        if record is None or not record.results or not self.output_path:
+        if record is None or not record.results:
+            return None
+        folder = self._folder_of(record.task_id, self.output_path)
+        if not folder:
             return None
         from evolink_provider.storage import verify_stored
 
-        folder = self._folder_of(record.task_id, str(self.output_path))
         return verify_stored(record.task_id or "", folder, record.stored, record.results)
 
-    def _folder_of(self, task_id: str | None, output_path: str) -> str:
-        """Where the files of ``task_id`` go: the folder its recorded files are in, else ``output_path``."""
+    def _folder_of(self, task_id: str | None, output_path: str | None) -> str | None:
+        """Where the files of ``task_id`` are and go: the folder its recorded files are in while at least
+        one of them is still there (a later try may render another ``output_path``, or none), else
+        ``output_path``."""
         record = self.record
+        rendered = str(output_path) if output_path else None
         if record is None or record.task_id != task_id or not record.stored or not record.stored_in:
-            return output_path
-        if record.stored_in != output_path and not self.told_folder:
+            return rendered
+        if record.stored_in == rendered:
+            return rendered
+        from evolink_provider.storage import holds_any
+
+        if not holds_any(task_id or "", record.stored_in, record.stored):
+            return rendered  # nothing left to keep together there: the set starts again where asked
+        if not self.told_folder:
             self.told_folder = True
             self.log.warning(
                 "The files of EvoLink task %s are in %s, where an earlier try stored them; this try's "
                 "output_path renders %s. The set stays where it is: nothing is downloaded or paid for again.",
                 task_id,
                 record.stored_in,
-                output_path,
+                rendered or "nothing",
             )
         return record.stored_in
 
     def _from_storage(self) -> dict[str, Any]:
         assert self.record is not None
+        if self.record.generation != self.generation:
+            # As in _read_recorded: a clear picks up what it paid for, and its retries are retries.
+            self._save(replace(self.record, generation=self.generation))
         files = self.stored_files()
         self.log.info("Every result of EvoLink task %s is stored as recorded: %s", self.record.task_id, files)
         self.current_task_id = self.record.task_id
@@ -888,7 +902,7 @@ class Ledger:
         self.saw_completed(task)
         record = self.record
         known = record.stored if record is not None and record.task_id == task.get("id") else ()
-        self.storing_in = folder = self._folder_of(task.get("id"), output_path)
+        self.storing_in = folder = self._folder_of(task.get("id"), output_path) or output_path
         try:
             return store_results(self.hook, task, folder, deadline, known=known, on_stored=self._stored)
         except EvolinkNotFoundError as error:

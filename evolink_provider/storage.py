@@ -201,10 +201,11 @@ def store_results(
         )
     if not urls:
         raise EvolinkStorageError(f"EvoLink task {task.get('id')} completed without any result to store")
-    remote = as_storage_path(output_path)
-    # Local folders go through pathlib: same API, without fsspec's per-write overhead (~40 % throughput).
-    folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _folder(output_path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, a read-only mount, a bucket that is gone
+        raise EvolinkStorageError(f"cannot create the output folder {output_path}: {error}") from error
     records = {item.index: item for item in known}
     stored = []
     for index, url in enumerate(urls):
@@ -228,8 +229,7 @@ def verify_stored(
     by_index = {item.index: item for item in files}
     if expected < 1 or sorted(by_index) != list(range(expected)):
         return None
-    remote = as_storage_path(output_path)
-    folder: Path | ObjectStoragePath = Path(remote.path) if remote.protocol in ("file", "local") else remote
+    folder = _folder(output_path)
     found = []
     for index in range(expected):
         item = by_index[index]
@@ -240,6 +240,21 @@ def verify_stored(
     if "://" not in output_path:
         return [str(path) for path in found]
     return [path.as_uri() if isinstance(path, Path) else str(path) for path in found]
+
+
+def holds_any(task_id: str, output_path: str, files: Sequence[StoredFile]) -> bool:
+    """Whether at least one of ``files`` is still in ``output_path`` as recorded (metadata only)."""
+    folder = _folder(output_path)
+    return any(
+        _is_result_name(item.name, task_id, item.index) and _matches(folder / item.name, item)
+        for item in files
+    )
+
+
+def _folder(output_path: str) -> Path | ObjectStoragePath:
+    # Local folders go through pathlib: same API, without fsspec's per-write overhead (~40 % throughput).
+    remote = as_storage_path(output_path)
+    return Path(remote.path) if remote.protocol in ("file", "local") else remote
 
 
 def file_stamp(path: Path | ObjectStoragePath) -> str:
