@@ -533,3 +533,29 @@ for mode in ("sync", "deferrable"):
         check_stored_under_its_id(
             seedance(mode, prompt="an id of EvoLink's examples", output_path="{{ params.output_dir }}").output
         )
+
+
+# Red-team pass 6 (tests/test_redteam6.py): output_path from a Variable (env AIRFLOW_VAR_EVOLINK_RT6_OUT,
+# "" when unset); a user's post_execute hook steered by marker files in EVOLINK_RT6_CTL: FAIL raises after
+# execute returned (the result stays undelivered), WIPE first deletes the stored results (as a retry landing
+# on another worker, whose local folder does not have them).
+def rt6_after_execute(context: Any, result: Any = None) -> None:
+    from pathlib import Path
+
+    control = Path(os.environ["EVOLINK_RT6_CTL"])
+    if (control / "WIPE").exists() and isinstance(result, dict):
+        for stored in result.get("files") or []:
+            Path(stored).unlink(missing_ok=True)
+    if (control / "FAIL").exists():
+        raise RuntimeError("publishing failed after execute returned")
+
+
+with new_dag("evolink_rt6_var_output"):
+    seedance(
+        "sync",
+        prompt="red-team six [sim:seconds=1]",
+        output_path="{{ var.value.get('evolink_rt6_out', '') }}",
+        retries=1,
+        retry_delay=0,
+        post_execute=rt6_after_execute,
+    )
