@@ -369,3 +369,17 @@ def test_dag_a_later_try_without_output_path_hands_over_the_stored_set(
     # Delivered from A, where the files are (before the fix the XCom held only the expired links).
     assert state == "success" and record["delivered"] is True, (state, tasks)
     assert value.get("files") == [str(tmp_path / "A" / f"{first}-0.mp4")], value
+
+
+def test_a_set_moved_to_the_folder_a_later_try_renders_is_used_there(tmp_path: Path) -> None:
+    """The user moved the stored set from A to B and renders B: nothing is left in A, the set is complete
+    in B as recorded (name, size; a move keeps the inode), so it is handed over from B, nothing read."""
+    store, hook = MemoryStore(), DownloadHook(expired=True)
+    first, second = tmp_path / "A", tmp_path / "B"
+    record_stored(store, first)
+    first.rename(second)
+
+    task = one_try(hook, store, second, max_tries=2, try_number=2)
+
+    assert task["from_storage"] is True and task["files"] == [str(second / f"{TASK}-0.mp4")]
+    assert hook.keys == [] and hook.read_ids == []

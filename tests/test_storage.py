@@ -47,15 +47,28 @@ def test_result_is_stored_as_a_real_mp4(
     sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path, as_uri: bool
 ) -> None:
     task = completed_task(hook)
-    target = tmp_path.as_uri() if as_uri else str(tmp_path)
+    folder = tmp_path / "videos" / "new"  # created with its parents
+    target = folder.as_uri() if as_uri else str(folder)
 
     stored = store_results(hook, task, target)
 
     assert len(stored) == 1
-    path = tmp_path / f"{task['id']}-0.mp4"
+    path = folder / f"{task['id']}-0.mp4"
     assert stored[0] == (path.as_uri() if as_uri else str(path))
     assert path.read_bytes()[4:8] == b"ftyp"
-    assert leftovers(tmp_path) == [path.name]  # no temporary file left behind
+    assert leftovers(folder) == [path.name]  # no temporary file left behind
+
+
+def test_an_output_folder_that_cannot_be_created_is_a_storage_error(
+    sim: SimulatorControl, hook: EvolinkHook, tmp_path: Path
+) -> None:
+    task = completed_task(hook)
+    in_the_way = tmp_path / "videos"
+    in_the_way.write_bytes(b"a file, not a folder")
+
+    with pytest.raises(EvolinkStorageError, match="cannot create the output folder"):
+        store_results(hook, task, str(in_the_way / "new"))
+    assert sim.stats()["requests"].get("GET /media", 0) == 0  # nothing fetched
 
 
 def test_storing_again_reuses_the_same_result(
