@@ -886,6 +886,11 @@ class Ledger:
             # As in _read_recorded: a clear picks up what it paid for, and its retries are retries.
             self._save(replace(self.record, generation=self.generation))
         files = self.stored_files()
+        if files is None:  # changed since this try found them complete
+            raise RetryLaterError(
+                f"The stored files of EvoLink task {self.record.task_id} changed while this try checked "
+                "them: nothing was read or submitted. A later try checks them again."
+            )
         self.log.info("Every result of EvoLink task %s is stored as recorded: %s", self.record.task_id, files)
         self.current_task_id = self.record.task_id
         seen = self.record.completed_task

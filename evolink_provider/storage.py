@@ -65,6 +65,13 @@ class EvolinkStorageError(EvolinkError):
     """A result could not be stored as promised (wrong type, wrong size, a different file in the way)."""
 
 
+class EvolinkStorageUnavailableError(EvolinkStorageError):
+    """The output folder cannot be created or reached now (a network mount or a bucket not answering):
+    nothing about the paid result, so a later try stores it."""
+
+    retryable = True
+
+
 class EvolinkServedContentError(EvolinkStorageError):
     """A result host served something that is not a video or image (an HTML error or challenge page with
     status 200): what it served this time, no evidence about the paid result, so nothing is stored and a
@@ -204,8 +211,10 @@ def store_results(
     folder = _folder(output_path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file in the way, a read-only mount, a bucket that is gone
-        raise EvolinkStorageError(f"cannot create the output folder {output_path}: {error}") from error
+    except OSError as error:  # a mount or bucket not answering, a file in the way
+        raise EvolinkStorageUnavailableError(
+            f"cannot create the output folder {output_path}: {error}"
+        ) from error
     records = {item.index: item for item in known}
     stored = []
     for index, url in enumerate(urls):
@@ -243,12 +252,17 @@ def verify_stored(
 
 
 def holds_any(task_id: str, output_path: str, files: Sequence[StoredFile]) -> bool:
-    """Whether at least one of ``files`` is still in ``output_path`` as recorded (metadata only)."""
-    folder = _folder(output_path)
-    return any(
-        _is_result_name(item.name, task_id, item.index) and _matches(folder / item.name, item)
-        for item in files
-    )
+    """Whether at least one of ``files`` is still in ``output_path`` as recorded. A folder this worker
+    cannot open (its filesystem package missing, an endpoint unreachable) holds nothing it can use."""
+    try:
+        folder = _folder(output_path)
+        return any(
+            _is_result_name(item.name, task_id, item.index) and _matches(folder / item.name, item)
+            for item in files
+        )
+    except Exception:  # fsspec's backends raise their own types (ImportError, botocore's errors, ...)
+        log.warning("The recorded folder %s cannot be opened here; it is not used.", output_path)
+        return False
 
 
 def _folder(output_path: str) -> Path | ObjectStoragePath:
@@ -275,9 +289,21 @@ def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
             return False
         if not path.exists() or path.stat().st_size != item.size:
             return False
-        return not item.stamp or file_stamp(path) == item.stamp
+        if not item.stamp or file_stamp(path) == item.stamp:
+            return True
+        # Another version by its stamp (restored with cp -a, another worker's inode numbers on a shared
+        # mount): the recorded sha256 decides, the file read once, rather than pay for the result again.
+        return bool(item.sha256) and _sha256_of(path) == item.sha256
     except (OSError, ValueError):
         return False
+
+
+def _sha256_of(path: Path | ObjectStoragePath) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _already_stored(
