@@ -252,17 +252,24 @@ def verify_stored(
 
 
 def holds_any(task_id: str, output_path: str, files: Sequence[StoredFile]) -> bool:
-    """Whether at least one of ``files`` is still in ``output_path`` as recorded. A folder this worker
-    cannot open (its filesystem package missing, an endpoint unreachable) holds nothing it can use."""
+    """Whether at least one of ``files`` is still in ``output_path`` as recorded. A folder this worker can
+    never open (its filesystem package is not installed) holds nothing it can use; one that cannot be
+    checked now (an outage) raises :class:`EvolinkStorageUnavailableError`: no verdict, so nothing paid."""
     try:
         folder = _folder(output_path)
-        return any(
-            _is_result_name(item.name, task_id, item.index) and _matches(folder / item.name, item)
-            for item in files
-        )
-    except Exception:  # fsspec's backends raise their own types (ImportError, botocore's errors, ...)
-        log.warning("The recorded folder %s cannot be opened here; it is not used.", output_path)
+        if not isinstance(folder, Path):
+            folder.fs  # noqa: B018 - the filesystem is made on first use: its package may be missing here
+    except (ImportError, ValueError):
+        log.warning("The recorded folder %s cannot be opened on this worker; it is not used.", output_path)
         return False
+    except Exception as error:  # fsspec's backends raise their own types (botocore's errors, ...)
+        raise EvolinkStorageUnavailableError(
+            f"cannot open the recorded folder {output_path}: {error}"
+        ) from error
+    return any(
+        _is_result_name(item.name, task_id, item.index) and _matches(folder / item.name, item)
+        for item in files
+    )
 
 
 def _folder(output_path: str) -> Path | ObjectStoragePath:
@@ -294,8 +301,10 @@ def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
         # Another version by its stamp (restored with cp -a, another worker's inode numbers on a shared
         # mount): the recorded sha256 decides, the file read once, rather than pay for the result again.
         return bool(item.sha256) and _sha256_of(path) == item.sha256
-    except (OSError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return False
+    except Exception as error:  # EIO, a stale handle, a store not answering: cannot tell, so no verdict
+        raise EvolinkStorageUnavailableError(f"cannot check the stored file {path}: {error}") from error
 
 
 def _sha256_of(path: Path | ObjectStoragePath) -> str:
