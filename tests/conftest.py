@@ -94,6 +94,11 @@ SIMULATOR_TASK_SECONDS = 0.8
 SIMULATOR_TASK_ESTIMATE = 3.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long tests first: xdist hands tests out in this order, and one started last sets the suite's end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(autouse=True)
 def quick_timing() -> Iterator[None]:
     from evolink_provider.timing import steered

@@ -64,6 +64,7 @@ def xcom_value(dag_id: str, task_id: str, key: str, run_id: str | None = None) -
 
 
 @pytest.mark.usefixtures("airflow_db")
+@pytest.mark.long
 def test_stored_files_become_asset_events_with_the_documented_extra(
     sim: SimulatorControl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,6 +253,7 @@ print(f"RUN STATE {state}", flush=True)  # one write: a log thread may print bet
 
 
 @pytest.mark.usefixtures("airflow_db")
+@pytest.mark.long
 def test_openlineage_events_name_the_inputs_and_the_stored_outputs(
     sim: SimulatorControl, tmp_path: Path
 ) -> None:

@@ -74,6 +74,7 @@ def test_reference_images_are_uploaded(sim: SimulatorControl, demo_output: Path)
 
 
 @pytest.mark.usefixtures("airflow_db")
+@pytest.mark.long
 def test_character_to_video_keeps_the_character_name(sim: SimulatorControl, demo_output: Path) -> None:
     run_example("example_evolink_character_to_video")
     summary = xcom("example_evolink_character_to_video", "summarize")
@@ -87,6 +88,7 @@ def test_character_to_video_keeps_the_character_name(sim: SimulatorControl, demo
 
 
 @pytest.mark.usefixtures("airflow_db")
+@pytest.mark.long
 def test_batch_concat_reel_and_contact_sheet(sim: SimulatorControl, demo_output: Path) -> None:
     run_example("example_evolink_batch_concat")
     result = xcom("example_evolink_batch_concat", "assemble")
@@ -95,6 +97,7 @@ def test_batch_concat_reel_and_contact_sheet(sim: SimulatorControl, demo_output:
     assert Path(result["contact_sheet"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.long
 def test_demo_command_prints_the_three_paths(tmp_path: Path) -> None:
     """The README's demo command: the text-to-video-edit example end to end, its files where it says."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "EVOLINK"))}

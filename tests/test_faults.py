@@ -60,6 +60,7 @@ def test_thirty_percent_faulty_polls_and_submissions(sim: SimulatorControl, mode
     assert len(polls) == 1 and max(polls.values()) <= 60  # within the schedule's bounds, not a hot loop
 
 
+@pytest.mark.long
 def test_a_permanent_fault_fails_in_bounded_time_and_says_what_happened(sim: SimulatorControl) -> None:
     sim.add_faults({"method": "GET", "path_prefix": TASKS, "kind": "status", "status": 503})
     started = time.monotonic()
@@ -72,6 +73,7 @@ def test_a_permanent_fault_fails_in_bounded_time_and_says_what_happened(sim: Sim
     assert sim.stats()["tasks_created"] == 1
 
 
+@pytest.mark.long
 def test_every_task_error_code_gets_the_right_airflow_behaviour(sim: SimulatorControl) -> None:
     codes = dag_module().TASK_ERROR_CODES
 

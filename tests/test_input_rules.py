@@ -265,6 +265,7 @@ def set_files_quota(sim: SimulatorControl, max_files: int) -> None:
 
 
 @pytest.mark.usefixtures("airflow_db")
+@pytest.mark.long
 def test_a_mapped_run_sharing_three_images_uploads_three_files(sim: SimulatorControl) -> None:
     tasks = run_rule_dag("evolink_upload_once_mapped")
 

@@ -191,6 +191,7 @@ def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.long
 def test_plain_install_simulator_serves_a_valid_mp4_to_a_dag_run(
     plain_venv: Path, plain_simulator: tuple[str, list[str]], tmp_path: Path
 ) -> None:
