@@ -585,6 +585,8 @@ class Ledger:
             return Recorded.INTENT
         if record.delivered:
             return Recorded.DELIVERED
+        if self.why is Why.FORCED:  # R13 submits whatever is stored: the old files are not looked at
+            return Recorded.TASK
         return Recorded.STORED if self.stored_files() is not None else Recorded.TASK
 
     def _save(self, record: SubmissionRecord) -> None:

@@ -274,7 +274,10 @@ def holds_any(task_id: str, output_path: str, files: Sequence[StoredFile]) -> bo
 
 def _folder(output_path: str) -> Path | ObjectStoragePath:
     # Local folders go through pathlib: same API, without fsspec's per-write overhead (~40 % throughput).
-    remote = as_storage_path(output_path)
+    try:
+        remote = as_storage_path(output_path)
+    except (OSError, RuntimeError) as error:  # resolving a local path: a symlink loop, a mount not answering
+        raise EvolinkStorageUnavailableError(f"cannot open the folder {output_path}: {error}") from error
     return Path(remote.path) if remote.protocol in ("file", "local") else remote
 
 
@@ -292,10 +295,15 @@ def file_stamp(path: Path | ObjectStoragePath) -> str:
 
 def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
     try:
-        if isinstance(path, Path) and (path.is_symlink() or not path.is_file()):
-            return False
-        if not path.exists() or path.stat().st_size != item.size:
-            return False
+        if isinstance(path, Path):
+            if path.is_symlink() or not path.is_file() or path.stat().st_size != item.size:
+                return False
+        else:
+            # fsspec's own exists() answers False on any error: info() tells "not there" (FileNotFoundError)
+            # from a store that does not answer (anything else).
+            info = path.fs.info(path.path)
+            if info.get("type") != "file" or info.get("size") != item.size:
+                return False
         if not item.stamp or file_stamp(path) == item.stamp:
             return True
         # Another version by its stamp (restored with cp -a, another worker's inode numbers on a shared
