@@ -840,7 +840,9 @@ def test_any_answer_ends_as_a_task_or_an_evolink_error_in_both_modes(
     )
     assert len(events) == 1
     status = events[0]["status"]
-    assert status in ({"success", "failed", "timeout"} if accepted else {"error"}), events[0]
+    # On a loaded machine the 0.3 s wait can end inside a read: that read's error event, cut by the deadline.
+    cut = status == "error" and "time ran out" in events[0]["message"]
+    assert status in ({"success", "failed", "timeout"} if accepted else {"error"}) or cut, events[0]
 
 
 # -- server-supplied text: one printable/length rule, and never the connection's key ---------------------
