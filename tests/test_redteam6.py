@@ -332,19 +332,24 @@ def _undelivered_run(sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     return run_id, record["task_id"], control
 
 
+def _clear_a_day_later(run_id: str) -> tuple[str, Any]:
+    """Clear the run's task instances as the UI does, a day after the task was seen completed."""
+    from evolink_provider.timing import current, steered
+    from tests.airflow_runs import clear_and_rerun
+
+    real = current().clock
+    with steered(clock=lambda: real() + 24 * 3600 + 60):
+        return clear_and_rerun("evolink_rt6_var_output", run_id)
+
+
 @pytest.mark.usefixtures("airflow_db")
 def test_dag_the_retry_of_a_clear_that_used_stored_files_buys_no_generation(
     sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from evolink_provider.timing import current, steered
-    from tests.airflow_runs import clear_and_rerun
-
     run_id, first, control = _undelivered_run(sim, tmp_path, monkeypatch)
     _expire_links_of(sim, first)
     (control / "WIPE").write_text("x")  # the clear's try uses the stored set, then fails on "another worker"
-    real = current().clock
-    with steered(clock=lambda: real() + 24 * 3600 + 60):
-        _state, tasks = clear_and_rerun("evolink_rt6_var_output", run_id)
+    _state, tasks = _clear_a_day_later(run_id)
     assert tasks["generate"][1] == 4, tasks  # the clear's try and its automatic retry
     assert sim.stats()["tasks_created"] == 1, "the automatic retry of the clear bought a new generation"
 
@@ -353,16 +358,13 @@ def test_dag_the_retry_of_a_clear_that_used_stored_files_buys_no_generation(
 def test_dag_a_later_try_without_output_path_hands_over_the_stored_set(
     sim: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from evolink_provider.timing import current, steered
-    from tests.airflow_runs import clear_and_rerun, task_state_store, xcom
+    from tests.airflow_runs import task_state_store, xcom
 
     run_id, first, control = _undelivered_run(sim, tmp_path, monkeypatch)
     _expire_links_of(sim, first)
     (control / "FAIL").unlink()
     monkeypatch.delenv("AIRFLOW_VAR_EVOLINK_RT6_OUT")  # the Variable is gone: output_path renders ""
-    real = current().clock
-    with steered(clock=lambda: real() + 24 * 3600 + 60):
-        state, tasks = clear_and_rerun("evolink_rt6_var_output", run_id)
+    state, tasks = _clear_a_day_later(run_id)
     value = xcom("evolink_rt6_var_output", "generate")
     record = task_state_store("evolink_rt6_var_output", run_id, "generate")["evolink_submission"]
     assert sim.stats()["tasks_created"] == 1
