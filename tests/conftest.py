@@ -94,6 +94,13 @@ SIMULATOR_TASK_SECONDS = 0.8
 SIMULATOR_TASK_ESTIMATE = 3.0
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest-xdist hands each worker its first tests in one chunk of a quarter of its share: the long tests,
+    sorted first, would all go to one worker. Two at a time spreads them (unless set on the command line)."""
+    if getattr(config.option, "maxschedchunk", 2) is None:
+        config.option.maxschedchunk = 2
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Long tests first: xdist hands tests out in this order, and one started last sets the suite's end."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)

@@ -26,6 +26,7 @@ from evolink_provider.assets import asset_events, summarize_request
 from evolink_provider.lineage import dataset_name, output_locations
 from evolink_provider.links import link_targets, safe_link, stored_file_link
 from evolink_provider.results import credits_of
+from tests.airflow_runs import only_files
 from tests.conftest import DAGS_FOLDER, REPO, SimulatorControl, asset_events_of
 from tests.test_example_dags import run_example
 from tests.test_hostile import TASK_ID, HostileServer, set_connection, task
@@ -158,7 +159,8 @@ def test_a_hostile_answer_makes_no_link_and_no_asset(hostile_evolink: HostileSer
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    run = module.hostile_links.test()
+    with only_files("evolink_asset_test_dags.py"):
+        run = module.hostile_links.test()
     assert str(run.state) == "success"
 
     dag_id = "evolink_hostile_result_links"
