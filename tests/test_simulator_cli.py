@@ -87,3 +87,11 @@ def test_time_scale_and_the_default_estimate_shape_what_a_task_says(tmp_path: Pa
     ) as sim:
         assert estimate(sim, "plain") == 15
         assert estimate(sim, "marked [sim:seconds=4]") == 2
+
+
+def test_the_credits_control_refuses_a_field_it_does_not_know() -> None:
+    """An older body (``"unlimited"``) is refused: ignored, a test would run on another balance."""
+    with EvolinkSimulator() as sim:
+        url = f"{sim.base_url}/_simulator/credits"
+        assert requests.post(url, json={"remaining": 5, "unlimited": True}, timeout=5).status_code == 400
+        assert requests.post(url, json={"remaining": 5, "key_unlimited": True}, timeout=5).status_code == 200

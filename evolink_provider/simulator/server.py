@@ -729,6 +729,10 @@ class SimulatorHandler(BaseHTTPRequestHandler):
             state.store.key_failures[str(payload["api_key"])] = str(payload["code"])
             return json_response(200, {"ok": True})
         if action == "credits" and method == "POST":
+            unknown = sorted(set(payload) - {"remaining", "key_remaining", "key_unlimited"})
+            if unknown:  # e.g. the "unlimited" of an older simulator: ignoring it would test something else
+                known = "remaining, key_remaining, key_unlimited"
+                return error_response(400, f"unknown fields {unknown}: {known}")
             try:
                 state.store.set_balance(
                     payload.get("remaining"), payload.get("key_remaining"), payload.get("key_unlimited")
