@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,30 @@ class NotAnswering(AbstractFileSystem):
         raise OSError(errno.EIO, "server not answering", path)
 
 
-@pytest.fixture
-def flaky_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+def register_scheme(
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+    get_fs: Callable[..., AbstractFileSystem],
+    implementation: type[AbstractFileSystem],
+) -> None:
+    """``protocol://`` URIs open through Airflow's ``ObjectStoragePath`` with ``get_fs`` (the signature of
+    a provider's ``get_fs(conn_id, options)``), and through fsspec's registry as ``implementation``."""
     import airflow.sdk.io.fs as airflow_fs
 
     registered = dict(airflow_fs._register_filesystems())
-    registered["rt9flaky"] = lambda conn_id, options=None: NotAnswering(skip_instance_cache=True)
+    registered[protocol] = get_fs
     monkeypatch.setattr(airflow_fs, "_register_filesystems", lambda: registered)
-    fsspec.register_implementation("rt9flaky", NotAnswering, clobber=True)
+    fsspec.register_implementation(protocol, implementation, clobber=True)
+
+
+@pytest.fixture
+def flaky_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+    register_scheme(
+        monkeypatch,
+        "rt9flaky",
+        lambda conn_id, options=None: NotAnswering(skip_instance_cache=True),
+        NotAnswering,
+    )
 
 
 # -- findings ---------------------------------------------------------------------------------------
@@ -185,15 +202,10 @@ def test_a_recorded_folder_that_became_a_file_holds_nothing(tmp_path: Path) -> N
 def test_an_object_storage_folder_whose_fs_raises_is_retryable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: Exception
 ) -> None:
-    import airflow.sdk.io.fs as airflow_fs
-
     def broken(conn_id: Any, options: Any = None) -> Any:
         raise raised
 
-    registered = dict(airflow_fs._register_filesystems())
-    registered["rt9broken"] = broken
-    monkeypatch.setattr(airflow_fs, "_register_filesystems", lambda: registered)
-    fsspec.register_implementation("rt9broken", NotAnswering, clobber=True)
+    register_scheme(monkeypatch, "rt9broken", broken, NotAnswering)
     store, hook = MemoryStore(), DownloadHook(expired=True)
     record_real(store, tmp_path / "was-A")
     store.set(STATE_KEY, {**store.get(STATE_KEY), "stored_in": "rt9broken://bucket/A"})
