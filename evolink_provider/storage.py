@@ -284,7 +284,7 @@ def _folder(output_path: str) -> Path | ObjectStoragePath:
 def file_stamp(path: Path | ObjectStoragePath) -> str:
     """What identifies this version of a stored file without reading it: a local file's modification
     time (ns) and inode as of the rename; in object storage the ETag and last-modified time its
-    filesystem's ``info`` gives, when it gives them (else nothing, and only the size is compared)."""
+    filesystem's ``info`` gives, when it gives them (else nothing, and the sha256 decides)."""
     if isinstance(path, Path):
         st = path.stat()
         return f"{st.st_mtime_ns}:{st.st_ino}"
@@ -304,11 +304,14 @@ def _matches(path: Path | ObjectStoragePath, item: StoredFile) -> bool:
             info = path.fs.info(path.path)
             if info.get("type") != "file" or info.get("size") != item.size:
                 return False
-        if not item.stamp or file_stamp(path) == item.stamp:
+        if item.stamp and file_stamp(path) == item.stamp:
             return True
+        if not item.sha256:  # a record from before sha256s were kept: its size and stamp are all there is
+            return not item.stamp
         # Another version by its stamp (restored with cp -a, another worker's inode numbers on a shared
-        # mount): the recorded sha256 decides, the file read once, rather than pay for the result again.
-        return bool(item.sha256) and _sha256_of(path) == item.sha256
+        # mount), or no stamp at all (a store whose info() gives no ETag or time, where the size alone
+        # kept other bytes): the recorded sha256 decides, the file read once, rather than pay again.
+        return _sha256_of(path) == item.sha256
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return False
     except Exception as error:  # EIO, a stale handle, a store not answering: cannot tell, so no verdict

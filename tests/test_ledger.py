@@ -587,20 +587,29 @@ def test_without_a_sighting_the_links_age_from_created(monkeypatch: pytest.Monke
         make(hook, context(None)).store(dict(COMPLETED), "/tmp/x", None)
 
 
+def stored_as_recorded(path: Path, index: int, data: bytes) -> Any:
+    """``data`` written to ``path`` and its record as the storage makes one (size, sha256, stamp)."""
+    import hashlib
+
+    from evolink_provider.storage import StoredFile, file_stamp
+
+    path.write_bytes(data)
+    return StoredFile(index, path.name, len(data), hashlib.sha256(data).hexdigest(), file_stamp(path))
+
+
 def test_stored_files_completed_sighting_and_delivery_are_recorded(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import evolink_provider.storage as storage
-    from evolink_provider.storage import StoredFile
     from evolink_provider.timing import steered
 
     def store_two(
         hook: Any, task: Any, output_path: str, deadline: Any, known: Any, on_stored: Any
     ) -> list[str]:
         for index in (0, 1):
-            name = f"{task['id']}-{index}.mp4"
-            (tmp_path / name).write_bytes(b"x" * (index + 3))
-            on_stored(StoredFile(index, name, index + 3, "h"), 2)
+            on_stored(
+                stored_as_recorded(tmp_path / f"{task['id']}-{index}.mp4", index, b"x" * (index + 3)), 2
+            )
         return [str(tmp_path / f"{task['id']}-{i}.mp4") for i in (0, 1)]
 
     monkeypatch.setattr(storage, "store_results", store_two)
@@ -833,11 +842,11 @@ def test_a_stored_set_recorded_before_its_task_object_was_kept(
 ) -> None:
     """Every file stored, but the record predates ``completed_task``: a minimal completed task is handed
     on, and the recorded task is the one this try is about."""
-    from evolink_provider.storage import StoredFile
 
-    (tmp_path / "task-unified-1-abcdefgh-0.mp4").write_bytes(b"xyz")
     store = MemoryStore()
-    recorded(store, results=1, stored=(StoredFile(0, "task-unified-1-abcdefgh-0.mp4", 3, "h"),))
+    recorded(
+        store, results=1, stored=(stored_as_recorded(tmp_path / "task-unified-1-abcdefgh-0.mp4", 0, b"xyz"),)
+    )
     hook = FakeHook()
 
     started = make(hook, context(store, try_number=2))
@@ -1105,7 +1114,6 @@ def test_a_set_stays_in_the_folder_its_first_file_went_to(
     """A templated output_path may render another folder on each try: the set is completed, and handed
     over, where its first file was stored (rows R08/R09), with one warning naming both folders."""
     import evolink_provider.storage as storage
-    from evolink_provider.storage import StoredFile
 
     folders: list[str] = []
 
@@ -1114,9 +1122,9 @@ def test_a_set_stays_in_the_folder_its_first_file_went_to(
     ) -> list[str]:
         folders.append(output_path)
         index = len(known)
-        name = f"{task['id']}-{index}.mp4"
-        (Path(output_path) / name).write_bytes(b"x" * (index + 3))
-        on_stored(StoredFile(index, name, index + 3, "h"), 2)
+        on_stored(
+            stored_as_recorded(Path(output_path) / f"{task['id']}-{index}.mp4", index, b"x" * (index + 3)), 2
+        )
         if index == 0:
             raise EvolinkServerError("the second download failed", status_code=500)
         return [str(Path(output_path) / f"{task['id']}-{i}.mp4") for i in (0, 1)]

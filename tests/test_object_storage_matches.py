@@ -169,3 +169,14 @@ def test_an_info_that_says_not_there_is_not_kept(
     bucket.pipe_file(f"bucket/A/{NAME}", VIDEO)
     monkeypatch.setattr(Bucket, "fail_with", error)
     assert check(record()) is False
+
+
+def test_without_a_stamp_the_recorded_sha256_decides(bucket: Bucket) -> None:
+    """A backend whose ``info`` gives no ETag or time records no stamp: other bytes of the recorded size
+    are not kept (the size alone kept them), the recorded bytes are, read once."""
+    bucket.pipe_file(f"bucket/A/{NAME}", VIDEO[:-1] + b"?")
+    assert check(record(stamp="")) is False
+    bucket.pipe_file(f"bucket/A/{NAME}", VIDEO)
+    bucket.reads.clear()
+    assert check(record(stamp="")) is True
+    assert bucket.reads == [f"/bucket/A/{NAME}"]

@@ -7,6 +7,7 @@ although rows R08/R09 say "use stored". The record now says where the files are 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkError, EvolinkNotFoundError
 from evolink_provider.ledger import STATE_KEY, SubmissionRecord
-from evolink_provider.storage import StoredFile
+from evolink_provider.storage import StoredFile, file_stamp
 from tests.test_ledger import FakeHook, MemoryStore, context, make
 
 TASK = "task-unified-1774857405-abc123"
@@ -51,7 +52,8 @@ def stored_everything(store: MemoryStore, folder: Path) -> None:
     delivered (the try failed after storing, e.g. killed or marked failed before post_execute)."""
     folder.mkdir(parents=True, exist_ok=True)
     video = b"\x00\x00\x00\x18ftypisom-paid-video"
-    (folder / f"{TASK}-0.mp4").write_bytes(video)
+    path = folder / f"{TASK}-0.mp4"
+    path.write_bytes(video)
     record = SubmissionRecord(
         "fp-1",
         0,
@@ -60,7 +62,7 @@ def stored_everything(store: MemoryStore, folder: Path) -> None:
         "seq-2",
         completed_seen_at=time.time() - 2 * DAY,
         results=1,
-        stored=(StoredFile(0, f"{TASK}-0.mp4", len(video), "h"),),
+        stored=(StoredFile(0, path.name, len(video), hashlib.sha256(video).hexdigest(), file_stamp(path)),),
         stored_in=str(folder),
     )
     store.set(STATE_KEY, record.as_stored())
