@@ -35,8 +35,7 @@ from typing import Any
 from evolink_provider.answers import created_at
 from evolink_provider.exceptions import MAX_SERVER_NAME, EvolinkError, server_text
 from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
-from evolink_provider.results import duration_phrase, printable
-from evolink_provider.storage import result_urls
+from evolink_provider.results import duration_phrase, printable, result_urls
 
 RUNNING_STATUSES = frozenset({"pending", "processing"})
 FAILED_STATUSES = frozenset({"failed", "cancelled"})

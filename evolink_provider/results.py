@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from evolink_provider.answers import credits_text
+from evolink_provider.answers import RESULT_DATA_URLS, credits_text
 from evolink_provider.exceptions import printable
-from evolink_provider.storage import result_urls
 
 __all__ = ["character_name", "credits_of", "final_line", "finished_value", "printable", "result_urls"]
 
@@ -86,3 +85,19 @@ def duration_phrase(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m {seconds % 60:02d}s"
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def result_urls(task: dict[str, Any]) -> list[str]:
+    """Every file a completed task hands over, in order and without repeats.
+
+    Most tasks list videos in ``results``; some put them in ``result_data[].video_url`` or
+    ``result_data.video_url`` with ``results`` empty (seen by EvoLink's own clients); sora-character
+    gives a ``result_data.profile_picture_url``. All are collected.
+    """
+    found = [url for url in task.get("results") or [] if isinstance(url, str)]
+    data = task.get("result_data")
+    entries = data if isinstance(data, list) else [data]
+    for entry in entries:
+        if isinstance(entry, dict):
+            found += [entry[name] for name in RESULT_DATA_URLS if isinstance(entry.get(name), str)]
+    return list(dict.fromkeys(url for url in found if url.strip()))

@@ -28,12 +28,12 @@ from typing import IO, TYPE_CHECKING, Any, cast
 
 from evolink_provider.answers import (
     MAX_RESULTS_PER_TASK,
-    RESULT_DATA_URLS,
     TASK_ID_PATTERN,
     checked_task,
     is_task_id,
 )
 from evolink_provider.exceptions import EvolinkError, EvolinkTransportError, server_text
+from evolink_provider.results import result_urls
 
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
@@ -160,22 +160,6 @@ def result_extension(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return None
-
-
-def result_urls(task: dict[str, Any]) -> list[str]:
-    """Every file a completed task hands over, in order and without repeats.
-
-    Most tasks list videos in ``results``; some put them in ``result_data[].video_url`` or
-    ``result_data.video_url`` with ``results`` empty (seen by EvoLink's own clients); sora-character
-    gives a ``result_data.profile_picture_url``. All are collected.
-    """
-    found = [url for url in task.get("results") or [] if isinstance(url, str)]
-    data = task.get("result_data")
-    entries = data if isinstance(data, list) else [data]
-    for entry in entries:
-        if isinstance(entry, dict):
-            found += [entry[name] for name in RESULT_DATA_URLS if isinstance(entry.get(name), str)]
-    return list(dict.fromkeys(url for url in found if url.strip()))
 
 
 def store_results(

@@ -38,7 +38,8 @@ from evolink_provider.hooks.responses import parse_response
 from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.models import validate_request
 from evolink_provider.polling import Outcome, decide_after_poll
-from evolink_provider.storage import result_urls, store_results
+from evolink_provider.results import result_urls
+from evolink_provider.storage import store_results
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
 from tests.airflow_runs import run_dag
 from tests.conftest import CONNECTION_EXTRA, TEST_API_KEY, SimulatorControl
