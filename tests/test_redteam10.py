@@ -110,25 +110,6 @@ def test_f1_one_refused_fresh_link_after_a_deferral_without_a_store_fails_the_pa
         operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1b: same cause as F1, with regenerate_expired=True: one refused fresh link buys a 2nd "
-    "generation (ledger.Ledger.store -> link_expired with record None -> R27 submit)",
-)
-def test_f1b_with_regenerate_expired_one_refused_fresh_link_buys_a_second_generation(
-    hostile: HostileServer,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    refused_once_then_served(hostile)
-    task = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(time.time()) - 2 * DAY}
-    operator = resumed_operator(tmp_path, regenerate_expired=True)
-    event = {"status": "success", "task": task, "end_time": time.time() + 600}
-
-    with pytest.raises(BaseException):  # noqa: B017 - whatever ends the try, nothing may be bought
-        operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
-    assert posts(hostile) == 0
-
-
 def test_with_a_store_the_same_refused_link_fails_retryably_and_buys_nothing(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
