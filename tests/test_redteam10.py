@@ -143,12 +143,6 @@ def test_with_a_store_the_same_refused_link_fails_retryably_and_buys_nothing(
 # -- F2: the key, echoed by the server on a result download, reaches exceptions and logs -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: hooks/downloads.py builds errors from the redirect hop's URL (_redact_query keeps the "
-    "path), _result_stream from the raw Content-Encoding and storage._store_one from the raw "
-    "Content-Type: no _without_key as parse_response applies to API answers",
-)
 @pytest.mark.parametrize("echo", ["location-404", "location-scheme", "content-type", "content-encoding"])
 def test_f2_a_key_echoed_on_a_result_download_reaches_no_exception_or_log(
     hostile: HostileServer,  # noqa: F811
@@ -177,11 +171,6 @@ def test_f2_a_key_echoed_on_a_result_download_reaches_no_exception_or_log(
 # -- F3: a Content-Length of Unicode digits is a raw ValueError ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: hooks/downloads.py _result_stream: `int(length) if length.isdigit()`: '²'.isdigit() is "
-    "True, int('²') raises ValueError (not an EvolinkError)",
-)
 def test_f3_a_content_length_of_superscript_digits_is_an_evolink_error(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -364,11 +353,6 @@ def test_an_object_that_contradicts_its_record_is_downloaded_again_not_paid(
 # -- F6: the key, echoed in an API answer's Content-Encoding, reaches exceptions and the trigger event --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F6: hooks/responses.py AnswerBody.__init__ puts the raw Content-Encoding header ({!r}) into "
-    "EvolinkBadAnswerError, before and outside parse_response's _without_key",
-)
 def test_f6_a_key_echoed_in_the_content_encoding_of_an_answer_reaches_no_exception_or_event(
     hostile: HostileServer,  # noqa: F811
     caplog: pytest.LogCaptureFixture,

@@ -27,6 +27,7 @@ from evolink_provider.exceptions import (
     error_for_status,
 )
 from evolink_provider.hooks.connection import USER_AGENT, EvolinkConnectionSettings
+from evolink_provider.hooks.responses import without_key
 from evolink_provider.hooks.retry import Kind, parse_retry_after
 
 if TYPE_CHECKING:
@@ -108,17 +109,19 @@ class ResultDownloads:
     ) -> Iterator[ResultStream]:
         """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked
         (``deadline``: see ``EvolinkHook.open_result``)."""
+        # A result host's headers are server text like an API answer's: the key, if echoed, is not kept.
+        key = settings.api_key.reveal()
         current = url
         for _hop in range(6):
             address = check_download_url(current, own_base_url=settings.base_url)
             response = self._get(current, address, settings, deadline)
             if response.is_redirect:
-                location = response.headers.get("Location", "")
+                location = without_key(response.headers.get("Location", ""), key)
                 response.close()
                 current = urljoin(current, location)
                 continue
             try:
-                yield _result_stream(current, response, deadline)
+                yield _result_stream(current, response, deadline, key)
             finally:
                 response.close()
             return
@@ -188,7 +191,7 @@ class ResultDownloads:
         return settings.retry.retrying(Kind.DOWNLOAD, deadline, log, logging.WARNING)(attempt)
 
 
-def _result_stream(url: str, response: requests.Response, deadline: float | None) -> ResultStream:
+def _result_stream(url: str, response: requests.Response, deadline: float | None, key: str) -> ResultStream:
     """The stream of a hop that answered; anything but a plain 200 is refused."""
     if response.status_code != 200:
         raise error_for_status(
@@ -197,15 +200,16 @@ def _result_stream(url: str, response: requests.Response, deadline: float | None
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise EvolinkTransportError(
-            f"the result {_redact_query(url)} came {encoding}-encoded although none was "
+            f"the result {_redact_query(url)} came with a Content-Encoding although none was "
             "asked for; refusing it (its size could not be bounded before decoding)",
             request_sent=True,
         )
     length = response.headers.get("Content-Length")
     return ResultStream(
         url=url,
-        content_type=response.headers.get("Content-Type", "").split(";")[0].strip().lower(),
-        content_length=int(length) if length and length.isdigit() else None,
+        content_type=without_key(response.headers.get("Content-Type", ""), key).split(";")[0].strip().lower(),
+        # isascii: "²".isdigit() is True, int("²") raises.
+        content_length=int(length) if length and length.isascii() and length.isdigit() else None,
         chunks=_chunks(url, response, deadline),
     )
 

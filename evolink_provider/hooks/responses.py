@@ -40,15 +40,15 @@ def parse_response(
     that echoes the key into an error body must not put it into an exception, a log or XCom.
     """
     key = _api_key(request)
-    request_id = _without_key(headers.get("x-request-id") or headers.get("request-id"), key)
+    request_id = without_key(headers.get("x-request-id") or headers.get("request-id"), key)
     if status_code >= 400:
         try:
-            body = _without_key(loads_strict(content), key, content)
+            body = without_key(loads_strict(content), key, content)
         except ValueError:
             body = None
         code, message, body_request_id = error_fields(body)
         if body is None:
-            message = _without_key(content.decode("utf-8", "replace"), key)[:200].strip()
+            message = without_key(content.decode("utf-8", "replace"), key)[:200].strip()
         raise error_for_status(
             status_code,
             message or f"HTTP {status_code}",
@@ -62,14 +62,14 @@ def parse_response(
     if not 200 <= status_code < 300:
         # A redirect (or an interim answer) on the API is not an answer, and is never followed: the request
         # carries the key. Not retried, a base URL that redirects (http to https, a moved host) must be fixed.
-        location = _without_key(headers.get("location"), key)
+        location = without_key(headers.get("location"), key)
         raise EvolinkConfigurationError(
             f"{request.connection}: {request.method} {request.path} answered HTTP {status_code}, not an "
             "answer of the API (redirects are not followed; check the connection's base URL)"
             + (f", Location: {server_text(str(location))}" if location else "")
         )
     try:
-        decoded = _without_key(loads_strict(content), key, content)
+        decoded = without_key(loads_strict(content), key, content)
     except ValueError as exc:
         reason = str(exc) if "JSON" in str(exc) else "not JSON"
         raise EvolinkBadAnswerError(
@@ -93,7 +93,7 @@ def _api_key(request: ApiRequest) -> str:
     return key if scheme == "Bearer" else ""
 
 
-def _without_key(value: Any, key: str, raw: bytes | None = None) -> Any:
+def without_key(value: Any, key: str, raw: bytes | None = None) -> Any:
     """``value`` (decoded JSON, or a text) with every occurrence of ``key`` in its strings, dict keys
     included, replaced by ``***``. Given the ``raw`` bytes it was decoded from, the walk is skipped when
     they can hold no copy of the key: neither the key itself nor a JSON escape (``\\u0073k-...``)."""
@@ -102,9 +102,9 @@ def _without_key(value: Any, key: str, raw: bytes | None = None) -> Any:
     if isinstance(value, str):
         return value.replace(key, "***")
     if isinstance(value, dict):
-        return {_without_key(name, key): _without_key(item, key) for name, item in value.items()}
+        return {without_key(name, key): without_key(item, key) for name, item in value.items()}
     if isinstance(value, list):
-        return [_without_key(item, key) for item in value]
+        return [without_key(item, key) for item in value]
     return value
 
 
@@ -186,9 +186,9 @@ class AnswerBody:
         encodings = [name.strip().lower() for name in (content_encoding or "").split(",") if name.strip()]
         encodings = [name for name in encodings if name != "identity"]
         if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "deflate")):
-            raise EvolinkBadAnswerError(
-                f"{request.connection}: {request.method} {request.path} answered with Content-Encoding "
-                f"{content_encoding!r}; only one gzip or deflate layer is accepted (it was asked for those)"
+            raise EvolinkBadAnswerError(  # the header's value is not shown: it is server text
+                f"{request.connection}: {request.method} {request.path} answered with a Content-Encoding "
+                "other than one gzip or deflate layer (it was asked for those only)"
             )
         # wbits 47: a gzip or a zlib header, detected (HTTP's "deflate" is zlib-wrapped).
         self._inflate = zlib.decompressobj(wbits=47) if encodings else None
