@@ -193,12 +193,6 @@ def test_f3_a_content_length_of_superscript_digits_is_an_evolink_error(
 
 
 @pytest.mark.usefixtures("airflow_db")
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: hooks/downloads.py maps a result-link status outside LINK_REFUSED and not 429/5xx (421, 451, "
-    "408, 412, 416, a 2xx other than 200) to a non-retryable EvolinkAPIError; Ledger.store lets it pass, "
-    "_finish's fail_for turns it into AirflowFailException: the paid video's retries are skipped",
-)
 @pytest.mark.parametrize("status", [421, 451])
 def test_f4_a_one_off_odd_status_on_a_fresh_link_fails_the_try_retryably(
     sim: SimulatorControl, tmp_path: Path, status: int
@@ -372,11 +366,6 @@ def test_f6_a_key_echoed_in_the_content_encoding_of_an_answer_reaches_no_excepti
     assert HOSTILE_KEY not in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4 (same cause, unit level): downloads._get/_result_stream give a non-retryable EvolinkAPIError "
-    "for a 2xx other than 200, a 3xx without Location, 408 or 412 from a result host",
-)
 @pytest.mark.parametrize("status", [206, 302, 408, 412])
 def test_f4_odd_result_link_statuses_are_retryable_or_a_refused_link(
     hostile: HostileServer,  # noqa: F811

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 from evolink_provider.exceptions import (
+    EvolinkAPIError,
     EvolinkConfigurationError,
     EvolinkNotFoundError,
     EvolinkTransportError,
@@ -180,12 +181,8 @@ class ResultDownloads:
                     method="GET",
                     path=_redact_query(url),
                 )
-            raise error_for_status(
-                response.status_code,
-                "downloading a result failed",
-                retry_after=parse_retry_after(response.headers.get("Retry-After")),
-                method="GET",
-                path=_redact_query(url),
+            raise _odd_answer(
+                response.status_code, url, parse_retry_after(response.headers.get("Retry-After"))
             )
 
         return settings.retry.retrying(Kind.DOWNLOAD, deadline, log, logging.WARNING)(attempt)
@@ -194,9 +191,7 @@ class ResultDownloads:
 def _result_stream(url: str, response: requests.Response, deadline: float | None, key: str) -> ResultStream:
     """The stream of a hop that answered; anything but a plain 200 is refused."""
     if response.status_code != 200:
-        raise error_for_status(
-            response.status_code, "downloading a result failed", method="GET", path=_redact_query(url)
-        )
+        raise _odd_answer(response.status_code, url)
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise EvolinkTransportError(
@@ -212,6 +207,17 @@ def _result_stream(url: str, response: requests.Response, deadline: float | None
         content_length=int(length) if length and length.isascii() and length.isdigit() else None,
         chunks=_chunks(url, response, deadline),
     )
+
+
+def _odd_answer(status: int, url: str, retry_after: float | None = None) -> EvolinkAPIError:
+    """A result host's answer that is neither the file nor a refused link (:data:`LINK_REFUSED`): a 408, a
+    421 or 451 of a CDN, a 206, a redirect without ``Location``. It says nothing about the paid result, so
+    it is retried, and the try ends retryably, never for good."""
+    error = error_for_status(
+        status, "downloading a result failed", retry_after=retry_after, method="GET", path=_redact_query(url)
+    )
+    error.retryable = True
+    return error
 
 
 def _time_left(read_timeout: float, deadline: float | None) -> float:
