@@ -600,9 +600,16 @@ class Ledger:
         self.output_path = output_path
         if not self.states.durable:
             log_once(self.log, NO_TASK_STATE_STORE)
-        request = self.request()
         record = self.record
-        same = record is None or record.fingerprint == request.fingerprint
+        try:
+            request: PreparedRequest | None = self.request()
+        except AirflowFailException:
+            # An input gone or changed since the paid try (a cleaned folder, another worker): the recorded
+            # task needs no input bytes, so this is a changed request (R07); a submission asks again.
+            if record is None or record.task_id is None:
+                raise
+            request = None
+        same = record is None or (request is not None and record.fingerprint == request.fingerprint)
         action = decide(self._situation(same_request=same))
         if record is not None and not same and action in (Action.READ, Action.USE_STORED):
             self.log.warning(
@@ -612,7 +619,7 @@ class Ledger:
                 '{"%s": true} on a clear submits the new request.',
                 record.task_id or "(unknown)",
                 record.fingerprint,
-                request.fingerprint,
+                request.fingerprint if request is not None else "(an input could not be read)",
                 REGENERATE_CONF_KEY,
             )
         if action is Action.FAIL:
@@ -626,6 +633,8 @@ class Ledger:
             return self._from_storage()
         if action is Action.READ:
             return self._read_recorded()
+        if request is None:  # a submission needs the request: its refusal stands
+            request = self.request()
         if action is Action.RESEND:
             return self._submit(request, resend=True)
         if self.why in (Why.CLEAR, Why.FORCED) and record is not None:

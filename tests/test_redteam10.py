@@ -259,13 +259,6 @@ def test_a_retry_with_a_local_image_and_another_fingerprint_reattaches(
     assert not any("/files/" in path for _, path in hostile.requests)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: operators/base.py execute() calls validated_request() first; submission.prepare_request "
-    "re-reads and hashes every local input (uploads.open_checked_input) and turns a missing or unreadable "
-    "file (any OSError) into EvolinkInputRefusedError -> AirflowFailException before the ledger reads the "
-    "recorded paid task (R05/R07 need no input bytes)",
-)
 def test_f5_a_retry_whose_local_image_is_gone_collects_the_paid_task(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,

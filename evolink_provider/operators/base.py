@@ -239,7 +239,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         from evolink_provider.ledger import NewGeneration
 
-        self.validated_request()  # refuse a bad field before any HTTP
+        try:
+            self.validated_request()  # refuse a bad field before any HTTP
+        except AirflowFailException:
+            if self.ledger(context).record is None:  # a paid task, recorded, is read without the inputs
+                raise
         if self.deferrable and self.retries == 0:
             log_once(self.log, DEFER_RACE_WARNING % self.task_id)
         task = self.ledger(context).start(self.output_path)
