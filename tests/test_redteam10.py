@@ -216,7 +216,12 @@ HERO_PNG = Path(__file__).resolve().parent.parent / "example_dags" / "assets" / 
 
 
 def retry_with_a_local_image(
-    server: HostileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, input_gone: bool
+    server: HostileServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    input_gone: bool,
+    recorded_task: dict[str, Any] | None = None,
+    delivered_before_a_clear: bool = False,
 ) -> dict[str, Any]:
     """Try 1 paid for TASK_ID with a local image, then failed (a wait timeout); its retry runs now."""
     from evolink_provider.ledger import STATE_KEY, SubmissionRecord
@@ -228,11 +233,15 @@ def retry_with_a_local_image(
     image = inputs / "hero.png"
     image.write_bytes(HERO_PNG.read_bytes())
     set_connection(monkeypatch, "evolink_hostile", server.url, upload_allowed_dirs=[str(inputs)])
-    server.json(f"/v1/tasks/{TASK_ID}", completed(f"{server.url}/media/v.mp4"))
+    server.json(f"/v1/tasks/{TASK_ID}", recorded_task or completed(f"{server.url}/media/v.mp4"))
     server.file("/media/", MP4, "video/mp4")
     server.json("/v1/videos/generations", {"id": "task-unified-1-second", "status": "pending"})
     store = MemoryStore()
-    store.set(STATE_KEY, SubmissionRecord("fp-try-1", 0, "evl-" + "0" * 48, TASK_ID, "seq-3").as_stored())
+    if delivered_before_a_clear:  # an earlier try sequence (seq-1) delivered; this is a user's clear
+        record = SubmissionRecord("fp-try-1", 0, "evl-" + "0" * 48, TASK_ID, "seq-1", delivered=True)
+    else:
+        record = SubmissionRecord("fp-try-1", 0, "evl-" + "0" * 48, TASK_ID, "seq-3")
+    store.set(STATE_KEY, record.as_stored())
     operator = EvolinkHappyHorseReferenceToVideoOperator(
         task_id="generate",
         prompt="character1 waves",
@@ -371,3 +380,31 @@ def test_f4_odd_result_link_statuses_are_retryable_or_a_refused_link(
     with pytest.raises(EvolinkError) as raised:
         store_results(EvolinkHook("evolink_hostile"), completed(f"{hostile.url}/media/v.mp4"), str(tmp_path))
     assert raised.value.retryable or isinstance(raised.value, EvolinkNotFoundError), type(raised.value)
+
+
+def test_a_retry_whose_local_image_is_gone_does_not_resubmit_a_failed_task(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """F5's fix, the other side: the recorded task failed with a code a resubmission could fix, but the
+    request cannot be rebuilt without its input: the input's refusal ends the try, nothing is bought."""
+    from tests.test_hostile import task
+
+    failed = task(status="failed", progress=0, error={"code": "service_error", "message": "busy"})
+    with pytest.raises(AirflowFailException):
+        retry_with_a_local_image(hostile, tmp_path, monkeypatch, input_gone=True, recorded_task=failed)
+    assert posts(hostile) == 0
+
+
+def test_a_clear_of_a_delivered_task_whose_local_image_is_gone_buys_nothing(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A clear after delivery buys a new generation, which needs the request: the input's refusal."""
+    with pytest.raises(AirflowFailException):
+        retry_with_a_local_image(
+            hostile, tmp_path, monkeypatch, input_gone=True, delivered_before_a_clear=True
+        )
+    assert posts(hostile) == 0
