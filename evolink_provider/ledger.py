@@ -36,8 +36,9 @@ ordinary *clear* of an undelivered generation, which collects what was paid for.
 ``task`` (an id, result not delivered); ``stored`` (an id, every result file recorded and still on disk,
 not delivered); ``delivered``. *request*: whether the rendered request is the recorded one. *answer*: what
 EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410, 400/401) as
-*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`); a task's age alone never
-proves it gone.
+*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`; with no record, the
+later of ``created`` and the last time this try or its trigger saw the task running); a task's age alone
+never proves it gone.
 
 | row | store | recorded | request | why | answer | action |
 |-----|-------|----------|---------|-----|--------|--------|
@@ -107,6 +108,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -264,10 +266,20 @@ def reread_pauses() -> tuple[float, float]:
     return pause, 3 * pause
 
 
-def link_expired(first_seen_completed: float | None, created: float | None, now: float) -> bool:
+def link_expired(
+    first_seen_completed: float | None,
+    created: float | None,
+    now: float,
+    seen_unfinished: float | None = None,
+) -> bool:
     """Whether a refused result link is proven expired: past the first time this provider saw the task
-    completed (or, with no such record, its ``created`` time) plus the links' 24 h."""
-    since = first_seen_completed if first_seen_completed is not None else created
+    completed plus the links' 24 h; with no such record (Airflow 3.0-3.2), past the later of its
+    ``created`` time and the last time this try saw it still running (it completed after that: a
+    ``created`` from a server clock behind, or a long queue, proves nothing then)."""
+    if first_seen_completed is not None:
+        since: float | None = first_seen_completed
+    else:
+        since = max((time for time in (created, seen_unfinished) if time is not None), default=None)
     return since is not None and now > since + RESULT_LINK_TTL
 
 
@@ -562,6 +574,8 @@ class Ledger:
         #: The folder this try's downloads go to (:meth:`_folder_of`).
         self.storing_in: str | None = None
         self.told_folder = False
+        #: The last time this try (its operator or its trigger) saw the task still running.
+        self.seen_unfinished_at: float | None = None
         self.record = self.states.load()
         self.generation = try_generation(self.context, self.reattach)
         forced = self.reattach == "never" or regenerate_requested(self.context, self.regenerate)
@@ -839,6 +853,11 @@ class Ledger:
                 "recorded task."
             )
 
+    def saw_unfinished(self, at: float | None) -> None:
+        """The task was seen still running at ``at`` (epoch seconds): it completed after that."""
+        if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
+            self.seen_unfinished_at = max(float(at), self.seen_unfinished_at or float(at))
+
     def saw_completed(self, task: dict[str, Any]) -> None:
         """Record when this provider first saw its task completed (the start of the links' 24 h), and the
         task object it saw with its results (what a try that finds every result stored hands downstream)."""
@@ -925,7 +944,9 @@ class Ledger:
             seen = (
                 record.completed_seen_at if record is not None and record.task_id == task.get("id") else None
             )
-            expired = link_expired(seen, epoch_seconds(task.get("created")), timing.current().now())
+            expired = link_expired(
+                seen, epoch_seconds(task.get("created")), timing.current().now(), self.seen_unfinished_at
+            )
             answer = Answer.LINK_EXPIRED if expired else Answer.LINK_REFUSED
             action = decide(self._situation(answer))
             if action is Action.FAIL_RETRYABLY:

@@ -117,6 +117,13 @@ def test_expiry_needs_24_hours_from_the_first_completed_sighting() -> None:
     assert not link_expired(None, 1000.0, 1000.0 + day)
     assert link_expired(None, 1000.0, 1000.0 + day + 1)
     assert not link_expired(None, None, 10 * day)  # nothing proves it
+    # Seen running after `created` (a server clock behind, a long queue): it completed after that.
+    assert not link_expired(None, 1000.0, 1000.0 + day + 1, seen_unfinished=2000.0)
+    assert link_expired(None, 1000.0, 2000.0 + day + 1, seen_unfinished=2000.0)
+    assert link_expired(None, 3000.0, 3000.0 + day + 1, seen_unfinished=2000.0)  # the later of the two
+    assert link_expired(None, None, 2000.0 + day + 1, seen_unfinished=2000.0)
+    assert not link_expired(1000.0, 5000.0, 1000.0 + day, seen_unfinished=9000.0)  # a record wins
+    assert link_expired(1000.0, 5000.0, 1000.0 + day + 1, seen_unfinished=9000.0)
 
 
 # -- the wiring, with an in-memory task_state_store and a fake context -------------------------------

@@ -67,11 +67,10 @@ def resumed_operator(tmp_path: Path, **kwargs: Any) -> EvolinkSeedanceTextToVide
         task_id="generate",
         prompt="a paid prompt",
         duration=4,
-        deferrable=True,
         evolink_conn_id="evolink_hostile",
         output_path=str(tmp_path / "out"),
         retries=3,
-        **kwargs,
+        **{"deferrable": True, **kwargs},
     )
 
 
@@ -99,23 +98,24 @@ def resume_context(store: MemoryStore | None) -> dict[str, Any]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: without task_state_store (Airflow 3.0-3.2) execute_complete's fresh ledger has no "
-    "completed_seen_at, so Ledger.store judges one refused fresh link by the server's `created` "
-    "(link_expired(None, created, now)): an old/skewed `created` + one 403 = R26, AirflowFailException",
-)
-def test_f1_one_refused_fresh_link_after_a_deferral_without_a_store_fails_the_paid_video_for_good(
+def test_f1_a_refused_fresh_link_after_a_deferral_without_a_store_fails_retryably(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """The trigger just saw the task completed; its `created` is two days old (a server clock two days
-    behind, or a generation queued that long with a long ``timeout``). The first download of its fresh
-    link is refused once (a CDN blip: R25 says fail retryably). Without a store the try fails for good."""
+    """F1 (fixed): the trigger just saw the task completed; its `created` is two days old (a server clock
+    two days behind, or a generation queued that long with a long ``timeout``). The first download of its
+    fresh link is refused once (a CDN blip: R25 says fail retryably). Without a store the try failed for
+    good, judged by `created`; the trigger's last sighting of the task running now proves the links fresh."""
     refused_once_then_served(hostile)
     task = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(time.time()) - 2 * DAY}
     operator = resumed_operator(tmp_path)
-    event = {"status": "success", "task": task, "end_time": time.time() + 600}
+    # The trigger's polls saw it running 30 s ago (the event says so): it completed after that.
+    event = {
+        "status": "success",
+        "task": task,
+        "end_time": time.time() + 600,
+        "seen_unfinished_at": time.time() - 30,
+    }
 
     with pytest.raises(EvolinkError):  # retryable: the retry downloads it (the link answers 200 then)
         operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
@@ -408,3 +408,24 @@ def test_a_clear_of_a_delivered_task_whose_local_image_is_gone_buys_nothing(
             hostile, tmp_path, monkeypatch, input_gone=True, delivered_before_a_clear=True
         )
     assert posts(hostile) == 0
+
+
+def test_f1_sync_a_refused_fresh_link_of_a_task_seen_running_fails_retryably(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """F1 did not reach the worker's own wait (no deferral, no store): the try's ledger keeps its record in
+    memory and so its first sighting of the task completed."""
+    from tests.test_hostile import task
+
+    refused_once_then_served(hostile)
+    old = int(time.time()) - 2 * DAY
+    hostile.json("/v1/videos/generations", task(status="pending", progress=0, created=old))
+    hostile.json(f"/v1/tasks/{TASK_ID}", {**completed(f"{hostile.url}/media/v.mp4"), "created": old})
+    operator = resumed_operator(tmp_path, deferrable=False, poll_interval=0.2, max_poll_interval=1.0)
+    context = resume_context(None)
+    context["ti"].try_number = 2  # a retry (EvoLink replays the key): an expired link would end it for good
+
+    with pytest.raises(EvolinkError):  # retryable: the retry downloads it (the link answers 200 then)
+        operator.execute(context)  # type: ignore[arg-type]
+    assert posts(hostile) == 1

@@ -87,6 +87,21 @@ def test_fires_success_with_the_task_object(
     assert not [seconds for seconds in held if seconds >= 0.5], "the event loop was blocked"
 
 
+def test_the_success_event_says_when_a_poll_last_saw_the_task_running(sim: SimulatorControl) -> None:
+    """The operator's proof that the result links are fresh on Airflow 3.0-3.2 (``ledger.link_expired``):
+    a poll saw the task running at that time; a first poll that sees it completed proves nothing."""
+    started = time.time()
+    running = run_trigger(
+        EvolinkTaskTrigger(submit("waves [sim:seconds=0.6]"), poll_interval=0.2, end_time=started + 60)
+    )
+    seen = running[0]["seen_unfinished_at"]
+    assert running[0]["status"] == "success" and started <= seen <= time.time()
+    done = submit("already [sim:seconds=0]")
+    time.sleep(0.3)
+    at_once = run_trigger(EvolinkTaskTrigger(done, poll_interval=0.2, end_time=time.time() + 60))
+    assert at_once[0]["status"] == "success" and at_once[0]["seen_unfinished_at"] is None
+
+
 def test_no_event_fires_before_not_before(sim: SimulatorControl) -> None:
     """The task ends after 0.5 s; the trigger sees it and still holds the event until ``not_before``."""
     task_id = submit("waves [sim:seconds=0.5]")

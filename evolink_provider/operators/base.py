@@ -335,6 +335,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     ledger.refuse_contradiction(named)
                 fail_for(error)
         self.ledger(context).check_resumed(task)
+        self.ledger(context).saw_unfinished(
+            event.get("seen_unfinished_at") if isinstance(event, dict) else None
+        )
         deadline = event_deadline(event) or time.time() + self.timeout
         try:
             return self._publish(context, self._finish(context, task, deadline))

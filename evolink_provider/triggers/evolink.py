@@ -110,6 +110,9 @@ class EvolinkTaskTrigger(BaseTrigger):
         failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
         if self.first_poll_at is not None:
             await self._sleep(reporter, self.first_poll_at - timing().now())
+        # When a poll last saw the task running: the success event carries it, so that the operator knows the
+        # task completed after that (its result links' 24 h cannot have run out before).
+        seen_unfinished_at: float | None = None
         while True:
             try:
                 task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
@@ -145,12 +148,15 @@ class EvolinkTaskTrigger(BaseTrigger):
                 max_poll_interval=self.max_poll_interval,
             )
             if decision.outcome is Outcome.WAIT:
+                seen_unfinished_at = timing().now()
                 if decision.message:
                     self.log.warning(decision.message)
                 await self._sleep(reporter, decision.delay)
                 continue
             if decision.outcome is Outcome.SUCCESS:
-                yield self._event("success", task=task, end_time=self.end_time)
+                yield self._event(
+                    "success", task=task, end_time=self.end_time, seen_unfinished_at=seen_unfinished_at
+                )
             elif decision.outcome is Outcome.TIMEOUT:
                 yield self._event("timeout", message=decision.message)
             else:
