@@ -1,6 +1,7 @@
 """Eleventh red-team pass: the changes of red-team 10's fixes, attacked.
 
-Findings are ``xfail(strict=True)`` (each fails once fixed); the attacks that held are plain tests.
+Its findings, F1-F1d, failed as ``xfail(strict=True)`` until fixed (the sighting now reaches the trigger as a
+kwarg, rides on every event, and the worker's own wait records it); the attacks that held are plain tests.
 
 * F1 (paid video undelivered): without ``task_state_store`` (3.0-3.2), a deferred task whose trigger's
   first poll already reads it completed (the poll schedule aims that poll at the expected end; a triggerer
@@ -47,12 +48,6 @@ from tests.test_redteam10 import DAY, posts, refused_once_then_served, resume_co
 # -- F1: the operator's own sighting of the running task is not handed to its trigger ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: the trigger starts with seen_unfinished_at=None although the operator deferred a task it "
-    "had just read running; a first poll that reads it completed sends None, and one refused fresh link "
-    "is judged expired by `created` (R26: AirflowFailException, the paid video undelivered)",
-)
 def test_f1_a_deferral_whose_first_poll_reads_completed_fails_a_refused_fresh_link_retryably(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -96,12 +91,6 @@ def answers_in_turn(server: HostileServer, path: str, *bodies: dict[str, Any]) -
     server.routes[path] = respond
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1b: the trigger saw the task running, then read it completed without results yet: its "
-    "'failed' event carries no seen_unfinished_at, so the operator's re-read and download judge one "
-    "refused fresh link by `created` (R26: AirflowFailException)",
-)
 def test_f1b_a_completed_empty_event_after_running_polls_fails_a_refused_fresh_link_retryably(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -133,11 +122,6 @@ def test_f1b_a_completed_empty_event_after_running_polls_fails_a_refused_fresh_l
     assert posts(hostile) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1c: F1 with regenerate_expired=True: one refused fresh link after a deferral whose first poll "
-    "read the task completed is R27, a new generation POSTed (extra credits) for a video still deliverable",
-)
 def test_f1c_with_regenerate_expired_a_refused_fresh_link_buys_nothing(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -161,12 +145,6 @@ def test_f1c_with_regenerate_expired_a_refused_fresh_link_buys_nothing(
     assert posts(hostile) == 1, "a second generation was bought for a link refused once"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1d: after an 'error' event (a poll 404) execute_complete re-reads the task and waits for it on "
-    "the worker; _wait_here records no sighting (saw_unfinished is never called there and, with no store, "
-    "saw_completed has no record to write), so one refused fresh link is R26 by `created`",
-)
 def test_f1d_a_wait_on_the_worker_after_an_error_event_fails_a_refused_fresh_link_retryably(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,

@@ -287,6 +287,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                         started_at=started_at,
                         first_poll_at=deferred_at + decision.delay,
                         not_before=deferred_at + clock.trigger_hold,
+                        seen_unfinished_at=deferred_at,  # ``task`` was read running: it waits for that
                     ),
                     method_name="execute_complete",
                     # Only a backstop: the trigger's own timeout event, which names the task, comes first.
@@ -315,6 +316,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
         from evolink_provider.ledger import NewGeneration
         from evolink_provider.triggers.evolink import task_from_event
 
+        if isinstance(event, dict):  # whatever the event: when the task was last seen running
+            self.ledger(context).saw_unfinished(event.get("seen_unfinished_at"))
         try:
             task = task_from_event(event)
         except EvolinkError as error:
@@ -335,9 +338,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     ledger.refuse_contradiction(named)
                 fail_for(error)
         self.ledger(context).check_resumed(task)
-        self.ledger(context).saw_unfinished(
-            event.get("seen_unfinished_at") if isinstance(event, dict) else None
-        )
         deadline = event_deadline(event) or time.time() + self.timeout
         try:
             return self._publish(context, self._finish(context, task, deadline))
@@ -412,6 +412,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 raise EvolinkWaitTimeoutError(decision.message)
             if decision.outcome is not Outcome.WAIT:
                 return task
+            self.ledger(context).saw_unfinished(timing().now())  # read running: it completes after this
             if until is not None and timing().now() >= until:
                 return task
             if decision.message:

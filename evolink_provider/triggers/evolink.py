@@ -66,6 +66,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
         first_poll_at: float | None = None,
         not_before: float | None = None,
+        seen_unfinished_at: float | None = None,
     ) -> None:
         super().__init__()
         self.evolink_task_id = evolink_task_id
@@ -77,6 +78,10 @@ class EvolinkTaskTrigger(BaseTrigger):
         self.max_poll_failures = int(max_poll_failures)
         self.first_poll_at = None if first_poll_at is None else float(first_poll_at)
         self.not_before = None if not_before is None else float(not_before)
+        #: When the task was last seen running (by the operator before deferring, then by the polls): every
+        #: event carries it, so that the operator knows the task completed after that and its result links'
+        #: 24 h cannot have run out before (``ledger.link_expired``, on Airflow 3.0-3.2).
+        self.seen_unfinished_at = None if seen_unfinished_at is None else float(seen_unfinished_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -91,11 +96,19 @@ class EvolinkTaskTrigger(BaseTrigger):
                 "max_poll_failures": self.max_poll_failures,
                 "first_poll_at": self.first_poll_at,
                 "not_before": self.not_before,
+                "seen_unfinished_at": self.seen_unfinished_at,
             },
         )
 
     def _event(self, status: str, **payload: Any) -> TriggerEvent:
-        return TriggerEvent({"status": status, "evolink_task_id": self.evolink_task_id, **payload})
+        return TriggerEvent(
+            {
+                "status": status,
+                "evolink_task_id": self.evolink_task_id,
+                "seen_unfinished_at": self.seen_unfinished_at,
+                **payload,
+            }
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         async for event in self._wait():
@@ -110,9 +123,6 @@ class EvolinkTaskTrigger(BaseTrigger):
         failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
         if self.first_poll_at is not None:
             await self._sleep(reporter, self.first_poll_at - timing().now())
-        # When a poll last saw the task running: the success event carries it, so that the operator knows the
-        # task completed after that (its result links' 24 h cannot have run out before).
-        seen_unfinished_at: float | None = None
         while True:
             try:
                 task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
@@ -148,15 +158,13 @@ class EvolinkTaskTrigger(BaseTrigger):
                 max_poll_interval=self.max_poll_interval,
             )
             if decision.outcome is Outcome.WAIT:
-                seen_unfinished_at = timing().now()
+                self.seen_unfinished_at = timing().now()
                 if decision.message:
                     self.log.warning(decision.message)
                 await self._sleep(reporter, decision.delay)
                 continue
             if decision.outcome is Outcome.SUCCESS:
-                yield self._event(
-                    "success", task=task, end_time=self.end_time, seen_unfinished_at=seen_unfinished_at
-                )
+                yield self._event("success", task=task, end_time=self.end_time)
             elif decision.outcome is Outcome.TIMEOUT:
                 yield self._event("timeout", message=decision.message)
             else:
