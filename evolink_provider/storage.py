@@ -218,7 +218,7 @@ def verify_stored(
     task_id: str, output_path: str, files: Sequence[StoredFile], expected: int
 ) -> list[str] | None:
     """The locations of ``files`` when they are a complete set (indexes ``0..expected-1``) and each is
-    still a regular file of its recorded size and stamp; else None. Nothing is read but the metadata."""
+    still a regular file of its recorded size and stamp (or, with no stamp, its sha256); else None."""
     by_index = {item.index: item for item in files}
     if expected < 1 or sorted(by_index) != list(range(expected)):
         return None
