@@ -1,0 +1,228 @@
+"""Twelfth red-team pass: the "last seen running" sighting (``seen_unfinished_at``), attacked.
+
+Findings are ``xfail(strict=True)`` (each fails once fixed); the attacks that held are plain tests.
+
+* F1 (extra credits with ``regenerate_expired``; else the paid video undelivered): on Airflow 3.0-3.2 the
+  sighting is a *lower* bound of when the task completed, and ``link_expired`` uses it (with ``created``) to
+  *prove* expiry, which needs an upper bound. Within one triggerer run the gap is one poll interval, but the
+  trigger's updated sighting lives in memory only: a triggerer restart (or a triggerer down) rebuilds it
+  from the deferral's kwargs, ``seen_unfinished_at=deferred_at``. A wait longer than 24 h (``timeout`` is
+  not capped; a long queue) whose task completes during such a gap fires ``success`` with a sighting more
+  than 24 h old, and one refused download of the minutes-old link is R27 (a second video bought) or R26.
+
+Held: a sighting only ever makes a link look fresher within a try; a retry on 3.0-3.2 stamps its own
+first-seen-completed time (``Ledger.saw_completed`` on its in-memory record), so it never judges a link
+expired, truly or not (``regenerate_expired`` does not fire there: the safe side, a clear buys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+
+from evolink_provider.compat import AirflowFailException
+from evolink_provider.exceptions import EvolinkError
+from evolink_provider.ledger import RetryLaterError
+from evolink_provider.sensors.evolink import EvolinkTaskSensor
+from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
+from tests.test_hostile import (
+    MP4,
+    TASK_ID,
+    HostileServer,
+    completed,
+    hostile,  # noqa: F401 - the fixture
+    run_trigger,
+    send,
+    task,
+)
+from tests.test_redteam10 import DAY, posts, resume_context, resumed_operator
+
+
+def refused_for(server: HostileServer, refusals: int) -> None:
+    """The result host refuses ``refusals`` downloads (a CDN blip outlasting a retry delay), then serves."""
+    answers = iter([403] * refusals)
+
+    def media(handler: Any) -> None:
+        status = next(answers, None)
+        if status is None:
+            send(handler, 200, MP4, content_type="video/mp4")
+        else:
+            send(handler, status, b"denied", content_type="text/plain")
+
+    server.routes["/media/"] = media
+
+
+def retry_context(try_number: int) -> dict[str, Any]:
+    found = resume_context(None)  # Airflow 3.0-3.2: no task_state_store
+    found["ti"].try_number = try_number
+    return found
+
+
+# -- F1: a stale sighting (the deferral's, after a triggerer restart) "proves" a fresh link expired ----------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F1: link_expired takes the last sighting (a lower bound of completion) as proof of expiry; after "
+    "a triggerer restart in a >24 h wait it is the deferral's; one refused fresh link buys a second video",
+)
+def test_f1_a_restarted_trigger_of_a_long_wait_buys_nothing_for_a_refused_fresh_link(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    refused_for(hostile, 1)  # one CDN blip on a link minted minutes ago
+    now = time.time()
+    deferred_at = now - 30 * 3600  # a 48 h timeout; the queue held the task for 30 h
+    done = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(deferred_at) - 60}
+    hostile.json(f"/v1/tasks/{TASK_ID}", done)
+    hostile.json("/v1/videos/generations", task(status="pending", created=int(now)))
+    # The trigger row as the deferral wrote it (its in-memory sightings since were lost with the triggerer
+    # that restarted); the task completed while no triggerer ran it, so the first poll reads it completed.
+    trigger = EvolinkTaskTrigger(
+        TASK_ID,
+        evolink_conn_id="evolink_hostile",
+        poll_interval=0.2,
+        max_poll_interval=0.3,
+        end_time=deferred_at + 48 * 3600,
+        started_at=deferred_at - 60,
+        first_poll_at=deferred_at + 600,
+        not_before=deferred_at + 5,
+        seen_unfinished_at=deferred_at,
+    )
+    events = run_trigger(trigger)
+    assert [event["status"] for event in events] == ["success"]
+    operator = resumed_operator(tmp_path, regenerate_expired=True, timeout=48 * 3600)
+    with contextlib.suppress(EvolinkError, AirflowFailException, TaskDeferred):
+        operator.execute_complete(resume_context(None), events[0])  # type: ignore[arg-type]
+    assert posts(hostile) == 0, "a second generation was bought for a link refused once, minutes old"
+
+
+# -- held: a retry after a refused fresh link -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("regenerate_expired", [False, True])
+def test_the_retry_of_a_refused_fresh_link_keeps_it_fresh_and_buys_nothing(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+    regenerate_expired: bool,
+) -> None:
+    """3.0-3.2: the sighting is per try, but the retry (which resends the derived key) stamps its own
+    first-seen-completed time, so the same refusal is R25 again, not R26/R27 by a two-day-old ``created``."""
+    refused_for(hostile, 2)  # try 1's download and try 2's download are refused; the link is fresh
+    old = int(time.time()) - 2 * DAY  # a server clock two days behind, or a long queue
+    running = task(status="processing", progress=10, created=old)
+    hostile.json("/v1/videos/generations", running)
+    hostile.json(f"/v1/tasks/{TASK_ID}", running)
+    kwargs: dict[str, Any] = {"poll_interval": 0.2, "max_poll_interval": 0.5}
+    kwargs["regenerate_expired"] = regenerate_expired
+    with pytest.raises(TaskDeferred) as deferred:
+        resumed_operator(tmp_path, **kwargs).execute(retry_context(1))  # type: ignore[arg-type]
+    done = {**completed(f"{hostile.url}/media/v.mp4"), "created": old}
+    hostile.json(f"/v1/tasks/{TASK_ID}", done)
+    events = run_trigger(deferred.value.trigger)
+    with pytest.raises(RetryLaterError):
+        resumed_operator(tmp_path, **kwargs).execute_complete(retry_context(1), events[0])  # type: ignore[arg-type]
+    # Try 2, the automatic retry: the derived key is replayed, EvoLink answers the same (completed) task.
+    hostile.json("/v1/videos/generations", done)
+    with pytest.raises(RetryLaterError):
+        resumed_operator(tmp_path, **kwargs).execute(retry_context(2))  # type: ignore[arg-type]
+    assert posts(hostile) == 2  # the submission and its replay: no second generation
+    # Try 3: the link serves; the paid video is delivered.
+    delivered = resumed_operator(tmp_path, **kwargs).execute(retry_context(3))  # type: ignore[arg-type]
+    assert delivered["id"] == TASK_ID and delivered["files"]
+    assert posts(hostile) == 3
+
+
+# -- held --------------------------------------------------------------------------------------------------
+
+
+def test_a_trigger_serialized_before_the_kwarg_resumes_and_its_events_are_read(
+    hostile: HostileServer,  # noqa: F811
+) -> None:
+    """A trigger row written by the previous release (no ``seen_unfinished_at``) is rebuilt after the
+    upgrade; its events carry ``None``, which ``task_from_event`` and the ledger take."""
+    path, kwargs = EvolinkTaskTrigger(
+        TASK_ID, evolink_conn_id="evolink_hostile", poll_interval=0.2, max_poll_interval=0.3
+    ).serialize()
+    assert path == "evolink_provider.triggers.evolink.EvolinkTaskTrigger"
+    old_kwargs = {key: value for key, value in kwargs.items() if key != "seen_unfinished_at"}
+    rebuilt = EvolinkTaskTrigger(**old_kwargs)
+    assert rebuilt.seen_unfinished_at is None
+    json.dumps(rebuilt.serialize()[1])
+    hostile.json(f"/v1/tasks/{TASK_ID}", completed(f"{hostile.url}/media/v.mp4"))
+    events = run_trigger(rebuilt)
+    assert [event["status"] for event in events] == ["success"]
+    assert events[0]["seen_unfinished_at"] is None
+    assert task_from_event(events[0])["id"] == TASK_ID
+
+
+def test_the_deferrals_kwargs_and_every_event_stay_plain_json(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The kwarg is a float the trigger table stores as JSON, and it rides on each event as one."""
+    running = task(status="processing", progress=10)
+    hostile.json("/v1/videos/generations", running)
+    hostile.json(f"/v1/tasks/{TASK_ID}", running)
+    with pytest.raises(TaskDeferred) as deferred:
+        resumed_operator(tmp_path, poll_interval=0.2, max_poll_interval=0.3).execute(retry_context(1))  # type: ignore[arg-type]
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, EvolinkTaskTrigger)
+    path, kwargs = trigger.serialize()
+    assert isinstance(kwargs["seen_unfinished_at"], float)
+    assert EvolinkTaskTrigger(**json.loads(json.dumps(kwargs))).serialize() == (path, kwargs)
+    hostile.json(f"/v1/tasks/{TASK_ID}", {**running, "status": "failed", "error": {"code": "x"}})
+    events = run_trigger(trigger)
+    assert events and all(isinstance(event["seen_unfinished_at"], float) for event in events)
+    json.dumps(events)
+
+
+def test_the_sensor_defers_and_reads_an_event_with_a_sighting(
+    hostile: HostileServer,  # noqa: F811
+) -> None:
+    """The sensor builds its trigger by keyword without the sighting; the extra key reaches no sensor path."""
+    hostile.json(f"/v1/tasks/{TASK_ID}", task(status="processing", progress=10))
+    sensor = EvolinkTaskSensor(
+        task_id="watch",
+        evolink_task_id=TASK_ID,
+        evolink_conn_id="evolink_hostile",
+        deferrable=True,
+        poke_interval=0.2,
+        timeout=60,
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({"ti": None})  # type: ignore[typeddict-item]
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, EvolinkTaskTrigger) and trigger.seen_unfinished_at is None
+    hostile.json(f"/v1/tasks/{TASK_ID}", completed(f"{hostile.url}/media/v.mp4"))
+    events = run_trigger(trigger)
+    assert events[0]["status"] == "success"
+    assert sensor.execute_complete({}, events[0])["id"] == TASK_ID
+
+
+def test_an_event_naming_another_task_with_a_fresh_sighting_buys_nothing(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A forged sighting only ever makes a link look fresher: the refusal is retryable, never a purchase,
+    and a retry (new ledger) is free of it."""
+    refused_for(hostile, 1)
+    old = int(time.time()) - 2 * DAY
+    other = {**completed(f"{hostile.url}/media/v.mp4"), "id": "task-someone-else", "created": old}
+    event = {
+        "status": "success",
+        "evolink_task_id": "task-someone-else",
+        "task": other,
+        "end_time": time.time() + 600,
+        "seen_unfinished_at": 1e300,
+    }
+    operator = resumed_operator(tmp_path, regenerate_expired=True)
+    with contextlib.suppress(EvolinkError, AirflowFailException):
+        operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
+    assert posts(hostile) == 0
