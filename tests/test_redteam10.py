@@ -74,8 +74,9 @@ def resumed_operator(tmp_path: Path, **kwargs: Any) -> EvolinkSeedanceTextToVide
     )
 
 
-def refused_once_then_served(server: HostileServer) -> None:
-    answers = iter([403])
+def refused_for(server: HostileServer, refusals: int) -> None:
+    """The result host refuses ``refusals`` downloads (a CDN blip outlasting a retry delay), then serves."""
+    answers = iter([403] * refusals)
 
     def media(handler: Any) -> None:
         status = next(answers, None)
@@ -85,6 +86,10 @@ def refused_once_then_served(server: HostileServer) -> None:
             send(handler, status, b"denied", content_type="text/plain")
 
     server.routes["/media/"] = media
+
+
+def refused_once_then_served(server: HostileServer) -> None:
+    refused_for(server, 1)
     server.json("/v1/videos/generations", {"id": "task-unified-1-second", "status": "pending"})
 
 

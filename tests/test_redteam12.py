@@ -32,30 +32,14 @@ from evolink_provider.ledger import RetryLaterError
 from evolink_provider.sensors.evolink import EvolinkTaskSensor
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
 from tests.test_hostile import (
-    MP4,
     TASK_ID,
     HostileServer,
     completed,
     hostile,  # noqa: F401 - the fixture
     run_trigger,
-    send,
     task,
 )
-from tests.test_redteam10 import DAY, posts, resume_context, resumed_operator
-
-
-def refused_for(server: HostileServer, refusals: int) -> None:
-    """The result host refuses ``refusals`` downloads (a CDN blip outlasting a retry delay), then serves."""
-    answers = iter([403] * refusals)
-
-    def media(handler: Any) -> None:
-        status = next(answers, None)
-        if status is None:
-            send(handler, 200, MP4, content_type="video/mp4")
-        else:
-            send(handler, status, b"denied", content_type="text/plain")
-
-    server.routes["/media/"] = media
+from tests.test_redteam10 import DAY, posts, refused_for, resume_context, resumed_operator
 
 
 def retry_context(try_number: int) -> dict[str, Any]:
