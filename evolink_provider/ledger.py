@@ -36,9 +36,9 @@ ordinary *clear* of an undelivered generation, which collects what was paid for.
 ``task`` (an id, result not delivered); ``stored`` (an id, every result file recorded and still on disk,
 not delivered); ``delivered``. *request*: whether the rendered request is the recorded one. *answer*: what
 EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410, 400/401) as
-*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`; with no record, the
-later of ``created`` and the last time this try or its trigger saw the task running); a task's age alone
-never proves it gone.
+*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`): the record's, or on
+3.0-3.2 the time this try or its trigger's poll read the task completed. With no such sighting a refusal
+is never proof (R25): ``created``, or a sighting of the task running, says only that it completed *later*.
 
 | row | store | recorded | request | why | answer | action |
 |-----|-------|----------|---------|-----|--------|--------|
@@ -108,7 +108,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -266,21 +265,20 @@ def reread_pauses() -> tuple[float, float]:
     return pause, 3 * pause
 
 
-def link_expired(
-    first_seen_completed: float | None,
-    created: float | None,
-    now: float,
-    seen_unfinished: float | None = None,
-) -> bool:
+def link_expired(first_seen_completed: float | None, now: float) -> bool:
     """Whether a refused result link is proven expired: past the first time this provider saw the task
-    completed plus the links' 24 h; with no such record (Airflow 3.0-3.2), past the later of its
-    ``created`` time and the last time this try saw it still running (it completed after that: a
-    ``created`` from a server clock behind, or a long queue, proves nothing then)."""
-    if first_seen_completed is not None:
-        since: float | None = first_seen_completed
-    else:
-        since = max((time for time in (created, seen_unfinished) if time is not None), default=None)
-    return since is not None and now > since + RESULT_LINK_TTL
+    completed (it completed before that, so its links' 24 h ran out by then + 24 h). Without a sighting
+    nothing proves it: ``created`` is when the task was made, and its completion, which starts the
+    links' 24 h, may come any time later (a long queue, a server clock behind)."""
+    return first_seen_completed is not None and now > first_seen_completed + RESULT_LINK_TTL
+
+
+def sighting_time(at: Any, created: float | None, now: float) -> float:
+    """When a trigger's poll read a task completed, as its event says; ``now`` (a later sighting, which
+    only makes a link look fresher) unless it is a number between the task's ``created`` and ``now``."""
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or created is None:
+        return now
+    return float(at) if created <= at <= now else now
 
 
 # -- the record ------------------------------------------------------------------------------------
@@ -574,8 +572,8 @@ class Ledger:
         #: The folder this try's downloads go to (:meth:`_folder_of`).
         self.storing_in: str | None = None
         self.told_folder = False
-        #: The last time this try (its operator or its trigger) saw the task still running.
-        self.seen_unfinished_at: float | None = None
+        #: When this try (its operator or its trigger) first saw each task completed, record or not.
+        self.completed_seen: dict[str, float] = {}
         self.record = self.states.load()
         self.generation = try_generation(self.context, self.reattach)
         forced = self.reattach == "never" or regenerate_requested(self.context, self.regenerate)
@@ -853,19 +851,18 @@ class Ledger:
                 "recorded task."
             )
 
-    def saw_unfinished(self, at: float | None) -> None:
-        """The task was seen still running at ``at`` (epoch seconds): it completed after that."""
-        if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
-            self.seen_unfinished_at = max(float(at), self.seen_unfinished_at or float(at))
-
-    def saw_completed(self, task: dict[str, Any]) -> None:
-        """Record when this provider first saw its task completed (the start of the links' 24 h), and the
-        task object it saw with its results (what a try that finds every result stored hands downstream)."""
+    def saw_completed(self, task: dict[str, Any], at: Any = None) -> None:
+        """Record when this provider first saw its task completed (``at``: when the trigger's poll did;
+        the links' 24 h ran out by then + 24 h), and the task object it saw with its results (what a try
+        that finds every result stored hands downstream)."""
+        seen_at = sighting_time(at, epoch_seconds(task.get("created")), timing.current().now())
+        task_id = str(task.get("id"))
+        self.completed_seen[task_id] = min(seen_at, self.completed_seen.get(task_id, seen_at))
         record = self.record
         if record is None or record.task_id != task.get("id"):
             return
-        if record.completed_seen_at is None:
-            record = replace(record, completed_seen_at=timing.current().now())
+        if record.completed_seen_at is None or seen_at < record.completed_seen_at:
+            record = replace(record, completed_seen_at=seen_at)
         if record.completed_task is None and not completed_without_output(task):
             seen = {key: value for key, value in task.items() if key not in ("files", "from_storage")}
             record = replace(record, completed_task=seen)
@@ -941,18 +938,20 @@ class Ledger:
         try:
             return store_results(self.hook, task, folder, deadline, known=known, on_stored=self._stored)
         except EvolinkNotFoundError as error:
-            seen = (
-                record.completed_seen_at if record is not None and record.task_id == task.get("id") else None
-            )
-            expired = link_expired(
-                seen, epoch_seconds(task.get("created")), timing.current().now(), self.seen_unfinished_at
-            )
+            # The earliest sighting (saw_completed above): the record's, or without one this try's.
+            seen = self.completed_seen.get(str(task.get("id")))
+            if record is not None and record.task_id == task.get("id") and record.completed_seen_at:
+                seen = record.completed_seen_at
+            expired = link_expired(seen, timing.current().now())
             answer = Answer.LINK_EXPIRED if expired else Answer.LINK_REFUSED
             action = decide(self._situation(answer))
             if action is Action.FAIL_RETRYABLY:
                 raise RetryLaterError(
-                    f"A result link of EvoLink task {task['id']} was refused ({error.status_code}) although "
-                    "it cannot have expired yet: nothing was submitted. A later try downloads it again."
+                    f"A result link of EvoLink task {task['id']} was refused ({error.status_code}), and "
+                    "nothing proves that its results expired (this provider first saw the task completed "
+                    "less than 24 h ago): nothing was submitted. A later try downloads it again; to pay "
+                    "for a new generation instead, clear the task instance with regenerate=True or "
+                    f'dag_run.conf {{"{REGENERATE_CONF_KEY}": true}}.'
                 ) from error
             if action is Action.FAIL:
                 raise AirflowFailException(

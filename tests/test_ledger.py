@@ -34,6 +34,7 @@ from evolink_provider.ledger import (
     Why,
     decide,
     link_expired,
+    sighting_time,
 )
 from evolink_provider.operators.submission import PreparedRequest
 
@@ -112,18 +113,20 @@ def test_every_row_of_the_table(row: str) -> None:
 
 def test_expiry_needs_24_hours_from_the_first_completed_sighting() -> None:
     day = 24 * 3600.0
-    assert not link_expired(1000.0, 0.0, 1000.0 + day)  # the record wins over an old `created`
-    assert link_expired(1000.0, 0.0, 1000.0 + day + 1)
-    assert not link_expired(None, 1000.0, 1000.0 + day)
-    assert link_expired(None, 1000.0, 1000.0 + day + 1)
-    assert not link_expired(None, None, 10 * day)  # nothing proves it
-    # Seen running after `created` (a server clock behind, a long queue): it completed after that.
-    assert not link_expired(None, 1000.0, 1000.0 + day + 1, seen_unfinished=2000.0)
-    assert link_expired(None, 1000.0, 2000.0 + day + 1, seen_unfinished=2000.0)
-    assert link_expired(None, 3000.0, 3000.0 + day + 1, seen_unfinished=2000.0)  # the later of the two
-    assert link_expired(None, None, 2000.0 + day + 1, seen_unfinished=2000.0)
-    assert not link_expired(1000.0, 5000.0, 1000.0 + day, seen_unfinished=9000.0)  # a record wins
-    assert link_expired(1000.0, 5000.0, 1000.0 + day + 1, seen_unfinished=9000.0)
+    assert not link_expired(1000.0, 1000.0 + day)
+    assert link_expired(1000.0, 1000.0 + day + 1)
+    assert not link_expired(None, 10 * day)  # nothing proves it, whatever the task's age
+
+
+def test_a_trigger_s_sighting_counts_only_between_created_and_now() -> None:
+    """A sighting earlier than the task's ``created`` is impossible (a forged or skewed event): it would
+    make links look older, so the time of this read stands in; junk does too."""
+    assert sighting_time(1500.0, 1000.0, 2000.0) == 1500.0
+    assert sighting_time(1000, 1000.0, 2000.0) == 1000.0
+    assert sighting_time(2000.0, 1000.0, 2000.0) == 2000.0
+    for junk in (999.0, 2001.0, None, "1500", True, float("nan"), float("-inf")):
+        assert sighting_time(junk, 1000.0, 2000.0) == 2000.0, junk
+    assert sighting_time(1500.0, None, 2000.0) == 2000.0  # no `created` to bound it by
 
 
 # -- the wiring, with an in-memory task_state_store and a fake context -------------------------------
@@ -583,15 +586,41 @@ def test_a_refused_result_link(
     assert len(hook.keys) == (1 if outcome is ledger.NewGeneration else 0)
 
 
-def test_without_a_sighting_the_links_age_from_created(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_record_only_a_sighting_of_the_task_completed_proves_expiry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Airflow 3.0-3.2 (no store): `created` two days old proves nothing, the trigger's sighting does."""
     from evolink_provider.timing import steered
 
     refused_store(monkeypatch)
-    hook = FakeHook()
-    with steered(clock=lambda: 1000.0 + 24 * 3600 + 1), pytest.raises(AirflowFailException):
-        make(hook, context(None)).store(dict(COMPLETED), "/tmp/x", None)
-    with steered(clock=lambda: 1000.0 + 24 * 3600 - 1), pytest.raises(RetryLaterError):
-        make(hook, context(None)).store(dict(COMPLETED), "/tmp/x", None)
+    day = 24 * 3600.0
+    now = 1000.0 + 2 * day
+    with steered(clock=lambda: now), pytest.raises(RetryLaterError):
+        make(FakeHook(), context(None)).store(dict(COMPLETED), "/tmp/x", None)
+    for sighting, outcome in ((now - day - 1, AirflowFailException), (now - day + 1, RetryLaterError)):
+        ledger_ = make(FakeHook(), context(None))
+        ledger_.saw_completed(dict(COMPLETED), at=sighting)
+        with steered(clock=lambda: now), pytest.raises(outcome):
+            ledger_.store(dict(COMPLETED), "/tmp/x", None)
+
+
+def test_the_earliest_sighting_is_recorded() -> None:
+    """A trigger's poll saw it completed before the operator's read: that earlier time is kept."""
+    from evolink_provider.timing import steered
+
+    store = MemoryStore()
+    recorded(store)
+
+    def sighting(at: float | None, now: float) -> float | None:
+        with steered(clock=lambda: now):
+            make(FakeHook(), context(store)).saw_completed(dict(COMPLETED), at=at)
+        record = SubmissionRecord.from_stored(store.get(STATE_KEY))
+        return record.completed_seen_at if record else None
+
+    assert sighting(4000.0, now=5000.0) == 4000.0
+    assert sighting(4500.0, now=6000.0) == 4000.0
+    assert sighting(None, now=6000.0) == 4000.0
+    assert sighting(3000.0, now=6000.0) == 3000.0
 
 
 def stored_as_recorded(path: Path, index: int, data: bytes) -> Any:

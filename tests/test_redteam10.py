@@ -110,16 +110,16 @@ def test_f1_a_refused_fresh_link_after_a_deferral_without_a_store_fails_retryabl
     """F1 (fixed): the trigger just saw the task completed; its `created` is two days old (a server clock
     two days behind, or a generation queued that long with a long ``timeout``). The first download of its
     fresh link is refused once (a CDN blip: R25 says fail retryably). Without a store the try failed for
-    good, judged by `created`; the trigger's last sighting of the task running now proves the links fresh."""
+    good, judged by `created`; only the trigger's sighting of the task completed (30 s ago) can date them."""
     refused_once_then_served(hostile)
     task = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(time.time()) - 2 * DAY}
     operator = resumed_operator(tmp_path)
-    # The trigger's polls saw it running 30 s ago (the event says so): it completed after that.
+    # The trigger's poll read it completed 30 s ago (the event says so): it completed before that.
     event = {
         "status": "success",
         "task": task,
         "end_time": time.time() + 600,
-        "seen_unfinished_at": time.time() - 30,
+        "completed_seen_at": time.time() - 30,
     }
 
     with pytest.raises(EvolinkError):  # retryable: the retry downloads it (the link answers 200 then)

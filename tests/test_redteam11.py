@@ -16,7 +16,9 @@ kwarg, rides on every event, and the worker's own wait records it); the attacks 
   and waits on the worker; ``_wait_here`` records no sighting, so the same R26.
 
 One root: on 3.0-3.2 a sighting of the task running reaches ``link_expired`` only from the trigger's own
-polls of one triggerer run, and only on its ``success`` event.
+polls of one triggerer run, and only on its ``success`` event. Red-team 12 showed that such a sighting can
+never prove expiry (it is a lower bound of completion): since its fix the events carry when a poll read the
+task *completed* (``completed_seen_at``), and without a sighting of it completed no link counts as expired.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from airflow.sdk.exceptions import TaskDeferred
 
 from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import Ledger, link_expired
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from tests.test_hostile import (
     TASK_ID,
@@ -217,36 +218,25 @@ def test_a_forced_take_whose_local_image_is_gone_buys_and_uploads_nothing(
     assert not any("/files/" in path or "/media/" in path for _, path in hostile.requests)
 
 
-# -- held: a hostile or stale seen_unfinished_at neither crashes nor makes a link look expired ---------------
+# -- held: a hostile or stale completed_seen_at neither crashes nor makes a fresh link look expired ---------
 
 
 @pytest.mark.parametrize(
-    "value", ["1700000000", True, math.nan, math.inf, -math.inf, -1e308, [1.0], {"at": 1.0}, None]
+    "value", ["1700000000", True, math.nan, math.inf, -math.inf, -1e18, -1e308, [1.0], {"at": 1.0}, None]
 )
-def test_a_garbage_seen_unfinished_at_is_ignored(tmp_path: Path, value: Any) -> None:
-    ledger: Ledger = resumed_operator(tmp_path).ledger(resume_context(None))  # type: ignore[arg-type]
-    ledger.saw_unfinished(1000.0)
-    ledger.saw_unfinished(value)
-    assert ledger.seen_unfinished_at == 1000.0
-    # it only ever moves the links' start later: never makes a fresh link look expired
-    assert not link_expired(None, 5000.0, 5000.0 + DAY - 1, ledger.seen_unfinished_at)
-
-
-def test_a_fresh_link_refused_after_an_event_with_a_negative_sighting_fails_retryably(
+def test_a_garbage_completed_seen_at_is_ignored(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
+    value: Any,
 ) -> None:
-    """An event value far in the past (another task's, a forged row) cannot pull `created` back."""
+    """Junk, or a time before the task's ``created`` (another task's, a forged row), stands for nothing:
+    the refusal of a minute-old link is retryable, never a purchase, even with ``regenerate_expired``."""
     refused_once_then_served(hostile)
     task_now = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(time.time()) - 60}
-    event = {
-        "status": "success",
-        "task": task_now,
-        "end_time": time.time() + 600,
-        "seen_unfinished_at": -1e18,
-    }
+    event = {"status": "success", "task": task_now, "end_time": time.time() + 600, "completed_seen_at": value}
+    operator = resumed_operator(tmp_path, regenerate_expired=True)
     with pytest.raises(EvolinkError) as raised:
-        resumed_operator(tmp_path).execute_complete(resume_context(None), event)  # type: ignore[arg-type]
+        operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
     assert not isinstance(raised.value, AirflowFailException) and posts(hostile) == 0
 
 

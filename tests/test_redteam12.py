@@ -1,18 +1,19 @@
 """Twelfth red-team pass: the "last seen running" sighting (``seen_unfinished_at``), attacked.
 
-Findings are ``xfail(strict=True)`` (each fails once fixed); the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests.
 
-* F1 (extra credits with ``regenerate_expired``; else the paid video undelivered): on Airflow 3.0-3.2 the
-  sighting is a *lower* bound of when the task completed, and ``link_expired`` uses it (with ``created``) to
-  *prove* expiry, which needs an upper bound. Within one triggerer run the gap is one poll interval, but the
-  trigger's updated sighting lives in memory only: a triggerer restart (or a triggerer down) rebuilds it
-  from the deferral's kwargs, ``seen_unfinished_at=deferred_at``. A wait longer than 24 h (``timeout`` is
-  not capped; a long queue) whose task completes during such a gap fires ``success`` with a sighting more
-  than 24 h old, and one refused download of the minutes-old link is R27 (a second video bought) or R26.
+* F1 (extra credits with ``regenerate_expired``; else the paid video undelivered), fixed: on Airflow 3.0-3.2
+  the sighting was a *lower* bound of when the task completed, and ``link_expired`` used it (with
+  ``created``) to *prove* expiry, which needs an upper bound. A triggerer restart rebuilt it from the
+  deferral's kwargs; a wait longer than 24 h whose task completed during such a gap fired ``success`` with a
+  sighting more than 24 h old, and one refused download of the minutes-old link was R27 (a second video
+  bought) or R26. Now only a sighting of the task *completed* dates its links: the poll that read it so
+  stamps its event (``completed_seen_at``), and without one no refusal counts as expired; the
+  ``seen_unfinished_at`` kwarg is gone.
 
-Held: a sighting only ever makes a link look fresher within a try; a retry on 3.0-3.2 stamps its own
-first-seen-completed time (``Ledger.saw_completed`` on its in-memory record), so it never judges a link
-expired, truly or not (``regenerate_expired`` does not fire there: the safe side, a clear buys).
+Held: a retry on 3.0-3.2 stamps its own first-seen-completed time (``Ledger.saw_completed``), so it never
+judges a link expired, truly or not (``regenerate_expired`` does not fire there: the safe side, a clear
+buys).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkError
 from evolink_provider.ledger import RetryLaterError
 from evolink_provider.sensors.evolink import EvolinkTaskSensor
-from evolink_provider.triggers.evolink import EvolinkTaskTrigger, task_from_event
+from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from tests.test_hostile import (
     TASK_ID,
     HostileServer,
@@ -51,11 +52,6 @@ def retry_context(try_number: int) -> dict[str, Any]:
 # -- F1: a stale sighting (the deferral's, after a triggerer restart) "proves" a fresh link expired ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: link_expired takes the last sighting (a lower bound of completion) as proof of expiry; after "
-    "a triggerer restart in a >24 h wait it is the deferral's; one refused fresh link buys a second video",
-)
 def test_f1_a_restarted_trigger_of_a_long_wait_buys_nothing_for_a_refused_fresh_link(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -77,7 +73,6 @@ def test_f1_a_restarted_trigger_of_a_long_wait_buys_nothing_for_a_refused_fresh_
         started_at=deferred_at - 60,
         first_poll_at=deferred_at + 600,
         not_before=deferred_at + 5,
-        seen_unfinished_at=deferred_at,
     )
     events = run_trigger(trigger)
     assert [event["status"] for event in events] == ["success"]
@@ -126,31 +121,12 @@ def test_the_retry_of_a_refused_fresh_link_keeps_it_fresh_and_buys_nothing(
 # -- held --------------------------------------------------------------------------------------------------
 
 
-def test_a_trigger_serialized_before_the_kwarg_resumes_and_its_events_are_read(
-    hostile: HostileServer,  # noqa: F811
-) -> None:
-    """A trigger row written by the previous release (no ``seen_unfinished_at``) is rebuilt after the
-    upgrade; its events carry ``None``, which ``task_from_event`` and the ledger take."""
-    path, kwargs = EvolinkTaskTrigger(
-        TASK_ID, evolink_conn_id="evolink_hostile", poll_interval=0.2, max_poll_interval=0.3
-    ).serialize()
-    assert path == "evolink_provider.triggers.evolink.EvolinkTaskTrigger"
-    old_kwargs = {key: value for key, value in kwargs.items() if key != "seen_unfinished_at"}
-    rebuilt = EvolinkTaskTrigger(**old_kwargs)
-    assert rebuilt.seen_unfinished_at is None
-    json.dumps(rebuilt.serialize()[1])
-    hostile.json(f"/v1/tasks/{TASK_ID}", completed(f"{hostile.url}/media/v.mp4"))
-    events = run_trigger(rebuilt)
-    assert [event["status"] for event in events] == ["success"]
-    assert events[0]["seen_unfinished_at"] is None
-    assert task_from_event(events[0])["id"] == TASK_ID
-
-
 def test_the_deferrals_kwargs_and_every_event_stay_plain_json(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """The kwarg is a float the trigger table stores as JSON, and it rides on each event as one."""
+    """The trigger table stores the kwargs as JSON and a rebuilt trigger is the same; the event's sighting is
+    a float when the task read completed, absent otherwise."""
     running = task(status="processing", progress=10)
     hostile.json("/v1/videos/generations", running)
     hostile.json(f"/v1/tasks/{TASK_ID}", running)
@@ -159,18 +135,21 @@ def test_the_deferrals_kwargs_and_every_event_stay_plain_json(
     trigger = deferred.value.trigger
     assert isinstance(trigger, EvolinkTaskTrigger)
     path, kwargs = trigger.serialize()
-    assert isinstance(kwargs["seen_unfinished_at"], float)
     assert EvolinkTaskTrigger(**json.loads(json.dumps(kwargs))).serialize() == (path, kwargs)
     hostile.json(f"/v1/tasks/{TASK_ID}", {**running, "status": "failed", "error": {"code": "x"}})
-    events = run_trigger(trigger)
-    assert events and all(isinstance(event["seen_unfinished_at"], float) for event in events)
-    json.dumps(events)
+    failed = run_trigger(trigger)
+    assert failed and "completed_seen_at" not in failed[0]
+    hostile.json(f"/v1/tasks/{TASK_ID}", completed(f"{hostile.url}/media/v.mp4"))
+    before = time.time()
+    done = run_trigger(EvolinkTaskTrigger(**json.loads(json.dumps(kwargs))))
+    assert isinstance(done[0]["completed_seen_at"], float) and before <= done[0]["completed_seen_at"]
+    json.dumps([*failed, *done])
 
 
 def test_the_sensor_defers_and_reads_an_event_with_a_sighting(
     hostile: HostileServer,  # noqa: F811
 ) -> None:
-    """The sensor builds its trigger by keyword without the sighting; the extra key reaches no sensor path."""
+    """The sensor's trigger stamps its event too; the extra key reaches no sensor path."""
     hostile.json(f"/v1/tasks/{TASK_ID}", task(status="processing", progress=10))
     sensor = EvolinkTaskSensor(
         task_id="watch",
@@ -183,10 +162,10 @@ def test_the_sensor_defers_and_reads_an_event_with_a_sighting(
     with pytest.raises(TaskDeferred) as deferred:
         sensor.execute({"ti": None})  # type: ignore[typeddict-item]
     trigger = deferred.value.trigger
-    assert isinstance(trigger, EvolinkTaskTrigger) and trigger.seen_unfinished_at is None
+    assert isinstance(trigger, EvolinkTaskTrigger)
     hostile.json(f"/v1/tasks/{TASK_ID}", completed(f"{hostile.url}/media/v.mp4"))
     events = run_trigger(trigger)
-    assert events[0]["status"] == "success"
+    assert events[0]["status"] == "success" and events[0]["completed_seen_at"]
     assert sensor.execute_complete({}, events[0])["id"] == TASK_ID
 
 
@@ -194,8 +173,8 @@ def test_an_event_naming_another_task_with_a_fresh_sighting_buys_nothing(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """A forged sighting only ever makes a link look fresher: the refusal is retryable, never a purchase,
-    and a retry (new ledger) is free of it."""
+    """An event for another task (no record to check it against on 3.0-3.2) whose sighting is a time
+    before that task's ``created``: ignored, the refusal is retryable, never a purchase."""
     refused_for(hostile, 1)
     old = int(time.time()) - 2 * DAY
     other = {**completed(f"{hostile.url}/media/v.mp4"), "id": "task-someone-else", "created": old}
@@ -204,7 +183,7 @@ def test_an_event_naming_another_task_with_a_fresh_sighting_buys_nothing(
         "evolink_task_id": "task-someone-else",
         "task": other,
         "end_time": time.time() + 600,
-        "seen_unfinished_at": 1e300,
+        "completed_seen_at": float(old - 3 * DAY),
     }
     operator = resumed_operator(tmp_path, regenerate_expired=True)
     with contextlib.suppress(EvolinkError, AirflowFailException):

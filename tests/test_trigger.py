@@ -87,19 +87,19 @@ def test_fires_success_with_the_task_object(
     assert not [seconds for seconds in held if seconds >= 0.5], "the event loop was blocked"
 
 
-def test_the_success_event_says_when_a_poll_last_saw_the_task_running(sim: SimulatorControl) -> None:
-    """The operator's proof that the result links are fresh on Airflow 3.0-3.2 (``ledger.link_expired``):
-    a poll saw the task running at that time; a first poll that sees it completed proves nothing."""
+def test_an_event_of_a_completed_task_says_when_the_poll_read_it(sim: SimulatorControl) -> None:
+    """The operator's proof of when the result links' 24 h run out (``ledger.link_expired``): the task
+    completed before the poll that read it so; a task that ended otherwise carries no such time."""
     started = time.time()
-    running = run_trigger(
+    events = run_trigger(
         EvolinkTaskTrigger(submit("waves [sim:seconds=0.6]"), poll_interval=0.2, end_time=started + 60)
     )
-    seen = running[0]["seen_unfinished_at"]
-    assert running[0]["status"] == "success" and started <= seen <= time.time()
-    done = submit("already [sim:seconds=0]")
-    time.sleep(0.3)
-    at_once = run_trigger(EvolinkTaskTrigger(done, poll_interval=0.2, end_time=time.time() + 60))
-    assert at_once[0]["status"] == "success" and at_once[0]["seen_unfinished_at"] is None
+    assert events[0]["status"] == "success"
+    assert started + 0.6 <= events[0]["completed_seen_at"] <= time.time()
+    failed = run_trigger(
+        EvolinkTaskTrigger(submit("waves [sim:fail=content_policy_violation]"), poll_interval=0.2)
+    )
+    assert failed[0]["status"] == "failed" and "completed_seen_at" not in failed[0]
 
 
 def test_no_event_fires_before_not_before(sim: SimulatorControl) -> None:

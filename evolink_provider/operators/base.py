@@ -123,7 +123,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
         never delivered (templated; ``dag_run.conf["evolink_regenerate"]`` = true or a list of task ids
         does the same per run).
     :param regenerate_expired: let an automatic retry pay for a new generation when the results of the
-        paid one are proven expired (default off: the retry fails, saying that a clear does).
+        paid one are proven expired (default off: the retry fails, saying that a clear does). Proven means
+        refused 24 h after this provider first saw the task completed; on 3.0-3.2 each try sees it afresh,
+        so there a retry rarely proves it and a clear is the way.
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
@@ -287,7 +289,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
                         started_at=started_at,
                         first_poll_at=deferred_at + decision.delay,
                         not_before=deferred_at + clock.trigger_hold,
-                        seen_unfinished_at=deferred_at,  # ``task`` was read running: it waits for that
                     ),
                     method_name="execute_complete",
                     # Only a backstop: the trigger's own timeout event, which names the task, comes first.
@@ -316,8 +317,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
         from evolink_provider.ledger import NewGeneration
         from evolink_provider.triggers.evolink import task_from_event
 
-        if isinstance(event, dict):  # whatever the event: when the task was last seen running
-            self.ledger(context).saw_unfinished(event.get("seen_unfinished_at"))
         try:
             task = task_from_event(event)
         except EvolinkError as error:
@@ -337,7 +336,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     ledger.check_resumed(named)
                     ledger.refuse_contradiction(named)
                 fail_for(error)
-        self.ledger(context).check_resumed(task)
+        ledger = self.ledger(context)
+        ledger.check_resumed(task)
+        if task.get("status") == "completed" and isinstance(event, dict):
+            ledger.saw_completed(task, at=event.get("completed_seen_at"))  # the poll's: links' 24 h start
         deadline = event_deadline(event) or time.time() + self.timeout
         try:
             return self._publish(context, self._finish(context, task, deadline))
@@ -412,7 +414,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 raise EvolinkWaitTimeoutError(decision.message)
             if decision.outcome is not Outcome.WAIT:
                 return task
-            self.ledger(context).saw_unfinished(timing().now())  # read running: it completes after this
             if until is not None and timing().now() >= until:
                 return task
             if decision.message:

@@ -38,7 +38,9 @@ class EvolinkTaskTrigger(BaseTrigger):
     Fires exactly one event, a dict with ``status`` in ``success | failed | timeout | error`` and
     ``evolink_task_id``; ``success`` carries the final ``task`` object (checked against the documented
     shape by the hook) and the ``end_time`` that also bounds storing its results, ``failed`` the task's
-    ``code`` and ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``.
+    ``code`` and ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``. An
+    event whose task reads ``completed`` says when the poll read it so (``completed_seen_at``): the task
+    completed before that, so its result links' 24 h run out by then + 24 h (``ledger.link_expired``).
 
     :param evolink_task_id: the EvoLink task to wait for.
     :param evolink_conn_id: Airflow connection holding the API key.
@@ -66,7 +68,6 @@ class EvolinkTaskTrigger(BaseTrigger):
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
         first_poll_at: float | None = None,
         not_before: float | None = None,
-        seen_unfinished_at: float | None = None,
     ) -> None:
         super().__init__()
         self.evolink_task_id = evolink_task_id
@@ -78,10 +79,6 @@ class EvolinkTaskTrigger(BaseTrigger):
         self.max_poll_failures = int(max_poll_failures)
         self.first_poll_at = None if first_poll_at is None else float(first_poll_at)
         self.not_before = None if not_before is None else float(not_before)
-        #: When the task was last seen running (by the operator before deferring, then by the polls): every
-        #: event carries it, so that the operator knows the task completed after that and its result links'
-        #: 24 h cannot have run out before (``ledger.link_expired``, on Airflow 3.0-3.2).
-        self.seen_unfinished_at = None if seen_unfinished_at is None else float(seen_unfinished_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -96,19 +93,11 @@ class EvolinkTaskTrigger(BaseTrigger):
                 "max_poll_failures": self.max_poll_failures,
                 "first_poll_at": self.first_poll_at,
                 "not_before": self.not_before,
-                "seen_unfinished_at": self.seen_unfinished_at,
             },
         )
 
     def _event(self, status: str, **payload: Any) -> TriggerEvent:
-        return TriggerEvent(
-            {
-                "status": status,
-                "evolink_task_id": self.evolink_task_id,
-                "seen_unfinished_at": self.seen_unfinished_at,
-                **payload,
-            }
-        )
+        return TriggerEvent({"status": status, "evolink_task_id": self.evolink_task_id, **payload})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         async for event in self._wait():
@@ -147,30 +136,31 @@ class EvolinkTaskTrigger(BaseTrigger):
                 await asyncio.sleep(retry.delay)
                 continue
             failures.success()
+            read_at = timing().now()
             if line := reporter.update(task):
                 self.log.info(line)
             decision = decide_after_poll(
                 task,
-                now=timing().now(),
+                now=read_at,
                 started_at=self.started_at,
                 deadline=self.end_time,
                 poll_interval=self.poll_interval,
                 max_poll_interval=self.max_poll_interval,
             )
             if decision.outcome is Outcome.WAIT:
-                self.seen_unfinished_at = timing().now()
                 if decision.message:
                     self.log.warning(decision.message)
                 await self._sleep(reporter, decision.delay)
                 continue
+            seen = {"completed_seen_at": read_at} if task.get("status") == "completed" else {}
             if decision.outcome is Outcome.SUCCESS:
-                yield self._event("success", task=task, end_time=self.end_time)
+                yield self._event("success", task=task, end_time=self.end_time, **seen)
             elif decision.outcome is Outcome.TIMEOUT:
                 yield self._event("timeout", message=decision.message)
             else:
                 code, message = task_failure(task)
                 yield self._event(
-                    "failed", code=code, message=decision.message, api_message=message, task=task
+                    "failed", code=code, message=decision.message, api_message=message, task=task, **seen
                 )
             return
 
