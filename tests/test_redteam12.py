@@ -82,6 +82,37 @@ def test_f1_a_restarted_trigger_of_a_long_wait_buys_nothing_for_a_refused_fresh_
     assert posts(hostile) == 0, "a second generation was bought for a link refused once, minutes old"
 
 
+@pytest.mark.parametrize("regenerate_expired", [False, True])
+def test_the_trigger_s_sighting_a_day_old_proves_a_refused_link_expired(
+    hostile: HostileServer,  # noqa: F811
+    tmp_path: Path,
+    regenerate_expired: bool,
+) -> None:
+    """F1's counterpart on 3.0-3.2: the event's ``completed_seen_at`` is the upper bound that proves expiry.
+    Read completed 25 h ago (the event waited that long for a worker): a refused link is R26, the try fails
+    for good naming the way out; with ``regenerate_expired`` R27 buys exactly one new generation."""
+    refused_for(hostile, 10)
+    now = time.time()
+    done = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(now) - 30 * 3600}
+    hostile.json("/v1/videos/generations", task(status="pending", created=int(now)))
+    event = {
+        "status": "success",
+        "evolink_task_id": TASK_ID,
+        "task": done,
+        "end_time": now + 600,
+        "completed_seen_at": now - 25 * 3600,
+    }
+    operator = resumed_operator(tmp_path, regenerate_expired=regenerate_expired)
+    if regenerate_expired:
+        with contextlib.suppress(EvolinkError, AirflowFailException, TaskDeferred):
+            operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
+        assert posts(hostile) == 1
+    else:
+        with pytest.raises(AirflowFailException, match="expired"):
+            operator.execute_complete(resume_context(None), event)  # type: ignore[arg-type]
+        assert posts(hostile) == 0
+
+
 # -- held: a retry after a refused fresh link -------------------------------------------------------------
 
 

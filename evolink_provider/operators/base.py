@@ -338,8 +338,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
                 fail_for(error)
         ledger = self.ledger(context)
         ledger.check_resumed(task)
-        if task.get("status") == "completed" and isinstance(event, dict):
-            ledger.saw_completed(task, at=event.get("completed_seen_at"))  # the poll's: links' 24 h start
+        # When the trigger's poll read it completed: its links' 24 h ran out by then + 24 h.
+        ledger.saw_completed(task, at=(event or {}).get("completed_seen_at"))
         deadline = event_deadline(event) or time.time() + self.timeout
         try:
             return self._publish(context, self._finish(context, task, deadline))

@@ -38,9 +38,9 @@ class EvolinkTaskTrigger(BaseTrigger):
     Fires exactly one event, a dict with ``status`` in ``success | failed | timeout | error`` and
     ``evolink_task_id``; ``success`` carries the final ``task`` object (checked against the documented
     shape by the hook) and the ``end_time`` that also bounds storing its results, ``failed`` the task's
-    ``code`` and ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``. An
-    event whose task reads ``completed`` says when the poll read it so (``completed_seen_at``): the task
-    completed before that, so its result links' 24 h run out by then + 24 h (``ledger.link_expired``).
+    ``code`` and ``message``, ``error`` the poll error's ``message`` and whether it is ``retryable``.
+    ``success`` also says when the poll read the task completed (``completed_seen_at``): it completed
+    before that, so its result links' 24 h run out by then + 24 h (``ledger.link_expired``).
 
     :param evolink_task_id: the EvoLink task to wait for.
     :param evolink_conn_id: Airflow connection holding the API key.
@@ -152,15 +152,14 @@ class EvolinkTaskTrigger(BaseTrigger):
                     self.log.warning(decision.message)
                 await self._sleep(reporter, decision.delay)
                 continue
-            seen = {"completed_seen_at": read_at} if task.get("status") == "completed" else {}
             if decision.outcome is Outcome.SUCCESS:
-                yield self._event("success", task=task, end_time=self.end_time, **seen)
+                yield self._event("success", task=task, end_time=self.end_time, completed_seen_at=read_at)
             elif decision.outcome is Outcome.TIMEOUT:
                 yield self._event("timeout", message=decision.message)
             else:
                 code, message = task_failure(task)
                 yield self._event(
-                    "failed", code=code, message=decision.message, api_message=message, task=task, **seen
+                    "failed", code=code, message=decision.message, api_message=message, task=task
                 )
             return
 
