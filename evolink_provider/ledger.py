@@ -36,9 +36,10 @@ ordinary *clear* of an undelivered generation, which collects what was paid for.
 ``task`` (an id, result not delivered); ``stored`` (an id, every result file recorded and still on disk,
 not delivered); ``delivered``. *request*: whether the rendered request is the recorded one. *answer*: what
 EvoLink said when asked (``-``: not asked yet). Result links are refused (403/404/410, 400/401) as
-*expired* only past the first-seen-completed time + 24 h (:func:`link_expired`): the record's, or on
-3.0-3.2 the time this try or its trigger's poll read the task completed. With no such sighting a refusal
-is never proof (R25): ``created``, or a sighting of the task running, says only that it completed *later*.
+*expired* only past the first-seen-completed time + 24 h, plus an hour for machines' clocks
+(:func:`link_expired`): the record's time, or on 3.0-3.2 the time this try or its trigger's poll read the
+task completed. With no such sighting a refusal is never proof (R25): ``created``, or a sighting of the
+task running, says only that it completed *later*.
 
 | row | store | recorded | request | why | answer | action |
 |-----|-------|----------|---------|-----|--------|--------|
@@ -139,6 +140,10 @@ if TYPE_CHECKING:
 STATE_KEY = "evolink_submission"
 #: EvoLink's result links are signed for 24 h from completion.
 RESULT_LINK_TTL = 24 * 3600.0
+#: How far the clocks of two machines may disagree (the one that saw the task completed, the one that
+#: judges a refusal): a refusal proves expiry only this long past the links' 24 h. Inside it a refusal fails
+#: retryably, which only delays a purchase; without it a clock behind turns a CDN blip into one.
+CLOCK_SKEW_ALLOWANCE = 3600.0
 #: Files API URLs live 72 h; an upload is reused only while it has this much life left, so that EvoLink
 #: can still fetch it when a queued task starts hours later.
 UPLOAD_TTL = 72 * 3600.0
@@ -267,10 +272,12 @@ def reread_pauses() -> tuple[float, float]:
 
 def link_expired(first_seen_completed: float | None, now: float) -> bool:
     """Whether a refused result link is proven expired: past the first time this provider saw the task
-    completed (it completed before that, so its links' 24 h ran out by then + 24 h). Without a sighting
-    nothing proves it: ``created`` is when the task was made, and its completion, which starts the
-    links' 24 h, may come any time later (a long queue, a server clock behind)."""
-    return first_seen_completed is not None and now > first_seen_completed + RESULT_LINK_TTL
+    completed (it completed before that, so its links' 24 h ran out by then + 24 h), plus
+    :data:`CLOCK_SKEW_ALLOWANCE`. Without a sighting nothing proves it: ``created`` is when the task was
+    made, and its completion, which starts the links' 24 h, may come any time later (a long queue)."""
+    if first_seen_completed is None:
+        return False
+    return now > first_seen_completed + RESULT_LINK_TTL + CLOCK_SKEW_ALLOWANCE
 
 
 def sighting_time(at: Any, created: float | None, now: float) -> float:

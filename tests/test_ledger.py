@@ -112,10 +112,10 @@ def test_every_row_of_the_table(row: str) -> None:
 
 
 def test_expiry_needs_24_hours_from_the_first_completed_sighting() -> None:
-    day = 24 * 3600.0
-    assert not link_expired(1000.0, 1000.0 + day)
-    assert link_expired(1000.0, 1000.0 + day + 1)
-    assert not link_expired(None, 10 * day)  # nothing proves it, whatever the task's age
+    proof = 24 * 3600.0 + 3600.0  # the links' 24 h and an hour for machines' clocks
+    assert not link_expired(1000.0, 1000.0 + proof)
+    assert link_expired(1000.0, 1000.0 + proof + 1)
+    assert not link_expired(None, 100 * proof)  # nothing proves it, whatever the task's age
 
 
 def test_a_trigger_s_sighting_counts_only_between_created_and_now() -> None:
@@ -563,9 +563,10 @@ def refused_store(monkeypatch: pytest.MonkeyPatch) -> None:
     ("max_tries", "regenerate_expired", "later", "outcome"),
     [
         (2, False, 60.0, RetryLaterError),  # within a day of the first completed sighting
-        (2, False, 24 * 3600 + 60.0, AirflowFailException),  # expired, an automatic retry
-        (2, True, 24 * 3600 + 60.0, ledger.NewGeneration),  # expired, opted in
-        (5, False, 24 * 3600 + 60.0, ledger.NewGeneration),  # expired, a clear
+        (2, False, 24 * 3600 + 3000.0, RetryLaterError),  # past the day, within the clocks' hour
+        (2, False, 25 * 3600 + 60.0, AirflowFailException),  # expired, an automatic retry
+        (2, True, 25 * 3600 + 60.0, ledger.NewGeneration),  # expired, opted in
+        (5, False, 25 * 3600 + 60.0, ledger.NewGeneration),  # expired, a clear
     ],
 )
 def test_a_refused_result_link(
@@ -597,7 +598,8 @@ def test_without_a_record_only_a_sighting_of_the_task_completed_proves_expiry(
     now = 1000.0 + 2 * day
     with steered(clock=lambda: now), pytest.raises(RetryLaterError):
         make(FakeHook(), context(None)).store(dict(COMPLETED), "/tmp/x", None)
-    for sighting, outcome in ((now - day - 1, AirflowFailException), (now - day + 1, RetryLaterError)):
+    proof = day + 3600.0
+    for sighting, outcome in ((now - proof - 1, AirflowFailException), (now - proof + 1, RetryLaterError)):
         ledger_ = make(FakeHook(), context(None))
         ledger_.saw_completed(dict(COMPLETED), at=sighting)
         with steered(clock=lambda: now), pytest.raises(outcome):

@@ -166,7 +166,7 @@ def test_a_clear_of_a_task_whose_results_are_proven_expired_pays_again(
     sim.add_faults({**EVERY_LINK_REFUSED, "status": 404, "path_prefix": f"/media/{first}/"})
     real = current().clock
 
-    with steered(clock=lambda: real() + 24 * 3600 + 60):  # a day after the provider saw it completed
+    with steered(clock=lambda: real() + 25 * 3600 + 60):  # past the links' day and the clocks' hour
         state, tasks = clear_and_rerun("evolink_ledger_one", run_id)
 
     assert state == "success", tasks
