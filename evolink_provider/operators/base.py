@@ -124,8 +124,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
         does the same per run).
     :param regenerate_expired: let an automatic retry pay for a new generation when the results of the
         paid one are proven expired (default off: the retry fails, saying that a clear does). Proven means
-        refused 24 h after this provider first saw the task completed; on 3.0-3.2 each try sees it afresh,
-        so there a retry rarely proves it and a clear is the way.
+        refused 25 h (24 h, and an hour for machines' clocks) after this provider first saw the task
+        completed; on 3.0-3.2 each try sees it afresh, so there a retry rarely proves it and a clear is
+        the way.
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
