@@ -68,8 +68,8 @@ task running, says only that it completed *later*.
 | R23 | any | task | any | any | 404 on the task read | fail retryably |
 | R24 | any | task | any | any | other read error | fail retryably |
 | R25 | any | task | any | any | result link refused, not expired | fail retryably |
-| R26 | any | task | any | new run or retry | result link expired | fail |
-| R27 | any | task | any | new run or retry, regenerate_expired | result link expired | submit |
+| R26 | any | task | any | new run or retry (none: regenerate_expired too) | result link expired | fail |
+| R27 | 3.3 | task | any | new run or retry, regenerate_expired | result link expired | submit |
 | R28 | any | task | any | clear or forced | result link expired | submit |
 | R29 | any | task | any | any | failed or cancelled after being seen completed | fail retryably |
 
@@ -92,7 +92,10 @@ key (counter + 1), once per failure. R21: no resubmission can fix that code. R23
 not evidence that the paid result is gone (a gateway blip, read-after-write lag, a CDN refusal): spend
 nothing, fail the try so that a later try reads again. R26: an automatic retry never buys a new generation;
 the message says that a clear, or ``regenerate_expired=True`` for unattended runs, does. R27, R28: the result
-is proven expired and a new generation was asked for. R29: this provider saw the task completed (so EvoLink
+is proven expired and a new generation was asked for. R27 needs a store: without one, the new generation's
+key is the first try's (EvoLink answers it with the expired task) and any other key would be lost to the
+next retry, which resends the first; so on 3.0-3.2 ``regenerate_expired`` is R26, and a clear (a new
+generation there) is the way. R29: this provider saw the task completed (so EvoLink
 billed it; with its results or not yet); a later read saying failed or cancelled (any code,
 ``resource_not_found`` included), on a retry's first read, in a wait or in a trigger event, contradicts that
 and is not evidence: spend nothing, fail the try so that a later read collects it.
@@ -242,7 +245,7 @@ def _after_answer(s: Situation) -> Action:
     if answer is Answer.FAILED_UNFIXABLE:  # R21
         return Action.FAIL
     if answer is Answer.LINK_EXPIRED:  # R26-R28
-        if s.why in (Why.CLEAR, Why.FORCED) or s.regenerate_expired:
+        if s.why in (Why.CLEAR, Why.FORCED) or (s.regenerate_expired and s.durable):
             return Action.SUBMIT
         return Action.FAIL
     return Action.FAIL_RETRYABLY  # R23-R25, R29
@@ -328,6 +331,9 @@ class SubmissionRecord:
     stored hands downstream the same value (links, character name, credits) without reading the task.
     A task's files stay in the folder the first of them went to (``stored_in``): a try that renders
     another ``output_path`` completes and hands over that set, so rows R08/R09 hold whatever it renders.
+    ``payload`` is the JSON body sent with ``idempotency_key``: a resend sends it again, since a later
+    rendering of the same request may name its images by other URLs (a cleared upload step, an upload
+    near its expiry), which EvoLink refuses under that key.
     """
 
     fingerprint: str
@@ -343,6 +349,7 @@ class SubmissionRecord:
     stored_in: str | None = None
     delivered: bool = False
     completed_task: dict[str, Any] | None = None
+    payload: dict[str, Any] | None = None
 
     @classmethod
     def from_stored(cls, value: Any) -> SubmissionRecord | None:
@@ -366,6 +373,7 @@ class SubmissionRecord:
                 completed_task=value["completed_task"]
                 if isinstance(value.get("completed_task"), dict)
                 else None,
+                payload=value["payload"] if isinstance(value.get("payload"), dict) else None,
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -782,7 +790,8 @@ class Ledger:
             generation = self.generation
             key = idempotency_key(identity, request.fingerprint, submission, generation)
         earlier_tries = tries_in_sequence(self.context) - 1
-        payload: dict[str, Any] | None = None
+        # A resent key goes with the body it was first sent with (SubmissionRecord.payload).
+        payload: dict[str, Any] | None = record.payload if resend and record is not None else None
         while True:
             new = SubmissionRecord(
                 request.fingerprint,
@@ -800,6 +809,7 @@ class Ledger:
                 self._save(new)  # the intent, with the uploads of earlier tries
                 payload = payload_for_post(self.hook, request, uploads, self.log)
                 new = replace(new, uploads=tuple(uploads[source] for source in sorted(uploads)))
+            new = replace(new, payload=payload)
             self._save(new)
             replayed = (resend and record is not None) or (
                 not self.states.durable and submission < earlier_tries
@@ -961,10 +971,15 @@ class Ledger:
                     f'dag_run.conf {{"{REGENERATE_CONF_KEY}": true}}.'
                 ) from error
             if action is Action.FAIL:
+                opt_in = (
+                    " (or set regenerate_expired=True)"
+                    if self.states.durable
+                    else " (regenerate_expired needs Airflow 3.3's task_state_store)"
+                )
                 raise AirflowFailException(
                     f"The results of EvoLink task {task['id']} expired ({error.status_code}) before all "
                     f"were stored under {output_path}. An automatic retry never pays again: clear the task "
-                    "instance (or set regenerate_expired=True) to buy a new generation."
+                    f"instance{opt_in} to buy a new generation."
                 ) from error
             self.log.warning(
                 "The results of EvoLink task %s expired (%s): submitting a new generation.",

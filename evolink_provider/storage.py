@@ -42,7 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_TYPES = ("video/", "image/")
+#: Content types a result may be served as; its first bytes then decide what it is. Besides video and
+#: image types, the generic ones object stores use for an object stored without a type (S3:
+#: ``binary/octet-stream``), and RFC 4337's ``application/mp4``.
+ACCEPTED_TYPES = ("video/", "image/", "application/octet-stream", "binary/octet-stream", "application/mp4")
 #: EvoLink's own CLI refuses results above 1 GiB.
 DEFAULT_MAX_RESULT_BYTES = 1 << 30
 #: ``ftyp`` major brands of MP4 video (QuickTime's ``qt  `` is MOV); others (HEIC, AVIF, M4A) are refused.
@@ -355,7 +358,7 @@ def _store_one(
 ) -> tuple[Path | ObjectStoragePath, StoredFile]:
     with hook.open_result(url, deadline=deadline) as result:
         kind = result.content_type
-        if not kind.startswith(ACCEPTED_TYPES) and kind != "application/octet-stream":
+        if not kind.startswith(ACCEPTED_TYPES):
             raise EvolinkServedContentError(
                 f"result {stem} is {server_text(kind, 128) or 'untyped'}, not a video or image"
             )

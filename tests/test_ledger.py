@@ -51,10 +51,10 @@ RECORDED_BUT_NOT_DELIVERED = [Recorded.INTENT, Recorded.TASK, Recorded.STORED]
 BOTH = [True, False]
 
 
-def answered(answer: Answer, why: list[Why], **kw: Any) -> list[Situation]:
+def answered(answer: Answer, why: list[Why], stores: list[bool] = BOTH, **kw: Any) -> list[Situation]:
     return [
         Situation(durable, Recorded.TASK, w, answer, same, **kw)
-        for durable in BOTH
+        for durable in stores
         for same in BOTH
         for w in why
     ]
@@ -86,8 +86,9 @@ CASES: dict[str, list[Situation]] = {
     "R23": answered(Answer.READ_NOT_FOUND, list(Why), regenerate_expired=True),
     "R24": answered(Answer.READ_ERROR, list(Why), regenerate_expired=True),
     "R25": answered(Answer.LINK_REFUSED, list(Why), regenerate_expired=True),
-    "R26": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY]),
-    "R27": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY], regenerate_expired=True),
+    "R26": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY])
+    + answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY], [False], regenerate_expired=True),
+    "R27": answered(Answer.LINK_EXPIRED, [Why.NEW, Why.RETRY], [True], regenerate_expired=True),
     "R28": answered(Answer.LINK_EXPIRED, [Why.CLEAR, Why.FORCED]),
     "R29": answered(Answer.CONTRADICTED, list(Why), regenerate_expired=True),
 }

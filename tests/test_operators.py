@@ -285,12 +285,12 @@ def test_a_cleared_never_reattach_task_submits_again(sim: SimulatorControl) -> N
     assert sim.stats()["tasks_created"] == 2
 
 
-def test_a_completed_task_without_results_fails_once(
+def test_a_completed_task_without_results_is_read_again_by_each_retry_and_never_paid_again(
     sim: SimulatorControl, capfd: pytest.CaptureFixture[str]
 ) -> None:
     state, tasks = run_dag("evolink_completed_without_output")
     assert state == "failed"
-    assert tasks["generate"] == ("failed", 1)  # AirflowFailException: retries=3 left unused
+    assert tasks["generate"] == ("failed", 4)  # retryable: every retry reads the paid task again
     assert sim.stats()["tasks_created"] == 1
     out, err = capfd.readouterr()
     assert "evolink_regenerate" in out + err, "the message names what really makes a new generation"

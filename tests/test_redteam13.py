@@ -308,8 +308,8 @@ def test_a_new_generation_does_not_inherit_the_expired_sighting(
 ) -> None:
     """A truly expired take (its poll read it completed 30 h ago; the event waited out a worker outage) is
     regenerated once (R27). The new take's link is refused once too: that is R25, not a third purchase,
-    also when EvoLink answers the POST with the old id (on 3.0-3.2 the regeneration resends the first
-    submission's derived key, which EvoLink may replay)."""
+    also when EvoLink answers the POST with the old id. On 3.0-3.2 nothing is regenerated (R27 needs a
+    store since red-team 14's F3: the try fails for good naming the clear)."""
     refused_for(hostile, 2)
     now = time.time()
     done = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(now) - 2 * DAY}
@@ -318,9 +318,9 @@ def test_a_new_generation_does_not_inherit_the_expired_sighting(
     hostile.json(f"/v1/tasks/{new_id}", new)
     store = store_with() if durable else None
     operator = resumed_operator(tmp_path, regenerate_expired=True)
-    with pytest.raises(RetryLaterError):
+    with pytest.raises(RetryLaterError if durable else AirflowFailException):
         operator.execute_complete(resume_context(store), success(done, now - 30 * 3600))  # type: ignore[arg-type]
-    assert posts(hostile) == 1
+    assert posts(hostile) == (1 if durable else 0)
     if store is not None:
         record = record_of(store)
         assert record.task_id == new_id and record.completed_seen_at is not None

@@ -1,6 +1,9 @@
 """Fourteenth red-team pass: sequences of tries on the money path (f540fcb).
 
-Findings are ``xfail(strict=True)`` until fixed; the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed (each fix named after its finding); the attacks that
+held are plain tests. Fixes: F1 the intent records the body sent and a resend sends it again; F2 the try
+fails retryably; F3 without a store ``regenerate_expired`` is R26 (fail, naming the clear); F4 the warning
+says what a clear does where it runs; F5 the generic types are accepted and the bytes decide.
 
 * F1 (paid video ended for good): 3.3, only the intent recorded (the POST's answer lost), then the run
   cleared with its upload step: same bytes, new URL, same fingerprint; R03 resends the recorded key with
@@ -26,7 +29,6 @@ cleared map index and none on retries.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -103,9 +105,6 @@ def image_operator(tmp_path: Path, url: str, **kwargs: Any) -> EvolinkVideoGener
 # -- F1: an intent resent after the upload step was cleared: 409, the paid task ended for good ------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="F1: an intent resent with the upload step's new URL: 409, paid task ended for good"
-)
 def test_f1_a_clear_of_the_upload_step_and_generation_after_a_lost_post_answer(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -114,7 +113,8 @@ def test_f1_a_clear_of_the_upload_step_and_generation_after_a_lost_post_answer(
     answer was lost (the hook's retries too): only the intent is recorded. The run is cleared, upload step
     included: same bytes, new URL (the operator's docstring promises that a clear of the upload step still
     reattaches). The clear resends the recorded key (R03) with the new URL: EvoLink refuses it (409
-    ``idempotency_conflict``) and the try ends for good; the paid video is never delivered."""
+    ``idempotency_conflict``) and the try ends for good; the paid video is never delivered. Fixed: the intent
+    records the body sent (``SubmissionRecord.payload``) and a resend sends that body again."""
     old, new = "https://files.evolink.ai/u/old.png", "https://files.evolink.ai/u/new.png"
     done = completed(f"{hostile.url}/media/v.mp4")
     hostile.file("/media/", MP4, "video/mp4")
@@ -123,7 +123,9 @@ def test_f1_a_clear_of_the_upload_step_and_generation_after_a_lost_post_answer(
     replaying_posts(hostile, done, seen)
     store = MemoryStore()
     fingerprint = first.validated_request().fingerprint
-    store.set(STATE_KEY, SubmissionRecord(fingerprint, 0, KEY, None, "seq-3").as_stored())
+    # Try 1's intent, as the ledger writes it before the POST: the key and the body sent with it.
+    intent = SubmissionRecord(fingerprint, 0, KEY, None, "seq-3", payload=seen[KEY])
+    store.set(STATE_KEY, intent.as_stored())
     again = image_operator(tmp_path, new)
     assert again.validated_request().fingerprint == fingerprint  # the same request, by the bytes' sha256
     try:
@@ -138,10 +140,7 @@ def test_f1_a_clear_of_the_upload_step_and_generation_after_a_lost_post_answer(
 # -- F2: a results list filled a few seconds after the status ends the paid task for good ----------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="F2: results filled after the in-try re-reads: AirflowFailException on a paid task"
-)
-def test_f2_results_filled_after_the_in_try_rereads_end_the_paid_task_for_good(
+def test_f2_results_filled_after_the_in_try_rereads_are_collected_by_the_retry(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
@@ -149,7 +148,8 @@ def test_f2_results_filled_after_the_in_try_rereads_end_the_paid_task_for_good(
     moment after the status: the read-after-write lag ``Ledger.reread_empty`` names); the two re-reads
     inside the try (1 s, then 3 s by default) still see it empty, the next read would have the video.
     ``_finish`` raises ``AirflowFailException``: the billed task is ended for good on a lag of a few
-    seconds, although its own docstring calls that lag no evidence and a retry would collect it."""
+    seconds, although its own docstring calls that lag no evidence and a retry would collect it. Fixed: the
+    try fails retryably."""
     full = completed(f"{hostile.url}/media/v.mp4")
     empty = {**full, "results": []}
     answers_in_turn(hostile, f"/v1/tasks/{TASK_ID}", empty, empty, empty, full)
@@ -178,21 +178,19 @@ def posted_keys(server: HostileServer) -> list[str]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="F3: 3.0-3.2 R27 resends counter 0: the expired task is replayed, no new take"
-)
-def test_f3_regenerate_expired_without_a_store_resends_the_expired_task_s_key(
+def test_f3_regenerate_expired_without_a_store_buys_nothing_and_names_the_clear(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     """Airflow 3.0-3.2, deferrable, ``regenerate_expired=True``: try 1 POSTed the derived key K0 (request,
-    generation, counter 0) and got TASK_ID; the trigger's event is processed 25 h after its poll read the
+    generation, counter 0) and got TASK_ID; the trigger's event is processed 26 h after its poll read the
     task completed (a worker outage) and a link is refused: R27, the user opted in to a new generation.
     ``Ledger._submit`` has no record, so it derives counter 0 again: K0, which EvoLink answers with the
     expired TASK_ID, now recorded in memory as freshly seen: the refusal is R25 and the try fails
     retryably; every later retry resends K0 too (R15). The opted-in new take is never made, and the task
     instance runs out of retries with nothing delivered. (Red-team 12's test of this row answers every POST
-    with a new task and never looks at the key.)"""
+    with a new task and never looks at the key.) Fixed: without a store R27 is R26 (any other key would be
+    lost to the next retry, which resends K0): the try fails for good naming the clear, nothing POSTed."""
     from evolink_provider.ledger import idempotency_key, task_instance_identity, try_generation
 
     refused_for(hostile, 10)
@@ -210,37 +208,35 @@ def test_f3_regenerate_expired_without_a_store_resends_the_expired_task_s_key(
         send(handler, 200, json.dumps(done if key == k0 else fresh).encode())
 
     hostile.routes["/v1/videos/generations"] = post
-    event = {**success(done, now - 25 * 3600), "evolink_task_id": TASK_ID}
-    with contextlib.suppress(EvolinkError, AirflowFailException, TaskDeferred):
+    event = {**success(done, now - 26 * 3600), "evolink_task_id": TASK_ID}
+    with pytest.raises(AirflowFailException, match="task_state_store"):
         operator.execute_complete(ctx, event)  # type: ignore[arg-type]
-    keys = posted_keys(hostile)
-    assert keys and k0 not in keys, "the 'new generation' resent the expired task's key"
+    assert posted_keys(hostile) == []
 
 
 # -- F4: on 3.0-3.2 the defer-race warning tells a user to clear, and the clear pays again ---------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="F4: on 3.0-3.2 the defer-race warning's advice (clear) buys a second video"
-)
-def test_f4_the_defer_race_advice_pays_again_without_a_store(
+def test_f4_the_defer_race_advice_says_what_a_clear_does_on_this_airflow(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """``deferrable=True, retries=0`` logs ``DEFER_RACE_WARNING`` on every Airflow version: "The EvoLink task
-    is paid for either way: clearing the failed task instance collects that video without paying again."
-    The race is Airflow 3.2's too (docs/reliability.md "Fast triggers"), and 3.2 has no
-    ``task_state_store``: the clear is another generation, so another derived key (R14), and EvoLink is paid
-    for a second video. The advice the provider logs is the one that buys twice."""
-    from evolink_provider.operators.base import DEFER_RACE_WARNING
+    """F4 (fixed): ``deferrable=True, retries=0`` logged on every Airflow version that clearing a task failed
+    by the defer race "collects that video without paying again". The race is Airflow 3.2's too, and 3.2
+    has no ``task_state_store``: the clear is another generation, another derived key (R14), a second
+    video. The warning now says what a clear does where it runs (3.0-3.2: it pays; only a retry collects)."""
+    from evolink_provider.operators.base import CLEAR_COLLECTS, CLEAR_PAYS
 
-    assert "without paying again" in DEFER_RACE_WARNING
     hostile.json("/v1/videos/generations", task(status="processing", created=int(time.time())))
     hostile.json(f"/v1/tasks/{TASK_ID}", task(status="processing", created=int(time.time())))
-
-    def operator() -> Any:
-        return EvolinkSeedanceTextToVideoOperator(
-            task_id="generate",
+    for store, said, unsaid in (
+        (None, CLEAR_PAYS, CLEAR_COLLECTS),
+        (MemoryStore(), CLEAR_COLLECTS, CLEAR_PAYS),
+    ):
+        capfd.readouterr()
+        operator = EvolinkSeedanceTextToVideoOperator(
+            task_id=f"generate_{'store' if store is not None else 'none'}",
             prompt="a paid prompt",
             duration=4,
             evolink_conn_id="evolink_hostile",
@@ -248,18 +244,12 @@ def test_f4_the_defer_race_advice_pays_again_without_a_store(
             retries=0,
             deferrable=True,
         )
-
-    first = resume_context(None)
-    first["ti"].max_tries, first["ti"].task = 0, type("T", (), {"retries": 0})()
-    with pytest.raises(TaskDeferred):  # deferred; the scheduler's race then fails the task instance
-        operator().execute(first)  # type: ignore[arg-type]
-    assert posts(hostile) == 1
-    clear = resume_context(None)  # clear_task_instances: max_tries = try_number + retries
-    clear["ti"].max_tries, clear["ti"].try_number = 1, 2
-    clear["ti"].task = type("T", (), {"retries": 0})()
-    with contextlib.suppress(TaskDeferred):
-        operator().execute(clear)  # type: ignore[arg-type]
-    assert posts(hostile) == 1, "the clear the warning advises bought a second video"
+        first = resume_context(store)
+        first["ti"].max_tries, first["ti"].task = 0, type("T", (), {"retries": 0})()
+        with pytest.raises(TaskDeferred):
+            operator.execute(first)  # type: ignore[arg-type]
+        text = " ".join(capfd.readouterr())
+        assert said in text and unsaid not in text
 
 
 # -- held ---------------------------------------------------------------------------------------------------
@@ -365,21 +355,19 @@ def test_a_conf_list_forces_one_take_per_cleared_map_index_and_none_on_retries()
 # -- F5: a valid MP4 served under a benign generic type is never stored -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="F5: a valid MP4 under a generic type is refused on every try and clear"
-)
 @pytest.mark.parametrize("served_as", ["binary/octet-stream", "application/mp4"])
 def test_f5_a_valid_mp4_served_as_a_generic_type_is_delivered(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
     served_as: str,
 ) -> None:
-    """The result is a valid MP4 by its bytes (``result_extension`` reads them, and names the file by them),
-    served as S3's default type for an object stored without one (``binary/octet-stream``) or as RFC 4337's
-    ``application/mp4``. ``_store_one`` refuses any type but ``video/*``, ``image/*`` and
-    ``application/octet-stream`` before looking at the bytes: ``EvolinkServedContentError``, retryable, so
-    every retry and every clear reads the paid task and refuses it again, and after 24 h the links expire:
-    the paid video is never delivered, though nothing about it is wrong."""
+    """F5 (fixed: those types are accepted, the bytes decide). The result is a valid MP4 by its bytes
+    (``result_extension`` reads them, and names the file by them), served as S3's default type for an
+    object stored without one (``binary/octet-stream``) or as RFC 4337's ``application/mp4``.
+    ``_store_one`` refuses any type but ``video/*``, ``image/*`` and ``application/octet-stream`` before
+    looking at the bytes: ``EvolinkServedContentError``, retryable, so every retry and every clear reads
+    the paid task and refuses it again, and after 24 h the links expire: the paid video is never
+    delivered, though nothing about it is wrong."""
     from evolink_provider.hooks.evolink import EvolinkHook
     from evolink_provider.storage import store_results
 

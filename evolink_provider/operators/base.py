@@ -68,8 +68,13 @@ DEFER_RACE_WARNING = (
     "%s: deferrable=True with retries=0. Airflow's scheduler can fail a task instance whose trigger fires "
     "soon after its deferral (apache/airflow#66374; the provider holds every event 15 s, which narrows the "
     "race but does not close it), and then this run has no retry. The EvoLink task is paid for either way: "
-    "clearing the failed task instance collects that video without paying again. Set retries >= 1 to "
-    "recover automatically."
+    "%s Set retries >= 1 to recover automatically."
+)
+#: What a clear of a task instance failed by that race does, with and without ``task_state_store``.
+CLEAR_COLLECTS = "clearing the failed task instance collects that video without paying again."
+CLEAR_PAYS = (
+    "without task_state_store (Airflow 3.3) clearing the failed task instance pays for a new video, so "
+    "only a retry (which resends the Idempotency-Key) collects it."
 )
 
 
@@ -125,8 +130,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param regenerate_expired: let an automatic retry pay for a new generation when the results of the
         paid one are proven expired (default off: the retry fails, saying that a clear does). Proven means
         refused 25 h (24 h, and an hour for machines' clocks) after this provider first saw the task
-        completed; on 3.0-3.2 each try sees it afresh, so there a retry rarely proves it and a clear is
-        the way.
+        completed. Needs Airflow 3.3's ``task_state_store`` (without it a retry could not find the new
+        generation again): on 3.0-3.2 the retry fails, and a clear pays for a new take.
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
@@ -248,7 +253,8 @@ class EvolinkBaseVideoOperator(BaseOperator):
             if self.ledger(context).record is None:  # a paid task, recorded, is read without the inputs
                 raise
         if self.deferrable and self.retries == 0:
-            log_once(self.log, DEFER_RACE_WARNING % self.task_id)
+            clear = CLEAR_COLLECTS if self.ledger(context).states.durable else CLEAR_PAYS
+            log_once(self.log, DEFER_RACE_WARNING % (self.task_id, clear))
         task = self.ledger(context).start(self.output_path)
         try:
             return self._wait_and_finish(context, task)
@@ -457,13 +463,15 @@ class EvolinkBaseVideoOperator(BaseOperator):
             self.ledger(context).refuse_contradiction(task)
             code, message = task_failure(task)
             if task.get("status") == "completed":
-                # Completed (and so billed) with nothing to hand downstream, also when read again: end it
-                # once. A retry would only reattach to the same empty task, and a resubmission would pay
-                # again for what may come back empty again; clearing asks for a new generation deliberately.
-                raise AirflowFailException(
-                    f"{decision.message}; nothing to hand downstream, and a retry would reattach to the "
-                    "same empty task, and so would a plain clear. To pay for a new generation, clear the "
-                    'task with regenerate=True or dag_run.conf {"evolink_regenerate": true}.'
+                from evolink_provider.ledger import RetryLaterError
+
+                # Completed (and so billed) with nothing to hand downstream, also when read again: a list
+                # filled late, or never; no evidence either way, so nothing is paid and a retry reads again.
+                raise RetryLaterError(
+                    f"{decision.message}, also when read again; nothing was submitted. A retry (or a plain "
+                    "clear) reads the same paid task again; if it stays empty, clear the task with "
+                    'regenerate=True or dag_run.conf {"evolink_regenerate": true} to pay for a new '
+                    "generation."
                 )
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
         ledger = self.ledger(context)
