@@ -37,7 +37,7 @@ from evolink_provider.hooks.connection import (
     needs_masking,
     settings_from_connection,
 )
-from evolink_provider.hooks.transport import PER_LOOP_STATE
+from evolink_provider.hooks.transport import PER_LOOP_STATE, MultipartBody, asend, send
 
 if TYPE_CHECKING:
     import requests
@@ -178,8 +178,6 @@ class EvolinkHook(BaseHook):
     def _send(
         self, request: ApiRequest, accept: Callable[[dict[str, Any]], T], deadline: float | None = None
     ) -> T:
-        from evolink_provider.hooks.transport import send
-
         return send(self.session, request, self.settings, accept, deadline)
 
     def upload_file(
@@ -197,9 +195,8 @@ class EvolinkHook(BaseHook):
         if deadline is None:
             deadline = time.time() + settings.timeouts.read * settings.retry.max_attempts
         request = build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
-        from evolink_provider.hooks.transport import upload
-
-        answer = upload(self.session, request, settings, stream, filename, content_type, deadline)
+        body = MultipartBody(stream, filename, content_type)
+        answer = send(self.session, request, settings, _as_is, deadline, body)
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(
@@ -273,13 +270,10 @@ class EvolinkHook(BaseHook):
         self, settings: EvolinkConnectionSettings, task_id: str, deadline: float | None = None
     ) -> dict[str, Any]:
         request = build_request(settings, "GET", _task_path(task_id))
-        from evolink_provider.hooks.transport import asend
-
         return await asend(request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:
         from evolink_provider.hooks.task_batcher import TaskBatcher
-        from evolink_provider.hooks.transport import asend
 
         batchers = _TASK_BATCHERS.setdefault(asyncio.get_running_loop(), {})
         batcher = batchers.get(settings.batch_owner)

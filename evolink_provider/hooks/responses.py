@@ -9,13 +9,12 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evolink_provider.answers import MAX_ANSWER_BYTES, loads_strict
 from evolink_provider.exceptions import (
     EvolinkBadAnswerError,
     EvolinkConfigurationError,
-    EvolinkError,
     EvolinkRefusedError,
     EvolinkTransportError,
     error_for_status,
@@ -23,9 +22,6 @@ from evolink_provider.exceptions import (
 )
 from evolink_provider.hooks.connection import ApiRequest
 from evolink_provider.hooks.retry import parse_retry_after
-
-if TYPE_CHECKING:
-    import requests
 
 log = logging.getLogger(__name__)
 
@@ -226,23 +222,6 @@ def answer_out_of_time(request: ApiRequest) -> EvolinkTransportError:
         "out (a slow or trickling server, or the wait's deadline)",
         request_sent=True,
     )
-
-
-def read_capped(request: ApiRequest, response: requests.Response, until: float) -> bytes:
-    """The body of a streamed ``requests`` answer (see :class:`AnswerBody`). ``read1`` returns what one
-    socket read brings, so the time bound is checked as bytes trickle in."""
-    import urllib3
-
-    body = AnswerBody(request, response.headers.get("content-encoding"), until)
-    try:
-        while chunk := response.raw.read1(64 * 1024, decode_content=False):
-            body.add(chunk)
-    except EvolinkError:
-        response.close()  # the rest is never read: drop the connection
-        raise
-    except (urllib3.exceptions.HTTPError, OSError) as exc:  # a reset or read timeout mid-answer
-        raise transport_error(request, exc, request_sent=True) from None
-    return body.content()
 
 
 def _too_large(request: ApiRequest) -> EvolinkBadAnswerError:
