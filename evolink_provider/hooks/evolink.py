@@ -55,11 +55,6 @@ FILES_QUOTA_PATH = "/api/v1/files/quota"
 TASK_BATCH_PATH = "/v1/tasks/batch"
 
 
-def new_idempotency_key() -> str:
-    """A random key for callers that did not derive one (still makes the hook's own retries safe)."""
-    return f"evl-{uuid.uuid4().hex}"
-
-
 class EvolinkHook(BaseHook):
     """Talks to EvoLink's task gateway with the API key of an Airflow connection.
 
@@ -99,13 +94,11 @@ class EvolinkHook(BaseHook):
         return settings
 
     async def aget_settings(self) -> EvolinkConnectionSettings:
-        """The connection read without blocking the event loop (common-compat's ``get_async_connection``),
-        cached.
+        """The connection read without blocking the event loop (common-compat's ``get_async_connection``).
 
-        The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS`: a lookup goes
-        through Airflow's secrets backends (and, in a triggerer, its supervisor), a large share of a trigger's
-        CPU when each poll did it (``docs/benchmarks.md``). Triggers that start together wait for one
-        lookup; a failed one is not kept.
+        The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS` (a lookup goes through
+        the secrets backends: docs/benchmarks.md); triggers that start together wait for one lookup, and a
+        failed one is not kept.
         """
         if self._async_settings is None:
             readings = _ASYNC_SETTINGS.setdefault(asyncio.get_running_loop(), {})
@@ -144,7 +137,7 @@ class EvolinkHook(BaseHook):
         :param idempotency_key: 16-96 characters of ``[A-Za-z0-9._-]``; derive it from the work so that a
             repeat replays the original task. A random one is used when omitted.
         """
-        key = idempotency_key or new_idempotency_key()
+        key = idempotency_key or f"evl-{uuid.uuid4().hex}"  # still makes the hook's own retries safe
         request = build_request(
             self.settings, "POST", CREATE_VIDEO_PATH, json_body=payload, idempotency_key=key
         )
@@ -237,9 +230,8 @@ class EvolinkHook(BaseHook):
         return ResultDownloads()
 
     def open_result(self, url: str, deadline: float | None = None) -> AbstractContextManager[ResultStream]:
-        """Open a result URL for streaming (``with hook.open_result(url) as result:``), each hop checked
-        and retried as :mod:`evolink_provider.hooks.downloads` says; with a ``deadline`` (epoch seconds)
-        no retry sleeps past it and the body stops with an error once it has passed."""
+        """``with hook.open_result(url) as result:``, each hop checked and retried as
+        :meth:`~evolink_provider.hooks.downloads.ResultDownloads.open` says."""
         return self._downloads.open(url, self.settings, deadline)
 
     # -- async calls (triggers) --------------------------------------------------------------------
