@@ -163,7 +163,7 @@ class EvolinkHook(BaseHook):
         data = self._send(request, _as_is).get("data")
         if not isinstance(data, dict):
             raise EvolinkTransportError(
-                f"{request.connection}: GET {FILES_QUOTA_PATH} answered without a data object",
+                f"{request.where} answered without a data object",
                 request_sent=True,
             )
         return data

@@ -364,10 +364,9 @@ def _give_up(request: ApiRequest, error: EvolinkError, attempts: int) -> Evolink
         key = request.headers.get("Idempotency-Key", "")
         detail = getattr(error, "detail", None) or str(error)
         return EvolinkSubmissionUnknownError(
-            f"{request.connection}: {request.method} {request.path}: whether EvoLink created (and bills) "
-            f"the task is unknown after {attempts} attempt(s) (last: {detail}). Look it up in the "
-            f"EvoLink dashboard by Idempotency-Key {key}; an Airflow retry resubmits with the same key, "
-            "which EvoLink answers with the original task.",
+            f"{request.where}: whether EvoLink created (and bills) the task is unknown after {attempts} "
+            f"attempt(s) (last: {detail}). Look it up in the EvoLink dashboard by Idempotency-Key {key}; an "
+            "Airflow retry resubmits with the same key, which EvoLink answers with the original task.",
             idempotency_key=key,
         )
     return error
