@@ -162,16 +162,17 @@ class EvolinkHook(BaseHook):
         request = build_request(settings, "GET", FILES_QUOTA_PATH, base_url=settings.files_base_url)
         data = self._send(request, _as_is).get("data")
         if not isinstance(data, dict):
-            raise EvolinkTransportError(
-                f"{request.where} answered without a data object",
-                request_sent=True,
-            )
+            raise EvolinkTransportError(f"{request.where} answered without a data object", request_sent=True)
         return data
 
     def _send(
-        self, request: ApiRequest, accept: Callable[[dict[str, Any]], T], deadline: float | None = None
+        self,
+        request: ApiRequest,
+        accept: Callable[[dict[str, Any]], T],
+        deadline: float | None = None,
+        body: MultipartBody | None = None,
     ) -> T:
-        return send(self.session, request, self.settings, accept, deadline)
+        return send(self.session, request, self.settings, accept, deadline, body)
 
     def upload_file(
         self, stream: BinaryIO, filename: str, content_type: str, deadline: float | None = None
@@ -188,8 +189,7 @@ class EvolinkHook(BaseHook):
         if deadline is None:
             deadline = time.time() + settings.timeouts.read * settings.retry.max_attempts
         request = build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
-        body = MultipartBody(stream, filename, content_type)
-        answer = send(self.session, request, settings, _as_is, deadline, body)
+        answer = self._send(request, _as_is, deadline, MultipartBody(stream, filename, content_type))
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(
