@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -33,10 +32,12 @@ class Timeouts:
 class _ApiKey:
     """Holds the key so that no ``repr``, log line or traceback local can show it."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "digest")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        #: Names the key where it must not be shown (batches per key, keys already masked).
+        self.digest = hashlib.sha256(value.encode()).hexdigest()
 
     def reveal(self) -> str:
         return self._value
@@ -61,10 +62,10 @@ class EvolinkConnectionSettings:
     #: Folders and storage-URI prefixes local inputs may be uploaded from; empty means the DAGs folder.
     upload_allowed_dirs: tuple[str, ...] = ()
 
-    @cached_property
+    @property
     def batch_owner(self) -> tuple[str, str]:
         """Whose tasks a batch may hold: the base URL and a digest of the key (never the key itself)."""
-        return self.base_url, hashlib.sha256(self.api_key.reveal().encode()).hexdigest()
+        return self.base_url, self.api_key.digest
 
 
 def resolve_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
@@ -183,21 +184,12 @@ _MASKED_KEY_DIGESTS: set[str] = set()
 
 
 def needs_masking(api_key: _ApiKey, password: str | None) -> bool:
-    """Whether the hook must register the key with Airflow's secrets masker.
-
-    Airflow masks a connection's password every time it hands the connection out, so a key that *is* the
-    password is masked already. Masking it again is not free: inside a task, every ``mask_secret`` call
-    sends the secret to the supervisor, and at DEBUG level ``dag.test()`` logs that message, key and all.
-    Only a key that differs from the password (surrounding whitespace stripped) is masked here, once per
-    process.
-    """
-    value = api_key.reveal()
-    if value == password:
+    """Whether the hook must register the key with Airflow's secrets masker: only once per process, and
+    only when it is not the password (surrounding whitespace stripped), which Airflow masks already. Each
+    ``mask_secret`` call in a task sends the secret to the supervisor, logged at DEBUG by ``dag.test()``."""
+    if api_key.reveal() == password or api_key.digest in _MASKED_KEY_DIGESTS:
         return False
-    digest = hashlib.sha256(value.encode()).hexdigest()
-    if digest in _MASKED_KEY_DIGESTS:
-        return False
-    _MASKED_KEY_DIGESTS.add(digest)
+    _MASKED_KEY_DIGESTS.add(api_key.digest)
     return True
 
 
@@ -217,6 +209,11 @@ class ApiRequest:
     read_only: bool = False
     #: Who is asked, for error messages: ``EvoLink connection 'id' (base URL)``; never the key.
     connection: str = ""
+
+    @property
+    def where(self) -> str:
+        """Who was asked what, for error messages."""
+        return f"{self.connection}: {self.method} {self.path}"
 
     @property
     def kind(self) -> Kind:

@@ -1,12 +1,10 @@
 """Result downloads: result links streamed to storage, and the checks on every address they lead to.
 
-Result links are public signed URLs on third-party hosts, so no ``Authorization`` header is sent (the key
-must not reach them). Every hop must be http(s), carry no credentials, and resolve to a public address,
-unless it is the connection's own host (the simulator on loopback); the request is then sent to the very
-address that was checked (no second DNS lookup to rebind; see :class:`ResultDownloads`). Transient failures
-are repeated as the retry policy's *download* row says; a link that answers 403, 404 or 410 (or a
-signature refused with 400 or 401: :data:`LINK_REFUSED`) has expired or was refused, and is left to the
-caller.
+Result links are public signed URLs on third-party hosts, so no ``Authorization`` header is sent. Every hop
+must be http(s), carry no credentials, and resolve to a public address, unless it is the connection's own
+host (the simulator on loopback); it is then sent to the very address that was checked, so no second DNS
+lookup can answer another one (rebinding). Failures are repeated as the retry table's *download* row says;
+a refused link (:data:`LINK_REFUSED`) is left to the caller.
 """
 
 from __future__ import annotations
@@ -52,52 +50,15 @@ DOWNLOAD_CHUNK = 1 << 20
 #: expired or not-yet-valid signed URL) or 401 (a CDN's check). No key is sent to result hosts, so none of
 #: them is about the account; the ledger decides between "refused" and "expired" (rows R25-R28).
 LINK_REFUSED = (400, 401, 403, 404, 410)
-
-
-def _chunks(url: str, response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
-    """The body as it arrives, cut off once ``deadline`` (epoch seconds) has passed.
-
-    ``read1`` returns what has arrived instead of waiting for a full chunk, so a server that trickles a
-    few bytes at a time is noticed at the deadline (at worst one read timeout later), not after 1 MiB.
-    """
-    import requests
-    import urllib3
-
-    # Straight from urllib3: iter_content adds a generator layer per chunk (docs/benchmarks.md, download).
-    try:
-        while chunk := response.raw.read1(DOWNLOAD_CHUNK, decode_content=False):
-            yield chunk
-            if deadline is not None and time.time() > deadline:
-                raise EvolinkWaitTimeoutError(
-                    f"downloading {_redact_query(url)} ran past the operator's timeout; "
-                    "a retry of the Airflow task reattaches to the completed task and downloads again"
-                )
-    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise EvolinkTransportError(
-            f"the result download broke off: {type(exc).__name__}", request_sent=True
-        ) from None
-
-
-def _hostname_adapter(hostname: str) -> requests.adapters.HTTPAdapter:
-    """An adapter for connections made to an address: TLS names (SNI) and verifies ``hostname``."""
-    import requests
-
-    class HostnameAdapter(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **pool_kwargs: Any) -> None:
-            super().init_poolmanager(*args, server_hostname=hostname, assert_hostname=hostname, **pool_kwargs)
-
-    return HostnameAdapter(pool_connections=1, pool_maxsize=4, max_retries=0)
-
-
 #: Requests sent to a checked address never go through a proxy (the environment's would apply by address).
 _NO_PROXIES = {"http": None, "https": None, "all": None}
 
 
 class ResultDownloads:
-    """The result downloads of one hook. Each hop is sent to the address :func:`check_download_url`
-    returned: the URL names the address, the ``Host`` header and TLS (SNI and certificate check) the host,
-    so no second DNS lookup can answer another address (DNS rebinding). A hop the environment sends
-    through a proxy (``HTTPS_PROXY``, ``NO_PROXY``) is the proxy's to connect, by name."""
+    """The result downloads of one hook, on a session of their own (it mounts an adapter per address). A hop
+    the environment sends through a proxy (``HTTPS_PROXY``, ``NO_PROXY``) is the proxy's to connect, by
+    name; any other is sent to its checked address, the ``Host`` header and TLS (SNI and the certificate
+    check) naming the host."""
 
     def __init__(self) -> None:
         import requests
@@ -108,63 +69,62 @@ class ResultDownloads:
     def open(
         self, url: str, settings: EvolinkConnectionSettings, deadline: float | None = None
     ) -> Iterator[ResultStream]:
-        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked
-        (``deadline``: see ``EvolinkHook.open_result``)."""
+        """Open a result URL for streaming, following at most 5 redirects by hand, each hop checked; with a
+        ``deadline`` (epoch seconds) no retry sleeps past it and the body stops once it has passed."""
         # A result host's headers are server text like an API answer's: the key, if echoed, is not kept.
         key = settings.api_key.reveal()
         current = url
         for _hop in range(6):
             address = check_download_url(current, own_base_url=settings.base_url)
             response = self._get(current, address, settings, deadline)
-            if response.is_redirect:
-                location = without_key(response.headers.get("Location", ""), key)
-                response.close()
-                current = urljoin(current, location)
-                continue
-            try:
-                yield _result_stream(current, response, deadline, key)
-            finally:
-                response.close()
-            return
-        raise EvolinkTransportError(f"too many redirects for {_redact_query(url)}", request_sent=True)
-
-    def _target(self, url: str, address: str) -> tuple[str, dict[str, str], Any]:
-        """Where ``url`` is sent: the URL, the extra headers and the proxies of its request."""
-        import requests
-
-        parts = urlsplit(url)
-        proxies = requests.utils.get_environ_proxies(url)
-        if parts.scheme in proxies or "all" in proxies:
-            return url, {}, None
-        netloc = f"[{address}]:{_port(parts)}" if ":" in address else f"{address}:{_port(parts)}"
-        if parts.scheme == "https":
-            prefix = f"https://{netloc}/"
-            previous = self.session.adapters.get(prefix)
-            if previous is not None:
-                previous.close()
-            self.session.mount(prefix, _hostname_adapter(parts.hostname or ""))
-        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        return target, {"Host": parts.netloc.rpartition("@")[2]}, _NO_PROXIES
+            if not response.is_redirect:
+                break
+            response.close()
+            current = urljoin(current, without_key(response.headers.get("Location", ""), key))
+        else:
+            raise EvolinkTransportError(f"too many redirects for {_redact_query(url)}", request_sent=True)
+        try:
+            if response.status_code != 200:
+                raise _odd_answer(response.status_code, current)
+            if response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+                raise EvolinkTransportError(
+                    f"the result {_redact_query(current)} came with a Content-Encoding although none was "
+                    "asked for; refusing it (its size could not be bounded before decoding)",
+                    request_sent=True,
+                )
+            length = response.headers.get("Content-Length")
+            content_type = without_key(response.headers.get("Content-Type", ""), key)
+            yield ResultStream(
+                url=current,
+                content_type=content_type.split(";")[0].strip().lower(),
+                # isascii: "²".isdigit() is True, int("²") raises.
+                content_length=int(length) if length and length.isascii() and length.isdigit() else None,
+                chunks=_chunks(current, response, deadline),
+            )
+        finally:
+            response.close()
 
     def _get(
         self, url: str, address: str, settings: EvolinkConnectionSettings, deadline: float | None
     ) -> requests.Response:
-        """One hop's answer (a redirect, or a 2xx to stream), repeated as the policy's download row
-        says; raises the error it ends with."""
+        """One hop's answer (a redirect, or a 2xx to stream), repeated as the *download* row says."""
         import requests
 
-        # Compressed bodies are refused (see _result_stream): ask for none, so the byte cap counts file bytes.
         target, host, proxies = self._target(url, address)
+        # A compressed body is refused (see open): ask for none, so the byte cap counts file bytes.
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **host}
 
         def attempt() -> requests.Response:
+            read_timeout = settings.timeouts.read
+            if deadline is not None:  # no read outlasts the deadline
+                read_timeout = max(0.1, min(read_timeout, deadline - time.time()))
             try:
                 response = self.session.get(
                     target,
                     headers=headers,
                     proxies=proxies,
                     stream=True,
-                    timeout=(settings.timeouts.connect, _time_left(settings.timeouts.read, deadline)),
+                    timeout=(settings.timeouts.connect, read_timeout),
                     allow_redirects=False,
                 )
             except requests.RequestException as exc:
@@ -181,50 +141,65 @@ class ResultDownloads:
                     method="GET",
                     path=_redact_query(url),
                 )
-            raise _odd_answer(
-                response.status_code, url, parse_retry_after(response.headers.get("Retry-After"))
-            )
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise _odd_answer(response.status_code, url, retry_after)
 
         return settings.retry.retrying(Kind.DOWNLOAD, deadline, log, logging.WARNING)(attempt)
 
+    def _target(self, url: str, address: str) -> tuple[str, dict[str, str], Any]:
+        """Where ``url`` is sent: the URL, the extra headers and the proxies of its request."""
+        import requests
 
-def _result_stream(url: str, response: requests.Response, deadline: float | None, key: str) -> ResultStream:
-    """The stream of a hop that answered; anything but a plain 200 is refused."""
-    if response.status_code != 200:
-        raise _odd_answer(response.status_code, url)
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+        parts = urlsplit(url)
+        proxies = requests.utils.get_environ_proxies(url)
+        if parts.scheme in proxies or "all" in proxies:
+            return url, {}, None
+        netloc = f"[{address}]:{_port(parts)}" if ":" in address else f"{address}:{_port(parts)}"
+        if parts.scheme == "https":
+            hostname = parts.hostname or ""
+
+            class HostnameAdapter(requests.adapters.HTTPAdapter):
+                def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+                    super().init_poolmanager(
+                        *args, server_hostname=hostname, assert_hostname=hostname, **kwargs
+                    )
+
+            prefix = f"https://{netloc}/"
+            if prefix in self.session.adapters:
+                self.session.adapters[prefix].close()
+            self.session.mount(prefix, HostnameAdapter(pool_connections=1, pool_maxsize=4, max_retries=0))
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        return target, {"Host": parts.netloc.rpartition("@")[2]}, _NO_PROXIES
+
+
+def _chunks(url: str, response: requests.Response, deadline: float | None = None) -> Iterator[bytes]:
+    """The body as it arrives, straight from urllib3 (``iter_content`` adds a generator layer per chunk).
+    ``read1`` returns what has arrived, so a trickling server is noticed at ``deadline``, not after 1 MiB."""
+    import requests
+    import urllib3
+
+    try:
+        while chunk := response.raw.read1(DOWNLOAD_CHUNK, decode_content=False):
+            yield chunk
+            if deadline is not None and time.time() > deadline:
+                raise EvolinkWaitTimeoutError(
+                    f"downloading {_redact_query(url)} ran past the operator's timeout; "
+                    "a retry of the Airflow task reattaches to the completed task and downloads again"
+                )
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise EvolinkTransportError(
-            f"the result {_redact_query(url)} came with a Content-Encoding although none was "
-            "asked for; refusing it (its size could not be bounded before decoding)",
-            request_sent=True,
-        )
-    length = response.headers.get("Content-Length")
-    return ResultStream(
-        url=url,
-        content_type=without_key(response.headers.get("Content-Type", ""), key).split(";")[0].strip().lower(),
-        # isascii: "²".isdigit() is True, int("²") raises.
-        content_length=int(length) if length and length.isascii() and length.isdigit() else None,
-        chunks=_chunks(url, response, deadline),
-    )
+            f"the result download broke off: {type(exc).__name__}", request_sent=True
+        ) from None
 
 
 def _odd_answer(status: int, url: str, retry_after: float | None = None) -> EvolinkAPIError:
-    """A result host's answer that is neither the file nor a refused link (:data:`LINK_REFUSED`): a 408, a
-    421 or 451 of a CDN, a 206, a redirect without ``Location``. It says nothing about the paid result, so
-    it is retried, and the try ends retryably, never for good."""
+    """A result host's answer that is neither the file nor a refused link (a 408, a CDN's 421 or 451, a 206,
+    a redirect without ``Location``) says nothing about the paid result: retried, and retryable at the end."""
     error = error_for_status(
         status, "downloading a result failed", retry_after=retry_after, method="GET", path=_redact_query(url)
     )
     error.retryable = True
     return error
-
-
-def _time_left(read_timeout: float, deadline: float | None) -> float:
-    """The read timeout of a request, shortened so that it cannot outlast ``deadline``."""
-    if deadline is None:
-        return read_timeout
-    return max(0.1, min(read_timeout, deadline - time.time()))
 
 
 def _port(parts: SplitResult) -> int:
@@ -238,11 +213,8 @@ def _redact_query(url: str) -> str:
 
 
 def check_download_url(url: str, *, own_base_url: str) -> str:
-    """Refuse what a result URL must never be: another scheme, credentials, or a private address; return
-    the checked address to connect to (connecting by name would resolve it again).
-
-    The connection's own host is allowed even when private, so the bundled simulator works.
-    """
+    """Refuse what a result URL must never be: another scheme, credentials, or a private address other than
+    the connection's own host (the simulator); return the checked address to connect to."""
     import ipaddress
     import socket
 

@@ -37,7 +37,7 @@ from evolink_provider.hooks.connection import (
     needs_masking,
     settings_from_connection,
 )
-from evolink_provider.hooks.transport import PER_LOOP_STATE
+from evolink_provider.hooks.transport import PER_LOOP_STATE, MultipartBody, asend, send
 
 if TYPE_CHECKING:
     import requests
@@ -53,11 +53,6 @@ FILES_UPLOAD_PATH = "/api/v1/files/upload/stream"
 FILES_QUOTA_PATH = "/api/v1/files/quota"
 #: Observed, undocumented: reads up to 50 tasks in one call (used only with ``batch_polling``).
 TASK_BATCH_PATH = "/v1/tasks/batch"
-
-
-def new_idempotency_key() -> str:
-    """A random key for callers that did not derive one (still makes the hook's own retries safe)."""
-    return f"evl-{uuid.uuid4().hex}"
 
 
 class EvolinkHook(BaseHook):
@@ -99,13 +94,11 @@ class EvolinkHook(BaseHook):
         return settings
 
     async def aget_settings(self) -> EvolinkConnectionSettings:
-        """The connection read without blocking the event loop (common-compat's ``get_async_connection``),
-        cached.
+        """The connection read without blocking the event loop (common-compat's ``get_async_connection``).
 
-        The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS`: a lookup goes
-        through Airflow's secrets backends (and, in a triggerer, its supervisor), a large share of a trigger's
-        CPU when each poll did it (``docs/benchmarks.md``). Triggers that start together wait for one
-        lookup; a failed one is not kept.
+        The hooks of one event loop share a reading for :data:`ASYNC_SETTINGS_SECONDS` (a lookup goes through
+        the secrets backends: docs/benchmarks.md); triggers that start together wait for one lookup, and a
+        failed one is not kept.
         """
         if self._async_settings is None:
             readings = _ASYNC_SETTINGS.setdefault(asyncio.get_running_loop(), {})
@@ -144,7 +137,7 @@ class EvolinkHook(BaseHook):
         :param idempotency_key: 16-96 characters of ``[A-Za-z0-9._-]``; derive it from the work so that a
             repeat replays the original task. A random one is used when omitted.
         """
-        key = idempotency_key or new_idempotency_key()
+        key = idempotency_key or f"evl-{uuid.uuid4().hex}"  # still makes the hook's own retries safe
         request = build_request(
             self.settings, "POST", CREATE_VIDEO_PATH, json_body=payload, idempotency_key=key
         )
@@ -169,18 +162,17 @@ class EvolinkHook(BaseHook):
         request = build_request(settings, "GET", FILES_QUOTA_PATH, base_url=settings.files_base_url)
         data = self._send(request, _as_is).get("data")
         if not isinstance(data, dict):
-            raise EvolinkTransportError(
-                f"{request.connection}: GET {FILES_QUOTA_PATH} answered without a data object",
-                request_sent=True,
-            )
+            raise EvolinkTransportError(f"{request.where} answered without a data object", request_sent=True)
         return data
 
     def _send(
-        self, request: ApiRequest, accept: Callable[[dict[str, Any]], T], deadline: float | None = None
+        self,
+        request: ApiRequest,
+        accept: Callable[[dict[str, Any]], T],
+        deadline: float | None = None,
+        body: MultipartBody | None = None,
     ) -> T:
-        from evolink_provider.hooks.transport import send
-
-        return send(self.session, request, self.settings, accept, deadline)
+        return send(self.session, request, self.settings, accept, deadline, body)
 
     def upload_file(
         self, stream: BinaryIO, filename: str, content_type: str, deadline: float | None = None
@@ -197,9 +189,7 @@ class EvolinkHook(BaseHook):
         if deadline is None:
             deadline = time.time() + settings.timeouts.read * settings.retry.max_attempts
         request = build_request(settings, "POST", FILES_UPLOAD_PATH, base_url=settings.files_base_url)
-        from evolink_provider.hooks.transport import upload
-
-        answer = upload(self.session, request, settings, stream, filename, content_type, deadline)
+        answer = self._send(request, _as_is, deadline, MultipartBody(stream, filename, content_type))
         data = answer.get("data")
         if not answer.get("success", True) or not isinstance(data, dict) or not data.get("file_url"):
             raise EvolinkTransportError(
@@ -240,9 +230,8 @@ class EvolinkHook(BaseHook):
         return ResultDownloads()
 
     def open_result(self, url: str, deadline: float | None = None) -> AbstractContextManager[ResultStream]:
-        """Open a result URL for streaming (``with hook.open_result(url) as result:``), each hop checked
-        and retried as :mod:`evolink_provider.hooks.downloads` says; with a ``deadline`` (epoch seconds)
-        no retry sleeps past it and the body stops with an error once it has passed."""
+        """``with hook.open_result(url) as result:``, each hop checked and retried as
+        :meth:`~evolink_provider.hooks.downloads.ResultDownloads.open` says."""
         return self._downloads.open(url, self.settings, deadline)
 
     # -- async calls (triggers) --------------------------------------------------------------------
@@ -273,13 +262,10 @@ class EvolinkHook(BaseHook):
         self, settings: EvolinkConnectionSettings, task_id: str, deadline: float | None = None
     ) -> dict[str, Any]:
         request = build_request(settings, "GET", _task_path(task_id))
-        from evolink_provider.hooks.transport import asend
-
         return await asend(request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:
         from evolink_provider.hooks.task_batcher import TaskBatcher
-        from evolink_provider.hooks.transport import asend
 
         batchers = _TASK_BATCHERS.setdefault(asyncio.get_running_loop(), {})
         batcher = batchers.get(settings.batch_owner)

@@ -1,7 +1,6 @@
-"""Reading what EvoLink answered: the body with a size cap, strict JSON, EvoLink's error bodies mapped to
-:mod:`evolink_provider.exceptions`, and ``requests``/``aiohttp`` failures said in a few words (their own
-texts repeat the URL, nest three exceptions deep, and aiohttp's reprs carry the request headers, so the
-key). Shared by the sync and async clients of :mod:`evolink_provider.hooks.transport`."""
+"""Reading what EvoLink answered, for both clients of :mod:`evolink_provider.hooks.transport`: the body
+bounded, strict JSON, EvoLink's error bodies mapped to :mod:`evolink_provider.exceptions`, and transport
+failures said in a few words (the clients' own texts repeat the URL, and aiohttp's reprs carry the key)."""
 
 from __future__ import annotations
 
@@ -9,13 +8,12 @@ import logging
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from evolink_provider.answers import MAX_ANSWER_BYTES, loads_strict
 from evolink_provider.exceptions import (
     EvolinkBadAnswerError,
     EvolinkConfigurationError,
-    EvolinkError,
     EvolinkRefusedError,
     EvolinkTransportError,
     error_for_status,
@@ -23,9 +21,6 @@ from evolink_provider.exceptions import (
 )
 from evolink_provider.hooks.connection import ApiRequest
 from evolink_provider.hooks.retry import parse_retry_after
-
-if TYPE_CHECKING:
-    import requests
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +59,21 @@ def parse_response(
         # carries the key. Not retried, a base URL that redirects (http to https, a moved host) must be fixed.
         location = without_key(headers.get("location"), key)
         raise EvolinkConfigurationError(
-            f"{request.connection}: {request.method} {request.path} answered HTTP {status_code}, not an "
-            "answer of the API (redirects are not followed; check the connection's base URL)"
+            f"{request.where} answered HTTP {status_code}, not an answer of the API (redirects are not "
+            "followed; check the connection's base URL)"
             + (f", Location: {server_text(str(location))}" if location else "")
         )
     try:
         decoded = without_key(loads_strict(content), key, content)
     except ValueError as exc:
         reason = str(exc) if "JSON" in str(exc) else "not JSON"
-        raise EvolinkBadAnswerError(
-            f"{request.connection}: {request.method} {request.path} answered HTTP {status_code} with a body "
-            f"that is {reason} ({len(content)} bytes)" + (f", request_id={request_id}" if request_id else "")
+        raise bad_answer(
+            request,
+            f"HTTP {status_code} with a body that is {reason} ({len(content)} bytes)"
+            + (f", request_id={request_id}" if request_id else ""),
         ) from None
     if not isinstance(decoded, dict):
-        raise EvolinkBadAnswerError(
-            f"{request.connection}: {request.method} {request.path} answered a JSON "
-            f"{type(decoded).__name__}, not an object"
-        )
+        raise bad_answer(request, f"a JSON {type(decoded).__name__}, not an object")
     _raise_if_refused(request, decoded, request_id)
     if headers.get("idempotency-replayed", "").lower() == "true":
         log.info("EvoLink replayed the original task for this Idempotency-Key (no new task was created).")
@@ -173,11 +166,8 @@ def _raise_if_refused(request: ApiRequest, answer: dict[str, Any], request_id: s
 class AnswerBody:
     """One answer's body as it arrives, bounded: at most one ``gzip``/``deflate`` layer is undone, never more
     than :data:`MAX_ANSWER_BYTES` is held (however well the bytes compress), and no chunk is taken after
-    ``until`` (epoch seconds), so a server that trickles its answer cannot hold a worker or a trigger.
-
-    The clients read raw bytes and decode here (``decode_content=False``, ``auto_decompress=False``), so the
-    bound does not depend on what ``urllib3``/``aiohttp`` would unpack at once (a 3 KB doubly gzipped
-    answer unpacked to 2 GB in the httpx client this one replaced).
+    ``until`` (epoch seconds), so a server that trickles its answer cannot hold a worker or a trigger. The
+    clients hand it raw bytes: what they would unpack at once has no such bound.
     """
 
     def __init__(self, request: ApiRequest, content_encoding: str | None, until: float) -> None:
@@ -186,9 +176,9 @@ class AnswerBody:
         encodings = [name.strip().lower() for name in (content_encoding or "").split(",") if name.strip()]
         encodings = [name for name in encodings if name != "identity"]
         if len(encodings) > 1 or (encodings and encodings[0] not in ("gzip", "x-gzip", "deflate")):
-            raise EvolinkBadAnswerError(  # the header's value is not shown: it is server text
-                f"{request.connection}: {request.method} {request.path} answered with a Content-Encoding "
-                "other than one gzip or deflate layer (it was asked for those only)"
+            raise bad_answer(  # the header's value is not shown: it is server text
+                request,
+                "with a Content-Encoding other than one gzip or deflate layer (it was asked for those only)",
             )
         # wbits 47: a gzip or a zlib header, detected (HTTP's "deflate" is zlib-wrapped).
         self._inflate = zlib.decompressobj(wbits=47) if encodings else None
@@ -203,52 +193,29 @@ class AnswerBody:
             try:
                 self._body += self._inflate.decompress(raw, MAX_ANSWER_BYTES + 1 - len(self._body))
             except zlib.error:
-                raise self._bad("a compressed body that does not decompress") from None
-            if self._inflate.unconsumed_tail:
-                raise _too_large(self.request)
-        if len(self._body) > MAX_ANSWER_BYTES:
-            raise _too_large(self.request)
+                raise bad_answer(self.request, "a compressed body that does not decompress") from None
+        if len(self._body) > MAX_ANSWER_BYTES or (self._inflate and self._inflate.unconsumed_tail):
+            raise bad_answer(
+                self.request,
+                f"more than {MAX_ANSWER_BYTES} bytes; a task answer is about a kilobyte, so it was not "
+                "read further",
+            )
 
     def content(self) -> bytes:
         if self._inflate is not None and not self._inflate.eof and self._body:
-            raise self._bad("a compressed body cut short")
+            raise bad_answer(self.request, "a compressed body cut short")
         return bytes(self._body)
 
-    def _bad(self, what: str) -> EvolinkBadAnswerError:
-        return EvolinkBadAnswerError(
-            f"{self.request.connection}: {self.request.method} {self.request.path} answered {what}"
-        )
+
+def bad_answer(request: ApiRequest, what: str) -> EvolinkBadAnswerError:
+    return EvolinkBadAnswerError(f"{request.where} answered {what}")
 
 
 def answer_out_of_time(request: ApiRequest) -> EvolinkTransportError:
     return EvolinkTransportError(
-        f"{request.connection}: {request.method} {request.path}: no complete answer when its time ran "
-        "out (a slow or trickling server, or the wait's deadline)",
+        f"{request.where}: no complete answer when its time ran out (a slow or trickling server, or the "
+        "wait's deadline)",
         request_sent=True,
-    )
-
-
-def read_capped(request: ApiRequest, response: requests.Response, until: float) -> bytes:
-    """The body of a streamed ``requests`` answer (see :class:`AnswerBody`). ``read1`` returns what one
-    socket read brings, so the time bound is checked as bytes trickle in."""
-    import urllib3
-
-    body = AnswerBody(request, response.headers.get("content-encoding"), until)
-    try:
-        while chunk := response.raw.read1(64 * 1024, decode_content=False):
-            body.add(chunk)
-    except EvolinkError:
-        response.close()  # the rest is never read: drop the connection
-        raise
-    except (urllib3.exceptions.HTTPError, OSError) as exc:  # a reset or read timeout mid-answer
-        raise transport_error(request, exc, request_sent=True) from None
-    return body.content()
-
-
-def _too_large(request: ApiRequest) -> EvolinkBadAnswerError:
-    return EvolinkBadAnswerError(
-        f"{request.connection}: {request.method} {request.path} answered more than {MAX_ANSWER_BYTES} "
-        "bytes; a task answer is about a kilobyte, so it was not read further"
     )
 
 
@@ -262,7 +229,7 @@ def refused(exc: BaseException) -> bool:
 def transport_error(request: ApiRequest, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
     detail = transport_failure(exc)
     return EvolinkTransportError(
-        f"{request.connection}: {request.method} {request.path}: {detail}",
+        f"{request.where}: {detail}",
         request_sent=request_sent,
         detail=detail,
     )

@@ -1,23 +1,16 @@
 """Coalesce the task reads of many triggers on one event loop into ``POST /v1/tasks/batch`` calls.
 
-Why: every trigger polls its own task, so a triggerer waiting on thousands of generations sends thousands of
-``GET /v1/tasks/{id}``. EvoLink's own clients read up to 50 tasks per call through a batch endpoint that
-is observed, not documented. The provider therefore uses it only when the connection opts in (extra
-``batch_polling``), and falls back to single reads:
+EvoLink's own clients read up to 50 tasks per call through this endpoint, which is observed, not documented;
+so it is used only when the connection opts in (extra ``batch_polling``), with single reads as fallback:
 
-* for good, as soon as the endpoint answers 404, 405, 400 or 422, or an answer of a shape not understood
-  (the endpoint is gone or changed: single reads are the documented contract);
-* per task, when an id is missing from a batch answer (the single read then raises the documented error,
-  a 404 for an unknown id, say).
+* for good, once the endpoint answers 404, 405, 400 or 422, or in a shape not understood (it is gone or
+  changed: single reads are the documented contract);
+* per task, for an id missing from a batch answer (its single read raises the documented error).
 
-Other failures of a batch call (after the hook's own retries) reach every trigger in it as that trigger's
-failed poll, exactly as a failed single read would.
-
-Timing: a read waits at most :data:`BATCH_WINDOW_SECONDS` for others to join its batch, and no wait at all
-once :data:`BATCH_MAX_IDS` reads are waiting. The adaptive schedule polls at least ``poll_interval``
-(default 5 s) apart, so the window adds at most a tenth of that to the detection of a completed task.
-
-This module holds no HTTP: the hook hands it the two coroutines that read (the hook owns HTTP).
+Other failures of a batch call (after the hook's retries) reach each of its reads as a failed poll, as a
+failed single read would. A read waits at most :data:`BATCH_WINDOW_SECONDS` for others to join its batch (a
+tenth of the default poll interval), not at all once :data:`BATCH_MAX_IDS` are waiting. The hook hands in
+the two coroutines that read: this module holds no HTTP.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""Transport: how a request to EvoLink is sent, one path for both clients.
-
-An :class:`~evolink_provider.hooks.connection.ApiRequest` is sent by the sync client (``requests``, one
-session per hook) or the async client (``aiohttp``, one session per event loop, shared by every trigger
-on it); :mod:`evolink_provider.hooks.responses` reads what comes back. The send loops are ``tenacity``
-loops built by :meth:`~evolink_provider.hooks.retry.RetryPolicy.retrying`: they repeat what the retry table
-allows, and nothing else.
+"""How an :class:`~evolink_provider.hooks.connection.ApiRequest` is sent: by the sync client (``requests``,
+one session per hook) or the async client (``aiohttp``, one session per event loop, shared by its triggers),
+each call in the ``tenacity`` loop :meth:`~evolink_provider.hooks.retry.RetryPolicy.retrying` builds, so
+that only what the retry table allows is repeated. :mod:`evolink_provider.hooks.responses` reads the answers.
 """
 
 from __future__ import annotations
@@ -12,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 import sys
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,7 +24,6 @@ from evolink_provider.hooks.responses import (
     AnswerBody,
     answer_out_of_time,
     parse_response,
-    read_capped,
     refused,
     transport_error,
 )
@@ -44,15 +41,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+READ_CHUNK = 64 * 1024
 
 
-class _MultipartBody:
-    """A ``multipart/form-data`` body with one file part, read from ``stream`` while it is sent, so an
-    upload never sits whole in memory; its length is known up front (``Content-Length``)."""
+class MultipartBody:
+    """A ``multipart/form-data`` body with one file part, streamed from the file's start each time it is
+    sent (an upload never sits whole in memory); its length is known up front (``Content-Length``)."""
 
     def __init__(self, stream: BinaryIO, filename: str, content_type: str) -> None:
-        import re
-
         boundary = uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={boundary}"
         name = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:200] or "upload"  # no header injection
@@ -62,25 +58,17 @@ class _MultipartBody:
         ).encode()
         self._tail = f"\r\n--{boundary}--\r\n".encode()
         self._stream = stream
-        start = stream.tell()
-        self._size = stream.seek(0, 2) - start
-        stream.seek(start)
-        self._parts = iter((self._head, stream, self._tail))
-        self._current: Any = next(self._parts)
+        self._size = stream.seek(0, 2)
 
     def __len__(self) -> int:
         return len(self._head) + self._size + len(self._tail)
 
-    def read(self, size: int = -1) -> bytes:
-        while self._current is not None:
-            if isinstance(self._current, bytes):
-                chunk, self._current = self._current, next(self._parts, None)
-                return chunk
-            chunk = self._current.read(size if size and size > 0 else 64 * 1024)
-            if chunk:
-                return bytes(chunk)
-            self._current = next(self._parts, None)
-        return b""
+    def __iter__(self) -> Iterator[bytes]:
+        self._stream.seek(0)
+        yield self._head
+        while chunk := self._stream.read(READ_CHUNK):
+            yield bytes(chunk)
+        yield self._tail
 
 
 # -- sync client ----------------------------------------------------------------------------------
@@ -92,40 +80,19 @@ def send(
     settings: EvolinkConnectionSettings,
     accept: Callable[[dict[str, Any]], T],
     deadline: float | None = None,
+    body: MultipartBody | None = None,
 ) -> T:
-    """Send with retries; ``accept`` checks the answer inside the loop, so a malformed answer is
-    retried like a garbled one."""
+    """Send with retries; ``accept`` checks the answer inside the loop, so a malformed answer is retried
+    like a garbled one. ``body``: an upload's, sent instead of ``request``'s JSON."""
     retrying = settings.retry.retrying(request.kind, deadline, log, logging.WARNING)
     try:
-        return retrying(lambda: accept(_send_once(session, request, settings.timeouts, deadline)))
+        return retrying(lambda: accept(_send_once(session, request, settings.timeouts, deadline, body)))
     except EvolinkError as error:
         raise _give_up(request, error, retrying.statistics["attempt_number"]) from None
 
 
-def upload(
-    session: requests.Session,
-    request: ApiRequest,
-    settings: EvolinkConnectionSettings,
-    stream: BinaryIO,
-    filename: str,
-    content_type: str,
-    deadline: float,
-) -> dict[str, Any]:
-    """Send ``stream`` as a multipart upload, repeated (from its start) only where the retry policy's
-    upload row allows (uploads are not idempotent), and, like :func:`send`, no retry waits past
-    ``deadline`` nor is an answer read after it."""
-
-    def attempt() -> dict[str, Any]:
-        stream.seek(0)
-        body = _MultipartBody(stream, filename, content_type)
-        return _send_once(session, request, settings.timeouts, deadline, body)
-
-    return settings.retry.retrying(request.kind, deadline, log, logging.WARNING)(attempt)
-
-
 def _answer_until(timeouts: Timeouts, deadline: float | None) -> float:
-    """When an answer's body must have arrived, counted from its headers: within one read timeout, and
-    by the wait's deadline when there is one."""
+    """When an answer must have arrived: within one read timeout, and by the deadline when there is one."""
     until = time.time() + timeouts.read
     return until if deadline is None else min(until, deadline)
 
@@ -135,10 +102,12 @@ def _send_once(
     request: ApiRequest,
     timeouts: Timeouts,
     deadline: float | None = None,
-    body: _MultipartBody | None = None,
+    body: MultipartBody | None = None,
 ) -> dict[str, Any]:
-    """One exchange: ``request``'s JSON body, or the multipart ``body`` of an upload."""
+    """One exchange. The answer is read raw and decoded by :class:`AnswerBody`; ``read1`` returns what one
+    socket read brings, so the time bound is checked as bytes trickle in."""
     import requests
+    import urllib3
 
     headers = request.headers if body is None else {**request.headers, "Content-Type": body.content_type}
     try:
@@ -152,12 +121,21 @@ def _send_once(
             allow_redirects=False,
             stream=True,
         )
-        content = read_capped(request, response, _answer_until(timeouts, deadline))
+        until = _answer_until(timeouts, deadline)
+        answer = AnswerBody(request, response.headers.get("content-encoding"), until)
+        try:
+            while chunk := response.raw.read1(READ_CHUNK, decode_content=False):
+                answer.add(chunk)
+            content = answer.content()
+        except EvolinkError:
+            response.close()  # the rest is never read: drop the connection
+            raise
     except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
         raise transport_error(request, exc, request_sent=False) from None
     except requests.ConnectionError as exc:
         raise transport_error(request, exc, request_sent=not refused(exc)) from None
-    except requests.RequestException as exc:  # read timeouts, chunked-encoding errors, ...
+    # Read timeouts and chunked-encoding errors (requests), a reset or timeout mid-answer (urllib3, OSError).
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise transport_error(request, exc, request_sent=True) from None
     return parse_response(request, response.status_code, response.headers, content)
 
@@ -187,32 +165,21 @@ async def asend(
 async def _asend_once(
     request: ApiRequest, timeouts: Timeouts, deadline: float | None = None
 ) -> dict[str, Any]:
-    """One exchange, all of it (the wait for a free connection, connecting, the answer) by the time
-    :func:`_answer_until` gives; any ``aiohttp`` failure leaves as an :class:`EvolinkTransportError` in a few
-    words (its exceptions' texts and reprs carry the URL and the request headers, so the key), with no
-    exception chained to it."""
+    """One exchange, all of it (the wait for a connection slot, connecting, the answer) by the time
+    :func:`_answer_until` gives. An ``aiohttp`` failure leaves as an :class:`EvolinkTransportError` with no
+    exception chained: aiohttp's texts and reprs carry the URL and the request headers, so the key."""
     until = _answer_until(timeouts, deadline)
     if until <= time.time():
         raise answer_out_of_time(request)
     client = await _loop_client()
+    import aiohttp  # imported by _loop_client, in a thread
+
     origin = client.origin(request.url)
     if not await origin.take_slot(until):
         raise answer_out_of_time(request)
-    try:
-        return await _exchange(client.session, origin, request, timeouts, until)
-    finally:
-        origin.slots.release()
-
-
-async def _exchange(
-    session: aiohttp.ClientSession, origin: _Origin, request: ApiRequest, timeouts: Timeouts, until: float
-) -> dict[str, Any]:
-    """The exchange itself, once this origin's slot is held (see :func:`_asend_once`)."""
-    import aiohttp
-
     failure: EvolinkError | None = None
     try:
-        async with session.request(
+        async with client.session.request(
             request.method,
             request.url,
             headers=request.headers,
@@ -237,35 +204,29 @@ async def _exchange(
         raise
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         failure = transport_error(request, exc, request_sent=False)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-        failure = (
-            answer_out_of_time(request)
-            if isinstance(exc, asyncio.TimeoutError)
-            else transport_error(request, exc, request_sent=True)
-        )
+    except asyncio.TimeoutError:
+        failure = answer_out_of_time(request)
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        failure = transport_error(request, exc, request_sent=True)
+    finally:
+        origin.slots.release()
     if failure is not None:
         raise failure  # outside the except: no aiohttp exception rides along as its context
     return parse_response(request, status, headers, content)
 
 
 #: Connections per origin (scheme, host, port) and event loop: a silent host can hold this many, and no
-#: more, while polls to other origins go on; a poll's wait for one counts against its own deadline.
+#: more, while polls to other origins go on.
 CONNECTIONS_PER_ORIGIN = 32
-#: Idle connections are kept this long (longer than the adaptive poll interval, else most polls would open
-#: a new connection); below the common 60 s idle limit of load balancers, and a connection the server
-#: closed first is retried like any dropped GET.
+#: Longer than the adaptive poll interval (else most polls would open a connection), shorter than the common
+#: 60 s idle limit of load balancers.
 KEEPALIVE_SECONDS = 45.0
 
 
 class _Origin:
-    """What the requests of one event loop to one origin share: the proxy arguments (looked up once) and
-    the slots for its CONNECTIONS_PER_ORIGIN connections.
-
-    A poll takes a slot *before* aiohttp builds its request: a request waiting inside aiohttp for a free
-    connection already holds its request, headers, URL and timer objects, and thousands of waiting
-    triggers' worth of them outlive the young garbage collections, so the full collections that stall the
-    triggerer's loop come more often (docs/benchmarks.md, issue 22).
-    """
+    """What one event loop's requests to one origin share: the proxy arguments, looked up once, and the
+    slots of its connections. A poll takes its slot *before* aiohttp builds the request: requests queued
+    inside aiohttp hold objects that outlive young collections (docs/benchmarks.md)."""
 
     __slots__ = ("proxy", "slots")
 
@@ -288,15 +249,9 @@ class _Origin:
 
 
 class _LoopClient:
-    """One event loop's ``aiohttp.ClientSession`` (the triggers of a triggerer share its connections) and
-    the proxies the environment names (``HTTP(S)_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read when it is
-    built, as every other HTTP client of the deployment reads them.
-
-    Not aiohttp's ``trust_env``: it looks the proxy up (and ``~/.netrc``) in a thread for every request,
-    several times a poll's CPU (docs/benchmarks.md), and fails every request to a host that ``~/.netrc``
-    names (it will not combine those credentials with the ``Authorization`` header). NO_PROXY is honoured
-    alike, and a proxy is sent only its own credentials (``Proxy-Authorization``).
-    """
+    """One event loop's ``aiohttp`` session and the environment's proxies (``HTTP(S)_PROXY``, ``ALL_PROXY``,
+    ``NO_PROXY``), read once. Not aiohttp's ``trust_env``: it reads them and ``~/.netrc`` in a thread per
+    request (docs/benchmarks.md), and fails every request to a host ``~/.netrc`` names."""
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         import urllib.request
@@ -308,14 +263,14 @@ class _LoopClient:
         self._origins: dict[str, _Origin] = {}
 
     def origin(self, url: str) -> _Origin:
-        """The shared state of requests to ``url``'s origin, built the first time."""
         key = "/".join(url.split("/", 3)[:3])  # scheme and host:port
         if key not in self._origins:
             self._origins[key] = _Origin(self._proxy_for(url))
         return self._origins[key]
 
     def _proxy_for(self, url: str) -> dict[str, Any]:
-        """The ``proxy`` and ``proxy_auth`` arguments of a request to ``url`` (none: a direct connection)."""
+        """The ``proxy`` and ``proxy_auth`` arguments of a request to ``url`` (none: a direct connection);
+        a proxy gets its own credentials only, as ``Proxy-Authorization``."""
         import urllib.request
 
         import aiohttp
@@ -331,17 +286,18 @@ class _LoopClient:
         return arguments
 
 
-#: This event loop's client, per loop.
 _CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
-#: Polls that arrive while the client is being built wait for that one build.
+#: Polls that arrive while the loop's client is being built wait for that one build.
 _CLIENT_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
+#: Per-loop state dropped with the loop's session (the hook adds its connection readings and batchers).
+PER_LOOP_STATE: list[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]] = [_CLIENT_LOCKS]
 
 
 async def _loop_client() -> _LoopClient:
-    """This event loop's client, built the first time. ``aiohttp`` is imported in a thread: the import
-    loads its CA bundle (tens of milliseconds) and must not stall the loop's other triggers."""
+    """This event loop's client, built the first time. ``aiohttp`` is imported in a thread: the import loads
+    its CA bundle (tens of milliseconds) and must not stall the loop's other triggers."""
     loop = asyncio.get_running_loop()
     client = _CLIENTS.get(loop)
     if client is not None and not client.session.closed:
@@ -363,15 +319,9 @@ async def _loop_client() -> _LoopClient:
     return client
 
 
-#: Other per-loop state (the hooks' connection readings and batchers), dropped with the loop's session.
-PER_LOOP_STATE: list[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]] = [_CLIENT_LOCKS]
-
-
 async def _close_when_the_loop_ends(loop: asyncio.AbstractEventLoop, client: _LoopClient) -> None:
-    """Wait until cancelled, then close the loop's session and drop its per-loop state. The session (and
-    what the per-loop maps hold) keeps the loop alive, so a weak key alone never dies; ``asyncio.run``
-    (``dag.test()``, one per deferral) and the triggerer's shutdown cancel pending tasks and let them
-    finish, so a loop that ends leaves no session, loop or socket behind."""
+    """Wait until cancelled (``asyncio.run`` and the triggerer's shutdown cancel pending tasks), then close
+    the loop's session and drop its per-loop state: they keep the loop alive, so its weak keys never die."""
     try:
         await loop.create_future()
     finally:
@@ -383,16 +333,10 @@ async def _close_when_the_loop_ends(loop: asyncio.AbstractEventLoop, client: _Lo
 
 
 def _connector(aiohttp: Any) -> type[aiohttp.TCPConnector]:
-    """``aiohttp.TCPConnector`` that never lends out an idle connection on which bytes arrived that no
-    request asked for: aiohttp parses them into an answer and hands it to the next request on that
-    connection (a desync: one poll reading another's, or a smuggled, answer; httpcore drops such a
-    connection too). Such a connection is closed and the next one taken.
-
-    ``should_close`` (no underscore, but undocumented) is read because no documented aiohttp API says
-    whether a pooled connection holds unread bytes; ``force_close`` would close that gap by opening a
-    connection (a TLS handshake) per poll, many times a poll's CPU. Bytes that arrive between this check
-    and the answer are the answer to any HTTP/1.1 client; a task read must still name the task asked for.
-    """
+    """A ``TCPConnector`` that never lends out an idle connection on which unasked bytes arrived: aiohttp
+    would hand them to the next request as its answer (a desync, or a smuggled answer). It reads
+    ``should_close`` (public, undocumented) since no documented API tells; ``force_close`` would cost a TLS
+    handshake per poll."""
 
     class FreshConnector(aiohttp.TCPConnector):
         async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
@@ -414,19 +358,15 @@ async def aclose_async_clients() -> None:
         await client.session.close()
 
 
-# -- giving up ----------------------------------------------------------------------------------------
-
-
 def _give_up(request: ApiRequest, error: EvolinkError, attempts: int) -> EvolinkError:
-    """The error to raise once retrying stops."""
+    """The error to raise once retrying stops: a submission whose outcome is unknown names its key."""
     if request.kind is Kind.SUBMISSION and outcome_unknown(error):
         key = request.headers.get("Idempotency-Key", "")
         detail = getattr(error, "detail", None) or str(error)
         return EvolinkSubmissionUnknownError(
-            f"{request.connection}: {request.method} {request.path}: whether EvoLink created (and bills) "
-            f"the task is unknown after {attempts} attempt(s) (last: {detail}). Look it up in the "
-            f"EvoLink dashboard by Idempotency-Key {key}; an Airflow retry resubmits with the same key, "
-            "which EvoLink answers with the original task.",
+            f"{request.where}: whether EvoLink created (and bills) the task is unknown after {attempts} "
+            f"attempt(s) (last: {detail}). Look it up in the EvoLink dashboard by Idempotency-Key {key}; an "
+            "Airflow retry resubmits with the same key, which EvoLink answers with the original task.",
             idempotency_key=key,
         )
     return error
