@@ -790,8 +790,10 @@ class Ledger:
             generation = self.generation
             key = idempotency_key(identity, request.fingerprint, submission, generation)
         earlier_tries = tries_in_sequence(self.context) - 1
-        # A resent key goes with the body it was first sent with (SubmissionRecord.payload).
+        # A resent key goes with the body it was first sent with (SubmissionRecord.payload), and only it: a
+        # new key goes with the request as rendered now (the recorded URLs may have expired since).
         payload: dict[str, Any] | None = record.payload if resend and record is not None else None
+        recorded_body = payload is not None
         while True:
             new = SubmissionRecord(
                 request.fingerprint,
@@ -840,6 +842,8 @@ class Ledger:
                 key = idempotency_key(identity, request.fingerprint, submission, self.generation)
                 generation = self.generation
                 resend = False
+                if recorded_body:
+                    payload, recorded_body = None, False
                 continue
             usage = task.get("usage") or {}
             self.log.info(

@@ -1,6 +1,8 @@
 """Fifteenth red-team pass: red-team 14's fixes (02e99c8) attacked first, then what they missed.
 
-Findings are ``xfail(strict=True)`` (each fails once fixed); the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests. Fixes: F1 a
+new key after a replayed failure goes with the request as rendered now, not the recorded body; F2 the
+completed-empty message says what a clear does where it runs (3.0-3.2: it pays).
 
 * F1 (a fresh creation with a stale body; the try ended for good): a resend of the recorded key sends the
   recorded body (red-team 14's F1), and when EvoLink answers it with a replayed failure that a resubmission
@@ -101,10 +103,6 @@ def test_held_a_replay_of_the_recorded_key_goes_with_the_recorded_body(
     assert post_bodies(hostile)[0]["image_urls"] == [OLD_URL]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: after a replayed fixable failure the new key is POSTed with the recorded body (stale URLs)",
-)
 def test_f1_the_new_key_after_a_replayed_failure_carries_the_request_as_rendered_now(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,
@@ -248,10 +246,6 @@ def test_held_the_sensor_treats_completed_empty_as_retryable(
     assert raised.value.retryable and not isinstance(raised.value, AirflowFailException)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: on 3.0-3.2 the completed-empty message says a plain clear reads the same task; it pays",
-)
 def test_f2_the_completed_empty_advice_matches_what_a_clear_does_without_a_store(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,

@@ -467,11 +467,19 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
                 # Completed (and so billed) with nothing to hand downstream, also when read again: a list
                 # filled late, or never; no evidence either way, so nothing is paid and a retry reads again.
+                if self.ledger(context).states.durable:
+                    then = (
+                        "A retry (or a plain clear) reads the same paid task again; if it stays empty, clear "
+                        'the task with regenerate=True or dag_run.conf {"evolink_regenerate": true} to pay '
+                        "for a new generation."
+                    )
+                else:
+                    then = (
+                        "A retry reads the same paid task again (it resends the Idempotency-Key); without "
+                        "task_state_store (Airflow 3.3) a clear pays for a new generation."
+                    )
                 raise RetryLaterError(
-                    f"{decision.message}, also when read again; nothing was submitted. A retry (or a plain "
-                    "clear) reads the same paid task again; if it stays empty, clear the task with "
-                    'regenerate=True or dag_run.conf {"evolink_regenerate": true} to pay for a new '
-                    "generation."
+                    f"{decision.message}, also when read again; nothing was submitted. {then}"
                 )
             fail_for(EvolinkTaskError(task["id"], str(task.get("status")), code, message))
         ledger = self.ledger(context)
