@@ -149,9 +149,19 @@ async def asend(
     accept: Callable[[dict[str, Any]], T],
     deadline: float | None = None,
 ) -> T:
-    """:func:`send` on this event loop's shared ``aiohttp`` session."""
+    """:func:`send` on this event loop's shared ``aiohttp`` session.
+
+    The first attempt runs before ``tenacity`` is built: most polls succeed at once, and building its loop
+    costs a tenth of a poll's CPU (docs/benchmarks.md). A failed first attempt is handed to the loop as its
+    own first outcome, so the loop decides on it and on every repeat exactly as on a call it made itself."""
+    try:
+        return accept(await _asend_once(request, settings.timeouts, deadline))
+    except EvolinkError as error:
+        first_outcome: list[EvolinkError] = [error]
 
     async def attempt() -> T:
+        if first_outcome:
+            raise first_outcome.pop()
         return accept(await _asend_once(request, settings.timeouts, deadline))
 
     # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
