@@ -764,6 +764,7 @@ def test_every_post_carries_the_request_and_follows_its_recorded_intent() -> Non
     for (payload, intent), key in zip(hook.at_post, hook.keys, strict=True):
         assert payload == REQUEST.payload
         assert (intent["idempotency_key"], intent.get("task_id")) == (key, None)
+        assert intent.get("payload") == payload  # the body goes on record with its key (a resend sends it)
 
 
 class CreditsHook(FakeHook):
