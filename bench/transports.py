@@ -76,6 +76,24 @@ async def via_provider(url: str, task_id: str) -> float:
         await aclose_async_clients()
 
 
+async def via_hook(url: str, task_id: str) -> float:
+    """A whole poll read: ``EvolinkHook.aget_task`` (the retry loop and the answer checks around
+    ``_asend_once``)."""
+    from evolink_provider.hooks.evolink import EvolinkHook
+    from evolink_provider.hooks.transport import aclose_async_clients
+
+    hook = EvolinkHook()
+
+    async def read() -> bytes:
+        await hook.aget_task(task_id)
+        return b"{"
+
+    try:
+        return await _drive(read)
+    finally:
+        await aclose_async_clients()
+
+
 async def via_httpx(url: str, task_id: str) -> float:
     """httpx, one client with a semaphore in front (no provider code): the library's own floor."""
     import httpx
@@ -188,8 +206,38 @@ def bench_json(answer: bytes) -> list[str]:
     return lines
 
 
+def bench_retry_loop() -> list[str]:
+    """CPU per call of what wraps a poll read that succeeds at once: a ``tenacity`` loop built for it (every
+    call before the first attempt ran outside it) against the first attempt awaited directly."""
+    import logging
+
+    from evolink_provider.hooks.retry import Kind, RetryPolicy
+
+    policy, log, rounds = RetryPolicy(), logging.getLogger("bench"), 20000
+
+    async def answer() -> bytes:
+        return b"{}"
+
+    async def measure() -> tuple[float, float]:
+        cpu = time.process_time()
+        for _ in range(rounds):
+            await answer()
+        direct = time.process_time() - cpu
+        cpu = time.process_time()
+        for _ in range(rounds):
+            await policy.retrying(Kind.POLL, time.time() + 60, log, logging.INFO, asynchronous=True)(answer)
+        return direct, time.process_time() - cpu
+
+    direct, looped = asyncio.run(measure())
+    return [
+        f"retry loop: tenacity built per call {1e6 * looped / rounds:.1f} us, first attempt awaited "
+        f"directly {1e6 * direct / rounds:.1f} us per call"
+    ]
+
+
 CLIENTS = {
     "provider (transport._asend_once: aiohttp session, bounded body, strict JSON)": via_provider,
+    "provider hook (EvolinkHook.aget_task: retry loop, answer checks)": via_hook,
     "httpx, one client": via_httpx,
     "httpcore pool": via_httpcore,
     "aiohttp": via_aiohttp,
@@ -197,13 +245,14 @@ CLIENTS = {
 }
 
 
-def old_provider(url: str, task_id: str) -> float:
-    """``via_provider`` on the client of ``BENCH_OLD_CHECKOUT``, in a child process importing that tree."""
+def old_provider(url: str, task_id: str, mode: str = "exchange") -> float:
+    """``via_provider`` (``mode="hook"``: ``via_hook``) on the client of ``BENCH_OLD_CHECKOUT``, in a child
+    process importing that tree."""
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": OLD_CHECKOUT}
     done = subprocess.run(
-        [sys.executable, __file__, "_provider", url, task_id], env=env, capture_output=True, text=True
+        [sys.executable, __file__, "_provider", url, task_id, mode], env=env, capture_output=True, text=True
     )
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
@@ -214,11 +263,13 @@ def main() -> None:
     from evolink_provider.hooks.evolink import EvolinkHook
 
     if sys.argv[1:2] == ["_provider"]:  # a child of old_provider
-        print(asyncio.run(via_provider(sys.argv[2], sys.argv[3])))
+        via = via_hook if sys.argv[4:5] == ["hook"] else via_provider
+        print(asyncio.run(via(sys.argv[2], sys.argv[3])))
         return
     clients: dict[str, Callable[[str, str], Awaitable[float] | float]] = dict(CLIENTS)
     if OLD_CHECKOUT:
         clients[f"old provider client ({OLD_CHECKOUT})"] = old_provider
+        clients[f"old provider hook ({OLD_CHECKOUT})"] = lambda url, task: old_provider(url, task, "hook")
 
     with simulator(task_seconds=3600) as url:
         hook = EvolinkHook()
@@ -240,7 +291,7 @@ def main() -> None:
         for name, values in figures.items():
             shown = ", ".join(f"{1000 * value:.3f}" for value in values)
             print(f"client {name}: {shown} ms CPU per read ({ROUNDS} rounds)")
-    for line in bench_json(answer):
+    for line in [*bench_json(answer), *bench_retry_loop()]:
         print(line)
 
 
