@@ -803,9 +803,13 @@ class Ledger:
                 generation,
                 tuple(uploads[source] for source in sorted(uploads)),
             )
-            if not resend:
-                # A resent key was checked by the try that sent it first: EvoLink answers it with the task
-                # it created, whose own cost may have taken the balance below min_credits.
+            # The key was sent before: by the try whose intent is recorded, or (3.0-3.2) by an earlier try.
+            replayed = (resend and record is not None) or (
+                not self.states.durable and submission < earlier_tries
+            )
+            if not (resend or replayed):
+                # A key sent before was checked by the try that sent it first: EvoLink answers it with the
+                # task it created, whose own cost may have taken the balance below min_credits.
                 check_balance(self.hook, self.min_credits, self.log)
             if payload is None:
                 self._save(new)  # the intent, with the uploads of earlier tries
@@ -813,9 +817,6 @@ class Ledger:
                 new = replace(new, uploads=tuple(uploads[source] for source in sorted(uploads)))
             new = replace(new, payload=payload)
             self._save(new)
-            replayed = (resend and record is not None) or (
-                not self.states.durable and submission < earlier_tries
-            )
             try:
                 task = self.hook.create_video_task(payload, idempotency_key=key)
             except EvolinkError as error:

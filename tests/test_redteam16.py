@@ -1,6 +1,7 @@
 """Sixteenth red-team pass: the money path at 081b65f (after red-team 15's fixes and the async first attempt).
 
-Findings are ``xfail(strict=True)`` until fixed; the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests. F1 is fixed:
+the balance is not checked for a key an earlier try sent (``replayed``), the same rule as for a resend.
 
 * F1 (paid video never delivered; the advice pays again): Airflow 3.0-3.2, ``min_credits`` set. Try 1's
   task (key 0) failed with a fixable code; try 2 resent key 0, EvoLink replayed the failure, so it sent
@@ -98,11 +99,6 @@ def keys_of(ctx: dict[str, Any]) -> tuple[str, str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: check_balance runs for a key an earlier try sent (the replay chain without a store): "
-    "AirflowFailException, the paid task B never collected",
-)
 def test_f1_min_credits_never_refuses_the_resend_of_a_key_an_earlier_try_sent() -> None:
     ctx = context(None, max_tries=2, try_number=3)  # the third try of its sequence (retries=2)
     k0, k1 = keys_of(ctx)

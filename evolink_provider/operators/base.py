@@ -467,7 +467,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
                 # Completed (and so billed) with nothing to hand downstream, also when read again: a list
                 # filled late, or never; no evidence either way, so nothing is paid and a retry reads again.
-                if self.ledger(context).states.durable:
+                if self.reattach == "never":
+                    then = "With reattach='never' a retry pays for a new generation."
+                elif self.ledger(context).states.durable:
                     then = (
                         "A retry (or a plain clear) reads the same paid task again; if it stays empty, clear "
                         'the task with regenerate=True or dag_run.conf {"evolink_regenerate": true} to pay '
