@@ -87,10 +87,13 @@ def _finite_float(text: str) -> float:
 
 def loads_strict(content: bytes | str) -> Any:
     """``json.loads`` that refuses ``NaN``/``Infinity``, numbers no float can hold and nesting deeper than
-    :data:`MAX_NESTING_DEPTH`; every refusal (deep recursion included) is a ``ValueError``."""
+    :data:`MAX_NESTING_DEPTH`; every refusal (deep recursion included) is a ``ValueError``. Bytes must be
+    UTF-8 (RFC 8259): ``json.loads`` would also take UTF-16 and UTF-32, whose copy of the API key no byte
+    search for it finds (``hooks.responses.without_key``)."""
+    text = content.decode("utf-8") if isinstance(content, bytes) else content
     try:
         decoded = json.loads(
-            content, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float
+            text, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float
         )
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None

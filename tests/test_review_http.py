@@ -1,6 +1,10 @@
 """Committer review: hostile servers against both HTTP clients (aiohttp for the triggers' polls, requests for
 submissions, uploads and downloads). A passing test is an attack that held; ``xfail(strict=True)`` marks a
-finding (F<n>), which passes the day it is fixed."""
+finding (F<n>), which passes the day it is fixed. Fixed: F1 for a silent server (the socket timeouts end at
+the deadline; a header slowloris stays open), F2 (an interim 1xx is a retryable transport error and its
+connection is dropped), F3, F4 (JSON bytes must be UTF-8), F5 (an upload body is exactly its
+Content-Length), F6 (no ``~/.netrc`` credentials on any request), F7 (no exchange starts with no time
+left)."""
 
 from __future__ import annotations
 
@@ -122,12 +126,20 @@ def test_async_headers_trickled_past_the_deadline_are_cut_off_at_it(hostile: Hos
     assert took < 2.5, took
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: the sync client's deadline starts after the headers: a header slowloris (or a silent "
-    "server, up to read_timeout) holds get_task/create_video_task/upload_file past the caller's deadline",
+@pytest.mark.parametrize(
+    "attack",
+    [
+        pytest.param(
+            "trickled-headers",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="F1 (open): each header byte restarts the socket's timeout and requests has no "
+                "bound on the whole header phase: a header slowloris holds a sync call past its deadline",
+            ),
+        ),
+        "silent",  # F1 (fixed): the socket timeouts end at the deadline
+    ],
 )
-@pytest.mark.parametrize("attack", ["trickled-headers", "silent"])
 def test_sync_exchange_ends_at_the_callers_deadline(
     hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, attack: str
 ) -> None:
@@ -240,8 +252,8 @@ def test_sync_an_answer_sent_to_an_idle_keep_alive_connection_is_not_the_next_an
     smuggled_sent = threading.Event()
 
     def respond(handler: BaseHTTPRequestHandler) -> None:
+        answered.append(1)  # before the answer: the client may read it before this thread goes on
         send(handler, 200, TASK_BODY)
-        answered.append(1)
         if len(answered) == 1:
             time.sleep(0.3)  # the client has parked the connection in its pool
             write_raw(handler, raw_answer(smuggled.encode()))
@@ -260,16 +272,19 @@ def test_sync_an_answer_sent_to_an_idle_keep_alive_connection_is_not_the_next_an
 # -- 1xx / 101 --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: the sync client takes a 103 Early Hints (any 1xx but 100) as the answer: a final, "
-    "non-retryable EvolinkConfigurationError, while the async client skips it and reads the task",
-)
-def test_sync_an_interim_103_before_the_answer_is_skipped(hostile: HostileServer) -> None:
+def test_sync_an_interim_103_before_the_answer_is_a_retryable_error_on_a_dropped_connection(
+    hostile: HostileServer,
+) -> None:
+    """http.client takes any 1xx but 100 for the final answer: a retryable transport error, whose
+    connection (holding the real answer) is dropped, never a final configuration error."""
     hostile.routes["/v1/tasks/"] = lambda handler: write_raw(
         handler, b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" + raw_answer(TASK_BODY)
     )
-    assert sync_poll()["id"] == TASK_ID
+    with pytest.raises(EvolinkTransportError) as raised:
+        sync_poll()
+    assert raised.value.retryable and "interim" in str(raised.value)
+    hostile.json("/v1/tasks/", task())
+    assert sync_poll()["id"] == TASK_ID  # the next call reads its own answer, not the one left behind
 
 
 def test_async_an_interim_103_before_the_answer_is_skipped(hostile: HostileServer) -> None:
@@ -303,6 +318,9 @@ def test_a_101_switching_protocols_is_an_error_and_its_connection_is_not_reused(
             send(handler, 200, TASK_BODY)
 
     hostile.routes["/v1/tasks/"] = respond
+    if poll is sync_poll:  # an interim answer to http.client: retried on a new connection, which answers
+        assert poll()["status"] == "processing" and len(calls) == 2
+        return
     error, took = _timed_error(poll)
     assert "101" in str(error) and KEY not in _every_text(error), error
     assert took < 5
@@ -359,11 +377,6 @@ def test_the_key_echoed_in_reason_phrase_headers_and_location_reaches_no_text(
     assert all(KEY not in repr(record.args) for record in caplog.records)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: a 2xx non-JSON answer shows the X-Request-Id header raw (responses.py:73, no server_text): "
-    "an ESC sequence (terminal injection) reaches the exception, the trigger event and the log line",
-)
 def test_sync_a_request_id_header_with_control_characters_is_not_shown_raw(hostile: HostileServer) -> None:
     hostile.routes["/v1/tasks/"] = lambda handler: write_raw(
         handler, raw_answer(b"<html>", extra="X-Request-Id: a\x1b[31mred\x1b[0m\r\n")
@@ -379,11 +392,6 @@ def _utf16(body: dict[str, Any]) -> bytes:
     return json.dumps(body).encode("utf-16")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: json.loads(bytes) accepts UTF-16/32; without_key's fast path (responses.py:93) looks for "
-    "the key's UTF-8 bytes and a backslash only, so a UTF-16 body echoing the key skips the scrub",
-)
 def test_the_key_echoed_in_a_utf16_body_reaches_no_error_log_or_event(
     hostile: HostileServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -450,12 +458,6 @@ class GrowingFile(io.BytesIO):
         return super().read(size)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: MultipartBody fixes Content-Length from seek(0, 2) at construction but streams to EOF "
-    "(transport.py:61,69): a file that grows while hook.upload_file sends it overruns Content-Length; "
-    "the excess is parsed by the Files API as a second request on the connection",
-)
 def test_upload_file_never_sends_more_than_its_content_length(hostile: HostileServer) -> None:
     hostile.json("/api/v1/files/upload/stream", {"success": True, "data": {"file_url": "https://f.x/1.png"}})
     # The server reads Content-Length bytes: the grown bytes push the multipart's 40-byte closing boundary
@@ -532,11 +534,6 @@ def test_a_server_closing_mid_upload_is_not_retried_and_shows_no_key(
 # -- ~/.netrc ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F6: requests.Session() keeps trust_env=True (hooks/evolink.py:129, downloads.py:382): a ~/.netrc "
-    "entry for the API host replaces the Bearer key, and one for a result host is sent to it",
-)
 def test_a_netrc_entry_changes_no_sync_request(
     hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -572,13 +569,6 @@ def test_a_trigger_facing_a_slowloris_fires_timeout_by_its_end_time(hostile: Hos
     assert KEY not in json.dumps(events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F7: ClientTimeout(total=until - time.time()) (transport.py:191) is <= 0 when the budget runs "
-    "out between the check at :172 and the request (the first poll builds the loop's client, a slot "
-    "is taken at the last instant); aiohttp reads total <= 0 as 'no timeout' and sock_read is None: "
-    "a silent server then holds the poll, and the trigger, for ever",
-)
 def test_a_poll_that_reaches_the_request_with_no_time_left_still_ends(
     hostile: HostileServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -224,6 +224,13 @@ class ApiRequest:
         return Kind.SUBMISSION if "Idempotency-Key" in self.headers else Kind.UPLOAD
 
 
+def headers_as_given(prepared: Any) -> Any:
+    """The ``auth`` of every ``requests`` call: the headers stay as built (the API key, or none for a
+    result host). Without one, ``requests`` adds a ``~/.netrc`` entry's Basic credentials for the host,
+    which replace the key, or send another tool's secret to a result host."""
+    return prepared
+
+
 def build_request(
     settings: EvolinkConnectionSettings,
     method: str,

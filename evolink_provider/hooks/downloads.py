@@ -25,7 +25,7 @@ from evolink_provider.exceptions import (
     EvolinkWaitTimeoutError,
     error_for_status,
 )
-from evolink_provider.hooks.connection import USER_AGENT, EvolinkConnectionSettings
+from evolink_provider.hooks.connection import USER_AGENT, EvolinkConnectionSettings, headers_as_given
 from evolink_provider.hooks.responses import without_key
 from evolink_provider.hooks.retry import Kind, parse_retry_after
 
@@ -126,6 +126,7 @@ class ResultDownloads:
                     stream=True,
                     timeout=(settings.timeouts.connect, read_timeout),
                     allow_redirects=False,
+                    auth=headers_as_given,
                 )
             except requests.RequestException as exc:
                 raise EvolinkTransportError(

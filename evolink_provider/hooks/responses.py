@@ -12,6 +12,7 @@ from typing import Any
 
 from evolink_provider.answers import MAX_ANSWER_BYTES, loads_strict
 from evolink_provider.exceptions import (
+    MAX_SERVER_NAME,
     EvolinkBadAnswerError,
     EvolinkConfigurationError,
     EvolinkRefusedError,
@@ -35,7 +36,8 @@ def parse_response(
     that echoes the key into an error body must not put it into an exception, a log or XCom.
     """
     key = _api_key(request)
-    request_id = without_key(headers.get("x-request-id") or headers.get("request-id"), key)
+    raw_id = without_key(headers.get("x-request-id") or headers.get("request-id"), key)
+    request_id = server_text(raw_id, MAX_SERVER_NAME) if raw_id else None
     if status_code >= 400:
         try:
             body = without_key(loads_strict(content), key, content)

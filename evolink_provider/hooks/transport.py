@@ -18,8 +18,17 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from evolink_provider.exceptions import EvolinkError, EvolinkSubmissionUnknownError
-from evolink_provider.hooks.connection import ApiRequest, EvolinkConnectionSettings, Timeouts
+from evolink_provider.exceptions import (
+    EvolinkError,
+    EvolinkSubmissionUnknownError,
+    EvolinkTransportError,
+)
+from evolink_provider.hooks.connection import (
+    ApiRequest,
+    EvolinkConnectionSettings,
+    Timeouts,
+    headers_as_given,
+)
 from evolink_provider.hooks.responses import (
     AnswerBody,
     answer_out_of_time,
@@ -64,10 +73,19 @@ class MultipartBody:
         return len(self._head) + self._size + len(self._tail)
 
     def __iter__(self) -> Iterator[bytes]:
+        """Exactly the ``Content-Length`` announced: bytes past it would be read by the server as the
+        connection's next request, so a file that grew or shrank since is refused mid-body."""
         self._stream.seek(0)
         yield self._head
-        while chunk := self._stream.read(READ_CHUNK):
+        left = self._size
+        while left > 0:
+            chunk = self._stream.read(min(READ_CHUNK, left))
+            if not chunk:
+                raise EvolinkError(f"the file shrank below its {self._size} bytes while uploaded")
+            left -= len(chunk)
             yield bytes(chunk)
+        if self._stream.read(1):
+            raise EvolinkError(f"the file grew past its {self._size} bytes while uploaded")
         yield self._tail
 
 
@@ -110,6 +128,10 @@ def _send_once(
     import urllib3
 
     headers = request.headers if body is None else {**request.headers, "Content-Type": body.content_type}
+    until = _answer_until(timeouts, deadline)
+    left = until - time.time()
+    if left <= 0:
+        raise answer_out_of_time(request)
     try:
         response = session.request(
             request.method,
@@ -117,11 +139,19 @@ def _send_once(
             headers=headers,
             json=request.json_body,
             data=body,
-            timeout=(timeouts.connect, timeouts.read),
+            # No socket wait outlasts the deadline (a server that trickles its headers still can: each
+            # byte restarts the socket's timeout, and requests offers no bound on the whole header phase).
+            timeout=(min(timeouts.connect, left), left),
             allow_redirects=False,
             stream=True,
+            auth=headers_as_given,
         )
-        until = _answer_until(timeouts, deadline)
+        if 100 <= response.status_code < 200:  # an interim answer http.client takes for the final one
+            response.close()  # the final answer behind it is never read as another request's
+            raise EvolinkTransportError(
+                f"{request.where} answered an interim HTTP {response.status_code} where its answer was due",
+                request_sent=True,
+            )
         answer = AnswerBody(request, response.headers.get("content-encoding"), until)
         try:
             while chunk := response.raw.read1(READ_CHUNK, decode_content=False):
@@ -187,6 +217,10 @@ async def _asend_once(
     origin = client.origin(request.url)
     if not await origin.take_slot(until):
         raise answer_out_of_time(request)
+    left = until - time.time()
+    if left <= 0:  # aiohttp reads a total of 0 or less as no time limit at all
+        origin.slots.release()
+        raise answer_out_of_time(request)
     failure: EvolinkError | None = None
     try:
         async with client.session.request(
@@ -198,7 +232,7 @@ async def _asend_once(
             allow_redirects=False,
             # ceil_threshold: aiohttp rounds longer timeouts up to a whole second; a deadline is exact.
             timeout=aiohttp.ClientTimeout(
-                total=until - time.time(), sock_connect=timeouts.connect, ceil_threshold=float("inf")
+                total=left, sock_connect=timeouts.connect, ceil_threshold=float("inf")
             ),
         ) as response:
             answer = AnswerBody(request, response.headers.get("Content-Encoding"), until)
