@@ -506,10 +506,15 @@ def regenerate_requested(context: Any, regenerate: Any) -> bool:
     return isinstance(wanted, list) and context["ti"].task_id in wanted
 
 
-def try_reason(record: SubmissionRecord | None, generation: str, forced: bool, context: Any) -> Why:
-    """Why this try runs (module docstring), from the record (3.3) or the try numbers (3.0-3.2)."""
+def try_reason(
+    record: SubmissionRecord | None, generation: str, forced: bool, context: Any, every_try_new: bool = False
+) -> Why:
+    """Why this try runs (module docstring), from the record (3.3) or the try numbers (3.0-3.2, where
+    ``every_try_new``, ``reattach="never"``, makes a retry a generation of its own, so *forced*)."""
     if record is None:
-        return Why.RETRY if tries_in_sequence(context) > 1 else Why.NEW
+        if tries_in_sequence(context) == 1:
+            return Why.NEW
+        return Why.FORCED if every_try_new else Why.RETRY
     if record.generation in (None, generation):
         return Why.RETRY
     return Why.FORCED if forced else Why.CLEAR
@@ -592,7 +597,9 @@ class Ledger:
         self.record = self.states.load()
         self.generation = try_generation(self.context, self.reattach)
         forced = self.reattach == "never" or regenerate_requested(self.context, self.regenerate)
-        self.why = try_reason(self.record, self.generation, forced, self.context)
+        self.why = try_reason(
+            self.record, self.generation, forced, self.context, every_try_new=self.reattach == "never"
+        )
 
     def _situation(self, answer: Answer = Answer.NOT_ASKED, same_request: bool = True) -> Situation:
         return Situation(
@@ -803,14 +810,16 @@ class Ledger:
                 generation,
                 tuple(uploads[source] for source in sorted(uploads)),
             )
-            # The key was sent before: by the try whose intent is recorded, or (3.0-3.2) by an earlier try.
-            replayed = (resend and record is not None) or (
-                not self.states.durable and submission < earlier_tries
-            )
-            if not (resend or replayed):
-                # A key sent before was checked by the try that sent it first: EvoLink answers it with the
-                # task it created, whose own cost may have taken the balance below min_credits.
-                check_balance(self.hook, self.min_credits, self.log)
+            # The key was sent before: by the try whose intent is recorded, or (3.0-3.2) maybe by an earlier
+            # try of this sequence (each sent at most keys 0..n-2; nothing records whether it got that far).
+            maybe_sent = not self.states.durable and self.why is Why.RETRY and submission < earlier_tries
+            replayed = (resend and record is not None) or maybe_sent
+            if not (resend and record is not None):
+                # A recorded key was checked by the try that sent it: EvoLink answers it with the task it
+                # created, whose own cost may have taken the balance below min_credits.
+                check_balance(
+                    self.hook, self.min_credits, self.log, maybe_sent_key=key if maybe_sent else None
+                )
             if payload is None:
                 self._save(new)  # the intent, with the uploads of earlier tries
                 payload = payload_for_post(self.hook, request, uploads, self.log)

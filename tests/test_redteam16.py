@@ -77,6 +77,8 @@ class ReplayingHook:
     def __init__(self, answers: dict[str, dict[str, Any]], balance: float) -> None:
         self.answers = answers
         self.balance = balance
+        #: Balances read in turn before ``balance`` (one per check).
+        self.balances: list[float] = []
         self.keys: list[str] = []
 
     def create_video_task(self, payload: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
@@ -84,7 +86,7 @@ class ReplayingHook:
         return dict(self.answers.get(idempotency_key) or {"id": NEW_ID, "status": "pending"})
 
     def get_credits(self) -> dict[str, Any]:
-        remaining = {"remaining_credits": self.balance}
+        remaining = {"remaining_credits": self.balances.pop(0) if self.balances else self.balance}
         return {"data": {"user": remaining, "token": {"unlimited_credits": True}}}
 
     def get_task(self, task_id: str, **_: Any) -> dict[str, Any]:
@@ -111,22 +113,30 @@ def test_f1_min_credits_never_refuses_the_resend_of_a_key_an_earlier_try_sent() 
         balance=40,  # B's own cost took it below min_credits
     )
     ledger = Ledger(ctx, hook, logging.getLogger("t"), lambda: REQUEST, min_credits=100)  # type: ignore[arg-type]
-    try:
-        got = ledger.start(None)
-    except AirflowFailException as error:
-        pytest.fail(f"the paid task B was given up for good: {error}")
+    # Key 0 may have been sent by an earlier try: below min_credits nothing is POSTed, but the try fails
+    # retryably (red-team 17's F1), naming the retry that collects B once the balance allows.
+    with pytest.raises(RetryLaterError, match="a retry resends it") as raised:
+        ledger.start(None)
+    assert k0 in str(raised.value) and hook.keys == []
+    hook.balance = 500  # topped up: the retry collects B and buys nothing
+    got = Ledger(ctx, hook, logging.getLogger("t"), lambda: REQUEST, min_credits=100).start(None)  # type: ignore[arg-type]
     assert got["id"] == NEW_ID and hook.keys == [k0, k1]
 
 
 def test_held_min_credits_still_guards_a_key_no_try_has_sent() -> None:
-    """The counterpart: on the second try key 1 is new (only try 1 ran), so the balance check stands."""
+    """The counterpart: on the second try key 1 is new (only try 1 ran), so the balance check stands (for
+    good); key 0, which try 1 may have sent, is refused retryably below min_credits."""
     ctx = context(None, max_tries=2, try_number=2)
     k0, _ = keys_of(ctx)
     failed = task(status="failed", error={"code": "generation_failed_no_content", "message": "x"})
     hook = ReplayingHook({k0: failed}, balance=40)
     ledger = Ledger(ctx, hook, logging.getLogger("t"), lambda: REQUEST, min_credits=100)  # type: ignore[arg-type]
-    with pytest.raises(AirflowFailException, match="min_credits"):
+    with pytest.raises(RetryLaterError, match="min_credits"):
         ledger.start(None)
+    assert hook.keys == []
+    hook.balances = [500, 40]  # enough for the resend of key 0; its replayed failure spent it, say
+    with pytest.raises(AirflowFailException, match="min_credits"):
+        Ledger(ctx, hook, logging.getLogger("t"), lambda: REQUEST, min_credits=100).start(None)  # type: ignore[arg-type]
     assert hook.keys == [k0]
 
 

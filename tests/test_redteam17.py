@@ -1,6 +1,9 @@
 """Seventeenth red-team pass: the money path at ff12748 (interim 1xx, clamped socket timeouts, min_credits).
 
-Findings fail as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests. Fixed: F1 (on
+3.0-3.2 a key an earlier try may have sent is checked too; below ``min_credits`` the try fails retryably),
+F2 (``reattach="never"`` makes a 3.0-3.2 retry *forced*: a checked submission, never a "resend"), F3
+(a TLS error other than a refused certificate may come after the request was sent: an unknown outcome).
 
 * F1 (min_credits bypassed, Airflow 3.0-3.2): try 1 reads the balance, the free ``GET /v1/credits`` fails
   (a gateway blip, retryable), nothing is POSTed. Try 2 is R15: ``_submit`` counts key 0 as "sent by an
@@ -121,10 +124,6 @@ def blip() -> EvolinkError:
 # -- F1: 3.0-3.2, a retry after a try that never POSTed skips min_credits --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: on 3.0-3.2 key 0 is taken as sent by an earlier try that never POSTed it: no balance check",
-)
 def test_f1_no_store_a_retry_after_a_failed_balance_read_posts_unchecked() -> None:
     hook = BillingHook(credits=[blip(), 40])  # the balance is below min_credits all along
     first = context(None, max_tries=2, try_number=1)
@@ -135,7 +134,7 @@ def test_f1_no_store_a_retry_after_a_failed_balance_read_posts_unchecked() -> No
     second = context(None, max_tries=2, try_number=2)
     try:
         ledger(second, hook, min_credits=100).start(None)
-    except AirflowFailException as error:
+    except (AirflowFailException, RetryLaterError) as error:
         assert "min_credits" in str(error)
     # Key 0 was never sent (try 1 stopped at its balance read): POSTing it is a new, billed task.
     assert hook.keys == [], f"POSTed {hook.keys} with the balance (40) below min_credits=100, unchecked"
@@ -156,10 +155,6 @@ def test_held_f1_counterpart_on_3_3_a_failed_balance_read_records_no_intent() ->
 # -- F2: 3.0-3.2, reattach="never": every retry's brand-new key skips min_credits ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: reattach='never' without a store: a retry's new generation key is treated as a resend",
-)
 def test_f2_no_store_reattach_never_retry_buys_unchecked() -> None:
     hook = BillingHook(credits=[500])
     first = context(None, max_tries=2, try_number=1)
@@ -399,10 +394,6 @@ def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TlsS
     server.sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: an SSLError after the POST body was sent is filed request_sent=False (TLS handshake failed)",
-)
 def test_f3_a_tls_error_after_the_post_was_sent_is_an_unknown_outcome_naming_the_key(
     tls_server: TlsServer,
 ) -> None:
@@ -418,10 +409,10 @@ def test_f3_a_tls_error_after_the_post_was_sent_is_an_unknown_outcome_naming_the
 def test_held_f3_the_money_path_still_resends_the_same_key_after_that_tls_error(
     tls_server: TlsServer,
 ) -> None:
-    """The classification is wrong, the spend is not: on 3.3 the intent holds the key, and the try fails
-    retryably (a later try resends it)."""
+    """On 3.3 the intent holds the key, and the try fails retryably (a later try resends it); since F3's fix
+    the error says the outcome is unknown and names the key."""
     store = MemoryStore()
-    with pytest.raises(EvolinkTransportError) as raised:
+    with pytest.raises(EvolinkError) as raised:
         ledger(context(store, try_number=1), EvolinkHook("evolink_tls")).start(None)
     assert raised.value.retryable and not isinstance(raised.value, (AirflowFailException, RetryLaterError))
     intent = record_of(store)

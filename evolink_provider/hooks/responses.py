@@ -222,10 +222,15 @@ def answer_out_of_time(request: ApiRequest) -> EvolinkTransportError:
 
 
 def refused(exc: BaseException) -> bool:
-    """Whether a ``requests`` connection error happened before the request could be sent."""
+    """Whether a ``requests`` connection error happened before the request could be sent: no connection,
+    or a server certificate refused (only a handshake checks one). Any other TLS error may come after the
+    request was sent (a bad record, an alert from a proxy), so its outcome is unknown."""
+    import ssl
+
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-    return any(isinstance(item, (NewConnectionError, ConnectTimeoutError)) for item in _exception_chain(exc))
+    before_sending = (NewConnectionError, ConnectTimeoutError, ssl.SSLCertVerificationError)
+    return any(isinstance(item, before_sending) for item in _exception_chain(exc))
 
 
 def transport_error(request: ApiRequest, exc: BaseException, *, request_sent: bool) -> EvolinkTransportError:
@@ -274,7 +279,7 @@ def transport_failure(exc: BaseException) -> str:
     if "timeout" in names or "timed out" in texts:
         return "no answer in time (read timeout)"
     if "ssl" in names:
-        return "TLS handshake failed"
+        return "TLS error"
     if "reset" in texts or "aborted" in texts or "remotedisconnected" in names or "disconnected" in texts:
         return "the connection was closed before a complete answer"
     if "incomplete" in names or "chunked" in names or "payload" in names or "incomplete" in texts:

@@ -160,9 +160,9 @@ def _send_once(
         except EvolinkError:
             response.close()  # the rest is never read: drop the connection
             raise
-    except (requests.ConnectTimeout, requests.exceptions.SSLError) as exc:
+    except requests.ConnectTimeout as exc:
         raise transport_error(request, exc, request_sent=False) from None
-    except requests.ConnectionError as exc:
+    except requests.ConnectionError as exc:  # TLS errors (SSLError) too: see refused()
         raise transport_error(request, exc, request_sent=not refused(exc)) from None
     # Read timeouts and chunked-encoding errors (requests), a reset or timeout mid-answer (urllib3, OSError).
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:

@@ -135,7 +135,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param min_credits: before submitting, read what the key can spend (the free ``GET /v1/credits``: the
         account's balance, and the key's own quota unless it has none) and fail without submitting when it
         is below this many credits; ``None`` (default) skips the check. Reattaching to an earlier try's
-        task, or resending the key an earlier try recorded (checked when it was first sent), is not checked.
+        task, or resending the key an earlier try recorded (checked when it was first sent), is not checked;
+        on 3.0-3.2, where nothing records whether an earlier try sent its key, a resend below the limit fails
+        the try retryably (a retry once the balance allows collects the task, if EvoLink created one).
     :param local_checks: ``refuse`` (default) or ``warn``: what a local or storage image that breaks its
         model's documented image rules (pixel size, aspect ratio, bytes; read from its header before any
         call) does. ``warn`` sends it anyway, for when EvoLink's limits move. http(s) URLs are never

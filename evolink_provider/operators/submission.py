@@ -120,9 +120,16 @@ def payload_for_post(
     return payload
 
 
-def check_balance(hook: EvolinkHook, min_credits: float | None, log: logging.Logger | Any) -> None:
+def check_balance(
+    hook: EvolinkHook,
+    min_credits: float | None,
+    log: logging.Logger | Any,
+    maybe_sent_key: str | None = None,
+) -> None:
     """Refuse to submit when the key can spend fewer than ``min_credits`` credits (``GET /v1/credits``,
-    free; :class:`~evolink_provider.answers.Credits`); ``None`` skips the check."""
+    free; :class:`~evolink_provider.answers.Credits`); ``None`` skips the check. ``maybe_sent_key``: a key an
+    earlier try may have sent (Airflow 3.0-3.2 records nothing): refused retryably, so that a retry once the
+    balance allows collects its task, if EvoLink created one (a clear there pays for a new generation)."""
     if min_credits is None:
         return
     if (
@@ -139,9 +146,18 @@ def check_balance(hook: EvolinkHook, min_credits: float | None, log: logging.Log
     except EvolinkError as error:
         fail_for(error)
     if balance < min_credits:
-        raise AirflowFailException(
+        below = (
             f"EvoLink balance is {credits_text(balance)} credits, below min_credits="
-            f"{credits_text(min_credits)}: nothing was submitted. Top up the account or lower min_credits."
+            f"{credits_text(min_credits)}: nothing was submitted."
+        )
+        if maybe_sent_key is None:
+            raise AirflowFailException(f"{below} Top up the account or lower min_credits.")
+        from evolink_provider.ledger import RetryLaterError
+
+        raise RetryLaterError(
+            f"{below} Idempotency-Key {maybe_sent_key} may have been sent by an earlier try (nothing records "
+            "it without task_state_store): a retry resends it once the balance allows, and collects its task "
+            "if EvoLink created one; a clear pays for a new generation."
         )
     log.info(
         "EvoLink balance: %s credits (min_credits=%s): submitting.",
