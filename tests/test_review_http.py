@@ -15,13 +15,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import tests.test_hostile as hostile_tests
 from evolink_provider.exceptions import (
     EvolinkBadAnswerError,
     EvolinkError,
@@ -49,13 +49,8 @@ from tests.test_hostile import (
 KEY = "sk-hostile-test-key-0123"
 
 
-@pytest.fixture
-def hostile(monkeypatch: pytest.MonkeyPatch) -> Iterator[HostileServer]:
-    """test_hostile's fixture: the connection ``evolink_hostile`` points at a fresh HostileServer."""
-    server = HostileServer()
-    set_connection(monkeypatch, "evolink_hostile", server.url)
-    yield server
-    server.close()
+#: test_hostile's fixture: the connection ``evolink_hostile`` points at a fresh HostileServer.
+hostile = hostile_tests.hostile
 
 
 TASK_BODY = json.dumps(task()).encode()
