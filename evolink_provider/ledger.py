@@ -704,6 +704,13 @@ class Ledger:
         self.current_task_id = task_id
         return task
 
+    def later_try(self, does: str) -> str:
+        """What the next try does with the paid task: ``does`` it, or with ``reattach="never"`` (every try a
+        take of its own) pays for a new generation and leaves it alone."""
+        if self.reattach == "never":
+            return "With reattach='never' a later try pays for a new generation instead and leaves this task"
+        return f"A later try {does}"
+
     def refuse_contradiction(self, task: dict[str, Any]) -> None:
         """Row R29, wherever a read of the recorded task ends (a retry's first read, the wait, a trigger
         event): failed or cancelled after this provider saw it completed fails the try retryably."""
@@ -717,9 +724,9 @@ class Ledger:
                 f"EvoLink task {printable(task.get('id'))} was seen completed (and so billed) by an earlier "
                 f"try, but now reads {printable(task.get('status'))} ({printable(code)}: "
                 f"{printable(message)}): a contradiction, not evidence that the paid result is gone, so "
-                "nothing was submitted. A later try reads it again; if EvoLink keeps saying so, clear the "
-                f"task instance with dag_run.conf {REGENERATE_CONF_KEY}=true (or regenerate=True) to pay "
-                "for a new one."
+                f"nothing was submitted. {self.later_try('reads it again')}; if EvoLink keeps saying so, "
+                f"clear the task instance with dag_run.conf {REGENERATE_CONF_KEY}=true (or regenerate=True) "
+                "to pay for a new one."
             )
 
     def reread(self, task_id: str, error: EvolinkError) -> dict[str, Any]:
@@ -772,8 +779,9 @@ class Ledger:
         assert decide(self._situation(answer)) is Action.FAIL_RETRYABLY
         raise RetryLaterError(
             f"EvoLink task {task_id}, paid for by an earlier try, could not be read ({error}); nothing "
-            "was submitted. A later try reads it again; if EvoLink really lost it, clear the task instance "
-            f"with dag_run.conf {REGENERATE_CONF_KEY}=true (or regenerate=True) to pay for a new one."
+            f"was submitted. {self.later_try('reads it again')}; if EvoLink really lost it, clear the task "
+            f"instance with dag_run.conf {REGENERATE_CONF_KEY}=true (or regenerate=True) to pay for a new "
+            "one."
         ) from error
 
     def _submit(self, request: PreparedRequest, *, resend: bool = False) -> dict[str, Any]:
@@ -814,12 +822,13 @@ class Ledger:
             # try of this sequence (each sent at most keys 0..n-2; nothing records whether it got that far).
             maybe_sent = not self.states.durable and self.why is Why.RETRY and submission < earlier_tries
             replayed = (resend and record is not None) or maybe_sent
-            if not (resend and record is not None):
-                # A recorded key was checked by the try that sent it: EvoLink answers it with the task it
-                # created, whose own cost may have taken the balance below min_credits.
-                check_balance(
-                    self.hook, self.min_credits, self.log, maybe_sent_key=key if maybe_sent else None
-                )
+            # A recorded key with its body was checked by the try that sent it: EvoLink answers it with the
+            # task it created, whose own cost may have taken the balance below min_credits. Without its body
+            # it never left (the body is recorded right before the POST), unless the record predates bodies.
+            resending_sent = resend and record is not None and record.payload is not None
+            if not resending_sent:
+                unknown = maybe_sent or (resend and record is not None)
+                check_balance(self.hook, self.min_credits, self.log, maybe_sent_key=key if unknown else None)
             if payload is None:
                 self._save(new)  # the intent, with the uploads of earlier tries
                 payload = payload_for_post(self.hook, request, uploads, self.log)
@@ -878,8 +887,8 @@ class Ledger:
         if record is not None and record.task_id is not None and task.get("id") != record.task_id:
             raise RetryLaterError(
                 f"The trigger event names EvoLink task {printable(task.get('id'))}, but this task instance "
-                f"recorded {record.task_id}: nothing was stored or submitted. A later try reads the "
-                "recorded task."
+                f"recorded {record.task_id}: nothing was stored or submitted. "
+                f"{self.later_try('reads the recorded task')}."
             )
 
     def saw_completed(self, task: dict[str, Any], at: Any = None) -> None:
@@ -947,7 +956,7 @@ class Ledger:
         if files is None:  # changed since this try found them complete
             raise RetryLaterError(
                 f"The stored files of EvoLink task {self.record.task_id} changed while this try checked "
-                "them: nothing was read or submitted. A later try checks them again."
+                f"them: nothing was read or submitted. {self.later_try('checks them again')}."
             )
         self.log.info("Every result of EvoLink task %s is stored as recorded: %s", self.record.task_id, files)
         self.current_task_id = self.record.task_id
@@ -980,8 +989,8 @@ class Ledger:
                 raise RetryLaterError(
                     f"A result link of EvoLink task {task['id']} was refused ({error.status_code}), and "
                     "nothing proves that its results expired (this provider first saw the task completed "
-                    "less than 24 h ago): nothing was submitted. A later try downloads it again; to pay "
-                    "for a new generation instead, clear the task instance with regenerate=True or "
+                    f"less than 24 h ago): nothing was submitted. {self.later_try('downloads it again')}; "
+                    "to pay for a new generation instead, clear the task instance with regenerate=True or "
                     f'dag_run.conf {{"{REGENERATE_CONF_KEY}": true}}.'
                 ) from error
             if action is Action.FAIL:

@@ -1014,12 +1014,26 @@ def test_min_credits_is_not_checked_again_for_a_resent_key() -> None:
     """The key's spend was checked by the try that sent it first: its own task's cost may have taken the
     balance below the reserve, and EvoLink answers the resent key with that task."""
     store = MemoryStore()
-    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2").as_stored())
+    # The intent as the ledger writes it right before its POST: the key with the body sent.
+    intent = SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2", payload=dict(REQUEST.payload))
+    store.set(STATE_KEY, intent.as_stored())
     hook = CreditsHook(9.0)
 
     make(hook, context(store, try_number=2), min_credits=10.0).start(None)
 
     assert hook.keys == ["evl-" + "0" * 48]
+
+
+def test_min_credits_refuses_an_intent_that_never_left_retryably() -> None:
+    """An intent without its body never reached the POST (an upload failed, the worker died): its key is
+    checked, and below the reserve the try fails retryably (red-team 18's F1)."""
+    store = MemoryStore()
+    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2").as_stored())
+    hook = CreditsHook(9.0)
+
+    with pytest.raises(RetryLaterError, match="min_credits"):
+        make(hook, context(store, try_number=2), min_credits=10.0).start(None)
+    assert hook.keys == []
 
 
 def test_min_credits_is_checked_for_the_fresh_key_after_a_replayed_failure() -> None:
@@ -1028,7 +1042,8 @@ def test_min_credits_is_checked_for_the_fresh_key_after_a_replayed_failure() -> 
             return {"data": {"user": {"remaining_credits": 9.0}, "token": {"unlimited_credits": True}}}
 
     store = MemoryStore()
-    store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2").as_stored())
+    intent = SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, None, "seq-2", payload=dict(REQUEST.payload))
+    store.set(STATE_KEY, intent.as_stored())
     hook = LowBalance("service_error")
 
     with pytest.raises(AirflowFailException, match="min_credits"):

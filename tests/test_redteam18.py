@@ -2,7 +2,10 @@
 refusal of a key an earlier try may have sent on 3.0-3.2, ``reattach="never"`` retries forced there, and
 TLS errors other than a refused certificate filed as "sent").
 
-Findings are ``xfail(strict=True)`` until fixed; the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests. Fixed: F1 (an
+intent without its body never left: checked by min_credits, refused retryably), F2 (a failed balance read for
+a key an earlier try may have sent fails retryably), F3 (with ``reattach="never"`` the messages say a later
+try pays for a new generation).
 
 * F1 (spends below min_credits, Airflow 3.3): ``_submit`` writes the intent (key, no ``payload``) *before*
   the uploads and the POST, and writes ``payload`` only right before the POST. A try whose upload fails
@@ -95,10 +98,6 @@ def tls_error(inner: BaseException) -> requests.exceptions.SSLError:
 # -- F1: 3.3, an intent that was never POSTed is "resent" without the balance check ----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: an intent recorded without a payload (never POSTed) is resent unchecked by min_credits",
-)
 def test_f1_an_intent_whose_upload_failed_is_posted_by_the_retry_below_min_credits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -143,10 +142,6 @@ def test_held_f1_counterpart_an_intent_with_its_payload_is_resent_unchecked() ->
 # -- F2: 3.0-3.2, a non-retryable balance-read error on a maybe-sent key ends the task instance ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: a 403/404 on GET /v1/credits for a key an earlier try may have sent fails for good",
-)
 @pytest.mark.parametrize(
     "error",
     [
@@ -174,18 +169,15 @@ def test_held_f2_counterpart_a_transient_balance_read_error_is_retryable() -> No
     hook = BillingHook(answers={k0: {"id": TASK_ID, "status": "processing"}}, credits=[500])
     ledger(first, hook, min_credits=100).start(None)
     hook.credits = [EvolinkTransportError("GET /v1/credits: reset", request_sent=True)]
-    with pytest.raises(EvolinkTransportError):
+    with pytest.raises(EvolinkError) as raised:
         ledger(context(None, max_tries=2, try_number=2), hook, min_credits=100).start(None)
+    assert raised.value.retryable and not isinstance(raised.value, AirflowFailException)
     assert hook.keys == [k0]
 
 
 # -- F3: reattach="never", the retryable refusal says the later try downloads; it buys instead ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: with reattach='never' 'A later try downloads it again' is false: the later try pays",
-)
 def test_f3_never_a_refused_fresh_link_advises_a_retry_that_buys_a_new_take(
     hostile: HostileServer,  # noqa: F811
     tmp_path: Path,

@@ -144,6 +144,14 @@ def check_balance(
     try:
         balance = read_credits(hook.get_credits()).spendable
     except EvolinkError as error:
+        if maybe_sent_key is not None:  # no reason to give up a task an earlier try may have paid for
+            from evolink_provider.ledger import RetryLaterError
+
+            raise RetryLaterError(
+                f"Reading the EvoLink balance for min_credits failed ({error}): nothing was submitted; "
+                f"Idempotency-Key {maybe_sent_key} may have been sent by an earlier try, and a retry resends "
+                "it."
+            ) from None
         fail_for(error)
     if balance < min_credits:
         below = (
