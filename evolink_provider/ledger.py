@@ -126,6 +126,7 @@ from evolink_provider.exceptions import (
     EvolinkConflictError,
     EvolinkError,
     EvolinkNotFoundError,
+    EvolinkSubmissionUnknownError,
     EvolinkValidationError,
     fail_for,
     task_error_is_retryable,
@@ -838,6 +839,10 @@ class Ledger:
             try:
                 task = self.hook.create_video_task(payload, idempotency_key=key)
             except EvolinkError as error:
+                if not replayed and not isinstance(error, EvolinkSubmissionUnknownError):
+                    # EvoLink created nothing for this key (refused, rate-limited, never reached): the body
+                    # leaves the record, so that the next POST of the key is checked by min_credits again.
+                    self._save(replace(new, payload=None))
                 if replayed and request.local_media and isinstance(error, EvolinkConflictError):
                     raise AirflowFailException(
                         f"EvoLink refused Idempotency-Key {key} ({error.code}): an earlier try sent it "

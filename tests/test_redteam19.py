@@ -1,7 +1,9 @@
 """Nineteenth red-team pass: the money path at f72df8c (red-team 18's fixes: a bodiless intent checked by
 min_credits, a failed balance read for a maybe-sent key retryable, ``reattach="never"`` messages).
 
-Findings fail as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests.
+Findings failed as ``xfail(strict=True)`` until fixed; the attacks that held are plain tests. Fixed: F1 (a
+first POST of a key that EvoLink answered with anything but an unknown outcome takes the body off the
+intent, so the next POST of the key is checked by min_credits).
 
 * F1 (spends below min_credits, Airflow 3.3): ``_submit`` records the body right before the POST, and
   ``resending_sent`` treats every intent *with* a body as "sent, so checked by the try that sent it". But
@@ -84,11 +86,6 @@ NOTHING_CREATED = [
 # -- F1: 3.3, an intent whose POST provably created nothing is resent unchecked by min_credits ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: a 3.3 intent with its body whose POST provably created nothing (not sent, 429, retryable "
-    "402) is resent by the retry without the min_credits check: a new billed task below min_credits",
-)
 @pytest.mark.parametrize("error", NOTHING_CREATED)
 def test_f1_an_intent_whose_post_created_nothing_is_resent_below_min_credits(error: EvolinkError) -> None:
     assert error.retryable and not outcome_unknown(error)  # the hook itself says: nothing was created
@@ -100,7 +97,7 @@ def test_f1_an_intent_whose_post_created_nothing_is_resent_below_min_credits(err
         ledger(first, hook, min_credits=100).start(None)
     assert not isinstance(raised.value, AirflowFailException)  # an Airflow retry follows
     intent = record_of(store)
-    assert intent.task_id is None and intent.payload is not None  # looks exactly like a sent key
+    assert intent.task_id is None and intent.payload is None  # the fix: no body, so not counted as sent
 
     # Retry delay: other runs of the account spent; the balance is now below min_credits.
     hook.create_video_task = BillingHook.create_video_task.__get__(hook)  # type: ignore[method-assign]
@@ -113,10 +110,6 @@ def test_f1_an_intent_whose_post_created_nothing_is_resent_below_min_credits(err
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1 end to end: the real hook, a 429 on try 1's POST, a retry POSTs below min_credits unchecked",
-)
 def test_f1_end_to_end_a_429_then_the_retry_buys_below_min_credits(
     hostile: HostileServer,  # noqa: F811
 ) -> None:
@@ -125,7 +118,7 @@ def test_f1_end_to_end_a_429_then_the_retry_buys_below_min_credits(
     hostile.json(GENERATIONS, {"error": {"code": "rate_limit_exceeded", "message": "slow down"}}, status=429)
     with pytest.raises(EvolinkRateLimitError):
         ledger(context(store, try_number=1), EvolinkHook("evolink_hostile"), min_credits=100).start(None)
-    assert record_of(store).payload is not None and record_of(store).task_id is None
+    assert record_of(store).payload is None and record_of(store).task_id is None  # the fix
     refused_posts = len(post_keys(hostile))
 
     hostile.json("/v1/credits", credits(40))
@@ -135,11 +128,6 @@ def test_f1_end_to_end_a_429_then_the_retry_buys_below_min_credits(
     assert len(post_keys(hostile)) == refused_posts, "the retry created a billed task below min_credits"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1 via a clear: a 401 on the POST ends the try; the user fixes the key and clears (R03), "
-    "which resends the recorded body unchecked by min_credits",
-)
 def test_f1_a_clear_after_a_refused_key_resends_below_min_credits() -> None:
     from evolink_provider.exceptions import EvolinkAuthenticationError
 
@@ -149,7 +137,7 @@ def test_f1_a_clear_after_a_refused_key_resends_below_min_credits() -> None:
     hook.create_video_task = _refusing(hook, refused)  # type: ignore[method-assign]
     with pytest.raises(AirflowFailException):
         ledger(context(store, try_number=1), hook, min_credits=100).start(None)
-    assert record_of(store).payload is not None and record_of(store).task_id is None
+    assert record_of(store).payload is None and record_of(store).task_id is None  # the fix
 
     # The user puts in a new key (whose own quota is 40) and clears the task instance.
     hook.create_video_task = BillingHook.create_video_task.__get__(hook)  # type: ignore[method-assign]
