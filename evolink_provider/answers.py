@@ -97,7 +97,9 @@ def loads_strict(content: bytes | str) -> Any:
         )
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    if _depth_exceeds(decoded, MAX_NESTING_DEPTH):
+    # Fewer brackets than the limit cannot nest deeper (the count, in C, spares most answers the walk).
+    brackets = text.count("{") + text.count("[")
+    if brackets > MAX_NESTING_DEPTH and _depth_exceeds(decoded, MAX_NESTING_DEPTH):
         raise ValueError(f"JSON nested deeper than {MAX_NESTING_DEPTH} levels")
     return decoded
 

@@ -52,9 +52,12 @@ TASK_ERROR_RETRYABLE: dict[str, bool] = {
 def printable(text: object) -> str:
     """``text`` for a log line: control and format characters (newlines, ANSI escapes, bidi overrides)
     escaped, so that a string from EvoLink's answer cannot forge log lines or recolour the console."""
+    text = str(text)
+    if text.isprintable():  # no Cc or Cf character (the usual case, checked in C)
+        return text
     return "".join(
         char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in ("Cc", "Cf") else char
-        for char in str(text)
+        for char in text
     )
 
 

@@ -71,6 +71,8 @@ class EvolinkHook(BaseHook):
         super().__init__()
         self.evolink_conn_id = evolink_conn_id
         self._async_settings: EvolinkConnectionSettings | None = None
+        #: The last task read built, kept for the next poll of the same task (a trigger polls one task).
+        self._task_read: tuple[EvolinkConnectionSettings, str, ApiRequest] | None = None
 
     def __repr__(self) -> str:
         return f"<EvolinkHook conn_id={self.evolink_conn_id!r}>"
@@ -261,7 +263,12 @@ class EvolinkHook(BaseHook):
     async def _aread_task(
         self, settings: EvolinkConnectionSettings, task_id: str, deadline: float | None = None
     ) -> dict[str, Any]:
-        request = build_request(settings, "GET", _task_path(task_id))
+        last = self._task_read
+        if last is not None and last[0] is settings and last[1] == task_id:
+            request = last[2]
+        else:
+            request = build_request(settings, "GET", _task_path(task_id))
+            self._task_read = (settings, task_id, request)
         return await asend(request, settings, partial(checked_task, expected_id=task_id), deadline)
 
     def _task_batcher(self, settings: EvolinkConnectionSettings) -> TaskBatcher:

@@ -237,7 +237,7 @@ async def _asend_once(
         ) as response:
             answer = AnswerBody(request, response.headers.get("Content-Encoding"), until)
             try:
-                async for chunk in response.content.iter_any():
+                while chunk := await response.content.readany():
                     answer.add(chunk)
                 content = answer.content()
             except EvolinkError:
