@@ -231,6 +231,13 @@ class ProgressReporter:
         now = self.clock()
         if self.started_at is None:
             self.started_at = created_at(task, default=now)
+        # Only what the lines read, as plain values: a dict of those is not tracked by the garbage
+        # collector, and a waiting trigger holds it for the whole sleep (docs/benchmarks.md).
+        task = {
+            "status": task.get("status"),
+            "progress": task.get("progress") if _number(task.get("progress")) is not None else None,
+            "task_info": {"estimated_time": _estimated_time(task)},
+        }
         previous, self._task, self._polled_at = self._task, task, now
         if not previous or previous.get("status") != task.get("status"):
             return self._line(now)
@@ -244,9 +251,15 @@ class ProgressReporter:
     def pauses(self, delay: float) -> Iterator[float]:
         """Split a sleep of ``delay`` seconds at the moments a line between polls falls due."""
         end = self.clock() + max(0.0, delay)
-        while (left := end - self.clock()) > 0:
-            due = self._until_due()
-            yield min(left, due) if due > 0 else left
+        while (pause := self.next_pause(end)) > 0:
+            yield pause
+
+    def next_pause(self, end: float) -> float:
+        """The next pause of a sleep until ``end`` (epoch seconds): up to the next line between polls, or
+        to ``end``; zero or less once ``end`` has come."""
+        left = end - self.clock()
+        due = self._until_due()
+        return min(left, due) if due > 0 else left
 
     def between_polls(self) -> str | None:
         """A line when a running task (or one not polled yet) has gone PROGRESS_MAX_GAP without one: its

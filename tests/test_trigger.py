@@ -183,23 +183,36 @@ def test_a_long_pause_between_polls_is_not_silent(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The trigger's sleep until its next poll logs where the task stands every PROGRESS_MAX_GAP."""
+    import evolink_provider.triggers.evolink as trigger_module
     from evolink_provider.polling import PROGRESS_MAX_GAP, ProgressReporter
+    from evolink_provider.timing import steered
     from tests.test_polling import FakeClock, task
 
     clock = FakeClock()
-    reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
-    reporter.update(task("processing", 10, estimate=600))
+    answers = [task("processing", 10, estimate=600), task("completed", 100, results=["https://x/v.mp4"])]
     slept: list[float] = []
+
+    async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        return answers.pop(0)
 
     async def fake_sleep(seconds: float) -> None:
         slept.append(seconds)
         clock.sleep(seconds)
 
+    monkeypatch.setattr(EvolinkHook, "aget_task", read)
+    monkeypatch.setattr(
+        trigger_module, "ProgressReporter", lambda *args: ProgressReporter(*args, clock=clock)
+    )
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh")
-    asyncio.run(trigger._sleep(reporter, 2.5 * PROGRESS_MAX_GAP))
+    # Ten minutes in at 10 %: the schedule's next poll is minutes away.
+    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh", started_at=clock.now - 600)
+    with steered(clock=clock):
+        events = run_trigger(trigger)
     monkeypatch.undo()
 
-    assert slept == [PROGRESS_MAX_GAP, PROGRESS_MAX_GAP, 0.5 * PROGRESS_MAX_GAP]
+    assert [event["status"] for event in events] == ["success"] and not answers
+    assert len(slept) >= 3, slept  # the pause to the second poll spans several line gaps
+    assert slept[:-1] == [PROGRESS_MAX_GAP] * (len(slept) - 1) and 0 < slept[-1] <= PROGRESS_MAX_GAP
     logged = "".join(capsys.readouterr())
-    assert logged.count("EvoLink task task-unified-1-abcdefgh: processing 10% (as of the poll") == 2
+    lines = logged.count("EvoLink task task-unified-1-abcdefgh: processing 10% (as of the poll")
+    assert lines == len(slept) - (slept[-1] < PROGRESS_MAX_GAP), logged

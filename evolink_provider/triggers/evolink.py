@@ -110,9 +110,15 @@ class EvolinkTaskTrigger(BaseTrigger):
         hook = EvolinkHook(self.evolink_conn_id)
         reporter = ProgressReporter(self.evolink_task_id, self.started_at)
         failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
-        if self.first_poll_at is not None:
-            await self._sleep(reporter, self.first_poll_at - timing().now())
+        delay = 0.0 if self.first_poll_at is None else self.first_poll_at - timing().now()
         while True:
+            # The sleep is written out here, not in a helper: what a sleeping trigger holds outlives young
+            # collections and brings on full ones, so it holds no coroutine or generator of its own.
+            end = reporter.clock() + max(0.0, delay)
+            while (pause := reporter.next_pause(end)) > 0:
+                await asyncio.sleep(pause)
+                if line := reporter.between_polls():
+                    self.log.info(line)
             try:
                 task = await hook.aget_task(self.evolink_task_id, deadline=self.end_time)
             except EvolinkError as error:
@@ -134,6 +140,7 @@ class EvolinkTaskTrigger(BaseTrigger):
                     retry.delay,
                 )
                 await asyncio.sleep(retry.delay)
+                delay = 0.0
                 continue
             failures.success()
             read_at = timing().now()
@@ -150,7 +157,8 @@ class EvolinkTaskTrigger(BaseTrigger):
             if decision.outcome is Outcome.WAIT:
                 if decision.message:
                     self.log.warning(decision.message)
-                await self._sleep(reporter, decision.delay)
+                delay = decision.delay
+                del task, decision  # not held through the sleep (see above)
                 continue
             if decision.outcome is Outcome.SUCCESS:
                 yield self._event("success", task=task, end_time=self.end_time, completed_seen_at=read_at)
@@ -162,13 +170,6 @@ class EvolinkTaskTrigger(BaseTrigger):
                     "failed", code=code, message=decision.message, api_message=message, task=task
                 )
             return
-
-    async def _sleep(self, reporter: ProgressReporter, delay: float) -> None:
-        """Sleep ``delay`` seconds, logging where the task stands when a progress line falls due."""
-        for pause in reporter.pauses(delay):
-            await asyncio.sleep(pause)
-            if line := reporter.between_polls():
-                self.log.info(line)
 
     async def on_kill(self) -> None:
         """A user cleared or marked the deferred task: say that the generation goes on (no cancel call) and
