@@ -1,10 +1,10 @@
 """Committer review: hostile servers against both HTTP clients (aiohttp for the triggers' polls, requests for
 submissions, uploads and downloads). A passing test is an attack that held; ``xfail(strict=True)`` marks a
-finding (F<n>), which passes the day it is fixed. Fixed: F1 for a silent server (the socket timeouts end at
-the deadline; a header slowloris stays open), F2 (an interim 1xx is a retryable transport error and its
-connection is dropped), F3, F4 (JSON bytes must be UTF-8), F5 (an upload body is exactly its
-Content-Length), F6 (no ``~/.netrc`` credentials on any request), F7 (no exchange starts with no time
-left)."""
+finding (F<n>), which passes the day it is fixed. Fixed: F1 (a silent server: the socket timeouts end at
+the deadline; a header slowloris: a timer shuts the socket at the deadline), F2 (an interim 1xx is a
+retryable transport error and its connection is dropped), F3, F4 (JSON bytes must be UTF-8), F5 (an
+upload body is exactly its Content-Length), F6 (no ``~/.netrc`` credentials on any request), F7 (no
+exchange starts with no time left)."""
 
 from __future__ import annotations
 
@@ -123,15 +123,11 @@ def test_async_headers_trickled_past_the_deadline_are_cut_off_at_it(hostile: Hos
 @pytest.mark.parametrize(
     "attack",
     [
-        pytest.param(
-            "trickled-headers",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="F1 (open): each header byte restarts the socket's timeout and requests has no "
-                "bound on the whole header phase: a header slowloris holds a sync call past its deadline",
-            ),
-        ),
-        "silent",  # F1 (fixed): the socket timeouts end at the deadline
+        # F1: each header byte restarts the socket's timeout and requests has no bound on the whole
+        # header phase (fixed: sync_session's timer shuts the socket at the deadline).
+        "trickled-headers",
+        "trickled-headers-through-a-proxy",  # the proxy's connection gets the same timer
+        "silent",  # F1: the socket timeouts end at the deadline
     ],
 )
 def test_sync_exchange_ends_at_the_callers_deadline(
@@ -141,8 +137,14 @@ def test_sync_exchange_ends_at_the_callers_deadline(
     if attack == "silent":
         set_connection(monkeypatch, "evolink_hostile", hostile.url, read_timeout=6)
         hostile.routes["/v1/tasks/"] = lambda handler: stop.wait(8)
-    else:
+    elif attack == "trickled-headers":
         hostile.routes["/v1/tasks/"] = _trickled_headers(stop)
+    else:  # the hostile server as the environment's forward proxy, asked for an absolute URL
+        set_connection(monkeypatch, "evolink_hostile", "http://evolink.invalid:8080")
+        monkeypatch.setenv("HTTP_PROXY", hostile.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        hostile.routes["http://evolink.invalid:8080/v1/tasks/"] = _trickled_headers(stop)
     threading.Timer(7, stop.set).start()
     try:
         error, took = _timed_error(lambda: sync_poll(deadline=time.time() + 1))
@@ -150,6 +152,25 @@ def test_sync_exchange_ends_at_the_callers_deadline(
         stop.set()
     assert isinstance(error, EvolinkTransportError), error
     assert took < 3, f"the deadline was 1 s away; the read took {took:.1f} s"
+    assert hostile.requests, "the attack never reached the hostile server"
+
+
+def test_a_download_whose_headers_trickle_past_the_deadline_ends_at_it(hostile: HostileServer) -> None:
+    """F1 for result downloads (their session is built the same way): a header slowloris on a result host."""
+    stop = threading.Event()
+    hostile.routes["/results/"] = _trickled_headers(stop)
+    threading.Timer(7, stop.set).start()
+
+    def download() -> None:
+        with EvolinkHook("evolink_hostile").open_result(f"{hostile.url}/results/v.mp4", time.time() + 1):
+            pass
+
+    try:
+        error, took = _timed_error(download)
+    finally:
+        stop.set()
+    assert isinstance(error, EvolinkTransportError), error
+    assert took < 3, f"the deadline was 1 s away; the download took {took:.1f} s"
 
 
 def test_a_trickled_body_without_a_deadline_still_ends_within_one_read_timeout(

@@ -5,8 +5,14 @@ from it (:class:`ApiRequest`: the key only in its headers)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -15,6 +21,7 @@ from evolink_provider.exceptions import EvolinkConfigurationError
 from evolink_provider.hooks.retry import Kind, RetryPolicy
 
 if TYPE_CHECKING:
+    import requests
     from airflow.sdk import Connection
 
 DEFAULT_BASE_URL = "https://api.evolink.ai"
@@ -229,6 +236,101 @@ def headers_as_given(prepared: Any) -> Any:
     result host). Without one, ``requests`` adds a ``~/.netrc`` entry's Basic credentials for the host,
     which replace the key, or send another tool's secret to a result host."""
     return prepared
+
+
+#: When the answer to the exchange under way in this thread must have begun (epoch seconds).
+_ANSWER_UNTIL: ContextVar[float | None] = ContextVar("evolink_answer_until", default=None)
+
+
+@contextmanager
+def answer_until(until: float) -> Iterator[None]:
+    """Exchanges on a :func:`sync_session` in this block get their answer's headers by ``until``."""
+    token = _ANSWER_UNTIL.set(until)
+    try:
+        yield
+    finally:
+        _ANSWER_UNTIL.reset(token)
+
+
+def sync_session() -> requests.Session:
+    """A ``requests`` session whose waits for an answer's headers end at :func:`answer_until`'s time. A
+    socket timeout restarts with each byte and ``requests`` has no bound on the whole header phase, so a
+    server trickling its headers would hold a call past its deadline: a timer shuts the socket down then,
+    and the call fails as a read timeout would."""
+    import requests
+
+    session = requests.Session()
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, deadline_adapter()())
+    return session
+
+
+@cache
+def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
+    """The ``HTTPAdapter`` of :func:`sync_session` (built on first use: DAG files never import requests)."""
+    import requests
+    import urllib3
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class DeadlineHTTPConnection(urllib3.connection.HTTPConnection):
+        def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+            with _shut_at_answer_until(self.sock):
+                return super().getresponse()
+
+    class DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
+        def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
+            with _shut_at_answer_until(self.sock):
+                return super().getresponse()
+
+    class DeadlineHTTPPool(HTTPConnectionPool):
+        ConnectionCls = DeadlineHTTPConnection
+
+    class DeadlineHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = DeadlineHTTPSConnection
+
+    pools = {"http": DeadlineHTTPPool, "https": DeadlineHTTPSPool}
+
+    class DeadlineAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> urllib3.ProxyManager:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if not proxy.lower().startswith("socks"):  # SOCKS proxies have pools of their own
+                manager.pool_classes_by_scheme = pools
+            return manager
+
+    return DeadlineAdapter
+
+
+@contextmanager
+def _shut_at_answer_until(sock: socket.socket | None) -> Iterator[None]:
+    until = _ANSWER_UNTIL.get()
+    if until is None or sock is None:
+        yield
+        return
+    cut = threading.Event()
+
+    def shut() -> None:
+        cut.set()
+        with suppress(OSError):  # closed meanwhile: nothing to end
+            # The plain socket's shutdown, also for TLS: the reading thread then sees the connection end.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(0.0, until - time.time()), shut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except Exception:
+        if cut.is_set():
+            raise TimeoutError("the answer's headers did not arrive in time") from None
+        raise
+    finally:
+        timer.cancel()
+    if cut.is_set():  # headers cut short parse as an answer: never hand one on
+        raise TimeoutError("the answer's headers did not arrive in time")
 
 
 def build_request(

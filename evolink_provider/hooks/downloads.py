@@ -25,7 +25,14 @@ from evolink_provider.exceptions import (
     EvolinkWaitTimeoutError,
     error_for_status,
 )
-from evolink_provider.hooks.connection import USER_AGENT, EvolinkConnectionSettings, headers_as_given
+from evolink_provider.hooks.connection import (
+    USER_AGENT,
+    EvolinkConnectionSettings,
+    answer_until,
+    deadline_adapter,
+    headers_as_given,
+    sync_session,
+)
 from evolink_provider.hooks.responses import without_key
 from evolink_provider.hooks.retry import Kind, parse_retry_after
 
@@ -61,9 +68,7 @@ class ResultDownloads:
     check) naming the host."""
 
     def __init__(self) -> None:
-        import requests
-
-        self.session = requests.Session()
+        self.session = sync_session()
 
     @contextmanager
     def open(
@@ -119,15 +124,16 @@ class ResultDownloads:
             if deadline is not None:  # no read outlasts the deadline
                 read_timeout = max(0.1, min(read_timeout, deadline - time.time()))
             try:
-                response = self.session.get(
-                    target,
-                    headers=headers,
-                    proxies=proxies,
-                    stream=True,
-                    timeout=(settings.timeouts.connect, read_timeout),
-                    allow_redirects=False,
-                    auth=headers_as_given,
-                )
+                with answer_until(time.time() + read_timeout):  # the header phase too (see sync_session)
+                    response = self.session.get(
+                        target,
+                        headers=headers,
+                        proxies=proxies,
+                        stream=True,
+                        timeout=(settings.timeouts.connect, read_timeout),
+                        allow_redirects=False,
+                        auth=headers_as_given,
+                    )
             except requests.RequestException as exc:
                 raise EvolinkTransportError(
                     f"downloading {_redact_query(url)}: {type(exc).__name__}", request_sent=True
@@ -159,7 +165,7 @@ class ResultDownloads:
         if parts.scheme == "https":
             hostname = parts.hostname or ""
 
-            class HostnameAdapter(requests.adapters.HTTPAdapter):
+            class HostnameAdapter(deadline_adapter()):  # type: ignore[misc]
                 def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
                     super().init_poolmanager(
                         *args, server_hostname=hostname, assert_hostname=hostname, **kwargs

@@ -36,6 +36,7 @@ from evolink_provider.hooks.connection import (
     build_request,
     needs_masking,
     settings_from_connection,
+    sync_session,
 )
 from evolink_provider.hooks.transport import PER_LOOP_STATE, MultipartBody, asend, send
 
@@ -126,9 +127,7 @@ class EvolinkHook(BaseHook):
     def session(self) -> requests.Session:
         """One ``requests.Session`` per hook, so calls reuse keep-alive connections (its adapters retry
         nothing themselves: the tenacity loops of :mod:`~evolink_provider.hooks.transport` do)."""
-        import requests
-
-        return requests.Session()
+        return sync_session()
 
     def create_video_task(
         self, payload: dict[str, Any], idempotency_key: str | None = None

@@ -27,6 +27,7 @@ from evolink_provider.hooks.connection import (
     ApiRequest,
     EvolinkConnectionSettings,
     Timeouts,
+    answer_until,
     headers_as_given,
 )
 from evolink_provider.hooks.responses import (
@@ -133,19 +134,19 @@ def _send_once(
     if left <= 0:
         raise answer_out_of_time(request)
     try:
-        response = session.request(
-            request.method,
-            request.url,
-            headers=headers,
-            json=request.json_body,
-            data=body,
-            # No socket wait outlasts the deadline (a server that trickles its headers still can: each
-            # byte restarts the socket's timeout, and requests offers no bound on the whole header phase).
-            timeout=(min(timeouts.connect, left), left),
-            allow_redirects=False,
-            stream=True,
-            auth=headers_as_given,
-        )
+        with answer_until(until):  # the header phase too (see sync_session)
+            response = session.request(
+                request.method,
+                request.url,
+                headers=headers,
+                json=request.json_body,
+                data=body,
+                # No socket wait outlasts the deadline.
+                timeout=(min(timeouts.connect, left), left),
+                allow_redirects=False,
+                stream=True,
+                auth=headers_as_given,
+            )
         if 100 <= response.status_code < 200:  # an interim answer http.client takes for the final one
             response.close()  # the final answer behind it is never read as another request's
             raise EvolinkTransportError(
