@@ -173,6 +173,76 @@ def test_a_download_whose_headers_trickle_past_the_deadline_ends_at_it(hostile: 
     assert took < 3, f"the deadline was 1 s away; the download took {took:.1f} s"
 
 
+def test_tls_headers_trickled_past_the_deadline_are_cut_off_at_it(
+    hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """F1 over HTTPS, as the real API is reached: the TLS connection class gets the same timer."""
+    from evolink_provider.simulator.tls import server_context, write_self_signed_certificate
+
+    certificate, key = write_self_signed_certificate(tmp_path)
+    context = server_context(certificate, key)
+    hostile.httpd.socket = context.wrap_socket(hostile.httpd.socket, server_side=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
+    set_connection(monkeypatch, "evolink_hostile", hostile.url.replace("http://", "https://"))
+    stop = threading.Event()
+    hostile.routes["/v1/tasks/"] = _trickled_headers(stop)
+    threading.Timer(7, stop.set).start()
+    try:
+        error, took = _timed_error(lambda: sync_poll(deadline=time.time() + 1))
+    finally:
+        stop.set()
+    assert isinstance(error, EvolinkTransportError) and "in time" in str(error), error
+    assert took < 3 and hostile.requests, took
+
+
+def test_the_header_timer_fires_at_answer_until_and_reads_as_a_timeout(hostile: HostileServer) -> None:
+    """A silent server behind a long socket timeout: the timer, not the socket, ends the wait, at the
+    time given (not a second later), and the cut reads as a timeout, not as a server closing on us."""
+    import requests
+
+    from evolink_provider.hooks.connection import answer_until, sync_session
+
+    stop = threading.Event()
+    hostile.routes["/silent"] = lambda handler: stop.wait(8)
+    started = time.monotonic()
+    try:
+        with pytest.raises(requests.ReadTimeout), answer_until(time.time() + 0.3):
+            sync_session().get(f"{hostile.url}/silent", timeout=5)
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 0.9
+
+
+def test_a_request_outside_answer_until_is_not_cut(hostile: HostileServer) -> None:
+    """The deadline belongs to its block: a later request on the same thread, outside any, is not cut."""
+    from evolink_provider.hooks.connection import answer_until, sync_session
+
+    def slow(handler: BaseHTTPRequestHandler) -> None:
+        time.sleep(0.6)
+        hostile_tests.send(handler, 200, b"{}")
+
+    hostile.routes["/slow"] = slow
+    with answer_until(time.time() + 0.2):
+        pass
+    assert sync_session().get(f"{hostile.url}/slow", timeout=5).status_code == 200
+
+
+def test_no_header_timer_outlives_its_exchange(hostile: HostileServer) -> None:
+    """Each exchange's timer is cancelled once its headers are in: none waits on (a thread each) for a
+    deadline far away, and none shuts a kept-alive connection later."""
+    from evolink_provider.hooks.connection import answer_until, sync_session
+
+    hostile.json("/fast", {})
+    session = sync_session()
+    session.get(f"{hostile.url}/fast", timeout=5)  # the pool's first connection
+    threads = threading.active_count()
+    for _ in range(30):
+        with answer_until(time.time() + 60):
+            assert session.get(f"{hostile.url}/fast", timeout=5).status_code == 200
+    time.sleep(0.3)
+    assert threading.active_count() <= threads + 2
+
+
 def test_a_trickled_body_without_a_deadline_still_ends_within_one_read_timeout(
     hostile: HostileServer,
 ) -> None:

@@ -1,6 +1,7 @@
 """The EvoLink connection: what the hook reads from Airflow (base URLs, API key, timeouts, retry settings,
-extras), checked once before any HTTP call, whether the key still has to be masked, and the requests built
-from it (:class:`ApiRequest`: the key only in its headers)."""
+extras), checked once before any HTTP call, whether the key still has to be masked, the requests built
+from it (:class:`ApiRequest`: the key only in its headers), and the ``requests`` session that waits for
+their answers no longer than the caller's deadline (:func:`sync_session`, for the API and the downloads)."""
 
 from __future__ import annotations
 
