@@ -847,6 +847,35 @@ def test_any_answer_ends_as_a_task_or_an_evolink_error_in_both_modes(
 
 # -- server-supplied text: one printable/length rule, and never the connection's key ---------------------
 
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("processing", "processing"),
+        ("caf\u00e9 \u00a0ok", "caf\u00e9 \u00a0ok"),  # not printable (U+00A0) yet neither Cc nor Cf: kept
+        ("a\x1b[31mred\nline\u202e\u200b", "a\\x1b[31mred\\nline\\u202e\\u200b"),
+        (None, "None"),
+        (123, "123"),
+    ],
+)
+def test_printable_escapes_control_and_format_characters_only(text: object, shown: str) -> None:
+    from evolink_provider.exceptions import printable
+
+    assert printable(text) == shown
+
+
+def test_loads_strict_bounds_nesting_not_brackets() -> None:
+    """Brackets inside strings, or many shallow objects, are not depth; the limit still holds."""
+    from evolink_provider.answers import MAX_NESTING_DEPTH, loads_strict
+
+    assert loads_strict('{"a": "' + "{[" * 40 + '"}') == {"a": "{[" * 40}
+    assert loads_strict(json.dumps([{"x": [1]}] * 40)) == [{"x": [1]}] * 40
+    deepest = "[" * MAX_NESTING_DEPTH + "]" * MAX_NESTING_DEPTH
+    assert loads_strict(deepest) is not None
+    with pytest.raises(ValueError, match="nested"):
+        loads_strict("[" + deepest + "]")
+
+
 HOSTILE_KEY = "sk-hostile-test-key-0123"
 #: The key as a JSON escape: a server need not echo it byte for byte.
 ESCAPED_KEY = "".join(f"\\u{ord(char):04x}" for char in HOSTILE_KEY)
