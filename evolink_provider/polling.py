@@ -231,8 +231,8 @@ class ProgressReporter:
         now = self.clock()
         if self.started_at is None:
             self.started_at = created_at(task, default=now)
-        # Only what the lines read, as plain values: a dict of those is not tracked by the garbage
-        # collector, and a waiting trigger holds it for the whole sleep (docs/benchmarks.md).
+        # Only what the lines read: a waiting trigger holds this through its sleep, which the answer and
+        # all that hangs from it need not outlive (docs/benchmarks.md, fourth pass).
         task = {
             "status": task.get("status"),
             "progress": task.get("progress") if _number(task.get("progress")) is not None else None,
