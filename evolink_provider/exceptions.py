@@ -49,14 +49,22 @@ TASK_ERROR_RETRYABLE: dict[str, bool] = {
 }
 
 
+#: Unicode categories escaped in server text: control and format characters (newlines, ANSI escapes, bidi
+#: overrides), line and paragraph separators (``str.splitlines`` breaks on them) and lone surrogates (no
+#: UTF-8 log stream can write them: the whole line would be lost).
+ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
 def printable(text: object) -> str:
-    """``text`` for a log line: control and format characters (newlines, ANSI escapes, bidi overrides)
-    escaped, so that a string from EvoLink's answer cannot forge log lines or recolour the console."""
+    """``text`` for a log line, :data:`ESCAPED_CATEGORIES` escaped, so that a string from EvoLink's answer
+    cannot forge log lines, recolour the console or lose the line."""
     text = str(text)
-    if text.isprintable():  # no Cc or Cf character (the usual case, checked in C)
+    if text.isprintable():  # none of those categories (the usual case, checked in C)
         return text
     return "".join(
-        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in ("Cc", "Cf") else char
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in ESCAPED_CATEGORIES
+        else char
         for char in text
     )
 

@@ -1,8 +1,8 @@
 """Red team 20: d6b46c5 (a cheaper poll path), 109bc01 (the trigger's sleep written out, the reporter's
 snapshot) and 664610d (a timer shuts a sync exchange's socket at its deadline while its headers trickle).
 
-A passing test is an attack that held; ``xfail(strict=True)`` marks a finding (F<n>), which passes the day
-it is fixed. Findings: F1/F2 (pre-existing, low): printable lets U+2028/U+2029 and lone surrogates through;
+A passing test is an attack that held; ``xfail(strict=True)`` marked a finding (F<n>) until it was fixed.
+Findings, all fixed: F1/F2 (pre-existing, low): printable lets U+2028/U+2029 and lone surrogates through;
 F3: an https API through an http proxy, the proxy's CONNECT answer trickled, holds a sync call past its
 deadline (read while connecting, no timer); F4: through an https:// proxy the timer's
 socket.socket.shutdown meets urllib3's SSLTransport (TypeError in the timer thread): no cut at all."""
@@ -423,40 +423,34 @@ def test_end_time_reached_while_sleeping_is_a_timeout_not_a_late_poll(hostile: H
 # -- d6b46c5: printable's fast path, loads_strict's bracket count, the cached task read ------------------
 
 
-def _printable_before(text: object) -> str:  # 9037a2e's printable
+def _printable_slow(text: object) -> str:  # 9037a2e's printable, with F1/F2's categories
     return "".join(
-        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in ("Cc", "Cf") else char
+        char.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+        else char
         for char in str(text)
     )
 
 
-def test_printable_fast_path_is_the_old_function_on_every_code_point() -> None:
+def test_printable_fast_path_is_the_slow_function_on_every_code_point() -> None:
     differ = [
         hex(point)
         for point in range(0x110000)
-        if printable("a" + chr(point) + "b") != _printable_before("a" + chr(point) + "b")
+        if printable("a" + chr(point) + "b") != _printable_slow("a" + chr(point) + "b")
     ]
     assert differ == []
     for char in ("\x1b", "\u202e", "\u200b", "\u0085", "\x7f", "\ufeff", "\u2066", "\U000e0001"):
         assert char not in printable(f"ok{char}ok")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1 (pre-existing, low): printable escapes only Cc/Cf; U+2028/U+2029 (Zl/Zp), which "
-    "str.splitlines and many log viewers break lines on, pass raw into log lines",
-)
+# F1 (pre-existing, low; fixed): U+2028/U+2029 are escaped (Zl/Zp)
 def test_printable_escapes_unicode_line_separators() -> None:
     shown = printable("processing\u2028[2026-12-04] ERROR forged line\u2029")
     assert "\u2028" not in shown and "\u2029" not in shown
     assert len(shown.splitlines()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2 (pre-existing, low): a lone surrogate (Cs, from a JSON \\ud800 escape) passes printable raw; "
-    "a UTF-8 log stream cannot encode it, so the handler drops the line (logging.handleError)",
-)
+# F2 (pre-existing, low; fixed): lone surrogates are escaped (Cs)
 def test_printable_leaves_no_lone_surrogate() -> None:
     shown = printable(loads_strict(b'{"status": "x\\ud800y"}')["status"])
     shown.encode("utf-8")
@@ -609,12 +603,7 @@ def _use_proxy(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("HTTP_PROXY", url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: an https API (the real one) through an http proxy: the proxy's CONNECT answer is read "
-    "while connecting, outside getresponse, so no timer bounds it; a proxy trickling it holds the call "
-    "past its deadline",
-)
+# F3 (fixed): the timer covers connect() too (the CONNECT answer, the TLS handshake)
 def test_a_connect_answer_trickled_by_the_proxy_ends_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = _RawProxy(lambda p, c: _trickle_to(p, c, b"HTTP/1.1 200 Connection established\r\nX-Slow: "))
     set_connection(monkeypatch, "evolink_hostile", "https://evolink.invalid", max_retries=0)
@@ -649,12 +638,7 @@ def test_tls_headers_trickled_through_an_http_connect_tunnel_end_at_the_deadline
     assert took < 3, f"the deadline was 1 s away; the call took {took:.1f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: through an https:// proxy urllib3 wraps the tunnel in an SSLTransport, not a socket; "
-    "socket.socket.shutdown(SSLTransport) raises TypeError in the timer thread (suppress catches only "
-    "OSError), the socket stays open and trickled headers hold the call past its deadline",
-)
+# F4 (fixed): the timer reaches the socket under urllib3's SSLTransport
 def test_tls_headers_trickled_through_an_https_proxy_end_at_the_deadline(
     tls_hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -274,13 +274,22 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     class DeadlineHTTPConnection(urllib3.connection.HTTPConnection):
+        def connect(self) -> None:
+            with _cut_at_answer_until(self):
+                super().connect()
+
         def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
-            with _shut_at_answer_until(self.sock):
+            with _cut_at_answer_until(self):
                 return super().getresponse()
 
     class DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
+        # connect: a proxy's answer to CONNECT and the TLS handshake are read there, before getresponse.
+        def connect(self) -> None:
+            with _cut_at_answer_until(self):
+                super().connect()
+
         def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
-            with _shut_at_answer_until(self.sock):
+            with _cut_at_answer_until(self):
                 return super().getresponse()
 
     class DeadlineHTTPPool(HTTPConnectionPool):
@@ -306,18 +315,24 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
 
 
 @contextmanager
-def _shut_at_answer_until(sock: socket.socket | None) -> Iterator[None]:
+def _cut_at_answer_until(connection: Any) -> Iterator[None]:
+    """Shut ``connection``'s socket at :func:`answer_until`'s time if this block still runs then (one timer
+    thread per exchange: sync calls are few, and each is seconds of network anyway)."""
     until = _ANSWER_UNTIL.get()
-    if until is None or sock is None:
+    if until is None:
         yield
         return
     cut = threading.Event()
 
     def shut() -> None:
         cut.set()
-        with suppress(OSError):  # closed meanwhile: nothing to end
-            # The plain socket's shutdown, also for TLS: the reading thread then sees the connection end.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        sock = connection.sock  # read now: connect() creates it, a tunnel through a TLS proxy wraps it
+        while sock is not None and not isinstance(sock, socket.socket):
+            sock = getattr(sock, "socket", None)  # urllib3's SSLTransport (TLS inside a TLS proxy)
+        if sock is not None:
+            with suppress(OSError):  # closed meanwhile: nothing to end
+                # The plain socket's shutdown, also for TLS: the reading thread then sees the connection end.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     timer = threading.Timer(max(0.0, until - time.time()), shut)
     timer.daemon = True
