@@ -179,6 +179,85 @@ def test_progress_lines_reach_the_log(sim: SimulatorControl, capsys: pytest.Capt
     assert " elapsed, about " in logged and " left (from " in logged
 
 
+def test_the_first_poll_waits_for_first_poll_at_to_the_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short wait is slept whole, however short: the first poll comes at ``first_poll_at``, not before."""
+    import evolink_provider.triggers.evolink as trigger_module
+    from evolink_provider.polling import ProgressReporter
+    from evolink_provider.timing import steered
+    from tests.test_polling import FakeClock, task
+
+    clock = FakeClock()
+    slept: list[float] = []
+    read_at: list[float] = []
+
+    async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        read_at.append(clock.now)
+        return task("completed", 100, results=["https://x/v.mp4"])
+
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.sleep(seconds)
+
+    monkeypatch.setattr(EvolinkHook, "aget_task", read)
+    monkeypatch.setattr(
+        trigger_module, "ProgressReporter", lambda *args: ProgressReporter(*args, clock=clock)
+    )
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    first_poll_at = clock.now + 0.5
+    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh", first_poll_at=first_poll_at)
+    with steered(clock=clock):
+        events = run_trigger(trigger)
+    monkeypatch.undo()
+
+    assert [event["status"] for event in events] == ["success"]
+    assert slept == [pytest.approx(0.5)] and read_at == [pytest.approx(first_poll_at)]
+
+
+def test_after_a_failed_poll_the_next_comes_after_the_failure_pause_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Running, then a failed poll, then completed: between the failed poll and the next one the trigger
+    sleeps the failure's pause only (not the running task's schedule again)."""
+    import evolink_provider.triggers.evolink as trigger_module
+    from evolink_provider.exceptions import EvolinkTransportError
+    from evolink_provider.polling import ProgressReporter
+    from evolink_provider.timing import steered
+    from tests.test_polling import FakeClock, task
+
+    clock = FakeClock()
+    steps: list[str] = []
+    answers: list[Any] = [
+        task("processing", 10, estimate=600),
+        EvolinkTransportError("connection reset", request_sent=True),
+        task("completed", 100, results=["https://x/v.mp4"]),
+    ]
+
+    async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        steps.append("read")
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
+
+    async def fake_sleep(seconds: float) -> None:
+        steps.append("sleep")
+        clock.sleep(seconds)
+
+    monkeypatch.setattr(EvolinkHook, "aget_task", read)
+    monkeypatch.setattr(
+        trigger_module, "ProgressReporter", lambda *args: ProgressReporter(*args, clock=clock)
+    )
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh", started_at=clock.now - 60)
+    with steered(clock=clock):
+        events = run_trigger(trigger)
+    monkeypatch.undo()
+
+    assert [event["status"] for event in events] == ["success"] and not answers
+    failed_read = [index for index, step in enumerate(steps) if step == "read"][1]
+    assert steps[failed_read:] == ["read", "sleep", "read"], steps
+
+
 def test_a_long_pause_between_polls_is_not_silent(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
