@@ -283,7 +283,9 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
                 return super().getresponse()
 
     class DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
-        # connect: a proxy's answer to CONNECT and the TLS handshake are read there, before getresponse.
+        # connect: a proxy's answer to CONNECT is read there, before getresponse. The TCP connect and the
+        # TLS handshake the timer cannot reach (no socket yet; the plain one already handed to TLS): the
+        # callers cap the connect timeout, which bounds them, at the time left.
         def connect(self) -> None:
             with _cut_at_answer_until(self):
                 super().connect()

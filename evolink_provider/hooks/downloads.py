@@ -120,9 +120,10 @@ class ResultDownloads:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **host}
 
         def attempt() -> requests.Response:
-            read_timeout = settings.timeouts.read
-            if deadline is not None:  # no read outlasts the deadline
-                read_timeout = max(0.1, min(read_timeout, deadline - time.time()))
+            read_timeout, connect_timeout = settings.timeouts.read, settings.timeouts.connect
+            if deadline is not None:  # no socket wait (a connect, a TLS handshake, a read) outlasts it
+                left = max(0.1, deadline - time.time())
+                read_timeout, connect_timeout = min(read_timeout, left), min(connect_timeout, left)
             try:
                 with answer_until(time.time() + read_timeout):  # the header phase too (see sync_session)
                     response = self.session.get(
@@ -130,7 +131,7 @@ class ResultDownloads:
                         headers=headers,
                         proxies=proxies,
                         stream=True,
-                        timeout=(settings.timeouts.connect, read_timeout),
+                        timeout=(connect_timeout, read_timeout),
                         allow_redirects=False,
                         auth=headers_as_given,
                     )
