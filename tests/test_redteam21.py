@@ -222,7 +222,7 @@ def test_a_stalled_tls_handshake_ends_by_the_deadline_without_the_key(
     finally:
         server.close()
     assert isinstance(error, EvolinkTransportError), error
-    assert took < 2, took
+    assert took < 3, took
     assert KEY not in _every_text(error) and KEY not in caplog.text
     assert not unraised
 
@@ -276,7 +276,7 @@ def test_a_tls_handshake_trickled_by_a_server_ends_at_the_deadline(
     finally:
         server.close()
     assert isinstance(error, EvolinkTransportError), error
-    assert took < 2, took
+    assert took < 3, took
     assert not unraised
 
 
@@ -324,7 +324,7 @@ def test_a_blackholed_connect_ends_by_the_deadline_as_not_sent(
         for filler in fillers:
             filler.close()
     assert isinstance(error, EvolinkTransportError), error
-    assert took < 2, took
+    assert took < 3, took
     assert KEY not in _every_text(error)
     assert not unraised
 
@@ -355,7 +355,7 @@ def test_a_download_whose_connect_is_blackholed_ends_by_the_deadline(
             filler.close()
     assert files_under(tmp_path / "out") == []
     assert not unraised
-    assert took < 2.5, f"the deadline was 1 s away; the download took {took:.1f} s"
+    assert took < 3, f"the deadline was 1 s away; the download took {took:.1f} s"
 
 
 def test_after_a_cut_handshake_the_same_hook_connects_again_and_reads_its_own_answer(
@@ -506,7 +506,7 @@ def test_a_download_whose_handshake_stalls_ends_by_the_deadline(
 ) -> None:
     _error, took, out = _stalled_download(tmp_path, monkeypatch, trust, tunnel=tunnel)
     assert files_under(out) == []
-    assert took < 2.5, f"the deadline was 1 s away; the download took {took:.1f} s"
+    assert took < 3, f"the deadline was 1 s away; the download took {took:.1f} s"
 
 
 @pytest.mark.xfail(
