@@ -274,15 +274,6 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     class DeadlineHTTPConnection(urllib3.connection.HTTPConnection):
-        def connect(self) -> None:
-            with _cut_at_answer_until(self):
-                super().connect()
-
-        def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
-            with _cut_at_answer_until(self):
-                return super().getresponse()
-
-    class DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
         # connect: a proxy's answer to CONNECT is read there, before getresponse. The TCP connect and the
         # TLS handshake the timer cannot reach (no socket yet; the plain one already handed to TLS): the
         # callers cap the connect timeout, which bounds them, at the time left.
@@ -293,6 +284,9 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
         def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override]
             with _cut_at_answer_until(self):
                 return super().getresponse()
+
+    class DeadlineHTTPSConnection(DeadlineHTTPConnection, urllib3.connection.HTTPSConnection):
+        """The same overrides, before HTTPSConnection's in the method order."""
 
     class DeadlineHTTPPool(HTTPConnectionPool):
         ConnectionCls = DeadlineHTTPConnection
