@@ -212,7 +212,15 @@ def outcome(request: pytest.FixtureRequest) -> Iterator[Outcome]:
         )
         if any(result.states[d] != "success" for d in REAL_DAGS):
             for dag_id in REAL_DAGS:
-                print(dag_id, result.states[dag_id], cluster.task_instances(dag_id, runs[dag_id]))
+                instances = cluster.task_instances(dag_id, runs[dag_id])
+                print(dag_id, result.states[dag_id], instances)
+                for task, ti in instances.items():
+                    if ti.state != "success":
+                        task_id, _, index = task.partition("[")
+                        log = cluster.task_log(
+                            dag_id, runs[dag_id], task_id, ti.try_number, int(index[:-1] or -1)
+                        )
+                        print(f"--- {dag_id}.{task} try {ti.try_number} log ---\n{log[-6000:]}")
             for name in ("scheduler", "triggerer"):
                 print(f"--- {name} log ---\n{cluster.log_tail(name)}")
     timings["stopped"] = time.monotonic() - began
