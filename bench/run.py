@@ -233,10 +233,11 @@ def run_triggers(
         else:
 
             async def first_event(trigger: EvolinkTaskTrigger) -> None:
+                # To its end, as the triggerer reads a trigger: one left at its event would be closed by
+                # asyncio's finalizer hook (a write to the loop's self-pipe per generator).
                 async for event in trigger.run():
                     if event.payload.get("status") == "success":
-                        fired_at[trigger.evolink_task_id] = time.time()
-                    return
+                        fired_at.setdefault(trigger.evolink_task_id, time.time())
 
             triggers = [
                 EvolinkTaskTrigger(task_id, conn_id, first_poll_at=first)
