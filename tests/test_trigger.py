@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.transport import aclose_async_clients
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from tests.conftest import TEST_API_KEY, SimulatorControl
+from tests.test_polling import FakeClock, task
 
 SEEDANCE = {"model": "seedance-2.0-fast-text-to-video", "prompt": "waves", "duration": 4}
 
@@ -179,23 +181,29 @@ def test_progress_lines_reach_the_log(sim: SimulatorControl, capsys: pytest.Capt
     assert " elapsed, about " in logged and " left (from " in logged
 
 
-def test_the_first_poll_waits_for_first_poll_at_to_the_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A short wait is slept whole, however short: the first poll comes at ``first_poll_at``, not before."""
+def run_on_fake_clock(
+    monkeypatch: pytest.MonkeyPatch,
+    answers: list[Any],
+    make_trigger: Callable[[FakeClock], EvolinkTaskTrigger],
+) -> tuple[list[dict[str, Any]], list[tuple[str, float]]]:
+    """Run a trigger whose reads return ``answers`` in turn (an exception is raised) and whose sleeps
+    advance a fake clock. Returns its events and steps: ``("read", clock time)``, ``("sleep", seconds)``."""
     import evolink_provider.triggers.evolink as trigger_module
     from evolink_provider.polling import ProgressReporter
     from evolink_provider.timing import steered
-    from tests.test_polling import FakeClock, task
 
     clock = FakeClock()
-    slept: list[float] = []
-    read_at: list[float] = []
+    steps: list[tuple[str, float]] = []
 
     async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
-        read_at.append(clock.now)
-        return task("completed", 100, results=["https://x/v.mp4"])
+        steps.append(("read", clock.now))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return dict(answer)
 
     async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
+        steps.append(("sleep", seconds))
         clock.sleep(seconds)
 
     monkeypatch.setattr(EvolinkHook, "aget_task", read)
@@ -203,14 +211,26 @@ def test_the_first_poll_waits_for_first_poll_at_to_the_fraction(monkeypatch: pyt
         trigger_module, "ProgressReporter", lambda *args: ProgressReporter(*args, clock=clock)
     )
     monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    first_poll_at = clock.now + 0.5
-    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh", first_poll_at=first_poll_at)
+    trigger = make_trigger(clock)
     with steered(clock=clock):
         events = run_trigger(trigger)
     monkeypatch.undo()
+    return events, steps
+
+
+def test_the_first_poll_waits_for_first_poll_at_to_the_fraction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short wait is slept whole, however short: the first poll comes at ``first_poll_at``, not before."""
+    first_poll_at: list[float] = []
+
+    def make_trigger(clock: FakeClock) -> EvolinkTaskTrigger:
+        first_poll_at.append(clock.now + 0.5)
+        return EvolinkTaskTrigger("task-unified-1-abcdefgh", first_poll_at=first_poll_at[0])
+
+    answers = [task("completed", 100, results=["https://x/v.mp4"])]
+    events, steps = run_on_fake_clock(monkeypatch, answers, make_trigger)
 
     assert [event["status"] for event in events] == ["success"]
-    assert slept == [pytest.approx(0.5)] and read_at == [pytest.approx(first_poll_at)]
+    assert steps == [("sleep", pytest.approx(0.5)), ("read", pytest.approx(first_poll_at[0]))]
 
 
 def test_after_a_failed_poll_the_next_comes_after_the_failure_pause_alone(
@@ -218,76 +238,39 @@ def test_after_a_failed_poll_the_next_comes_after_the_failure_pause_alone(
 ) -> None:
     """Running, then a failed poll, then completed: between the failed poll and the next one the trigger
     sleeps the failure's pause only (not the running task's schedule again)."""
-    import evolink_provider.triggers.evolink as trigger_module
     from evolink_provider.exceptions import EvolinkTransportError
-    from evolink_provider.polling import ProgressReporter
-    from evolink_provider.timing import steered
-    from tests.test_polling import FakeClock, task
 
-    clock = FakeClock()
-    steps: list[str] = []
     answers: list[Any] = [
         task("processing", 10, estimate=600),
         EvolinkTransportError("connection reset", request_sent=True),
         task("completed", 100, results=["https://x/v.mp4"]),
     ]
-
-    async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
-        steps.append("read")
-        answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return dict(answer)
-
-    async def fake_sleep(seconds: float) -> None:
-        steps.append("sleep")
-        clock.sleep(seconds)
-
-    monkeypatch.setattr(EvolinkHook, "aget_task", read)
-    monkeypatch.setattr(
-        trigger_module, "ProgressReporter", lambda *args: ProgressReporter(*args, clock=clock)
+    events, steps = run_on_fake_clock(
+        monkeypatch,
+        answers,
+        lambda clock: EvolinkTaskTrigger("task-unified-1-abcdefgh", started_at=clock.now - 60),
     )
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
-    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh", started_at=clock.now - 60)
-    with steered(clock=clock):
-        events = run_trigger(trigger)
-    monkeypatch.undo()
 
     assert [event["status"] for event in events] == ["success"] and not answers
-    failed_read = [index for index, step in enumerate(steps) if step == "read"][1]
-    assert steps[failed_read:] == ["read", "sleep", "read"], steps
+    kinds = [kind for kind, _ in steps]
+    failed_read = [index for index, kind in enumerate(kinds) if kind == "read"][1]
+    assert kinds[failed_read:] == ["read", "sleep", "read"], steps
 
 
 def test_a_long_pause_between_polls_is_not_silent(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The trigger's sleep until its next poll logs where the task stands every PROGRESS_MAX_GAP."""
-    import evolink_provider.triggers.evolink as trigger_module
-    from evolink_provider.polling import PROGRESS_MAX_GAP, ProgressReporter
-    from evolink_provider.timing import steered
-    from tests.test_polling import FakeClock, task
+    from evolink_provider.polling import PROGRESS_MAX_GAP
 
-    clock = FakeClock()
     answers = [task("processing", 10, estimate=600), task("completed", 100, results=["https://x/v.mp4"])]
-    slept: list[float] = []
-
-    async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
-        return answers.pop(0)
-
-    async def fake_sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock.sleep(seconds)
-
-    monkeypatch.setattr(EvolinkHook, "aget_task", read)
-    monkeypatch.setattr(
-        trigger_module, "ProgressReporter", lambda *args: ProgressReporter(*args, clock=clock)
-    )
-    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
     # Ten minutes in at 10 %: the schedule's next poll is minutes away.
-    trigger = EvolinkTaskTrigger("task-unified-1-abcdefgh", started_at=clock.now - 600)
-    with steered(clock=clock):
-        events = run_trigger(trigger)
-    monkeypatch.undo()
+    events, steps = run_on_fake_clock(
+        monkeypatch,
+        answers,
+        lambda clock: EvolinkTaskTrigger("task-unified-1-abcdefgh", started_at=clock.now - 600),
+    )
+    slept = [seconds for kind, seconds in steps if kind == "sleep"]
 
     assert [event["status"] for event in events] == ["success"] and not answers
     assert len(slept) >= 3, slept  # the pause to the second poll spans several line gaps
