@@ -5,6 +5,7 @@
     python bench/run.py polls parse     # some cases
     BENCH_TRIGGER_SIZES=1000 BENCH_BATCH_SIZES= python bench/run.py triggerer   # fewer triggerer sizes
     BENCH_OLD_CHECKOUT=/path/to/old/tree python bench/run.py triggerer   # and that tree's client beside it
+    BENCH_ROUNDS=3 BENCH_OLD_CHECKOUT=/path/to/old/tree python bench/run.py triggerer   # in rounds, medians
 
 Cases: ``triggerer`` (N triggers on one event loop, single GETs and batch polling; the machine and the
 client-per-poll baseline's CPU per poll printed with every figure), ``polls`` (adaptive
