@@ -227,6 +227,21 @@ def test_a_wait_before_the_first_poll_is_not_silent() -> None:
     assert pauses == [PROGRESS_MAX_GAP, PROGRESS_MAX_GAP, 150.0 - 2 * PROGRESS_MAX_GAP]
 
 
+def test_a_line_due_in_under_a_second_still_splits_the_sleep() -> None:
+    """A sleep that begins half a second before a line falls due pauses then, not at the sleep's end."""
+    clock = FakeClock()
+    reporter = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock)
+    assert reporter.update(task("processing", 10))
+    clock.sleep(PROGRESS_MAX_GAP - 0.5)
+    assert reporter.update(task("processing", 10)) is None  # quiet for 59.5 s, nothing moved
+    pauses = []
+    for pause in reporter.pauses(100.0):
+        pauses.append(pause)
+        clock.sleep(pause)
+        reporter.between_polls()
+    assert pauses == [pytest.approx(0.5), PROGRESS_MAX_GAP, pytest.approx(100.0 - 0.5 - PROGRESS_MAX_GAP)]
+
+
 def test_the_expected_end_comes_from_estimated_time() -> None:
     created = task("pending", 0, estimate=165)
     # 2026-01-01 12:00:00 UTC + 165 s
