@@ -100,13 +100,14 @@ class EvolinkTaskTrigger(BaseTrigger):
         return TriggerEvent({"status": status, "evolink_task_id": self.evolink_task_id, **payload})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        async for event in self._wait():
-            if self.not_before is not None:
-                await asyncio.sleep(max(0.0, self.not_before - timing().now()))
-            yield event
-            return
+        event = await self._wait()
+        if self.not_before is not None:
+            await asyncio.sleep(max(0.0, self.not_before - timing().now()))
+        yield event
 
-    async def _wait(self) -> AsyncIterator[TriggerEvent]:
+    async def _wait(self) -> TriggerEvent:
+        """Poll until the one event to fire. A coroutine, not a generator: a generator left at its event
+        is closed by asyncio's finalizer hook, a write to the loop's self-pipe per trigger."""
         hook = EvolinkHook(self.evolink_conn_id)
         reporter = ProgressReporter(self.evolink_task_id, self.started_at)
         failures = PollFailureBudget(self.max_poll_failures, self.poll_interval, self.max_poll_interval)
@@ -125,13 +126,11 @@ class EvolinkTaskTrigger(BaseTrigger):
                 retry = failures.after_failure(error, deadline=self.end_time)
                 if retry.verdict is Verdict.GIVE_UP:
                     # end_time: the operator's re-read of the task keeps the deadline (no fresh budget).
-                    yield self._event(
+                    return self._event(
                         "error", message=str(error), retryable=error.retryable, end_time=self.end_time
                     )
-                    return
                 if retry.verdict is Verdict.OUT_OF_TIME:
-                    yield self._event("timeout", message=f"wait budget spent while polls failed: {error}")
-                    return
+                    return self._event("timeout", message=f"wait budget spent while polls failed: {error}")
                 self.log.warning(
                     "Polling EvoLink task %s failed (%d in a row): %s; next poll in %.1fs",
                     self.evolink_task_id,
@@ -161,15 +160,11 @@ class EvolinkTaskTrigger(BaseTrigger):
                 del task, decision  # not held through the sleep (see above)
                 continue
             if decision.outcome is Outcome.SUCCESS:
-                yield self._event("success", task=task, end_time=self.end_time, completed_seen_at=read_at)
-            elif decision.outcome is Outcome.TIMEOUT:
-                yield self._event("timeout", message=decision.message)
-            else:
-                code, message = task_failure(task)
-                yield self._event(
-                    "failed", code=code, message=decision.message, api_message=message, task=task
-                )
-            return
+                return self._event("success", task=task, end_time=self.end_time, completed_seen_at=read_at)
+            if decision.outcome is Outcome.TIMEOUT:
+                return self._event("timeout", message=decision.message)
+            code, message = task_failure(task)
+            return self._event("failed", code=code, message=decision.message, api_message=message, task=task)
 
     async def on_kill(self) -> None:
         """A user cleared or marked the deferred task: say that the generation goes on (no cancel call) and
