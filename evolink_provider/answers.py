@@ -50,6 +50,10 @@ MAX_GENERATION_AGE = 24 * 60 * 60.0
 MAX_NAME_LENGTH = 256
 #: A whole task object: about a kilobyte in practice; it becomes an XCom value and a trigger event.
 MAX_TASK_BYTES = 64 * 1024
+#: The most characters of compact JSON one received byte can become when re-serialized: a two-byte UTF-8
+#: character becomes a six-character ``\uXXXX`` escape (3 per byte), the four bytes ``9e15`` become
+#: ``9000000000000000.0`` (4.5 per byte). An answer under ``MAX_TASK_BYTES`` / this is not re-serialized.
+JSON_GROWTH_PER_BYTE = 5
 #: Integers in an answer are timestamps, counts and credits: 20 digits is plenty, and keeps every one
 #: convertible to a float.
 MAX_INT_DIGITS = 20
@@ -146,9 +150,14 @@ def created_at(task: dict[str, Any], default: float) -> float:
     return seconds
 
 
-def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
+def checked_task(
+    answer: Any, expected_id: str | None = None, *, received_bytes: int | None = None
+) -> dict[str, Any]:
     """``answer`` if it is a task object as documented (and the one asked for); else
-    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError` saying which field breaks which rule."""
+    :class:`~evolink_provider.exceptions.EvolinkBadAnswerError` saying which field breaks which rule.
+
+    ``received_bytes``: the length of the body ``answer`` was decoded from (a single task's answer), which
+    bounds its size as JSON; without it (a task inside a batch) the task is re-serialized to measure it."""
     about = f"for {expected_id} " if expected_id else ""
 
     def refuse(problem: str) -> NoReturn:
@@ -201,6 +210,8 @@ def checked_task(answer: Any, expected_id: str | None = None) -> dict[str, Any]:
     if not isinstance(error.get("code"), (str, type(None))) or len(str(error.get("code") or "")) > 128:
         # A code decides whether a resubmission may help: "['a']" or 123 must not read as an unknown code.
         refuse(f"error.code={_shown(error.get('code'))} is not a short string")
+    if received_bytes is not None and received_bytes * JSON_GROWTH_PER_BYTE <= MAX_TASK_BYTES:
+        return answer
     size = len(json.dumps(answer, separators=(",", ":")))
     if size > MAX_TASK_BYTES:
         # It becomes an XCom value (and a trigger event): a task object is about a kilobyte.

@@ -29,7 +29,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evolink_provider.answers import MAX_ANSWER_BYTES, checked_task, created_at, loads_strict
+from evolink_provider.answers import (
+    JSON_GROWTH_PER_BYTE,
+    MAX_ANSWER_BYTES,
+    MAX_TASK_BYTES,
+    checked_task,
+    created_at,
+    loads_strict,
+)
 from evolink_provider.exceptions import (
     EvolinkBadAnswerError,
     EvolinkConfigurationError,
@@ -391,6 +398,49 @@ def test_answers_too_large_for_xcom_or_with_odd_error_codes_are_bad(
 ) -> None:
     with pytest.raises(EvolinkBadAnswerError, match=match):
         checked_task(task(**fields))
+
+
+@pytest.mark.parametrize(
+    ("note", "accepted"),
+    [
+        ("x" * 20_000, True),  # 20 KB: more than the size that skips the measure, well within the limit
+        ("x" * (MAX_TASK_BYTES + 100), False),  # over the limit as received
+        ("\u00e9" * 12_000, False),  # 24 KB received, 72 KB as XCom JSON (each "é" becomes \u00e9)
+    ],
+    ids=["20KB", "70KB", "24KB-as-72KB"],
+)
+def test_a_task_answer_is_measured_as_the_json_it_becomes_sync_and_async(
+    hostile: HostileServer, hook: EvolinkHook, note: str, accepted: bool
+) -> None:
+    """The XCom limit holds for the task as it is stored (compact JSON, non-ASCII escaped), whatever the
+    length of the body it arrived in."""
+    hostile.json("/v1/tasks/", json.dumps(task(usage={"note": note}), ensure_ascii=False).encode())
+
+    async def poll() -> dict[str, Any]:
+        try:
+            return await EvolinkHook("evolink_hostile").aget_task(TASK_ID)
+        finally:
+            await aclose_async_clients()
+
+    for read in (lambda: hook.get_task(TASK_ID), lambda: asyncio.run(poll())):
+        if accepted:
+            assert read()["usage"]["note"] == note
+        else:
+            with pytest.raises(EvolinkBadAnswerError, match="bytes of JSON"):
+                read()
+
+
+def test_no_received_byte_grows_past_the_bound_that_skips_measuring_a_task() -> None:
+    """The worst tokens re-serialized: a two-byte character (3 characters a byte), an astral one, a number
+    that prints in full (4.5), escapes; ``checked_task`` skips the measure below ``MAX_TASK_BYTES`` / the
+    bound."""
+    worst = ['"\u00e9"', '"\U0001f600"', "9e15", "1e14", "-1e15", "1E1", '"\\/"', "0.1e-3"]
+    for token in worst:
+        raw = token.encode()  # UTF-8, as received
+        grown = json.dumps(loads_strict(raw), separators=(",", ":"))
+        assert len(grown) <= JSON_GROWTH_PER_BYTE * len(raw), (token, grown)
+    number = b"9e15"
+    assert len(json.dumps(loads_strict(number))) / len(number) == 4.5  # the bound is not loose by a lot
 
 
 def test_a_created_far_from_the_local_clock_does_not_drive_the_schedule() -> None:

@@ -233,7 +233,7 @@ def test_held_async_a_submission_whose_answer_is_lost_names_its_key_and_every_at
             request = build_request(
                 settings, "POST", "/v1/videos/generations", json_body={"prompt": "p"}, idempotency_key=key
             )
-            return await asend(request, settings, lambda answer: answer)
+            return await asend(request, settings, lambda answer, received_bytes: answer)
         finally:
             await aclose_async_clients()
 

@@ -251,7 +251,13 @@ def test_held_a_post_cut_by_a_short_deadline_is_an_unknown_outcome_never_not_sen
     )
     started = time.monotonic()
     with pytest.raises(EvolinkSubmissionUnknownError) as raised:
-        send(hook.session, request, hook.settings, lambda answer: answer, deadline=time.time() + 0.3)
+        send(
+            hook.session,
+            request,
+            hook.settings,
+            lambda answer, received_bytes: answer,
+            deadline=time.time() + 0.3,
+        )
     assert time.monotonic() - started < 1.0  # ended at the deadline, not at the 2 s read timeout
     assert raised.value.idempotency_key == key
     assert post_keys(hostile) == [key]

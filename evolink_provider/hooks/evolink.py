@@ -9,7 +9,6 @@ import asyncio
 import time
 import uuid
 import weakref
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -38,7 +37,7 @@ from evolink_provider.hooks.connection import (
     settings_from_connection,
     sync_session,
 )
-from evolink_provider.hooks.transport import PER_LOOP_STATE, MultipartBody, asend, send
+from evolink_provider.hooks.transport import PER_LOOP_STATE, Accept, MultipartBody, asend, send
 
 if TYPE_CHECKING:
     import requests
@@ -169,7 +168,7 @@ class EvolinkHook(BaseHook):
     def _send(
         self,
         request: ApiRequest,
-        accept: Callable[[dict[str, Any]], T],
+        accept: Accept[T],
         deadline: float | None = None,
         body: MultipartBody | None = None,
     ) -> T:
@@ -311,11 +310,11 @@ def _task_path(task_id: str) -> str:
     return f"/v1/tasks/{quote(task_id_to_send(task_id), safe='')}"
 
 
-def _as_is(answer: dict[str, Any]) -> dict[str, Any]:
+def _as_is(answer: dict[str, Any], *, received_bytes: int) -> dict[str, Any]:
     return answer
 
 
-def _checked_batch(answer: dict[str, Any]) -> list[dict[str, Any]]:
+def _checked_batch(answer: dict[str, Any], *, received_bytes: int) -> list[dict[str, Any]]:
     """Every task of a batch answer checked; one malformed task makes the whole answer untrusted."""
     from evolink_provider.hooks.task_batcher import tasks_in_batch_answer
 

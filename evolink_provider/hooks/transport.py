@@ -14,8 +14,8 @@ import sys
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from evolink_provider.exceptions import (
@@ -51,7 +51,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 READ_CHUNK = 64 * 1024
+
+
+class Accept(Protocol[T_co]):
+    """Checks a decoded answer (raising an :class:`EvolinkError` to refuse it) and returns what the call
+    gives back; ``received_bytes`` is the length of the body it was decoded from."""
+
+    def __call__(self, answer: dict[str, Any], *, received_bytes: int) -> T_co: ...
 
 
 class MultipartBody:
@@ -97,7 +105,7 @@ def send(
     session: requests.Session,
     request: ApiRequest,
     settings: EvolinkConnectionSettings,
-    accept: Callable[[dict[str, Any]], T],
+    accept: Accept[T],
     deadline: float | None = None,
     body: MultipartBody | None = None,
 ) -> T:
@@ -105,7 +113,9 @@ def send(
     like a garbled one. ``body``: an upload's, sent instead of ``request``'s JSON."""
     retrying = settings.retry.retrying(request.kind, deadline, log, logging.WARNING)
     try:
-        return retrying(lambda: accept(_send_once(session, request, settings.timeouts, deadline, body)))
+        return retrying(
+            lambda: _accepted(accept, _send_once(session, request, settings.timeouts, deadline, body))
+        )
     except EvolinkError as error:
         raise _give_up(request, error, retrying.statistics["attempt_number"]) from None
 
@@ -122,9 +132,10 @@ def _send_once(
     timeouts: Timeouts,
     deadline: float | None = None,
     body: MultipartBody | None = None,
-) -> dict[str, Any]:
-    """One exchange. The answer is read raw and decoded by :class:`AnswerBody`; ``read1`` returns what one
-    socket read brings, so the time bound is checked as bytes trickle in."""
+) -> tuple[dict[str, Any], int]:
+    """One exchange: the decoded answer and the length of its body, read raw and decoded by
+    :class:`AnswerBody`; ``read1`` returns what one socket read brings, so the time bound is checked as
+    bytes trickle in."""
     import requests
     import urllib3
 
@@ -168,7 +179,7 @@ def _send_once(
     # Read timeouts and chunked-encoding errors (requests), a reset or timeout mid-answer (urllib3, OSError).
     except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
         raise transport_error(request, exc, request_sent=True) from None
-    return parse_response(request, response.status_code, response.headers, content)
+    return parse_response(request, response.status_code, response.headers, content), len(content)
 
 
 # -- async client ---------------------------------------------------------------------------------
@@ -177,7 +188,7 @@ def _send_once(
 async def asend(
     request: ApiRequest,
     settings: EvolinkConnectionSettings,
-    accept: Callable[[dict[str, Any]], T],
+    accept: Accept[T],
     deadline: float | None = None,
 ) -> T:
     """:func:`send` on this event loop's shared ``aiohttp`` session.
@@ -186,14 +197,14 @@ async def asend(
     costs a tenth of a poll's CPU (docs/benchmarks.md). A failed first attempt is handed to the loop as its
     own first outcome, so the loop decides on it and on every repeat exactly as on a call it made itself."""
     try:
-        return accept(await _asend_once(request, settings.timeouts, deadline))
+        return _accepted(accept, await _asend_once(request, settings.timeouts, deadline))
     except EvolinkError as error:
         first_outcome: list[EvolinkError] = [error]
 
     async def attempt() -> T:
         if first_outcome:
             raise first_outcome.pop()
-        return accept(await _asend_once(request, settings.timeouts, deadline))
+        return _accepted(accept, await _asend_once(request, settings.timeouts, deadline))
 
     # INFO, not WARNING: a trigger's poll failures are counted and reported by the trigger.
     retrying = settings.retry.retrying(request.kind, deadline, log, logging.INFO, asynchronous=True)
@@ -205,7 +216,7 @@ async def asend(
 
 async def _asend_once(
     request: ApiRequest, timeouts: Timeouts, deadline: float | None = None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int]:
     """One exchange, all of it (the wait for a connection slot, connecting, the answer) by the time
     :func:`_answer_until` gives. An ``aiohttp`` failure leaves as an :class:`EvolinkTransportError` with no
     exception chained: aiohttp's texts and reprs carry the URL and the request headers, so the key."""
@@ -244,7 +255,7 @@ async def _asend_once(
             except EvolinkError:
                 response.close()  # the rest is never read: drop the connection
                 raise
-            status, headers = response.status, {name.lower(): v for name, v in response.headers.items()}
+            status, headers = response.status, response.headers  # names case-insensitive, as requests'
     except EvolinkError:
         raise
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
@@ -257,7 +268,12 @@ async def _asend_once(
         origin.slots.release()
     if failure is not None:
         raise failure  # outside the except: no aiohttp exception rides along as its context
-    return parse_response(request, status, headers, content)
+    return parse_response(request, status, headers, content), len(content)
+
+
+def _accepted(accept: Accept[T], exchange: tuple[dict[str, Any], int]) -> T:
+    answer, received_bytes = exchange
+    return accept(answer, received_bytes=received_bytes)
 
 
 #: Connections per origin (scheme, host, port) and event loop: a silent host can hold this many, and no
