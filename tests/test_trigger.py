@@ -104,6 +104,40 @@ def test_an_event_of_a_completed_task_says_when_the_poll_read_it(sim: SimulatorC
     assert failed[0]["status"] == "failed" and "completed_seen_at" not in failed[0]
 
 
+def test_a_trigger_read_to_its_end_leaves_no_generator_for_asyncio_to_close(sim: SimulatorControl) -> None:
+    """The triggerer reads a trigger to its end; nothing of it may be left for asyncio's finalizer hook,
+    which closes each leftover generator with a task and a write to the loop's self-pipe (per trigger, at
+    thousands of triggers: docs/benchmarks.md)."""
+    import gc
+    import sys
+
+    finalized: list[str] = []
+
+    async def read_to_the_end(trigger: EvolinkTaskTrigger) -> list[dict[str, Any]]:
+        firstiter, finalizer = sys.get_asyncgen_hooks()  # the loop's own
+
+        def counted(generator: Any) -> None:
+            finalized.append(generator.__qualname__)
+            assert finalizer is not None
+            finalizer(generator)
+
+        sys.set_asyncgen_hooks(firstiter=firstiter, finalizer=counted)
+        try:
+            events = [event.payload async for event in trigger.run()]
+            gc.collect()
+            await asyncio.sleep(0)
+            return events
+        finally:
+            await aclose_async_clients()
+
+    trigger = EvolinkTaskTrigger(
+        submit("waves [sim:seconds=0.3]"), poll_interval=0.1, end_time=time.time() + 60
+    )
+    events = asyncio.run(read_to_the_end(trigger))
+    assert [event["status"] for event in events] == ["success"]
+    assert finalized == []
+
+
 def test_no_event_fires_before_not_before(sim: SimulatorControl) -> None:
     """The task ends after 0.5 s; the trigger sees it and still holds the event until ``not_before``."""
     task_id = submit("waves [sim:seconds=0.5]")
