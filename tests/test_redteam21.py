@@ -1,15 +1,14 @@
 """Red team 21: eb146e6's connect() coverage (the sync header timer over a proxy's CONNECT answer and the
 TLS handshake, the socket found at fire time).
 
-A passing test is an attack that held; ``xfail(strict=True)`` marks a finding (F<n>) failing today (F1 and
-F2 are fixed: a download's connect timeout is capped at the time left; F3 is open).
-Findings: the timer never cuts a TLS handshake: at fire time ``connection.sock`` is the plain socket that
-``ssl.wrap_socket`` has already detached (fd -1; the shutdown's EBADF is suppressed), and the TLS socket is
-assigned only after the handshake. Nor a TCP connect (``sock`` still None). The API's handshake stays bounded
-by CPython's whole-handshake socket timeout (min(connect, left)), the downloads' only by connect_timeout.
-F1: a download's blackholed TCP connect runs its full connect_timeout past the deadline; F2: a download's
-stalled TLS handshake (direct or through a CONNECT tunnel) likewise; F3: an API call whose proxy answers
-CONNECT just before the deadline, then whose TLS handshake stalls, ends a whole socket timeout late."""
+A passing test is an attack that held. Findings, all fixed: the timer never cuts a TLS handshake (at fire
+time ``connection.sock`` is the plain socket that ``ssl.wrap_socket`` has already detached, and the TLS
+socket is assigned only after the handshake), nor a TCP connect (``sock`` still None).
+F1: a download's blackholed TCP connect ran its full connect_timeout past the deadline; F2: a download's
+stalled TLS handshake (direct or through a CONNECT tunnel) likewise (both: a download's connect timeout is
+capped at the time left); F3: an API call whose proxy answers CONNECT just before the deadline, then whose
+TLS handshake stalls, ended a whole socket timeout late (the handshake's socket timeout is now set from the
+deadline as it starts: ``DeadlineSSLSocket``)."""
 
 from __future__ import annotations
 
@@ -509,12 +508,6 @@ def test_a_download_whose_handshake_stalls_ends_by_the_deadline(
     assert took < 3, f"the deadline was 1 s away; the download took {took:.1f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: a CONNECT answered just before the deadline, then a stalled TLS handshake: the timer's "
-    "shutdown hits the detached socket, the handshake runs a whole socket timeout (min(connect, left)) "
-    "past the deadline",
-)
 def test_a_connect_answered_late_then_a_stalled_handshake_ends_by_the_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trust: Any, unraised: list[Any]
 ) -> None:

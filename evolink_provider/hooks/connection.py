@@ -269,14 +269,16 @@ def sync_session() -> requests.Session:
 @cache
 def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
     """The ``HTTPAdapter`` of :func:`sync_session` (built on first use: DAG files never import requests)."""
+    import ssl
+
     import requests
     import urllib3
     from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
     class DeadlineHTTPConnection(urllib3.connection.HTTPConnection):
-        # connect: a proxy's answer to CONNECT is read there, before getresponse. The TCP connect and the
-        # TLS handshake the timer cannot reach (no socket yet; the plain one already handed to TLS): the
-        # callers cap the connect timeout, which bounds them, at the time left.
+        # connect: a proxy's answer to CONNECT is read there, before getresponse. The TCP connect the timer
+        # cannot reach (no socket yet): the callers cap the connect timeout, which bounds it, at the time
+        # left.
         def connect(self) -> None:
             with _cut_at_answer_until(self):
                 super().connect()
@@ -285,8 +287,28 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
             with _cut_at_answer_until(self):
                 return super().getresponse()
 
+    class DeadlineSSLSocket(ssl.SSLSocket):
+        """Its handshake ends by :func:`answer_until`'s time: the timer cannot reach it (the plain socket
+        is already handed to TLS, the TLS one not yet assigned), but one socket timeout bounds a whole
+        handshake (after a late CONNECT answer, the connect timeout of the call's start would not)."""
+
+        def do_handshake(self, block: bool = False) -> None:
+            until = _ANSWER_UNTIL.get()
+            if until is not None:
+                left = max(0.001, until - time.time())
+                timeout = self.gettimeout()
+                self.settimeout(left if timeout is None else min(timeout, left))
+            super().do_handshake(block)
+
     class DeadlineHTTPSConnection(DeadlineHTTPConnection, urllib3.connection.HTTPSConnection):
-        """The same overrides, before HTTPSConnection's in the method order."""
+        """The same overrides, before HTTPSConnection's in the method order; its TLS context is the one
+        urllib3 would build, with :class:`DeadlineSSLSocket` (``SSLContext.sslsocket_class``)."""
+
+        def __init__(self, *args: Any, ssl_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+            if ssl_context is None:  # one given (requests 2.32.0-2.32.3 share one) is left as it is
+                ssl_context = urllib3.util.create_urllib3_context()
+                ssl_context.sslsocket_class = DeadlineSSLSocket
+            super().__init__(*args, ssl_context=ssl_context, **kwargs)
 
     class DeadlineHTTPPool(HTTPConnectionPool):
         ConnectionCls = DeadlineHTTPConnection
