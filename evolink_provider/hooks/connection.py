@@ -254,10 +254,10 @@ def answer_until(until: float) -> Iterator[None]:
 
 
 def sync_session() -> requests.Session:
-    """A ``requests`` session whose waits for an answer's headers end at :func:`answer_until`'s time. A
-    socket timeout restarts with each byte and ``requests`` has no bound on the whole header phase, so a
-    server trickling its headers would hold a call past its deadline: a timer shuts the socket down then,
-    and the call fails as a read timeout would."""
+    """A ``requests`` session whose TLS handshakes and waits for an answer's headers end at
+    :func:`answer_until`'s time. A socket timeout restarts with each byte and ``requests`` has no bound on
+    the whole header phase, so a server trickling its headers would hold a call past its deadline: a timer
+    shuts the socket down then, and the call fails as a read timeout would."""
     import requests
 
     session = requests.Session()
