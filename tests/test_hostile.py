@@ -403,11 +403,12 @@ def test_answers_too_large_for_xcom_or_with_odd_error_codes_are_bad(
 @pytest.mark.parametrize(
     ("note", "accepted"),
     [
+        ("x" * 100, True),  # a usual answer: its received size bounds it, not measured
         ("x" * 20_000, True),  # 20 KB: more than the size that skips the measure, well within the limit
         ("x" * (MAX_TASK_BYTES + 100), False),  # over the limit as received
         ("\u00e9" * 12_000, False),  # 24 KB received, 72 KB as XCom JSON (each "é" becomes \u00e9)
     ],
-    ids=["20KB", "70KB", "24KB-as-72KB"],
+    ids=["100B", "20KB", "70KB", "24KB-as-72KB"],
 )
 def test_a_task_answer_is_measured_as_the_json_it_becomes_sync_and_async(
     hostile: HostileServer, hook: EvolinkHook, note: str, accepted: bool

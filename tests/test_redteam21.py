@@ -534,6 +534,26 @@ def test_a_connect_answered_late_then_a_stalled_handshake_ends_by_the_deadline(
     assert took < 2.2, f"the deadline was 1.5 s away; the call took {took:.1f} s"
 
 
+def test_a_stalled_handshake_far_from_any_deadline_still_ends_at_the_connect_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trust: Any, unraised: list[Any]
+) -> None:
+    """The handshake's timeout is the time left or the connect timeout, whichever ends first: no deadline
+    near, a read timeout of 10 s, a connect timeout of 1 s, and the handshake ends after about 1 s."""
+    server = _RawTls(tmp_path, lambda s, i, c: s.stall(c))
+    trust(server)
+    _no_proxy(monkeypatch)
+    set_connection(
+        monkeypatch, "evolink_hostile", server.url, max_retries=0, connect_timeout=1, read_timeout=10
+    )
+    try:
+        error, took = _timed_error(sync_poll)
+    finally:
+        server.close()
+    assert isinstance(error, EvolinkTransportError), error
+    assert not unraised
+    assert took < 3, f"the connect timeout was 1 s; the handshake took {took:.1f} s"
+
+
 def test_a_late_timer_never_cuts_the_next_exchange_on_a_reused_connection(
     hostile: HostileServer, monkeypatch: pytest.MonkeyPatch, unraised: list[Any]
 ) -> None:
