@@ -312,3 +312,37 @@ def test_a_long_pause_between_polls_is_not_silent(
     logged = "".join(capsys.readouterr())
     lines = logged.count("EvoLink task task-unified-1-abcdefgh: processing 10% (as of the poll")
     assert lines == len(slept) - (slept[-1] < PROGRESS_MAX_GAP), logged
+
+
+def test_a_task_still_running_at_the_end_time_ends_the_wait_as_a_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The poll at ``end_time`` reads the task still running: the wait ends with a ``timeout`` event (the
+    poll decision's), having slept only up to the end time."""
+
+    def make_trigger(clock: FakeClock) -> EvolinkTaskTrigger:
+        return EvolinkTaskTrigger("task-unified-1-abcdefgh", end_time=clock.now + 3)
+
+    events, steps = run_on_fake_clock(
+        monkeypatch, [task("processing", 10), task("processing", 20)], make_trigger
+    )
+
+    assert [event["status"] for event in events] == ["timeout"]
+    assert "still processing after the wait budget" in events[0]["message"]
+    assert [kind for kind, _ in steps] == ["read", "sleep", "read"]
+    assert steps[1][1] == pytest.approx(3)
+
+
+def test_the_event_waits_for_not_before_and_no_longer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Completed on the first read, a quarter second before ``not_before``: the event waits that quarter
+    second, not more."""
+
+    def make_trigger(clock: FakeClock) -> EvolinkTaskTrigger:
+        return EvolinkTaskTrigger("task-unified-1-abcdefgh", not_before=clock.now + 0.25)
+
+    answers = [task("completed", 100, results=["https://x/v.mp4"])]
+    events, steps = run_on_fake_clock(monkeypatch, answers, make_trigger)
+
+    assert [event["status"] for event in events] == ["success"]
+    assert [kind for kind, _ in steps] == ["read", "sleep"]
+    assert steps[1][1] == pytest.approx(0.25)
