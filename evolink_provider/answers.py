@@ -50,10 +50,11 @@ MAX_GENERATION_AGE = 24 * 60 * 60.0
 MAX_NAME_LENGTH = 256
 #: A whole task object: about a kilobyte in practice; it becomes an XCom value and a trigger event.
 MAX_TASK_BYTES = 64 * 1024
-#: The most characters of compact JSON one received byte can become when re-serialized: a two-byte UTF-8
-#: character becomes a six-character ``\uXXXX`` escape (3 per byte), the four bytes ``9e15`` become
-#: ``9000000000000000.0`` (4.5 per byte). An answer under ``MAX_TASK_BYTES`` / this is not re-serialized.
-JSON_GROWTH_PER_BYTE = 5
+#: The most characters of compact JSON one received byte can become when re-serialized: DEL (0x7f), one
+#: byte, becomes the six characters ``\u007f``; a two-byte UTF-8 character a six-character escape (3 per
+#: byte); the four bytes ``9e15`` become ``9000000000000000.0`` (4.5 per byte). An answer under
+#: ``MAX_TASK_BYTES`` / this is not re-serialized.
+JSON_GROWTH_PER_BYTE = 6
 #: Integers in an answer are timestamps, counts and credits: 20 digits is plenty, and keeps every one
 #: convertible to a float.
 MAX_INT_DIGITS = 20

@@ -407,8 +407,9 @@ def test_answers_too_large_for_xcom_or_with_odd_error_codes_are_bad(
         ("x" * 20_000, True),  # 20 KB: more than the size that skips the measure, well within the limit
         ("x" * (MAX_TASK_BYTES + 100), False),  # over the limit as received
         ("\u00e9" * 12_000, False),  # 24 KB received, 72 KB as XCom JSON (each "é" becomes \u00e9)
+        ("\x7f" * 12_000, False),  # 12 KB received, 72 KB as XCom JSON (each DEL becomes \u007f)
     ],
-    ids=["100B", "20KB", "70KB", "24KB-as-72KB"],
+    ids=["100B", "20KB", "70KB", "24KB-as-72KB", "12KB-of-DEL-as-72KB"],
 )
 def test_a_task_answer_is_measured_as_the_json_it_becomes_sync_and_async(
     hostile: HostileServer, hook: EvolinkHook, note: str, accepted: bool
@@ -432,16 +433,20 @@ def test_a_task_answer_is_measured_as_the_json_it_becomes_sync_and_async(
 
 
 def test_no_received_byte_grows_past_the_bound_that_skips_measuring_a_task() -> None:
-    """The worst tokens re-serialized: a two-byte character (3 characters a byte), an astral one, a number
-    that prints in full (4.5), escapes; ``checked_task`` skips the measure below ``MAX_TASK_BYTES`` / the
-    bound."""
-    worst = ['"\u00e9"', '"\U0001f600"', "9e15", "1e14", "-1e15", "1E1", '"\\/"', "0.1e-3"]
-    for token in worst:
-        raw = token.encode()  # UTF-8, as received
+    """The worst characters and numbers, each repeated a thousand times, re-serialized: DEL (one byte, six
+    characters ``\\u007f``: found by red-team 22), a two-byte character (3 characters a byte), an astral one,
+    numbers that print in full, escapes. ``checked_task`` skips the measure below ``MAX_TASK_BYTES`` / the
+    bound, so no body under it may grow past it."""
+    characters = ["\x7f", "\u00e9", "\U0001f600", "\\/", "\\u0041", "a"]
+    numbers = ["9e15", "1e14", "-1e15", "1E1", "0.1e-3", "5"]
+    bodies = [f'"{character * 1000}"'.encode() for character in characters]
+    bodies += [f"[{','.join([number] * 1000)}]".encode() for number in numbers]
+    bodies += [number.encode() for number in numbers]
+    for raw in bodies:
         grown = json.dumps(loads_strict(raw), separators=(",", ":"))
-        assert len(grown) <= JSON_GROWTH_PER_BYTE * len(raw), (token, grown)
-    number = b"9e15"
-    assert len(json.dumps(loads_strict(number))) / len(number) == 4.5  # the bound is not loose by a lot
+        assert len(grown) <= JSON_GROWTH_PER_BYTE * len(raw), (raw[:12], len(grown) / len(raw))
+    ratios = [len(json.dumps(loads_strict(raw), separators=(",", ":"))) / len(raw) for raw in bodies]
+    assert max(ratios) > JSON_GROWTH_PER_BYTE - 0.1  # DEL's: the bound is not loose
 
 
 def test_a_created_far_from_the_local_clock_does_not_drive_the_schedule() -> None:
