@@ -301,13 +301,15 @@ def deadline_adapter() -> type[requests.adapters.HTTPAdapter]:
             super().do_handshake(block)
 
     class DeadlineHTTPSConnection(DeadlineHTTPConnection, urllib3.connection.HTTPSConnection):
-        """The same overrides, before HTTPSConnection's in the method order; its TLS context is the one
-        urllib3 would build, with :class:`DeadlineSSLSocket` (``SSLContext.sslsocket_class``)."""
+        """The same overrides, before HTTPSConnection's in the method order; its TLS context (the one
+        urllib3 would build, or the one requests hands in) makes :class:`DeadlineSSLSocket` sockets
+        (``SSLContext.sslsocket_class``). requests 2.32.0-2.32.4 hand every connection one shared context
+        of theirs: it gets the class too, which acts only inside this provider's :func:`answer_until`."""
 
         def __init__(self, *args: Any, ssl_context: ssl.SSLContext | None = None, **kwargs: Any) -> None:
-            if ssl_context is None:  # one given (requests 2.32.0-2.32.3 share one) is left as it is
+            if ssl_context is None:
                 ssl_context = urllib3.util.create_urllib3_context()
-                ssl_context.sslsocket_class = DeadlineSSLSocket
+            ssl_context.sslsocket_class = DeadlineSSLSocket
             super().__init__(*args, ssl_context=ssl_context, **kwargs)
 
     class DeadlineHTTPPool(HTTPConnectionPool):
