@@ -28,6 +28,9 @@ with DAG(
     schedule=None,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    # A deferrable wait wants one retry: the scheduler can fail a task whose trigger fires soon after
+    # its deferral (apache/airflow#66374), and the retry collects the paid video (the provider warns).
+    default_args={"retries": 1, "retry_delay": pendulum.duration(seconds=30)},
     tags=["evolink", "example", "assets"],
     params={
         "prompt": "A lighthouse beam sweeps over a stormy sea at night, waves crashing, cinematic",
