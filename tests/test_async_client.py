@@ -192,8 +192,11 @@ def test_bytes_after_an_answer_are_never_read_as_the_next_polls_answer(
 def test_an_answer_sent_to_an_idle_connection_is_never_read_as_the_next_polls_answer(
     server: HostileServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same desync, with the unasked-for answer arriving while the connection sits idle in the pool."""
+    """The same desync, with the unasked-for answer arriving while the connection sits idle in the pool
+    (the next poll waits until it was written: one sent after the next request would be its answer to any
+    HTTP/1.1 client)."""
     answered: list[str] = []
+    written = threading.Event()
     smuggled = json.dumps(task(status="completed", progress=100, results=["https://s.example/v.mp4"]))
 
     def respond(handler: BaseHTTPRequestHandler) -> None:
@@ -204,6 +207,7 @@ def test_an_answer_sent_to_an_idle_connection_is_never_read_as_the_next_polls_an
             head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(smuggled)}\r\n\r\n"
             handler.wfile.write(head.encode() + smuggled.encode())
             handler.wfile.flush()
+            written.set()
 
     server.routes["/v1/tasks/"] = respond
     set_connection(monkeypatch, "evolink_desync", server.url)
@@ -211,7 +215,8 @@ def test_an_answer_sent_to_an_idle_connection_is_never_read_as_the_next_polls_an
     async def reads() -> list[dict[str, Any]]:
         try:
             first = await EvolinkHook("evolink_desync").aget_task(TASK_ID)
-            await asyncio.sleep(0.6)
+            assert await asyncio.to_thread(written.wait, 10)
+            await asyncio.sleep(0.5)  # the loop sees the bytes arrive on the idle connection
             return [first, await EvolinkHook("evolink_desync").aget_task(TASK_ID)]
         finally:
             await aclose_async_clients()
