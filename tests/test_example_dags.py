@@ -38,6 +38,21 @@ def test_example_dags_parse_without_import_errors() -> None:
         assert "# [START howto_" in source and "# [END howto_" in source
 
 
+def test_every_deferrable_example_task_has_a_retry() -> None:
+    """The examples do what the provider's defer-race warning asks (they printed it in the demo)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "example_dags"))
+    deferrable = [
+        (dag_id, task.task_id, task.retries)
+        for dag_id in EXAMPLES
+        for task in bag.dags[dag_id].tasks
+        if getattr(task, "deferrable", False)
+    ]
+    assert deferrable, "no deferrable task in the examples"
+    assert [entry for entry in deferrable if entry[2] < 1] == []
+
+
 def run_example(dag_id: str) -> dict[str, Any]:
     import importlib.util
 
