@@ -39,11 +39,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 #: The fast tests that guard each module (pytest arguments). A module not listed needs ``--tests``.
 SELECTION: dict[str, str] = {
-    "evolink_provider/operators/submission.py": (
+    "evolink_provider/submission.py": (
         "tests/test_deferral.py tests/test_operators.py -k 'test_deferral or cleared_completed or "
         "reattach_never or (retry_reattaches and sync) or transient or min_credits_refuses'"
     ),
     "evolink_provider/ledger.py": "tests/test_ledger.py",
+    "evolink_provider/records.py": "tests/test_ledger.py",
     "evolink_provider/storage.py": "tests/test_storage.py",
     "evolink_provider/polling.py": "tests/test_polling.py tests/test_trigger.py",
 }

@@ -293,6 +293,13 @@ class EvolinkWaitTimeoutError(EvolinkError):
     retryable = True
 
 
+class RetryLaterError(EvolinkError):
+    """Nothing proves a paid result gone (:mod:`evolink_provider.ledger`): this try fails (retryably) and
+    spends nothing."""
+
+    retryable = True
+
+
 #: The typed error of each HTTP status EvoLink documents; other 5xx are server errors, the rest plain.
 _ERROR_FOR_STATUS: dict[int, type[EvolinkAPIError]] = {
     400: EvolinkBadRequestError,

@@ -7,17 +7,17 @@ fresh result link, an answer that fails a check) spends nothing: the read is rep
 try (:func:`reread_pauses`), then the try fails *retryably* naming the EvoLink task and what to do.
 
 What is recorded per task instance (dag, task, run, map index; never the try number) is one
-:class:`SubmissionRecord` in Airflow 3.3's ``task_state_store``, which survives retries and clears: the
-request's fingerprint, the ``Idempotency-Key`` sent, the task id once known, the *generation* (below), when
-the provider first saw the task completed, every result file stored (name, size, sha256) with the number of
-results the task has, and whether the result was *delivered* (handed downstream: written by the
-operator's ``post_execute``, after the user's own hook, so only Airflow's XCom push and success report
-come later, and a failure there leaves a failed task instance whose clear pays again). The intent is written
-before the POST and the task id right after, so a crash between the two is recovered by resending the
-*same* key, which EvoLink answers with the task it created. Airflow 3.3's ``ResumableJobMixin`` persists a
-job id only after the submit returns, so it leaves that submit-to-persist window open; the intent record
-closes it. Airflow 3.0-3.2 have no ``task_state_store`` and nothing else is invented here: only the
-derived key (request, generation, counter) lets EvoLink replay a repeated submission.
+:class:`~evolink_provider.records.SubmissionRecord` in Airflow 3.3's ``task_state_store``, which survives
+retries and clears: the request's fingerprint, the ``Idempotency-Key`` sent, the task id once known, the
+*generation* (below), when the provider first saw the task completed, every result file stored (name, size,
+sha256) with the number of results the task has, and whether the result was *delivered* (handed downstream:
+written by the operator's ``post_execute``, after the user's own hook, so only Airflow's XCom push and success
+report come later, and a failure there leaves a failed task instance whose clear pays again). The intent is
+written before the POST and the task id right after, so a crash between the two is recovered by resending the
+*same* key, which EvoLink answers with the task it created. Airflow 3.3's ``ResumableJobMixin`` persists a job
+id only after the submit returns, so it leaves that submit-to-persist window open; the intent record closes
+it. Airflow 3.0-3.2 have no ``task_state_store`` and nothing else is invented here: only the derived key
+(request, generation, counter) lets EvoLink replay a repeated submission.
 
 **Why this try runs** (:func:`try_reason`): a *new run* or first try (no record); an *automatic retry*
 (same generation); a *clear* (another generation); a *forced* fresh take (a clear with ``regenerate``, or
@@ -110,12 +110,9 @@ charged.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -128,10 +125,19 @@ from evolink_provider.exceptions import (
     EvolinkNotFoundError,
     EvolinkSubmissionUnknownError,
     EvolinkValidationError,
+    RetryLaterError,
     fail_for,
     task_error_is_retryable,
 )
 from evolink_provider.polling import FAILED_STATUSES, completed_without_output, expected_end, task_failure
+from evolink_provider.records import (
+    SubmissionRecord,
+    SubmissionStore,
+    idempotency_key,
+    task_instance_identity,
+    tries_in_sequence,
+    try_generation,
+)
 from evolink_provider.results import printable
 from evolink_provider.storage import StoredFile
 
@@ -139,19 +145,14 @@ if TYPE_CHECKING:
     import logging
 
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.operators.submission import PreparedRequest
+    from evolink_provider.submission import PreparedRequest
 
-STATE_KEY = "evolink_submission"
 #: EvoLink's result links are signed for 24 h from completion.
 RESULT_LINK_TTL = 24 * 3600.0
 #: How far the clocks of two machines may disagree (the one that saw the task completed, the one that
 #: judges a refusal): a refusal proves expiry only this long past the links' 24 h. Inside it a refusal fails
 #: retryably, which only delays a purchase; without it a clock behind turns a CDN blip into one.
 CLOCK_SKEW_ALLOWANCE = 3600.0
-#: Files API URLs live 72 h; an upload is reused only while it has this much life left, so that EvoLink
-#: can still fetch it when a queued task starts hours later.
-UPLOAD_TTL = 72 * 3600.0
-UPLOAD_REUSE_MARGIN = 6 * 3600.0
 #: ``reattach`` values of the operators.
 REATTACH_MODES = ("auto", "never")
 #: ``dag_run.conf`` key that forces a fresh take on a clear: ``true``, or a list of task ids.
@@ -292,194 +293,6 @@ def sighting_time(at: Any, created: float | None, now: float) -> float:
     return float(at) if created <= at <= now else now
 
 
-# -- the record ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UploadRecord:
-    """A local or storage input already uploaded through the Files API."""
-
-    source: str
-    sha256: str
-    file_url: str
-    expires_at: float
-
-    @classmethod
-    def from_stored(cls, value: Any) -> UploadRecord | None:
-        if not isinstance(value, dict):
-            return None
-        try:
-            return cls(
-                str(value["source"]), str(value["sha256"]), str(value["file_url"]), float(value["expires_at"])
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    def reusable(self, sha256: str, now: float | None = None) -> bool:
-        """Same bytes, and the URL outlives the safety margin."""
-        moment = time.time() if now is None else now
-        return self.sha256 == sha256 and self.expires_at - UPLOAD_REUSE_MARGIN > moment
-
-
-@dataclass(frozen=True)
-class SubmissionRecord:
-    """One submission of one task instance: ``task_id`` is ``None`` between the POST and its answer.
-
-    ``generation`` is ``None`` in records written before it existed (treated as the current one, the
-    cheaper guess). ``stored`` and ``results`` describe the files of ``task_id`` stored so far and how many
-    results that task has; ``completed_seen_at`` is when this provider first saw it completed, and
-    ``completed_task`` the (checked) task object it saw then, so that a later try that finds every result
-    stored hands downstream the same value (links, character name, credits) without reading the task.
-    A task's files stay in the folder the first of them went to (``stored_in``): a try that renders
-    another ``output_path`` completes and hands over that set, so rows R08/R09 hold whatever it renders.
-    ``payload`` is the JSON body sent with ``idempotency_key``: a resend sends it again, since a later
-    rendering of the same request may name its images by other URLs (a cleared upload step, an upload
-    near its expiry), which EvoLink refuses under that key.
-    """
-
-    fingerprint: str
-    submission: int
-    idempotency_key: str
-    task_id: str | None = None
-    generation: str | None = None
-    uploads: tuple[UploadRecord, ...] = field(default=())
-    completed_seen_at: float | None = None
-    results: int | None = None
-    stored: tuple[StoredFile, ...] = field(default=())
-    #: The folder ``stored`` is in (a templated ``output_path`` can render another one on a later try).
-    stored_in: str | None = None
-    delivered: bool = False
-    completed_task: dict[str, Any] | None = None
-    payload: dict[str, Any] | None = None
-
-    @classmethod
-    def from_stored(cls, value: Any) -> SubmissionRecord | None:
-        if not isinstance(value, dict):
-            return None
-        try:
-            seen = value.get("completed_seen_at")
-            results = value.get("results")
-            return cls(
-                fingerprint=str(value["fingerprint"]),
-                submission=int(value["submission"]),
-                idempotency_key=str(value["idempotency_key"]),
-                task_id=value.get("task_id") or None,
-                generation=None if value.get("generation") is None else str(value["generation"]),
-                uploads=_parsed(UploadRecord.from_stored, value.get("uploads")),
-                completed_seen_at=None if seen is None else float(seen),
-                results=None if results is None else int(results),
-                stored=_parsed(StoredFile.from_stored, value.get("stored")),
-                stored_in=value["stored_in"] if isinstance(value.get("stored_in"), str) else None,
-                delivered=value.get("delivered") is True,
-                completed_task=value["completed_task"]
-                if isinstance(value.get("completed_task"), dict)
-                else None,
-                payload=value["payload"] if isinstance(value.get("payload"), dict) else None,
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    def as_stored(self) -> dict[str, Any]:
-        stored = {
-            k: v
-            for k, v in asdict(self).items()
-            if v is not None and k not in ("uploads", "stored", "delivered")
-        }
-        if self.uploads:
-            stored["uploads"] = [asdict(upload) for upload in self.uploads]
-        if self.stored:
-            stored["stored"] = [asdict(item) for item in self.stored]
-        if self.delivered:
-            stored["delivered"] = True
-        return stored
-
-
-def _parsed(parse: Callable[[Any], Any], values: Any) -> tuple[Any, ...]:
-    items = values if isinstance(values, list) else []
-    return tuple(item for item in (parse(value) for value in items) if item is not None)
-
-
-def expiry_epoch(value: Any, uploaded_at: float) -> float:
-    """An upload's ``expires_at`` (epoch seconds or ISO-8601) as epoch seconds; 72 h after the upload
-    when missing or unreadable."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        else:
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=timezone.utc)
-            return moment.timestamp()
-    return uploaded_at + UPLOAD_TTL
-
-
-# -- identity and keys -----------------------------------------------------------------------------
-
-
-def payload_fingerprint(payload: dict[str, Any]) -> str:
-    """A stable digest of the request body (key order does not matter)."""
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def request_fingerprint(
-    payload: dict[str, Any], local_digests: dict[str, str], uploaded: dict[str, str] | None = None
-) -> str:
-    """The identity of what the user asked for: the validated body (local inputs still as their paths or
-    URIs) and the sha256 of every local input's bytes. Upload URLs play no part: an ``image_urls`` URL an
-    upload step made (``uploaded``: URL -> sha256) counts as its sha256, since a re-run of that step
-    gives the same bytes another URL."""
-    if uploaded:
-        images = payload.get("image_urls")
-        if isinstance(images, list):
-            named = [
-                {"uploaded_sha256": uploaded[url]} if isinstance(url, str) and url in uploaded else url
-                for url in images
-            ]
-            payload = {**payload, "image_urls": named}
-    if not local_digests:
-        return payload_fingerprint(payload)
-    return payload_fingerprint({"payload": payload, "local_media_sha256": local_digests})
-
-
-def task_instance_identity(context: Any) -> str:
-    """dag / task / run / map index of the running task instance: stable across its retries."""
-    ti = context["ti"]
-    return "|".join(str(part) for part in (ti.dag_id, ti.task_id, ti.run_id, getattr(ti, "map_index", -1)))
-
-
-def try_generation(context: Any, reattach: str) -> str:
-    """Which try sequence this try belongs to (module docstring): ``ti.max_tries`` with ``auto``, the try
-    number with ``never`` (every try a generation of its own)."""
-    ti = context["ti"]
-    if reattach == "never":
-        return f"try-{getattr(ti, 'try_number', 0)}"
-    max_tries = getattr(ti, "max_tries", None)
-    return f"seq-{max_tries}" if isinstance(max_tries, int) else "seq-unknown"
-
-
-def tries_in_sequence(context: Any) -> int:
-    """How many tries of the current try sequence have started, this one included (at least 1)."""
-    ti = context["ti"]
-    try_number = getattr(ti, "try_number", 1)
-    max_tries = getattr(ti, "max_tries", None)
-    retries = getattr(getattr(ti, "task", None), "retries", None)
-    if not isinstance(try_number, int):
-        return 1
-    if isinstance(max_tries, int) and isinstance(retries, int):
-        return max(1, try_number - (max_tries - retries))
-    return max(1, try_number)
-
-
-def idempotency_key(identity: str, fingerprint: str, submission: int, generation: str = "") -> str:
-    """``evl-<48 hex>``: within EvoLink's 16-96 characters of ``[A-Za-z0-9._-]``."""
-    seed = f"{identity}\n{fingerprint}\n{submission}" + (f"\n{generation}" if generation else "")
-    return f"evl-{hashlib.sha256(seed.encode()).hexdigest()[:48]}"
-
-
 def regenerate_requested(context: Any, regenerate: Any) -> bool:
     """Whether a fresh take is forced: the operator's ``regenerate`` (a bool, or its rendered text
     ``true``/``false``), or the run's ``dag_run.conf["evolink_regenerate"]`` (``true``, or a list holding
@@ -521,36 +334,7 @@ def try_reason(
     return Why.FORCED if forced else Why.CLEAR
 
 
-class SubmissionStore:
-    """The task instance's :class:`SubmissionRecord`, in ``task_state_store`` when Airflow has one."""
-
-    def __init__(self, context: Any) -> None:
-        try:
-            self._store = context.get("task_state_store")
-        except AttributeError:
-            self._store = None
-
-    @property
-    def durable(self) -> bool:
-        return self._store is not None
-
-    def load(self) -> SubmissionRecord | None:
-        if self._store is None:
-            return None
-        return SubmissionRecord.from_stored(self._store.get(STATE_KEY))
-
-    def save(self, record: SubmissionRecord) -> None:
-        if self._store is not None:
-            self._store.set(STATE_KEY, record.as_stored())
-
-
 # -- applying the decisions ------------------------------------------------------------------------
-
-
-class RetryLaterError(EvolinkError):
-    """Nothing proves the paid result gone: this try fails (retryably) and spends nothing."""
-
-    retryable = True
 
 
 class NewGeneration(Exception):
@@ -570,7 +354,7 @@ class Ledger:
     :param reattach: ``auto`` or ``never`` (see the operators).
     :param regenerate: force a fresh take on a clear (see :func:`regenerate_requested`).
     :param regenerate_expired: let an automatic retry buy a new generation when the results expired.
-    :param min_credits: see :func:`~evolink_provider.operators.submission.check_balance`.
+    :param min_credits: see :func:`~evolink_provider.submission.check_balance`.
     """
 
     context: Any
@@ -793,7 +577,7 @@ class Ledger:
         earlier tries of this try sequence (each created at most one task, keys 0..n-2). Anything else
         is a fresh task that failed at once, handed to the operator like any failure.
         """
-        from evolink_provider.operators.submission import check_balance, payload_for_post
+        from evolink_provider.submission import check_balance, payload_for_post
 
         identity = task_instance_identity(self.context)
         record = self.record

@@ -461,7 +461,7 @@ def upload_once(
     import time
 
     from evolink_provider.field_rules import MediaRef
-    from evolink_provider.ledger import UPLOAD_REUSE_MARGIN, expiry_epoch
+    from evolink_provider.records import UPLOAD_REUSE_MARGIN, expiry_epoch
 
     allowed = allowed_locations(hook.settings.upload_allowed_dirs, f"connection {hook.evolink_conn_id!r}")
     now = time.time()
@@ -530,7 +530,7 @@ def uploaded_image_urls(model: str, fields: dict[str, Any]) -> tuple[dict[str, A
     The upload step hands out a new URL whenever it runs again (a clear of it), for the same bytes; a
     generation task that only saw the URL would take a cleared run for another request and pay again.
     Given the entries (``upload.output["images"]``), it knows each image's sha256, and the request's
-    identity names that digest instead of the URL (:func:`evolink_provider.ledger.request_fingerprint`).
+    identity names that digest instead of the URL (:func:`evolink_provider.records.request_fingerprint`).
 
     :returns: the fields with plain URLs, and ``{file_url: sha256}`` of the entries (empty when none).
     """

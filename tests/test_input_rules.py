@@ -25,8 +25,8 @@ from evolink_provider.models import (
     image_problems,
     validate_request,
 )
-from evolink_provider.operators.submission import prepare_request
 from evolink_provider.simulator.validation import image_failure
+from evolink_provider.submission import prepare_request
 from tests.airflow_runs import only_dag
 from tests.conftest import DAGS_FOLDER, SimulatorControl
 from tests.media_files import write_png

@@ -21,22 +21,21 @@ from evolink_provider.exceptions import (
     EvolinkNotFoundError,
     EvolinkServerError,
     EvolinkTransportError,
+    RetryLaterError,
 )
 from evolink_provider.ledger import (
-    STATE_KEY,
     Action,
     Answer,
     Ledger,
     Recorded,
-    RetryLaterError,
     Situation,
-    SubmissionRecord,
     Why,
     decide,
     link_expired,
     sighting_time,
 )
-from evolink_provider.operators.submission import PreparedRequest
+from evolink_provider.records import STATE_KEY, SubmissionRecord
+from evolink_provider.submission import PreparedRequest
 
 S3, NONE = True, False
 
@@ -298,7 +297,7 @@ def test_an_intent_with_a_changed_request_on_a_retry_spends_nothing() -> None:
 
 
 def test_a_record_survives_the_state_store_and_refuses_garbage() -> None:
-    from evolink_provider.ledger import UploadRecord
+    from evolink_provider.records import UploadRecord
     from evolink_provider.storage import StoredFile
 
     record = SubmissionRecord(
@@ -326,7 +325,7 @@ def test_a_record_survives_the_state_store_and_refuses_garbage() -> None:
 
 
 def test_uploads_are_reused_with_the_same_bytes_and_enough_life_left() -> None:
-    from evolink_provider.ledger import UPLOAD_REUSE_MARGIN, UploadRecord, expiry_epoch
+    from evolink_provider.records import UPLOAD_REUSE_MARGIN, UploadRecord, expiry_epoch
 
     upload = UploadRecord("/a.png", "sha", "https://files/a", 1000.0 + UPLOAD_REUSE_MARGIN)
     assert upload.reusable("sha", now=999.0)
@@ -341,7 +340,7 @@ def test_uploads_are_reused_with_the_same_bytes_and_enough_life_left() -> None:
 
 
 def test_identity_keys_and_try_sequences() -> None:
-    from evolink_provider.ledger import (
+    from evolink_provider.records import (
         idempotency_key,
         request_fingerprint,
         task_instance_identity,
@@ -691,7 +690,7 @@ def test_a_failed_post_is_raised_as_the_hook_raised_it() -> None:
 
 
 def test_a_resubmission_never_reuses_an_earlier_counters_key() -> None:
-    from evolink_provider.ledger import idempotency_key
+    from evolink_provider.records import idempotency_key
 
     store = MemoryStore()
     record = SubmissionRecord("fp-1", 1, "evl-" + "4" * 48, "task-unified-1-abcdefgh", "seq-2")
@@ -827,7 +826,7 @@ def test_the_task_waited_for_is_named(reads: list[Any], named: str) -> None:
 def test_a_naive_upload_expiry_is_utc_whatever_the_machines_zone(monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from evolink_provider.ledger import expiry_epoch
+    from evolink_provider.records import expiry_epoch
 
     monkeypatch.setenv("TZ", "JST-9")  # a POSIX zone: no tz database needed
     time.tzset()
@@ -872,7 +871,7 @@ def test_a_naive_upload_expiry_is_utc_whatever_the_machines_zone(monkeypatch: py
 def test_what_the_request_fingerprint_tells_apart(
     first: tuple[Any, ...], second: tuple[Any, ...], same: bool
 ) -> None:
-    from evolink_provider.ledger import request_fingerprint
+    from evolink_provider.records import request_fingerprint
 
     assert (request_fingerprint(*first) == request_fingerprint(*second)) is same
 
@@ -1089,7 +1088,7 @@ def test_a_resent_key_refused_for_new_upload_urls_names_the_key_and_the_remedy(
     """R15 with inline local images: a retry uploads them again and EvoLink refuses the resent key
     (``idempotency_conflict``); the try fails naming the key and the upload step, buying nothing."""
     from evolink_provider.field_rules import MediaRef
-    from evolink_provider.operators import submission
+    from evolink_provider import submission
 
     monkeypatch.setattr(submission, "payload_for_post", lambda hook, request, uploads, log: request.payload)
     request = REQUEST._replace(local_media=[MediaRef("image_urls", 0, "/in/a.png")] if local else [])

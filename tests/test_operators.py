@@ -415,7 +415,7 @@ def test_a_bad_min_credits_is_refused_before_any_request(sim: SimulatorControl, 
 
     from evolink_provider.compat import AirflowFailException
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.operators.submission import check_balance
+    from evolink_provider.submission import check_balance
 
     with pytest.raises(AirflowFailException, match=r"min_credits=.*allowed values are None or a number"):
         check_balance(EvolinkHook(), bad, logging.getLogger(__name__))

@@ -25,9 +25,8 @@ from typing import Any
 import pytest
 
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError
+from evolink_provider.exceptions import EvolinkError, RetryLaterError
 from evolink_provider.hooks.evolink import EvolinkHook
-from evolink_provider.ledger import RetryLaterError
 from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
 from evolink_provider.storage import store_results
 from tests.airflow_runs import run_dag
@@ -131,7 +130,7 @@ def test_with_a_store_the_same_refused_link_fails_retryably_and_buys_nothing(
     tmp_path: Path,
 ) -> None:
     """Held on 3.3: the record's first-seen-completed time, not `created`, starts the links' 24 h."""
-    from evolink_provider.ledger import STATE_KEY, SubmissionRecord
+    from evolink_provider.records import STATE_KEY, SubmissionRecord
 
     refused_once_then_served(hostile)
     task = {**completed(f"{hostile.url}/media/v.mp4"), "created": int(time.time()) - 2 * DAY}
@@ -229,8 +228,8 @@ def retry_with_a_local_image(
     delivered_before_a_clear: bool = False,
 ) -> dict[str, Any]:
     """Try 1 paid for TASK_ID with a local image, then failed (a wait timeout); its retry runs now."""
-    from evolink_provider.ledger import STATE_KEY, SubmissionRecord
     from evolink_provider.operators.evolink import EvolinkHappyHorseReferenceToVideoOperator
+    from evolink_provider.records import STATE_KEY, SubmissionRecord
     from tests.test_hostile import set_connection
 
     inputs = tmp_path / "inputs"
@@ -309,7 +308,7 @@ def memory_try(store: MemoryStore, folder: str, expired: bool, max_tries: int, t
 
 
 def paid_record(store: MemoryStore) -> None:
-    from evolink_provider.ledger import STATE_KEY, SubmissionRecord
+    from evolink_provider.records import STATE_KEY, SubmissionRecord
     from tests.test_redteam6 import TASK
 
     record = SubmissionRecord(

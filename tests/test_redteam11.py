@@ -184,8 +184,8 @@ def test_a_forced_take_whose_local_image_is_gone_buys_and_uploads_nothing(
 ) -> None:
     """A clear with regenerate, or reattach="never" (R13), submits, and a submission needs the request:
     the input's refusal stands (no POST, no upload)."""
-    from evolink_provider.ledger import STATE_KEY, SubmissionRecord
     from evolink_provider.operators.evolink import EvolinkHappyHorseReferenceToVideoOperator
+    from evolink_provider.records import STATE_KEY, SubmissionRecord
     from tests.test_hostile import set_connection
     from tests.test_ledger import MemoryStore
     from tests.test_redteam10 import HERO_PNG

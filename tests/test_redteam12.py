@@ -28,8 +28,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import RetryLaterError
+from evolink_provider.exceptions import EvolinkError, RetryLaterError
 from evolink_provider.sensors.evolink import EvolinkTaskSensor
 from evolink_provider.triggers.evolink import EvolinkTaskTrigger
 from tests.test_hostile import (

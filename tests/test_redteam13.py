@@ -35,15 +35,10 @@ from typing import Any
 import pytest
 
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import (
-    CLOCK_SKEW_ALLOWANCE,
-    RESULT_LINK_TTL,
-    STATE_KEY,
-    RetryLaterError,
-    SubmissionRecord,
-)
+from evolink_provider.exceptions import EvolinkError, RetryLaterError
+from evolink_provider.ledger import CLOCK_SKEW_ALLOWANCE, RESULT_LINK_TTL
 from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
+from evolink_provider.records import STATE_KEY, SubmissionRecord
 from evolink_provider.timing import steered
 from tests.test_hostile import (
     MP4,

@@ -39,11 +39,11 @@ from airflow.sdk.exceptions import TaskDeferred
 
 from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import STATE_KEY, SubmissionRecord
 from evolink_provider.operators.evolink import (
     EvolinkSeedanceTextToVideoOperator,
     EvolinkVideoGenerationOperator,
 )
+from evolink_provider.records import STATE_KEY, SubmissionRecord
 from evolink_provider.timing import steered
 from tests.test_hostile import (
     MP4,
@@ -191,7 +191,7 @@ def test_f3_regenerate_expired_without_a_store_buys_nothing_and_names_the_clear(
     instance runs out of retries with nothing delivered. (Red-team 12's test of this row answers every POST
     with a new task and never looks at the key.) Fixed: without a store R27 is R26 (any other key would be
     lost to the next retry, which resends K0): the try fails for good naming the clear, nothing POSTed."""
-    from evolink_provider.ledger import idempotency_key, task_instance_identity, try_generation
+    from evolink_provider.records import idempotency_key, task_instance_identity, try_generation
 
     refused_for(hostile, 10)
     now = time.time()

@@ -37,10 +37,9 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import (
+from evolink_provider.exceptions import EvolinkError, RetryLaterError
+from evolink_provider.records import (
     STATE_KEY,
-    RetryLaterError,
     SubmissionRecord,
     idempotency_key,
     task_instance_identity,

@@ -38,14 +38,14 @@ from evolink_provider.exceptions import (
     EvolinkServerError,
     EvolinkSubmissionUnknownError,
     EvolinkTaskError,
+    RetryLaterError,
 )
 from evolink_provider.hooks.connection import build_request
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.transport import aclose_async_clients, asend
-from evolink_provider.ledger import (
+from evolink_provider.ledger import Ledger
+from evolink_provider.records import (
     STATE_KEY,
-    Ledger,
-    RetryLaterError,
     SubmissionRecord,
     idempotency_key,
     task_instance_identity,

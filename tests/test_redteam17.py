@@ -50,17 +50,13 @@ from evolink_provider.exceptions import (
     EvolinkServerError,
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
+    RetryLaterError,
 )
 from evolink_provider.hooks.connection import build_request
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.transport import send
-from evolink_provider.ledger import (
-    Ledger,
-    RetryLaterError,
-    idempotency_key,
-    task_instance_identity,
-    try_generation,
-)
+from evolink_provider.ledger import Ledger
+from evolink_provider.records import idempotency_key, task_instance_identity, try_generation
 from tests.test_hostile import (
     TASK_ID,
     HostileServer,

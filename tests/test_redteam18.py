@@ -54,13 +54,13 @@ from evolink_provider.exceptions import (
     EvolinkPermissionError,
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
+    RetryLaterError,
 )
 from evolink_provider.hooks.responses import refused
 from evolink_provider.hooks.retry import Kind, RetryPolicy
-from evolink_provider.ledger import (
+from evolink_provider.ledger import Ledger
+from evolink_provider.records import (
     STATE_KEY,
-    Ledger,
-    RetryLaterError,
     SubmissionRecord,
     idempotency_key,
     task_instance_identity,
@@ -101,7 +101,7 @@ def tls_error(inner: BaseException) -> requests.exceptions.SSLError:
 def test_f1_an_intent_whose_upload_failed_is_posted_by_the_retry_below_min_credits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from evolink_provider.operators import submission
+    from evolink_provider import submission
 
     uploads = {"calls": 0}
     real = submission.payload_for_post

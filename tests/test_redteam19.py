@@ -39,10 +39,11 @@ from evolink_provider.exceptions import (
     EvolinkRateLimitError,
     EvolinkSubmissionUnknownError,
     EvolinkTransportError,
+    RetryLaterError,
 )
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.retry import outcome_unknown
-from evolink_provider.ledger import Ledger, RetryLaterError
+from evolink_provider.ledger import Ledger
 from tests.test_hostile import (
     TASK_ID,
     HostileServer,
@@ -170,7 +171,7 @@ def test_held_3_3_an_unknown_outcome_is_resent_unchecked_and_collected() -> None
 def _bodiless_intent(store: MemoryStore, ctx: dict[str, Any]) -> str:
     """Try 1 records its intent, then its upload fails (nothing POSTed): the bodiless intent of red-team
     18's F1."""
-    from evolink_provider.ledger import SubmissionRecord
+    from evolink_provider.records import SubmissionRecord
 
     key = key_of(ctx, 0)
     store.set(

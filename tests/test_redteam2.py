@@ -69,7 +69,7 @@ def test_a_resent_key_is_not_refused_by_min_credits(sim: SimulatorControl, tmp_p
 @pytest.fixture
 def without_task_state_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Airflow 3.0-3.2 in this 3.3 process: the ledger finds no ``task_state_store`` in the context."""
-    from evolink_provider.ledger import SubmissionStore
+    from evolink_provider.records import SubmissionStore
 
     monkeypatch.setattr(SubmissionStore, "__init__", lambda self, context: setattr(self, "_store", None))
     yield

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkError, EvolinkNotFoundError
-from evolink_provider.ledger import STATE_KEY, SubmissionRecord
+from evolink_provider.records import STATE_KEY, SubmissionRecord
 from evolink_provider.storage import StoredFile, file_stamp
 from tests.test_ledger import FakeHook, MemoryStore, context, make
 

@@ -20,7 +20,8 @@ import pytest
 
 from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkNotFoundError
-from evolink_provider.ledger import STATE_KEY, NewGeneration, SubmissionRecord
+from evolink_provider.ledger import NewGeneration
+from evolink_provider.records import STATE_KEY, SubmissionRecord
 from evolink_provider.storage import StoredFile
 from tests.test_ledger import FakeHook, MemoryStore, context, make
 
@@ -281,7 +282,7 @@ def test_a_garbled_stored_in_falls_back_to_output_path(tmp_path: Path, value: An
 
 def test_two_map_indexes_keep_their_own_folders(tmp_path: Path) -> None:
     """Each map index has its own record; their files never mix (names carry the task id)."""
-    from evolink_provider.ledger import task_instance_identity
+    from evolink_provider.records import task_instance_identity
 
     a, b = context(MemoryStore()), context(MemoryStore())
     b["ti"].map_index = 1

@@ -20,7 +20,8 @@ import pytest
 
 from evolink_provider.compat import AirflowFailException
 from evolink_provider.exceptions import EvolinkError, fail_for
-from evolink_provider.ledger import STATE_KEY, NewGeneration
+from evolink_provider.ledger import NewGeneration
+from evolink_provider.records import STATE_KEY
 from evolink_provider.storage import EvolinkStorageError
 from tests.test_ledger import FakeHook, MemoryStore, context, make
 from tests.test_redteam6 import TASK, VIDEO, DownloadHook, one_try, record_stored
@@ -222,7 +223,7 @@ def test_a_restored_file_with_the_recorded_bytes_is_not_paid_for_again(tmp_path:
     import os
     import shutil
 
-    from evolink_provider.ledger import SubmissionRecord
+    from evolink_provider.records import SubmissionRecord
     from evolink_provider.storage import StoredFile, file_stamp
 
     store, hook = MemoryStore(), DownloadHook(expired=True)

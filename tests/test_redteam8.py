@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import STATE_KEY, NewGeneration, RetryLaterError, SubmissionRecord
+from evolink_provider.exceptions import EvolinkError, RetryLaterError
+from evolink_provider.ledger import NewGeneration
+from evolink_provider.records import STATE_KEY, SubmissionRecord
 from evolink_provider.storage import EvolinkStorageUnavailableError, StoredFile, file_stamp
 from tests.test_ledger import MemoryStore
 from tests.test_redteam6 import TASK, VIDEO, DownloadHook, one_try

@@ -21,7 +21,8 @@ import pytest
 from fsspec.spec import AbstractFileSystem
 
 from evolink_provider.exceptions import EvolinkError
-from evolink_provider.ledger import STATE_KEY, NewGeneration
+from evolink_provider.ledger import NewGeneration
+from evolink_provider.records import STATE_KEY
 from evolink_provider.storage import EvolinkStorageUnavailableError, holds_any
 from tests.test_ledger import MemoryStore, context, make
 from tests.test_redteam6 import TASK, VIDEO, DownloadHook, one_try
@@ -230,7 +231,7 @@ def test_a_symlink_loop_output_folder_fails_as_an_evolink_error(tmp_path: Path, 
         folder.rmdir()
     folder.symlink_to(folder)
     if not recorded:
-        from evolink_provider.ledger import SubmissionRecord
+        from evolink_provider.records import SubmissionRecord
 
         store.set(STATE_KEY, SubmissionRecord("fp-1", 0, "evl-" + "0" * 48, TASK, "seq-2").as_stored())
     with pytest.raises(Exception) as raised:

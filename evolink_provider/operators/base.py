@@ -31,13 +31,13 @@ from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkTaskError,
     EvolinkWaitTimeoutError,
+    RetryLaterError,
     fail_for,
 )
 from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.hooks.retry import Verdict
 from evolink_provider.lineage import operator_lineage
 from evolink_provider.links import RESULT_LINKS, push_links
-from evolink_provider.operators.submission import PreparedRequest, payload_for_post, prepare_request
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
@@ -50,6 +50,7 @@ from evolink_provider.polling import (
     task_failure,
 )
 from evolink_provider.results import final_line, finished_value
+from evolink_provider.submission import PreparedRequest, payload_for_post, prepare_request
 from evolink_provider.timing import current as timing
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
 
     def validated_request(self) -> PreparedRequest:
         """The rendered fields checked against the model's documented limits (no HTTP before that), with
-        the request's identity (see :func:`~evolink_provider.operators.submission.prepare_request`)."""
+        the request's identity (see :func:`~evolink_provider.submission.prepare_request`)."""
         return prepare_request(
             self.hook,
             self.model_name(),
@@ -465,8 +466,6 @@ class EvolinkBaseVideoOperator(BaseOperator):
             self.ledger(context).refuse_contradiction(task)
             code, message = task_failure(task)
             if task.get("status") == "completed":
-                from evolink_provider.ledger import RetryLaterError
-
                 # Completed (and so billed) with nothing to hand downstream, also when read again: a list
                 # filled late, or never; no evidence either way, so nothing is paid and a retry reads again.
                 if self.reattach == "never":

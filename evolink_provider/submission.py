@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evolink_provider.answers import credits_text, read_credits
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError, fail_for
+from evolink_provider.exceptions import EvolinkError, RetryLaterError, fail_for
 
 if TYPE_CHECKING:
     from evolink_provider.field_rules import MediaRef
     from evolink_provider.hooks.evolink import EvolinkHook
-    from evolink_provider.ledger import UploadRecord
+    from evolink_provider.records import UploadRecord
     from evolink_provider.uploads import ImageRules
 
 
@@ -59,8 +59,8 @@ def prepare_request(
     :param prompt_policy: ``warn`` or ``refuse`` a prompt longer than EvoLink advises.
     :param local_checks: ``refuse`` or ``warn`` about local images that break the model's image rules.
     """
-    from evolink_provider.ledger import request_fingerprint
     from evolink_provider.models import validate_request
+    from evolink_provider.records import request_fingerprint
     from evolink_provider.uploads import ImageRules, local_media_digests, uploaded_image_urls
 
     warnings: list[str] = []
@@ -91,8 +91,8 @@ def payload_for_post(
     """
     if not request.local_media:
         return request.payload
-    from evolink_provider.ledger import UploadRecord, expiry_epoch
     from evolink_provider.models import validate_request
+    from evolink_provider.records import UploadRecord, expiry_epoch
     from evolink_provider.uploads import upload_local_media
 
     known = {
@@ -145,8 +145,6 @@ def check_balance(
         balance = read_credits(hook.get_credits()).spendable
     except EvolinkError as error:
         if maybe_sent_key is not None:  # no reason to give up a task an earlier try may have paid for
-            from evolink_provider.ledger import RetryLaterError
-
             raise RetryLaterError(
                 f"Reading the EvoLink balance for min_credits failed ({error}): nothing was submitted; "
                 f"Idempotency-Key {maybe_sent_key} may have been sent by an earlier try, and a retry resends "
@@ -160,8 +158,6 @@ def check_balance(
         )
         if maybe_sent_key is None:
             raise AirflowFailException(f"{below} Top up the account or lower min_credits.")
-        from evolink_provider.ledger import RetryLaterError
-
         raise RetryLaterError(
             f"{below} Idempotency-Key {maybe_sent_key} may have been sent by an earlier try (nothing records "
             "it without task_state_store): a retry resends it once the balance allows, and collects its task "
