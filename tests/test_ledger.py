@@ -1087,8 +1087,8 @@ def test_a_resent_key_refused_for_new_upload_urls_names_the_key_and_the_remedy(
 ) -> None:
     """R15 with inline local images: a retry uploads them again and EvoLink refuses the resent key
     (``idempotency_conflict``); the try fails naming the key and the upload step, buying nothing."""
-    from evolink_provider.field_rules import MediaRef
     from evolink_provider import submission
+    from evolink_provider.field_rules import MediaRef
 
     monkeypatch.setattr(submission, "payload_for_post", lambda hook, request, uploads, log: request.payload)
     request = REQUEST._replace(local_media=[MediaRef("image_urls", 0, "/in/a.png")] if local else [])
