@@ -183,8 +183,8 @@ def task_instance_identity(context: Any) -> str:
 
 
 def try_generation(context: Any, reattach: str) -> str:
-    """Which try sequence this try belongs to (module docstring): ``ti.max_tries`` with ``auto``, the try
-    number with ``never`` (every try a generation of its own)."""
+    """Which try sequence this try belongs to (the ledger's docstring): ``ti.max_tries`` with ``auto``,
+    the try number with ``never`` (every try a generation of its own)."""
     ti = context["ti"]
     if reattach == "never":
         return f"try-{getattr(ti, 'try_number', 0)}"

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 class PreparedRequest(NamedTuple):
     """A validated request: ``payload`` still holds local inputs as their paths, ``digests`` their
-    sha256 by path, and ``fingerprint`` the identity of the whole (:func:`request_fingerprint`)."""
+    sha256 by path, and ``fingerprint`` the identity of the whole
+    (:func:`~evolink_provider.records.request_fingerprint`)."""
 
     model: str
     fields: dict[str, Any]
