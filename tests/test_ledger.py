@@ -876,6 +876,28 @@ def test_what_the_request_fingerprint_tells_apart(
     assert (request_fingerprint(*first) == request_fingerprint(*second)) is same
 
 
+def test_fingerprints_and_keys_are_the_same_in_every_release() -> None:
+    """They are stored (the record's fingerprint) and sent (the key EvoLink replays): a release that derived
+    them otherwise would read its own record as another request, and resend no earlier key. Non-ASCII text
+    included (values from the release that moved them to ``records``, unchanged since the ledger had them)."""
+    from evolink_provider.records import idempotency_key, payload_fingerprint, request_fingerprint
+
+    payload = {"model": "seedance-2.0-fast-text-to-video", "prompt": "un café à l'aube", "duration": 5}
+    assert payload_fingerprint(payload) == "08f2e28bf7059196c9a3b6cff2d1202a"
+    assert request_fingerprint(payload, {"/dags/a.png": "ab" * 32}) == "3a2ba8403d75f2333210bd8b42d4483d"
+    key = idempotency_key("dag|task|run|-1", payload_fingerprint(payload), 0, "seq-3")
+    assert key == "evl-7d061f7780a3d88bacda451793235b1ef713418295047d50"
+
+
+def test_a_context_that_is_no_mapping_has_no_state_store() -> None:
+    from evolink_provider.records import SubmissionRecord, SubmissionStore
+
+    store = SubmissionStore(object())
+    assert not store.durable
+    assert store.load() is None
+    store.save(SubmissionRecord("f", 0, "evl-" + "0" * 48))  # nothing to write to, and no error
+
+
 def test_a_stored_set_recorded_before_its_task_object_was_kept(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
