@@ -229,6 +229,11 @@ def main() -> None:
     if args.lines:
         wanted = {int(line) for line in args.lines.split(",")}
         chosen = [mutant for mutant in chosen if mutant.line in wanted]
+        if not chosen:  # a score of "0 of 0" would read as a pass
+            raise SystemExit(
+                f"--lines {args.lines} matches no mutant of {module} (of the sample, if any): have the lines "
+                "moved since the command was written? Run it on the commit it names."
+            )
     lines = original.splitlines()
     print(f"{module}: {len(every)} mutants, running {len(chosen)}; tests: {selection}", flush=True)
     if args.list:

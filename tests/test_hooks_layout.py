@@ -34,30 +34,39 @@ def test_every_hooks_module_imports_only_the_ones_before_it() -> None:
 
 
 PACKAGE = HOOKS.parent
+#: Every module of the provider by dotted name; a package by its own name (its ``__init__.py``).
+MODULES = {
+    ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
+    for path in PACKAGE.rglob("*.py")
+}
 
 
-def provider_imports(path: Path) -> set[str]:
-    """The provider's modules ``path`` imports (dotted names), deferred and ``TYPE_CHECKING`` ones included;
-    a name imported from a package is a module when the package has a file of that name."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = [alias.name for alias in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+def provider_imports(importer: str, source: str | None = None) -> set[str]:
+    """The provider's modules that importing ``importer`` runs, deferred and ``TYPE_CHECKING`` imports
+    included: each one it names (absolute or relative; a name imported from a package counts as the module
+    or subpackage of that name when there is one) and the packages above it, whose ``__init__.py`` runs
+    first (but not ``importer``'s own, which have run before it). ``source``: instead of its file's."""
+    path = MODULES[importer]
+    package = importer if path.name == "__init__.py" else importer.rpartition(".")[0]
+    named: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8") if source is None else source)):
         if isinstance(node, ast.Import):
-            found.update(name for name in names if name.startswith("evolink_provider."))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("evolink_provider"):
-            module = str(node.module)
-            folder = PACKAGE.parent.joinpath(*module.split("."))
-            submodules = {f"{module}.{name}" for name in names if (folder / f"{name}.py").exists()}
-            found.update(submodules or {module})
-    return found
+            named.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = str(node.module or "")
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            named.update(
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names
+            )
+    own_parents = {".".join(importer.split(".")[:end]) for end in range(1, importer.count(".") + 1)}
+    runs = {".".join(name.split(".")[:end]) for name in named for end in range(1, name.count(".") + 2)}
+    return (runs - own_parents - {importer}) & MODULES.keys()
 
 
 def test_no_module_of_the_provider_is_in_an_import_circle() -> None:
-    modules = {
-        ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
-        for path in PACKAGE.rglob("*.py")
-    }
-    graph = {name: provider_imports(path) & modules.keys() for name, path in modules.items()}
+    graph = {name: provider_imports(name) for name in MODULES}
     done: set[str] = set()
 
     def visit(name: str, trail: list[str]) -> None:
@@ -70,3 +79,22 @@ def test_no_module_of_the_provider_is_in_an_import_circle() -> None:
 
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_the_circle_check_sees_relative_package_and_parent_imports() -> None:
+    """What the check above must count, on sources written for it: relative imports, a subpackage or module
+    named from its parent, a ``TYPE_CHECKING`` import, and the parent packages a module's import runs."""
+    records = "evolink_provider.records"
+    assert "evolink_provider.ledger" in provider_imports(records, "from .ledger import Ledger")
+    assert "evolink_provider.ledger" in provider_imports(records, "from . import ledger")
+    assert "evolink_provider.ledger" in provider_imports(
+        records, "if TYPE_CHECKING:\n    from evolink_provider.ledger import Ledger"
+    )
+    tasks = provider_imports(records, "from evolink_provider.simulator import tasks")
+    assert {"evolink_provider.simulator", "evolink_provider.simulator.tasks"} <= tasks
+    # hooks/__init__.py runs before any module of hooks/ is imported from outside it.
+    assert "evolink_provider.hooks" in provider_imports(records, "import evolink_provider.hooks.retry")
+    inside = provider_imports(
+        "evolink_provider.hooks.connection", "from evolink_provider.hooks.retry import Kind"
+    )
+    assert inside == {"evolink_provider.hooks.retry"}
