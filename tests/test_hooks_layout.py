@@ -11,19 +11,10 @@ ORDER = ["retry", "connection", "responses", "task_batcher", "downloads", "trans
 
 
 def hooks_imported_by(module: str) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(ast.parse((HOOKS / f"{module}.py").read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module == "evolink_provider.hooks":
-            found.update(alias.name for alias in node.names if (HOOKS / f"{alias.name}.py").exists())
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("evolink_provider.hooks."):
-            found.add(str(node.module).rsplit(".", 1)[1])
-        elif isinstance(node, ast.Import):
-            found.update(
-                alias.name.rsplit(".", 1)[1]
-                for alias in node.names
-                if alias.name.startswith("evolink_provider.hooks.")
-            )
-    return found
+    """The modules of hooks/ that ``module`` of hooks/ imports, by short name."""
+    prefix = "evolink_provider.hooks."
+    imported = provider_imports(prefix + module)
+    return {name.removeprefix(prefix) for name in imported if name.startswith(prefix)}
 
 
 def test_every_hooks_module_imports_only_the_ones_before_it() -> None:
