@@ -149,21 +149,21 @@ async def _baseline_wait(url: str, task_id: str, poll_interval: float) -> None:
 
 
 async def _aiohttp_wait(session: Any, url: str, task_id: str, first_poll_at: float) -> None:
-    """The provider's poll schedule on a bare shared ``aiohttp`` session (no provider client code): what
-    aiohttp itself costs the loop at this scale, beside the provider's client."""
-    from evolink_provider.polling import decide_after_poll
+    """The provider's poll schedule, turns included, on a bare shared ``aiohttp`` session (no provider
+    client code): what aiohttp itself costs the loop at this scale, beside the provider's client."""
+    from evolink_provider.polling import decide_after_poll, poll_turn
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
     started_at = time.time()
-    await asyncio.sleep(max(0.0, first_poll_at - time.time()))
+    if first_poll_at > time.time():
+        await poll_turn(first_poll_at)
     while True:
         async with session.get(f"{url}/v1/tasks/{task_id}", headers=headers) as response:
             answer = json.loads(await response.read())
         if answer["status"] in ("completed", "failed"):
             return
-        await asyncio.sleep(
-            decide_after_poll(answer, now=time.time(), started_at=started_at, deadline=None).delay
-        )
+        now = time.time()
+        await poll_turn(now + decide_after_poll(answer, now=now, started_at=started_at, deadline=None).delay)
 
 
 #: Tasks finish at random times this many seconds after the wait begins.

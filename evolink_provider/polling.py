@@ -20,14 +20,23 @@ Adaptive schedule (why a 40-minute job is not polled every few seconds, yet comp
   max(5 s, 5 % of the run time) with the default 5 s floor.
 * No delay exceeds ``max_poll_interval`` (default 600 s) nor the time left before the deadline.
 * Delays carry up to 10 % of downward jitter so that many tasks submitted together do not poll in step.
+* A trigger's poll waits for its *turn* (:func:`poll_turn`): the polls of one event loop due within the same
+  :data:`POLL_TICK` go together, one per loop iteration. A triggerer with many waits otherwise wakes up
+  cold for every poll, which costs several times a poll made right after another (docs/benchmarks.md,
+  eighth pass); one poll per iteration keeps the loop's other work from waiting longer than before. A
+  poll goes at the tick nearest its time, or the next one if that has passed: at most half a tick early
+  and one tick late.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import enum
 import random
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -169,6 +178,59 @@ def decide_after_poll(
         delay = max(0.0, min(delay, deadline - now))
     note = "" if status in RUNNING_STATUSES else f'unknown status "{shown}" treated as still running'
     return PollDecision(Outcome.WAIT, delay=delay, message=note)
+
+
+#: The grid of :func:`poll_turn` (seconds, wall clock): 2 % of the shortest poll interval.
+POLL_TICK = 0.1
+
+
+class _Tick:
+    """The polls of one event loop waiting for one tick, in the order they asked. Only the loop's timer
+    and its chain of releases hold it, so it goes with them (and with the loop)."""
+
+    __slots__ = ("__weakref__", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+
+_TICKS: weakref.WeakValueDictionary[tuple[int, float], _Tick] = weakref.WeakValueDictionary()
+
+
+def poll_turn(at: float) -> Awaitable[None]:
+    """Wait until the turn of a poll due at ``at`` (epoch seconds): the nearest tick of :data:`POLL_TICK`
+    that has not passed, then one poll of that tick per loop iteration (module docstring). A future, not a
+    coroutine: a waiting trigger holds nothing more than asyncio.sleep's would."""
+    loop = asyncio.get_running_loop()
+    now = time.time()
+    tick = turn_time(at, now)
+    key = (id(loop), tick)
+    waiting_for_tick = _TICKS.get(key)
+    if waiting_for_tick is None:
+        waiting_for_tick = _TICKS[key] = _Tick()
+        loop.call_later(tick - now, _release_next, loop, waiting_for_tick)
+    turn = loop.create_future()
+    waiting_for_tick.waiting.append(turn)
+    return turn
+
+
+def turn_time(at: float, now: float) -> float:
+    """The tick of a poll due at ``at``: the nearest one, or the next if the nearest is before ``now``."""
+    tick = round(at / POLL_TICK) * POLL_TICK
+    return tick if tick >= now else tick + POLL_TICK
+
+
+def _release_next(loop: asyncio.AbstractEventLoop, waiting_for_tick: _Tick) -> None:
+    """Give the first poll still waiting its turn, and the next one the next loop iteration (a poll
+    cancelled meanwhile is skipped)."""
+    waiting = waiting_for_tick.waiting
+    while waiting:
+        turn = waiting.popleft()
+        if not turn.done():
+            turn.set_result(None)
+            if waiting:
+                loop.call_soon(_release_next, loop, waiting_for_tick)
+            return
 
 
 #: Progress lines (:class:`ProgressReporter`): a status change is logged at once, a moving percentage at most

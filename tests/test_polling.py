@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import itertools
+import time
 from typing import Any
 
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from evolink_provider.exceptions import EvolinkTransportError
 from evolink_provider.hooks.retry import Verdict
 from evolink_provider.polling import (
+    _TICKS,
+    POLL_TICK,
     PROGRESS_MAX_GAP,
     PROGRESS_MIN_GAP,
     Outcome,
@@ -18,6 +23,8 @@ from evolink_provider.polling import (
     decide_after_poll,
     expected_end,
     next_poll_delay,
+    poll_turn,
+    turn_time,
 )
 from evolink_provider.results import final_line
 
@@ -283,3 +290,93 @@ def test_strings_from_an_answer_cannot_forge_or_recolour_log_lines() -> None:
     clock = FakeClock()
     progress = ProgressReporter("task-unified-1-abcdefgh", clock.now, clock).update(task(f"queued{forged}"))
     assert progress is not None and "\n" not in progress and "\x1b" not in progress
+
+
+# -- poll turns (a real event loop, no HTTP) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("at", "now", "tick"),
+    [
+        (10.04, 9.9, 10.0),  # the nearest tick, a little early
+        (10.06, 9.9, 10.1),  # the nearest tick, a little late
+        (10.04, 10.01, 10.1),  # the nearest has passed: the next one
+        (10.0, 10.0, 10.0),  # on a tick that is now: that one
+    ],
+)
+def test_a_poll_goes_at_the_nearest_tick_that_has_not_passed(at: float, now: float, tick: float) -> None:
+    assert turn_time(at, now) == pytest.approx(tick, abs=1e-9)
+    assert at - POLL_TICK / 2 <= turn_time(at, now) + 1e-9 and turn_time(at, now) <= at + POLL_TICK + 1e-9
+
+
+def _run_turns(asks: list[float], cancel: tuple[int, ...] = ()) -> list[tuple[int, int, float]]:
+    """Waits for the turns of polls due ``asks[i]`` seconds from now (those at ``cancel`` cancelled before
+    their tick); returns, per poll that got its turn, its index, the loop iteration and the time it went."""
+    went: list[tuple[int, int, float]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        iteration = [0]
+
+        def count() -> None:  # runs once per loop iteration
+            iteration[0] += 1
+            handle[0] = loop.call_soon(count)
+
+        handle = [loop.call_soon(count)]
+
+        async def poll(index: int, at: float) -> None:
+            await poll_turn(at)
+            went.append((index, iteration[0], time.time()))
+
+        start = time.time()
+        tasks = [asyncio.create_task(poll(index, start + ask)) for index, ask in enumerate(asks)]
+        await asyncio.sleep(0)
+        for index in cancel:
+            tasks[index].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        handle[0].cancel()
+
+    asyncio.run(main())
+    return went
+
+
+def test_polls_due_in_one_tick_go_one_per_loop_iteration_in_the_order_they_asked() -> None:
+    """Many polls share one wake-up, but no loop iteration runs more than one of them (the loop's other
+    work waits no longer than behind one poll)."""
+    went = _run_turns([0.25] * 6)
+
+    assert [index for index, _, _ in went] == list(range(6))
+    iterations = [iteration for _, iteration, _ in went]
+    assert iterations == list(range(iterations[0], iterations[0] + 6)), iterations
+    assert max(at for _, _, at in went) - min(at for _, _, at in went) < 0.05
+
+
+def test_a_poll_goes_no_more_than_half_a_tick_early_nor_a_tick_late() -> None:
+    asks = [0.13, 0.17, 0.31, 0.38]
+    start = time.time()
+    went = _run_turns(asks)
+
+    assert sorted(index for index, _, _ in went) == [0, 1, 2, 3]
+    for index, _, at in went:
+        due = start + asks[index]
+        assert due - POLL_TICK / 2 - 0.01 <= at <= due + POLL_TICK + 0.05, (index, at - due)
+
+
+def test_a_poll_cancelled_before_its_turn_holds_up_no_other_and_nothing_is_left_behind() -> None:
+    went = _run_turns([0.2] * 4, cancel=(0, 2))
+
+    assert [index for index, _, _ in went] == [1, 3]
+    gc.collect()
+    assert len(_TICKS) == 0  # a tick's waiting list goes with its timer and its chain of turns
+
+
+def test_a_loop_that_ends_before_the_tick_leaves_no_waiting_list() -> None:
+    async def main() -> None:
+        waiter = asyncio.ensure_future(poll_turn(time.time() + 30))
+        await asyncio.sleep(0)
+        assert len(_TICKS) == 1
+        waiter.cancel()
+
+    asyncio.run(main())
+    gc.collect()
+    assert len(_TICKS) == 0

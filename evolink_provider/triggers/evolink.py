@@ -24,6 +24,7 @@ from evolink_provider.polling import (
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
+    poll_turn,
     task_failure,
 )
 from evolink_provider.timing import current as timing
@@ -117,6 +118,9 @@ class EvolinkTaskTrigger(BaseTrigger):
             # collections and brings on full ones, so it holds no coroutine or generator of its own.
             end = reporter.clock() + max(0.0, delay)
             while (pause := reporter.next_pause(end)) > 0:
+                if reporter.clock() + pause >= end:  # no progress line falls due before the poll
+                    await poll_turn(end)
+                    break
                 await asyncio.sleep(pause)
                 if line := reporter.between_polls():
                     self.log.info(line)
