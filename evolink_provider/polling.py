@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import math
 import random
 import time
 import weakref
@@ -180,7 +181,7 @@ def decide_after_poll(
     return PollDecision(Outcome.WAIT, delay=delay, message=note)
 
 
-#: The grid of :func:`poll_turn` (seconds, wall clock): 2 % of the shortest poll interval.
+#: The grid of :func:`poll_turn` (seconds, wall clock): 2 % of the default poll interval.
 POLL_TICK = 0.1
 
 
@@ -215,7 +216,11 @@ def poll_turn(at: float) -> Awaitable[None]:
 
 
 def turn_time(at: float, now: float) -> float:
-    """The tick of a poll due at ``at``: the nearest one, or the next if the nearest is before ``now``."""
+    """The tick of a poll due at ``at``: the nearest one, or the next if the nearest is before ``now``.
+    An ``at`` of no number (trigger kwargs are read back from the database) waits as a sleep would: for
+    ever (``inf``) or not at all."""
+    if not math.isfinite(at):
+        return at if at > now else now
     tick = round(at / POLL_TICK) * POLL_TICK
     return tick if tick >= now else tick + POLL_TICK
 
