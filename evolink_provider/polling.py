@@ -21,11 +21,14 @@ Adaptive schedule (why a 40-minute job is not polled every few seconds, yet comp
 * No delay exceeds ``max_poll_interval`` (default 600 s) nor the time left before the deadline.
 * Delays carry up to 10 % of downward jitter so that many tasks submitted together do not poll in step.
 * A trigger's poll waits for its *turn* (:func:`poll_turn`): the polls of one event loop due within the same
-  :data:`POLL_TICK` go together, one per loop iteration. A triggerer with many waits otherwise wakes up
-  cold for every poll, which costs several times a poll made right after another (docs/benchmarks.md,
-  eighth pass); one poll per iteration keeps the loop's other work from waiting longer than before. A
-  poll goes at the tick nearest its time, or the next one if that has passed: at most half a tick early
-  and one tick late.
+  :data:`POLL_TICK` go together, released one per loop iteration. A triggerer with many waits otherwise
+  wakes up cold for every poll, which costs several times a poll made right after another
+  (docs/benchmarks.md, eighth pass); one release per iteration keeps the loop's other work from waiting
+  longer than before. A poll goes at the tick nearest its time (the last one before a deadline: not before
+  its time), or the next one if that has passed: at most half a tick early and, behind the polls of its
+  tick, one tick late. A tick with more polls than the loop releases before the next tick runs into it
+  (two releases per iteration then, and its last polls later). Completion is noticed within the tolerance
+  above plus that.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import math
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -195,34 +198,41 @@ class _Tick:
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
 
-_TICKS: weakref.WeakValueDictionary[tuple[int, float], _Tick] = weakref.WeakValueDictionary()
+#: Keyed by the loop and the tick's index (an int: two float roads to one tick could name it twice).
+_TICKS: weakref.WeakValueDictionary[tuple[int, int], _Tick] = weakref.WeakValueDictionary()
 
 
-def poll_turn(at: float) -> Awaitable[None]:
-    """Wait until the turn of a poll due at ``at`` (epoch seconds): the nearest tick of :data:`POLL_TICK`
-    that has not passed, then one poll of that tick per loop iteration (module docstring). A future, not a
-    coroutine: a waiting trigger holds nothing more than asyncio.sleep's would."""
+def poll_turn(at: float, *, early: bool = True) -> asyncio.Future[None]:
+    """Wait until the turn of a poll due at ``at`` (epoch seconds): its tick of :data:`POLL_TICK`
+    (:func:`turn_tick`), then one poll of that tick per loop iteration (module docstring). ``early=False``:
+    not before ``at`` (a wait's last poll before its deadline). A future, not a coroutine: a waiting trigger
+    holds nothing more than asyncio.sleep's would."""
     loop = asyncio.get_running_loop()
     now = time.time()
-    tick = turn_time(at, now)
-    key = (id(loop), tick)
-    waiting_for_tick = _TICKS.get(key)
-    if waiting_for_tick is None:
-        waiting_for_tick = _TICKS[key] = _Tick()
-        loop.call_later(tick - now, _release_next, loop, waiting_for_tick)
+    tick = turn_tick(at, now, early=early)
     turn = loop.create_future()
+    if tick is None:  # beyond any tick: waits for ever, as asyncio.sleep(inf) would
+        return turn
+    waiting_for_tick = _TICKS.get((id(loop), tick))
+    if waiting_for_tick is None:
+        waiting_for_tick = _TICKS[(id(loop), tick)] = _Tick()
+        loop.call_later(tick * POLL_TICK - now, _release_next, loop, waiting_for_tick)
     waiting_for_tick.waiting.append(turn)
     return turn
 
 
-def turn_time(at: float, now: float) -> float:
-    """The tick of a poll due at ``at``: the nearest one, or the next if the nearest is before ``now``.
-    An ``at`` of no number (trigger kwargs are read back from the database) waits as a sleep would: for
-    ever (``inf``) or not at all."""
-    if not math.isfinite(at):
-        return at if at > now else now
-    tick = round(at / POLL_TICK) * POLL_TICK
-    return tick if tick >= now else tick + POLL_TICK
+def turn_tick(at: float, now: float, *, early: bool = True) -> int | None:
+    """The index of the tick (``index * POLL_TICK`` epoch seconds) of a poll due at ``at``: the nearest one
+    (``early``) or the first at or after ``at``, and if that one is before ``now``, the next. None for an
+    ``at`` beyond any tick (trigger kwargs are read back from the database); one of no number or before
+    ``now`` is due now."""
+    if math.isnan(at) or at < now:
+        at = now
+    scaled = at / POLL_TICK
+    if math.isinf(scaled):
+        return None
+    tick = round(scaled) if early else math.ceil(scaled)
+    return tick if tick * POLL_TICK >= now else tick + 1
 
 
 def _release_next(loop: asyncio.AbstractEventLoop, waiting_for_tick: _Tick) -> None:

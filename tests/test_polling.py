@@ -6,6 +6,7 @@ import asyncio
 import gc
 import itertools
 import math
+import threading
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ from evolink_provider.polling import (
     expected_end,
     next_poll_delay,
     poll_turn,
-    turn_time,
+    turn_tick,
 )
 from evolink_provider.results import final_line
 
@@ -297,24 +298,32 @@ def test_strings_from_an_answer_cannot_forge_or_recolour_log_lines() -> None:
 
 
 @pytest.mark.parametrize(
-    ("at", "now", "tick"),
+    ("at", "now", "early", "tick"),
     [
-        (10.04, 9.9, 10.0),  # the nearest tick, a little early
-        (10.06, 9.9, 10.1),  # the nearest tick, a little late
-        (10.04, 10.01, 10.1),  # the nearest has passed: the next one
-        (10.0, 10.0, 10.0),  # on a tick that is now: that one
+        (10.04, 9.9, True, 100),  # the nearest tick, a little early
+        (10.06, 9.9, True, 101),  # the nearest tick, a little late
+        (10.04, 10.01, True, 101),  # the nearest has passed: the next one
+        (10.0, 10.0, True, 100),  # on a tick that is now: that one
+        (10.01, 9.9, False, 101),  # not early: the first tick at or after its time
+        (9.0, 10.01, True, 101),  # due before now: the first tick not passed
     ],
 )
-def test_a_poll_goes_at_the_nearest_tick_that_has_not_passed(at: float, now: float, tick: float) -> None:
-    assert turn_time(at, now) == pytest.approx(tick, abs=1e-9)
-    assert at - POLL_TICK / 2 <= turn_time(at, now) + 1e-9 and turn_time(at, now) <= at + POLL_TICK + 1e-9
+def test_a_poll_goes_at_the_nearest_tick_that_has_not_passed(
+    at: float, now: float, early: bool, tick: int
+) -> None:
+    assert turn_tick(at, now, early=early) == tick
 
 
-@pytest.mark.parametrize(("at", "tick"), [(math.inf, math.inf), (-math.inf, 10.0), (math.nan, 10.0)])
-def test_a_poll_time_of_no_number_waits_as_a_sleep_would(at: float, tick: float) -> None:
-    """Trigger kwargs come back from the database: an infinite wait stays one, the others go at once (no
+def test_two_roads_to_one_tick_name_it_once() -> None:
+    """The nearest tick, and the next after a passed one, are the same tick: one timer, one chain."""
+    assert turn_tick(10.06, 9.9) == turn_tick(10.04, 10.01) == 101
+
+
+@pytest.mark.parametrize(("at", "tick"), [(math.inf, None), (1e308, None), (-math.inf, 100), (math.nan, 100)])
+def test_a_poll_time_of_no_number_waits_as_a_sleep_would(at: float, tick: int | None) -> None:
+    """Trigger kwargs come back from the database: a wait beyond any tick stays one, the others go now (no
     OverflowError, and no NaN among the loop's timers)."""
-    assert turn_time(at, 10.0) == tick
+    assert turn_tick(at, 10.0) == tick
 
 
 def _run_turns(asks: list[float], cancel: tuple[int, ...] = ()) -> list[tuple[int, int, float]]:
@@ -389,3 +398,24 @@ def test_a_loop_that_ends_before_the_tick_leaves_no_waiting_list() -> None:
     asyncio.run(main())
     gc.collect()
     assert len(_TICKS) == 0
+
+
+def test_loops_in_two_threads_release_their_own_polls() -> None:
+    """A tick belongs to one event loop: another loop's polls due at the same time wait on its own timer."""
+    results: list[list[tuple[int, int, float]]] = []
+    threads = [threading.Thread(target=lambda: results.append(_run_turns([0.2] * 3))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert [sorted(index for index, _, _ in went) for went in results] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_the_last_poll_before_a_deadline_is_not_early() -> None:
+    async def main() -> float:
+        at = time.time() + 0.2
+        await poll_turn(at, early=False)
+        return time.time() - at
+
+    assert 0 <= asyncio.run(main()) <= POLL_TICK + 0.05

@@ -240,7 +240,7 @@ def run_on_fake_clock(
         steps.append(("sleep", seconds))
         clock.sleep(seconds)
 
-    async def fake_turn(at: float) -> None:  # the wait to a poll's turn, to its time on the fake clock
+    async def fake_turn(at: float, *, early: bool = True) -> None:  # a turn: to its time on the fake clock
         await fake_sleep(at - clock.now)
 
     monkeypatch.setattr(EvolinkHook, "aget_task", read)
@@ -351,3 +351,37 @@ def test_the_event_waits_for_not_before_and_no_longer(monkeypatch: pytest.Monkey
     assert [event["status"] for event in events] == ["success"]
     assert [kind for kind, _ in steps] == ["read", "sleep"]
     assert steps[1][1] == pytest.approx(0.25)
+
+
+def test_a_trigger_polls_at_its_turn_and_its_last_poll_before_the_deadline_is_not_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a real event loop: each poll after a wait goes through ``poll_turn`` (early allowed), except the
+    one due within a tick of ``end_time``, which is not early (it would read the task still running)."""
+    import evolink_provider.triggers.evolink as trigger_module
+    from evolink_provider import polling
+
+    turns: list[tuple[float, bool]] = []
+    reads: list[float] = []
+
+    def spy(at: float, *, early: bool = True) -> asyncio.Future[None]:
+        turns.append((at, early))
+        return polling.poll_turn(at, early=early)
+
+    async def read(self: EvolinkHook, task_id: str, deadline: float | None = None) -> dict[str, Any]:
+        reads.append(time.time())
+        return task("processing", 10)
+
+    monkeypatch.setattr(EvolinkHook, "aget_task", read)
+    monkeypatch.setattr(trigger_module, "poll_turn", spy)
+    start = time.time()
+    trigger = EvolinkTaskTrigger(
+        "task-unified-1-abcdefgh", poll_interval=0.3, first_poll_at=start + 0.2, end_time=start + 0.7
+    )
+    events = run_trigger(trigger)
+
+    assert [event["status"] for event in events] == ["timeout"]
+    assert turns[0] == (pytest.approx(start + 0.2), True)
+    assert reads[0] >= start + 0.2 - polling.POLL_TICK / 2 - 0.01
+    assert turns[-1] == (pytest.approx(start + 0.7, abs=0.02), False)  # the poll at the deadline
+    assert reads[-1] >= start + 0.7

@@ -20,6 +20,7 @@ from evolink_provider.hooks.retry import Verdict
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
+    POLL_TICK,
     Outcome,
     PollFailureBudget,
     ProgressReporter,
@@ -52,7 +53,8 @@ class EvolinkTaskTrigger(BaseTrigger):
     :param max_poll_failures: consecutive failed polls that end the wait with an ``error`` event.
     :param first_poll_at: wall-clock time (epoch seconds) of the first poll. The operator sets it from the
         task it just submitted, so the trigger does not re-read a task it already knows, and many tasks
-        deferred together do not all poll in the same instant. ``None`` polls at once (a sensor, a restart).
+        deferred together do not all poll in the same instant (it takes its turn as every poll does:
+        :func:`~evolink_provider.polling.poll_turn`). ``None`` polls at once (a sensor, a restart).
     :param not_before: wall-clock time (epoch seconds) before which no event fires, whatever the polls
         say. Airflow 3.2-3.3's scheduler can fail a task instance whose trigger fires seconds after its
         deferral (apache/airflow#66374); the operator sets this to the deferral time plus a safe delay.
@@ -119,7 +121,9 @@ class EvolinkTaskTrigger(BaseTrigger):
             end = reporter.clock() + max(0.0, delay)
             while (pause := reporter.next_pause(end)) > 0:
                 if reporter.clock() + pause >= end:  # no progress line falls due before the poll
-                    await poll_turn(end)
+                    # The last poll before the deadline is not early: it would read the task still running.
+                    near_deadline = self.end_time is not None and end > self.end_time - POLL_TICK
+                    await poll_turn(end, early=not near_deadline)
                     break
                 await asyncio.sleep(pause)
                 if line := reporter.between_polls():
