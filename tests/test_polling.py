@@ -419,3 +419,28 @@ def test_the_last_poll_before_a_deadline_is_not_early() -> None:
         return time.time() - at
 
     assert 0 <= asyncio.run(main()) <= POLL_TICK + 0.05
+
+
+def test_by_default_a_poll_goes_at_the_nearest_tick_even_just_before_its_time() -> None:
+    assert turn_tick(10.04, 9.9) == 100
+
+    async def main() -> tuple[list[int], float]:
+        at = (math.floor(time.time() / POLL_TICK) + 3) * POLL_TICK + 0.03  # just after a tick, 0.2 s ahead
+        turn = poll_turn(at)
+        ticks = [tick for loop_id, tick in _TICKS if loop_id == id(asyncio.get_running_loop())]
+        turn.cancel()
+        return ticks, at
+
+    ticks, at = asyncio.run(main())
+    assert ticks == [round(at / POLL_TICK)] and ticks[0] * POLL_TICK < at  # the timer is set before its time
+
+
+def test_a_wait_beyond_any_tick_is_a_future_that_never_comes() -> None:
+    async def main() -> bool:
+        turn = poll_turn(math.inf)
+        await asyncio.sleep(0.2)
+        done = turn.done()
+        turn.cancel()
+        return done
+
+    assert asyncio.run(main()) is False
