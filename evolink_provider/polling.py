@@ -42,11 +42,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from evolink_provider.answers import created_at
-from evolink_provider.exceptions import MAX_SERVER_NAME, EvolinkError, server_text
+from evolink_provider.exceptions import MAX_SERVER_NAME, EvolinkError, EvolinkValidationError, server_text
 from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
 from evolink_provider.results import duration_phrase, printable, result_urls
 
@@ -56,11 +56,45 @@ COMPLETED_STATUS = "completed"
 
 DEFAULT_POLL_INTERVAL = 5.0
 DEFAULT_MAX_POLL_INTERVAL = 600.0
+#: The longest pause between two polls (seconds): result links expire 24 h after a task completes, so a
+#: longer pause could first read a finished task after its links died.
+LONGEST_POLL_INTERVAL = 86_400.0
+#: The longest wait for one task (a year, seconds): far past any generation, and inside the date arithmetic
+#: of deadlines and deferral timeouts, which a larger number overflows only after the task is paid for.
+LONGEST_WAIT = 365 * 86_400.0
 #: Without any estimate from the API, assume a minute-long generation.
 FALLBACK_ESTIMATE = 60.0
 TRUST_PROGRESS = 0.85
 TRUST_ESTIMATED_TIME = 0.5
 TOLERANCE_SHARE = 0.04
+
+
+def seconds_setting(owner: str, field: str, value: Any, at_most: float) -> float:
+    """``value`` (a number of seconds, or a ``timedelta`` as Airflow's sensors take) checked to lie in
+    (0, ``at_most``], as a float. Anything else is refused, naming the field and what it allows: zero, a
+    negative number or NaN would poll back to back, and infinity or text would fail only once the task
+    is paid for (in the deferral's date arithmetic, or comparing text with a number)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds <= at_most:
+        return float(seconds)
+    raise EvolinkValidationError(
+        owner, field, value, f"a number of seconds (or a timedelta) above 0 and at most {at_most:,.0f}"
+    )
+
+
+def poll_settings(
+    owner: str, poll_interval: Any, max_poll_interval: Any, shortest: str = "poll_interval"
+) -> tuple[float, float]:
+    """The shortest and the longest pause between polls (``shortest`` names the first: a sensor's is
+    ``poke_interval``), each a :func:`seconds_setting` up to :data:`LONGEST_POLL_INTERVAL`, the longest no
+    shorter than the shortest."""
+    low = seconds_setting(owner, shortest, poll_interval, LONGEST_POLL_INTERVAL)
+    high = seconds_setting(owner, "max_poll_interval", max_poll_interval, LONGEST_POLL_INTERVAL)
+    if high < low:
+        raise EvolinkValidationError(
+            owner, "max_poll_interval", max_poll_interval, f"at least {shortest} ({low:g})"
+        )
+    return low, high
 
 
 class Outcome(str, enum.Enum):

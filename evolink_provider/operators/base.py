@@ -41,12 +41,15 @@ from evolink_provider.links import RESULT_LINKS, push_links
 from evolink_provider.polling import (
     DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
+    LONGEST_WAIT,
     Outcome,
     PollDecision,
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
     expected_run_time,
+    poll_settings,
+    seconds_setting,
     task_failure,
 )
 from evolink_provider.results import final_line, finished_value
@@ -110,10 +113,13 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param evolink_conn_id: Airflow connection of type ``evolink`` (password = API key).
     :param wait_for_completion: wait for the task to end; when False, return the created task at once.
     :param deferrable: wait in the triggerer instead of holding a worker slot.
-    :param poll_interval: the shortest delay between polls, seconds (the schedule adapts above it).
-    :param max_poll_interval: the longest delay between polls, seconds.
-    :param timeout: seconds of waiting (from submission or reattachment) before the Airflow task fails;
-        the EvoLink task keeps running and a retry reattaches to it.
+    :param poll_interval: the shortest delay between polls, seconds or a ``timedelta`` (the schedule
+        adapts above it); above 0 and at most a day, as ``max_poll_interval``.
+    :param max_poll_interval: the longest delay between polls, seconds or a ``timedelta``; at least
+        ``poll_interval``, at most a day (result links expire 24 h after completion).
+    :param timeout: seconds (or a ``timedelta``) of waiting, from submission or reattachment, before the
+        Airflow task fails (above 0, at most a year); the EvoLink task keeps running and a retry
+        reattaches to it.
     :param output_path: a local directory or an ``ObjectStoragePath`` URI (``file://``, ``s3://``, ...)
         to stream the results into (their URLs expire after 24 h); the stored paths are returned under
         ``"files"``.
@@ -159,9 +165,9 @@ class EvolinkBaseVideoOperator(BaseOperator):
         evolink_conn_id: str = DEFAULT_CONN_ID,
         wait_for_completion: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
-        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
-        timeout: float = DEFAULT_TIMEOUT,
+        poll_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | timedelta = DEFAULT_MAX_POLL_INTERVAL,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
         output_path: str | None = None,
         asset_alias: str | None = None,
         announce_result_urls: bool = False,
@@ -190,9 +196,11 @@ class EvolinkBaseVideoOperator(BaseOperator):
         self.regenerate_expired = regenerate_expired
         self.wait_for_completion = wait_for_completion
         self.deferrable = deferrable
-        self.poll_interval = poll_interval
-        self.max_poll_interval = max_poll_interval
-        self.timeout = timeout
+        # Checked here, at parse: a bad value would fail only after the task is paid for.
+        self.poll_interval, self.max_poll_interval = poll_settings(
+            self.task_id, poll_interval, max_poll_interval
+        )
+        self.timeout = seconds_setting(self.task_id, "timeout", timeout, LONGEST_WAIT)
 
     # -- what subclasses provide ------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from evolink_provider.polling import (
     Outcome,
     ProgressReporter,
     decide_after_poll,
+    poll_settings,
     task_failure,
 )
 from evolink_provider.results import final_line, finished_value
@@ -43,7 +44,7 @@ class EvolinkTaskSensor(BaseSensorOperator):
     :param evolink_conn_id: Airflow connection holding the API key.
     :param deferrable: wait in the triggerer instead of a worker slot.
     :param max_poll_interval: the longest delay between polls in deferrable mode (seconds); ``poke_interval``
-        is the shortest.
+        is the shortest. Both above 0 and at most a day.
     """
 
     template_fields: Sequence[str] = ("evolink_task_id", "evolink_conn_id")
@@ -55,15 +56,18 @@ class EvolinkTaskSensor(BaseSensorOperator):
         evolink_task_id: str,
         evolink_conn_id: str = DEFAULT_CONN_ID,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
-        poke_interval: float = DEFAULT_POLL_INTERVAL,
+        max_poll_interval: float | timedelta = DEFAULT_MAX_POLL_INTERVAL,
+        poke_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
         **kwargs: Any,
     ) -> None:
         super().__init__(poke_interval=poke_interval, **kwargs)
         self.evolink_task_id = evolink_task_id
         self.evolink_conn_id = evolink_conn_id
         self.deferrable = deferrable
-        self.max_poll_interval = max_poll_interval
+        # Stricter than Airflow's own check: zero polls EvoLink back to back, infinity fails at the deferral.
+        self.poke_interval, self.max_poll_interval = poll_settings(
+            self.task_id, self.poke_interval, max_poll_interval, shortest="poke_interval"
+        )
         self._reporter: ProgressReporter | None = None
 
     @cached_property

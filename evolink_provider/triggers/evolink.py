@@ -8,13 +8,19 @@ at run time. The deadline is absolute wall-clock time, so a triggerer restart do
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, EvolinkWaitTimeoutError
+from evolink_provider.exceptions import (
+    EvolinkError,
+    EvolinkTaskError,
+    EvolinkValidationError,
+    EvolinkWaitTimeoutError,
+)
 from evolink_provider.hooks.evolink import EvolinkHook
 from evolink_provider.hooks.retry import Verdict
 from evolink_provider.polling import (
@@ -25,6 +31,7 @@ from evolink_provider.polling import (
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
+    poll_settings,
     poll_turn,
     task_failure,
 )
@@ -73,15 +80,25 @@ class EvolinkTaskTrigger(BaseTrigger):
         not_before: float | None = None,
     ) -> None:
         super().__init__()
+        # Checked as the operators check theirs: the kwargs may also be a DAG author's, or the database's.
+        owner = type(self).__name__
         self.evolink_task_id = evolink_task_id
         self.evolink_conn_id = evolink_conn_id
-        self.poll_interval = float(poll_interval)
-        self.max_poll_interval = float(max_poll_interval)
-        self.end_time = None if end_time is None else float(end_time)
-        self.started_at = time.time() if started_at is None else float(started_at)
-        self.max_poll_failures = int(max_poll_failures)
-        self.first_poll_at = None if first_poll_at is None else float(first_poll_at)
-        self.not_before = None if not_before is None else float(not_before)
+        self.poll_interval, self.max_poll_interval = poll_settings(owner, poll_interval, max_poll_interval)
+        self.end_time = _epoch_seconds(owner, "end_time", end_time)
+        started_at = _epoch_seconds(owner, "started_at", started_at)
+        self.started_at = time.time() if started_at is None else started_at
+        if (
+            isinstance(max_poll_failures, bool)
+            or not isinstance(max_poll_failures, int)
+            or max_poll_failures < 1
+        ):
+            raise EvolinkValidationError(
+                owner, "max_poll_failures", max_poll_failures, "a whole number, 1 or more"
+            )
+        self.max_poll_failures = max_poll_failures
+        self.first_poll_at = _epoch_seconds(owner, "first_poll_at", first_poll_at)
+        self.not_before = _epoch_seconds(owner, "not_before", not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -183,6 +200,16 @@ class EvolinkTaskTrigger(BaseTrigger):
             "(the ledger's table).",
             self.evolink_task_id,
         )
+
+
+def _epoch_seconds(owner: str, field: str, value: Any) -> float | None:
+    """A wall-clock time (epoch seconds) as a float, or ``None``; anything else refused by name (``inf`` or
+    ``nan`` would wait for ever or not at all, and fail the progress lines)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise EvolinkValidationError(owner, field, value, "epoch seconds (a finite number), or None")
 
 
 def task_from_event(event: Any) -> dict[str, Any]:
