@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from typing import Any, NamedTuple, NoReturn
 
-from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkConfigurationError
+from evolink_provider.exceptions import EvolinkBadAnswerError, EvolinkConfigurationError, shown_value
 
 #: A task id is untrusted input checked for *safety*, never for a guessed format: EvoLink documents only a
 #: prefix (``task-unified-``), its own examples vary (``...-abc123``, ``...-seedream5prolayerize``) and
@@ -69,7 +70,9 @@ def task_id_to_send(task_id: object) -> str:
     """``task_id`` if it may be put in a request path; refuses (before any HTTP) ids with ``/``, ``?``,
     ``%``, CR/LF, a leading dot or anything else outside :data:`TASK_ID_PATTERN`."""
     if not is_task_id(task_id):
-        raise EvolinkConfigurationError(f"{_shown(task_id)} is not a safe EvoLink task id ({TASK_ID_RULE})")
+        raise EvolinkConfigurationError(
+            f"{shown_value(task_id, 80)} is not a safe EvoLink task id ({TASK_ID_RULE})"
+        )
     return str(task_id)
 
 
@@ -122,22 +125,26 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _shown(value: object) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 80 else shown[:77] + "..."
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def finite_number(value: object) -> float | None:
+    """``value`` as a float when it is a finite real number, else None: not a bool (JSON's ``true`` counts
+    nothing), NaN, an infinity or an int too large for a float. The one test of a number, for the answers
+    and for the settings a DAG author gives (which may be a numpy or ``Fraction`` number)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def epoch_seconds(value: object) -> float | None:
     """``created`` as Unix seconds when it is int-like (an int, an integral float or a digit string)."""
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
         value = int(value)
-    if not isinstance(value, (int, float)) or not _is_number(value) or not float(value).is_integer():
+    seconds = finite_number(value) if isinstance(value, (int, float)) else None
+    if seconds is None or not seconds.is_integer():
         return None
-    seconds = float(value)
     return seconds if 0 <= seconds < MAX_EPOCH_SECONDS else None
 
 
@@ -168,18 +175,19 @@ def checked_task(
         refuse(f"a JSON {type(answer).__name__}, not an object")
     task_id = answer.get("id")
     if not is_task_id(task_id):
-        refuse(f"id={_shown(task_id)} is not a safe task id ({TASK_ID_RULE})")
+        refuse(f"id={shown_value(task_id, 80)} is not a safe task id ({TASK_ID_RULE})")
     if expected_id is not None and task_id != expected_id:
         refuse(f"it is task {task_id}, not the task asked for")
     status = answer.get("status")
     if not isinstance(status, str) or not 0 < len(status) <= MAX_STATUS_LENGTH:
-        refuse(f"status={_shown(status)} is not a short string")
+        refuse(f"status={shown_value(status, 80)} is not a short string")
     progress = answer.get("progress")
-    if progress is not None and not (_is_number(progress) and 0 <= progress <= 100):
-        refuse(f"progress={_shown(progress)} is not a number from 0 to 100")
+    percent = finite_number(progress)
+    if progress is not None and (percent is None or not 0 <= percent <= 100):
+        refuse(f"progress={shown_value(progress, 80)} is not a number from 0 to 100")
     created = answer.get("created")
     if created is not None and epoch_seconds(created) is None:
-        refuse(f"created={_shown(created)} is not Unix seconds")
+        refuse(f"created={shown_value(created, 80)} is not Unix seconds")
     results = answer.get("results")
     if results is not None:
         if not isinstance(results, list) or len(results) > MAX_RESULTS_PER_TASK:
@@ -188,7 +196,7 @@ def checked_task(
             refuse(f"results holds something other than URLs of at most {MAX_URL_LENGTH} characters")
     result_data = answer.get("result_data")
     if not isinstance(result_data, (dict, list, type(None))):
-        refuse(f"result_data={_shown(result_data)} is neither an object nor a list")
+        refuse(f"result_data={shown_value(result_data, 80)} is neither an object nor a list")
     entries = result_data if isinstance(result_data, list) else [result_data]
     if len(entries) > MAX_RESULTS_PER_TASK:
         # Each entry may name a result: each result becomes a download, an asset event, a lineage dataset.
@@ -202,15 +210,15 @@ def checked_task(
                 refuse(f"result_data {name} is not a URL of at most {MAX_URL_LENGTH} characters")
     for name in ("error", "task_info", "usage"):
         if not isinstance(answer.get(name), (dict, type(None))):
-            refuse(f"{name}={_shown(answer.get(name))} is not an object")
+            refuse(f"{name}={shown_value(answer.get(name), 80)} is not an object")
     for name in ("model", "object", "type"):
         value = answer.get(name)
         if not (value is None or (isinstance(value, str) and len(value) <= MAX_NAME_LENGTH)):
-            refuse(f"{name}={_shown(value)} is not a string of at most {MAX_NAME_LENGTH} characters")
+            refuse(f"{name}={shown_value(value, 80)} is not a string of at most {MAX_NAME_LENGTH} characters")
     error = answer.get("error") or {}
     if not isinstance(error.get("code"), (str, type(None))) or len(str(error.get("code") or "")) > 128:
         # A code decides whether a resubmission may help: "['a']" or 123 must not read as an unknown code.
-        refuse(f"error.code={_shown(error.get('code'))} is not a short string")
+        refuse(f"error.code={shown_value(error.get('code'), 80)} is not a short string")
     if received_bytes is not None and received_bytes * JSON_GROWTH_PER_BYTE <= MAX_TASK_BYTES:
         return answer
     size = len(json.dumps(answer, separators=(",", ":")))
@@ -248,10 +256,11 @@ def read_credits(answer: Any) -> Credits:
         if not isinstance(part, dict):
             raise EvolinkBadAnswerError(f"EvoLink's credits answer has no data.{section} object")
         remaining = part.get("remaining_credits")
-        if isinstance(remaining, (int, float)) and _is_number(remaining):
-            return float(remaining)
+        if (number := finite_number(remaining)) is not None:
+            return number
         raise EvolinkBadAnswerError(
-            f"EvoLink's credits answer: data.{section}.remaining_credits={_shown(remaining)} is not a number"
+            f"EvoLink's credits answer: data.{section}.remaining_credits={shown_value(remaining, 80)} "
+            "is not a number"
         )
 
     account = number("user")

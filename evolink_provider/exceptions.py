@@ -126,18 +126,31 @@ class EvolinkConfigurationError(EvolinkError):
     """The connection is unusable (no API key, malformed host); raised before any HTTP call."""
 
 
+def shown_value(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for an error naming a value it refuses (an int of
+    thousands of digits has no ``repr``: its type is named instead)."""
+    try:
+        shown = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too long to show>"
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 class EvolinkValidationError(EvolinkError, ValueError):
     """A request field breaks EvoLink's documented limits; raised before any HTTP call."""
 
     def __init__(self, model: str, field: str, value: Any, allowed: str) -> None:
-        shown = repr(value)
-        if len(shown) > 120:
-            shown = shown[:117] + "..."
-        super().__init__(f"{model}: invalid {field}={shown}; allowed: {allowed}")
+        super().__init__(f"{model}: invalid {field}={shown_value(value)}; allowed: {allowed}")
         self.model = model
         self.field = field
         self.value = value
         self.allowed = allowed
+
+
+class EvolinkTriggerArgumentError(EvolinkValidationError, TypeError):
+    """A trigger kwarg the trigger cannot follow. A ``TypeError`` too: Airflow's triggerer (3.0-3.3) fails
+    the one trigger whose construction raises that, and its task with it; any other error stops every
+    trigger the triggerer runs, and again after each restart."""
 
 
 class EvolinkAPIError(EvolinkError):

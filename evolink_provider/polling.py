@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from evolink_provider.answers import created_at
+from evolink_provider.answers import created_at, finite_number
 from evolink_provider.exceptions import MAX_SERVER_NAME, EvolinkError, EvolinkValidationError, server_text
 from evolink_provider.hooks.retry import Kind, RetryDecision, RetryPolicy
 from evolink_provider.results import duration_phrase, printable, result_urls
@@ -56,11 +56,16 @@ COMPLETED_STATUS = "completed"
 
 DEFAULT_POLL_INTERVAL = 5.0
 DEFAULT_MAX_POLL_INTERVAL = 600.0
-#: The longest pause between two polls (seconds): result links expire 24 h after a task completes, so a
-#: longer pause could first read a finished task after its links died.
-LONGEST_POLL_INTERVAL = 86_400.0
-#: The longest wait for one task (a year, seconds): far past any generation, and inside the date arithmetic
-#: of deadlines and deferral timeouts, which a larger number overflows only after the task is paid for.
+#: The grid of :func:`poll_turn` (seconds, wall clock): 2 % of the default poll interval.
+POLL_TICK = 0.1
+#: The shortest pause between polls (seconds): a trigger's polls go in turns of :data:`POLL_TICK` anyway,
+#: and a shorter pause would poll EvoLink back to back after failures (they double from it).
+SHORTEST_POLL_INTERVAL = POLL_TICK
+#: The longest pause between polls (seconds): half the 24 h a result link lives, so that a task read
+#: completed late still leaves half its links' life to store them.
+LONGEST_POLL_INTERVAL = 43_200.0
+#: The longest wait for one task (a year, seconds): a policy, far past any generation (the date arithmetic of
+#: deadlines and deferral timeouts would overflow only near 2.5e11 s).
 LONGEST_WAIT = 365 * 86_400.0
 #: Without any estimate from the API, assume a minute-long generation.
 FALLBACK_ESTIMATE = 60.0
@@ -69,32 +74,44 @@ TRUST_ESTIMATED_TIME = 0.5
 TOLERANCE_SHARE = 0.04
 
 
-def seconds_setting(owner: str, field: str, value: Any, at_most: float) -> float:
-    """``value`` (a number of seconds, or a ``timedelta`` as Airflow's sensors take) checked to lie in
-    (0, ``at_most``], as a float. Anything else is refused, naming the field and what it allows: zero, a
-    negative number or NaN would poll back to back, and infinity or text would fail only once the task
-    is paid for (in the deferral's date arithmetic, or comparing text with a number)."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds <= at_most:
-        return float(seconds)
-    raise EvolinkValidationError(
-        owner, field, value, f"a number of seconds (or a timedelta) above 0 and at most {at_most:,.0f}"
-    )
+def seconds_setting(owner: str, field: str, value: Any, least: float, most: float) -> float:
+    """``value`` (a number of seconds, or a ``timedelta`` as Airflow's sensors take) as a float, checked to
+    lie above 0, from ``least`` and up to ``most``. Anything else is refused where it is given, naming the
+    field and what it allows: text, NaN or infinity would fail only once the task is paid for (comparing
+    text with a number, or in the deferral's date arithmetic), and zero or NaN would poll back to back."""
+    seconds = finite_number(value.total_seconds() if isinstance(value, timedelta) else value)
+    if seconds is not None and seconds > 0 and least <= seconds <= most:
+        return seconds
+    bounds = f"above 0 and at most {most:,.0f}" if least <= 0 else f"from {least:g} to {most:,.0f}"
+    raise EvolinkValidationError(owner, field, value, f"a number of seconds (or a timedelta) {bounds}")
 
 
 def poll_settings(
-    owner: str, poll_interval: Any, max_poll_interval: Any, shortest: str = "poll_interval"
+    owner: str, poll_interval: Any, max_poll_interval: Any | None, shortest: str = "poll_interval"
 ) -> tuple[float, float]:
-    """The shortest and the longest pause between polls (``shortest`` names the first: a sensor's is
-    ``poke_interval``), each a :func:`seconds_setting` up to :data:`LONGEST_POLL_INTERVAL`, the longest no
-    shorter than the shortest."""
-    low = seconds_setting(owner, shortest, poll_interval, LONGEST_POLL_INTERVAL)
-    high = seconds_setting(owner, "max_poll_interval", max_poll_interval, LONGEST_POLL_INTERVAL)
+    """The shortest and the longest pause between polls as a DAG author gives them (``shortest`` names the
+    first: a sensor's is ``poke_interval``), each a :func:`seconds_setting` from
+    :data:`SHORTEST_POLL_INTERVAL` to :data:`LONGEST_POLL_INTERVAL`. A longest given shorter than the
+    shortest is refused; none given is :data:`DEFAULT_MAX_POLL_INTERVAL`, or the shortest when longer."""
+    bounds = (SHORTEST_POLL_INTERVAL, LONGEST_POLL_INTERVAL)
+    low = seconds_setting(owner, shortest, poll_interval, *bounds)
+    if max_poll_interval is None:
+        return low, max(low, DEFAULT_MAX_POLL_INTERVAL)
+    high = seconds_setting(owner, "max_poll_interval", max_poll_interval, *bounds)
     if high < low:
         raise EvolinkValidationError(
             owner, "max_poll_interval", max_poll_interval, f"at least {shortest} ({low:g})"
         )
     return low, high
+
+
+def followed_poll_settings(poll_interval: float, max_poll_interval: float) -> tuple[float, float]:
+    """The pauses a trigger follows, from numbers an earlier version may have stored unchecked (a sensor's
+    ``poke_interval`` of 0, a longest shorter than the shortest): each brought within
+    :data:`SHORTEST_POLL_INTERVAL` and :data:`LONGEST_POLL_INTERVAL`, the longest no shorter than the
+    shortest, as :func:`poll_settings` would have them."""
+    low = min(max(poll_interval, SHORTEST_POLL_INTERVAL), LONGEST_POLL_INTERVAL)
+    return low, min(max(max_poll_interval, low), LONGEST_POLL_INTERVAL)
 
 
 class Outcome(str, enum.Enum):
@@ -115,15 +132,9 @@ class PollDecision:
     message: str = ""
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
 def expected_run_time(task: dict[str, Any], elapsed: float) -> tuple[float, float]:
     """The expected total run time of ``task`` and how much to trust it (see the module docstring)."""
-    progress = _number(task.get("progress"))
+    progress = finite_number(task.get("progress"))
     if task.get("status") == "processing" and progress is not None and 0 < progress < 100 and elapsed > 0:
         return elapsed * 100.0 / progress, TRUST_PROGRESS
     if estimate := _estimated_time(task):
@@ -216,10 +227,6 @@ def decide_after_poll(
         delay = max(0.0, min(delay, deadline - now))
     note = "" if status in RUNNING_STATUSES else f'unknown status "{shown}" treated as still running'
     return PollDecision(Outcome.WAIT, delay=delay, message=note)
-
-
-#: The grid of :func:`poll_turn` (seconds, wall clock): 2 % of the default poll interval.
-POLL_TICK = 0.1
 
 
 class _Tick:
@@ -346,7 +353,7 @@ class ProgressReporter:
         # all that hangs from it need not outlive (docs/benchmarks.md, fourth pass).
         task = {
             "status": task.get("status"),
-            "progress": task.get("progress") if _number(task.get("progress")) is not None else None,
+            "progress": task.get("progress") if finite_number(task.get("progress")) is not None else None,
             "task_info": {"estimated_time": _estimated_time(task)},
         }
         previous, self._task, self._polled_at = self._task, task, now
@@ -409,7 +416,7 @@ class ProgressReporter:
 def _estimated_time(task: dict[str, Any]) -> float | None:
     """``task_info.estimated_time`` when it is a positive number, else None."""
     info = task.get("task_info")
-    estimate = _number(info.get("estimated_time")) if isinstance(info, dict) else None
+    estimate = finite_number(info.get("estimated_time")) if isinstance(info, dict) else None
     return estimate if estimate is not None and estimate > 0 else None
 
 

@@ -11,19 +11,17 @@ reserved credits, so "used" falls back to "reserved" only for a completed task.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from evolink_provider.answers import RESULT_DATA_URLS, credits_text
+from evolink_provider.answers import RESULT_DATA_URLS, credits_text, finite_number
 from evolink_provider.exceptions import printable
 
 __all__ = ["character_name", "credits_of", "final_line", "finished_value", "printable", "result_urls"]
 
 
 def _credit_number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value) if value >= 0 else None
+    number = finite_number(value)
+    return number if number is not None and number >= 0 else None
 
 
 def credits_of(task: dict[str, Any]) -> dict[str, float | None]:

@@ -9,13 +9,12 @@ the balance before a spend (:func:`check_balance`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from evolink_provider.answers import credits_text, read_credits
+from evolink_provider.answers import credits_text, finite_number, read_credits
 from evolink_provider.compat import AirflowFailException
-from evolink_provider.exceptions import EvolinkError, RetryLaterError, fail_for
+from evolink_provider.exceptions import EvolinkError, RetryLaterError, fail_for, shown_value
 
 if TYPE_CHECKING:
     from evolink_provider.field_rules import MediaRef
@@ -133,14 +132,10 @@ def check_balance(
     balance allows collects its task, if EvoLink created one (a clear there pays for a new generation)."""
     if min_credits is None:
         return
-    if (
-        isinstance(min_credits, bool)
-        or not isinstance(min_credits, (int, float))
-        or not math.isfinite(min_credits)
-        or min_credits < 0
-    ):
+    least = finite_number(min_credits)
+    if least is None or least < 0:
         raise AirflowFailException(
-            f"min_credits={min_credits!r}: allowed values are None or a number of credits >= 0"
+            f"min_credits={shown_value(min_credits)}: allowed values are None or a number of credits >= 0"
         )
     try:
         balance = read_credits(hook.get_credits()).spendable
@@ -152,10 +147,10 @@ def check_balance(
                 "it."
             ) from None
         fail_for(error)
-    if balance < min_credits:
+    if balance < least:
         below = (
             f"EvoLink balance is {credits_text(balance)} credits, below min_credits="
-            f"{credits_text(min_credits)}: nothing was submitted."
+            f"{credits_text(least)}: nothing was submitted."
         )
         if maybe_sent_key is None:
             raise AirflowFailException(f"{below} Top up the account or lower min_credits.")
@@ -167,5 +162,5 @@ def check_balance(
     log.info(
         "EvoLink balance: %s credits (min_credits=%s): submitting.",
         credits_text(balance),
-        credits_text(min_credits),
+        credits_text(least),
     )

@@ -9,7 +9,6 @@ is set); ``post_execute`` then records that the result was delivered. "What does
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from evolink_provider.answers import created_at
+from evolink_provider.answers import created_at, finite_number
 from evolink_provider.assets import (
     RequestSummary,
     announce_assets,
@@ -39,7 +38,6 @@ from evolink_provider.hooks.retry import Verdict
 from evolink_provider.lineage import operator_lineage
 from evolink_provider.links import RESULT_LINKS, push_links
 from evolink_provider.polling import (
-    DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     LONGEST_WAIT,
     Outcome,
@@ -87,13 +85,7 @@ def event_deadline(event: Any) -> float | None:
     finite number: the event is a stored row, and anything else counts as none (``timeout`` bounds the
     rest)."""
     end_time = event.get("end_time") if isinstance(event, dict) else None
-    if not isinstance(end_time, (int, float)) or isinstance(end_time, bool):
-        return None
-    try:
-        deadline = float(end_time)
-    except OverflowError:
-        return None
-    return deadline if math.isfinite(deadline) else None
+    return finite_number(end_time)
 
 
 def expected_remaining(task: dict[str, Any], elapsed: float) -> float:
@@ -114,9 +106,10 @@ class EvolinkBaseVideoOperator(BaseOperator):
     :param wait_for_completion: wait for the task to end; when False, return the created task at once.
     :param deferrable: wait in the triggerer instead of holding a worker slot.
     :param poll_interval: the shortest delay between polls, seconds or a ``timedelta`` (the schedule
-        adapts above it); above 0 and at most a day, as ``max_poll_interval``.
-    :param max_poll_interval: the longest delay between polls, seconds or a ``timedelta``; at least
-        ``poll_interval``, at most a day (result links expire 24 h after completion).
+        adapts above it); from 0.1 s to 12 h.
+    :param max_poll_interval: the longest delay between polls, seconds or a ``timedelta``: from
+        ``poll_interval`` to 12 h (half a result link's life); ``None`` is 600 s, or ``poll_interval`` when
+        longer.
     :param timeout: seconds (or a ``timedelta``) of waiting, from submission or reattachment, before the
         Airflow task fails (above 0, at most a year); the EvoLink task keeps running and a retry
         reattaches to it.
@@ -166,7 +159,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         wait_for_completion: bool = True,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         poll_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
-        max_poll_interval: float | timedelta = DEFAULT_MAX_POLL_INTERVAL,
+        max_poll_interval: float | timedelta | None = None,
         timeout: float | timedelta = DEFAULT_TIMEOUT,
         output_path: str | None = None,
         asset_alias: str | None = None,
@@ -200,7 +193,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
         self.poll_interval, self.max_poll_interval = poll_settings(
             self.task_id, poll_interval, max_poll_interval
         )
-        self.timeout = seconds_setting(self.task_id, "timeout", timeout, LONGEST_WAIT)
+        self.timeout = seconds_setting(self.task_id, "timeout", timeout, 0, LONGEST_WAIT)
 
     # -- what subclasses provide ------------------------------------------------------------------
 
@@ -283,7 +276,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
             return task  # handed downstream as a task id: post_execute records it delivered
         clock = timing()
         started_at = created_at(task, default=clock.now())
-        deadline = clock.now() + float(self.timeout) if deadline is None else deadline
+        deadline = clock.now() + self.timeout if deadline is None else deadline
         decision = self._decide(task, started_at, deadline)
         if decision.outcome is Outcome.WAIT and self.deferrable:
             # A trigger that fires seconds after the deferral can get the task instance failed by
@@ -311,7 +304,7 @@ class EvolinkBaseVideoOperator(BaseOperator):
                     method_name="execute_complete",
                     # Only a backstop: the trigger's own timeout event, which names the task, comes first.
                     timeout=timedelta(
-                        seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + clock.trigger_hold
+                        seconds=self.timeout + 2 * self.max_poll_interval + 60 + clock.trigger_hold
                     ),
                 )
         if decision.outcome is Outcome.WAIT:

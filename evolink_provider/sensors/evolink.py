@@ -15,12 +15,13 @@ from evolink_provider.compat import conf
 from evolink_provider.exceptions import EvolinkError, EvolinkTaskError, fail_for
 from evolink_provider.hooks import DEFAULT_CONN_ID
 from evolink_provider.polling import (
-    DEFAULT_MAX_POLL_INTERVAL,
     DEFAULT_POLL_INTERVAL,
+    LONGEST_WAIT,
     Outcome,
     ProgressReporter,
     decide_after_poll,
     poll_settings,
+    seconds_setting,
     task_failure,
 )
 from evolink_provider.results import final_line, finished_value
@@ -43,8 +44,9 @@ class EvolinkTaskSensor(BaseSensorOperator):
     :param evolink_task_id: the task to wait for (templated), e.g. ``{{ ti.xcom_pull('submit')['id'] }}``.
     :param evolink_conn_id: Airflow connection holding the API key.
     :param deferrable: wait in the triggerer instead of a worker slot.
-    :param max_poll_interval: the longest delay between polls in deferrable mode (seconds); ``poke_interval``
-        is the shortest. Both above 0 and at most a day.
+    :param max_poll_interval: the longest delay between polls in deferrable mode, seconds or a ``timedelta``:
+        from ``poke_interval`` (the shortest, from 0.1 s) to 12 h; ``None`` is 600 s, or ``poke_interval``
+        when longer. ``timeout``: at most a year.
     """
 
     template_fields: Sequence[str] = ("evolink_task_id", "evolink_conn_id")
@@ -56,18 +58,23 @@ class EvolinkTaskSensor(BaseSensorOperator):
         evolink_task_id: str,
         evolink_conn_id: str = DEFAULT_CONN_ID,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-        max_poll_interval: float | timedelta = DEFAULT_MAX_POLL_INTERVAL,
+        max_poll_interval: float | timedelta | None = None,
         poke_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
         **kwargs: Any,
     ) -> None:
+        # Checked as given, before Airflow's own checks (which take True as 1 and a zero poke_interval, and
+        # refuse infinity without naming the field), by the operators' rules.
+        owner = str(kwargs.get("task_id"))
+        poke_interval, max_poll_interval = poll_settings(
+            owner, poke_interval, max_poll_interval, shortest="poke_interval"
+        )
+        if kwargs.get("timeout") is not None:
+            kwargs["timeout"] = seconds_setting(owner, "timeout", kwargs["timeout"], 0, LONGEST_WAIT)
         super().__init__(poke_interval=poke_interval, **kwargs)
         self.evolink_task_id = evolink_task_id
         self.evolink_conn_id = evolink_conn_id
         self.deferrable = deferrable
-        # Stricter than Airflow's own check: zero polls EvoLink back to back, infinity fails at the deferral.
-        self.poke_interval, self.max_poll_interval = poll_settings(
-            self.task_id, self.poke_interval, max_poll_interval, shortest="poke_interval"
-        )
+        self.max_poll_interval = max_poll_interval
         self._reporter: ProgressReporter | None = None
 
     @cached_property
@@ -116,14 +123,12 @@ class EvolinkTaskSensor(BaseSensorOperator):
                 evolink_conn_id=self.evolink_conn_id,
                 poll_interval=self.poke_interval,
                 max_poll_interval=self.max_poll_interval,
-                end_time=clock.now() + float(self.timeout),
+                end_time=clock.now() + self.timeout,
                 # The scheduler race of fast triggers (evolink_provider.timing) hits sensors too.
                 not_before=clock.now() + clock.trigger_hold,
             ),
             method_name="execute_complete",
-            timeout=timedelta(
-                seconds=float(self.timeout) + 2 * self.max_poll_interval + 60 + clock.trigger_hold
-            ),
+            timeout=timedelta(seconds=self.timeout + 2 * self.max_poll_interval + 60 + clock.trigger_hold),
         )
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:

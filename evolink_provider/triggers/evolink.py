@@ -8,17 +8,17 @@ at run time. The deadline is absolute wall-clock time, so a triggerer restart do
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, overload
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from evolink_provider.answers import MAX_EPOCH_SECONDS, finite_number
 from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkTaskError,
-    EvolinkValidationError,
+    EvolinkTriggerArgumentError,
     EvolinkWaitTimeoutError,
 )
 from evolink_provider.hooks.evolink import EvolinkHook
@@ -31,7 +31,7 @@ from evolink_provider.polling import (
     PollFailureBudget,
     ProgressReporter,
     decide_after_poll,
-    poll_settings,
+    followed_poll_settings,
     poll_turn,
     task_failure,
 )
@@ -53,7 +53,8 @@ class EvolinkTaskTrigger(BaseTrigger):
 
     :param evolink_task_id: the EvoLink task to wait for.
     :param evolink_conn_id: Airflow connection holding the API key.
-    :param poll_interval: the shortest delay between polls (seconds).
+    :param poll_interval: the shortest delay between polls (seconds), brought within the operators' bounds
+        (:func:`~evolink_provider.polling.followed_poll_settings`), as ``max_poll_interval``.
     :param max_poll_interval: the longest delay between polls (seconds).
     :param end_time: wall-clock deadline (epoch seconds); ``None`` waits for ever.
     :param started_at: when the task was submitted (epoch seconds); drives the adaptive schedule.
@@ -80,25 +81,29 @@ class EvolinkTaskTrigger(BaseTrigger):
         not_before: float | None = None,
     ) -> None:
         super().__init__()
-        # Checked as the operators check theirs: the kwargs may also be a DAG author's, or the database's.
+        # The kwargs come back from the database (written by this or an earlier version) or from a DAG
+        # author: numbers are checked, and the pauses brought within the bounds the operators check.
         owner = type(self).__name__
         self.evolink_task_id = evolink_task_id
         self.evolink_conn_id = evolink_conn_id
-        self.poll_interval, self.max_poll_interval = poll_settings(owner, poll_interval, max_poll_interval)
-        self.end_time = _epoch_seconds(owner, "end_time", end_time)
-        started_at = _epoch_seconds(owner, "started_at", started_at)
-        self.started_at = time.time() if started_at is None else started_at
+        self.poll_interval, self.max_poll_interval = followed_poll_settings(
+            _kwarg_number(owner, "poll_interval", poll_interval),
+            _kwarg_number(owner, "max_poll_interval", max_poll_interval),
+        )
+        self.end_time = _kwarg_number(owner, "end_time", end_time, optional=True)
+        started = _kwarg_number(owner, "started_at", started_at, optional=True)
+        self.started_at = time.time() if started is None else started
         if (
-            isinstance(max_poll_failures, bool)
-            or not isinstance(max_poll_failures, int)
+            not isinstance(max_poll_failures, int)
+            or isinstance(max_poll_failures, bool)
             or max_poll_failures < 1
         ):
-            raise EvolinkValidationError(
-                owner, "max_poll_failures", max_poll_failures, "a whole number, 1 or more"
+            raise EvolinkTriggerArgumentError(
+                owner, "max_poll_failures", max_poll_failures, "a whole number from 1"
             )
         self.max_poll_failures = max_poll_failures
-        self.first_poll_at = _epoch_seconds(owner, "first_poll_at", first_poll_at)
-        self.not_before = _epoch_seconds(owner, "not_before", not_before)
+        self.first_poll_at = _kwarg_number(owner, "first_poll_at", first_poll_at, optional=True)
+        self.not_before = _kwarg_number(owner, "not_before", not_before, optional=True)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -202,14 +207,21 @@ class EvolinkTaskTrigger(BaseTrigger):
         )
 
 
-def _epoch_seconds(owner: str, field: str, value: Any) -> float | None:
-    """A wall-clock time (epoch seconds) as a float, or ``None``; anything else refused by name (``inf`` or
-    ``nan`` would wait for ever or not at all, and fail the progress lines)."""
-    if value is None:
+@overload
+def _kwarg_number(owner: str, field: str, value: Any) -> float: ...
+@overload
+def _kwarg_number(owner: str, field: str, value: Any, optional: bool) -> float | None: ...
+def _kwarg_number(owner: str, field: str, value: Any, optional: bool = False) -> float | None:
+    """A pause or a wall-clock time (epoch seconds) as a float: a finite number from 0 to
+    :data:`~evolink_provider.answers.MAX_EPOCH_SECONDS`, or None where ``optional``. Anything else would
+    poll back to back, wait for ever, or fail the progress lines."""
+    if value is None and optional:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise EvolinkValidationError(owner, field, value, "epoch seconds (a finite number), or None")
+    number = finite_number(value)
+    if number is None or not 0 <= number <= MAX_EPOCH_SECONDS:
+        allowed = f"a number from 0 to {MAX_EPOCH_SECONDS:,}" + (", or None" if optional else "")
+        raise EvolinkTriggerArgumentError(owner, field, value, allowed)
+    return number
 
 
 def task_from_event(event: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ with DAG(
         evolink_conn_id="evolink_hostile",
         model="seedance-2.0-fast-text-to-video",
         prompt="a hostile server answers this one",
-        poll_interval=0.05,
+        poll_interval=0.1,
         max_poll_interval=0.1,
         timeout=60,
         asset_alias="evolink_test_result_urls",
