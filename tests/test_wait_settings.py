@@ -174,6 +174,7 @@ def test_the_sensor_takes_airflows_timedeltas_and_a_long_poke_interval() -> None
     ("kwargs", "field"),
     [
         ({"poll_interval": math.nan}, "poll_interval"),  # polled back to back
+        ({"poll_interval": None}, "poll_interval"),
         ({"max_poll_interval": "600"}, "max_poll_interval"),
         ({"poll_interval": -1}, "poll_interval"),
         ({"end_time": math.inf}, "end_time"),
