@@ -267,7 +267,7 @@ def test_a_silent_host_does_not_hold_up_polls_to_a_healthy_one(
     finally:
         stop.set()
         silent.close()
-    assert took < 2.0, f"the healthy host's poll took {took:.1f} s"
+    assert took < 5, f"the healthy host's poll took {took:.1f} s"  # one pool for all hosts: 9.6 s
 
 
 def test_the_wait_for_a_connection_ends_at_the_polls_deadline(
@@ -306,7 +306,7 @@ def test_the_wait_for_a_connection_ends_at_the_polls_deadline(
     finally:
         stop.set()
     assert error is not None and "time ran out" in str(error), error
-    assert took < 2.0, f"the poll waited {took:.1f} s for a connection"
+    assert took < 5, f"the poll waited {took:.1f} s for a connection"  # without the bound: 20 s
 
 
 def test_a_poll_waiting_for_a_connection_holds_few_objects(
