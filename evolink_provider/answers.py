@@ -40,7 +40,7 @@ MAX_RESULTS_PER_TASK = 16
 #: Where ``result_data`` (an object, or a list of them) names results; its entries obey the same cap.
 RESULT_DATA_URLS = ("video_url", "profile_picture_url")
 MAX_URL_LENGTH = 8192
-#: ``created`` is Unix seconds: anything beyond the year 5138 is not a timestamp.
+#: Unix seconds beyond the year 5138 are no timestamp (``created``, a trigger's times).
 MAX_EPOCH_SECONDS = 10**11
 MAX_STATUS_LENGTH = 64
 #: ``created`` is trusted for the poll schedule only within these bounds of the local clock: at most a
@@ -138,14 +138,19 @@ def finite_number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def epoch_time(value: object) -> float | None:
+    """``value`` as a wall-clock time in Unix seconds (a :func:`finite_number` from 0 to before
+    :data:`MAX_EPOCH_SECONDS`), else None."""
+    seconds = finite_number(value)
+    return seconds if seconds is not None and 0 <= seconds < MAX_EPOCH_SECONDS else None
+
+
 def epoch_seconds(value: object) -> float | None:
     """``created`` as Unix seconds when it is int-like (an int, an integral float or a digit string)."""
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
         value = int(value)
-    seconds = finite_number(value) if isinstance(value, (int, float)) else None
-    if seconds is None or not seconds.is_integer():
-        return None
-    return seconds if 0 <= seconds < MAX_EPOCH_SECONDS else None
+    seconds = epoch_time(value) if isinstance(value, (int, float)) else None
+    return seconds if seconds is not None and seconds.is_integer() else None
 
 
 def created_at(task: dict[str, Any], default: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+import time
 from datetime import timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -18,6 +19,7 @@ import pytest
 
 from evolink_provider.answers import finite_number
 from evolink_provider.exceptions import EvolinkTriggerArgumentError, EvolinkValidationError, shown_value
+from evolink_provider.operators.base import event_deadline
 from evolink_provider.operators.evolink import EvolinkSeedanceTextToVideoOperator
 from evolink_provider.polling import (
     LONGEST_POLL_INTERVAL,
@@ -163,6 +165,21 @@ def test_the_sensor_refuses_a_bad_wait_setting_as_given(wait: dict[str, Any], fi
     assert str(refused.value).startswith(f"wait: invalid {field}=")
 
 
+@pytest.mark.parametrize("timeout", [True, math.inf, timedelta(days=3650), "1h"], ids=repr)
+def test_the_sensor_checks_a_timeout_from_default_args(timeout: Any) -> None:
+    import pendulum
+    from airflow.sdk import DAG
+
+    with (
+        DAG(
+            "wait", schedule=None, start_date=pendulum.datetime(2026, 1, 1), default_args={"timeout": timeout}
+        ),
+        pytest.raises(EvolinkValidationError) as refused,
+    ):
+        EvolinkTaskSensor(task_id="wait", evolink_task_id=TASK_ID)
+    assert refused.value.field == "timeout"
+
+
 def test_the_sensor_takes_airflows_timedeltas_and_a_long_poke_interval() -> None:
     sensor = EvolinkTaskSensor(task_id="wait", evolink_task_id=TASK_ID, poke_interval=timedelta(minutes=15))
     assert (sensor.poke_interval, sensor.max_poll_interval, sensor.timeout) == (900.0, 900.0, 7 * 86_400.0)
@@ -176,14 +193,12 @@ def test_the_sensor_takes_airflows_timedeltas_and_a_long_poke_interval() -> None
         ({"poll_interval": math.nan}, "poll_interval"),  # polled back to back
         ({"poll_interval": None}, "poll_interval"),
         ({"max_poll_interval": "600"}, "max_poll_interval"),
-        ({"poll_interval": -1}, "poll_interval"),
         ({"end_time": math.inf}, "end_time"),
+        ({"end_time": 1e11}, "end_time"),  # the year 5138
+        ({"end_time": -1}, "end_time"),
         ({"end_time": 1e308}, "end_time"),  # as good as for ever
         ({"end_time": 10**400}, "end_time"),  # no float holds it
         ({"end_time": "tomorrow"}, "end_time"),
-        ({"started_at": -math.inf}, "started_at"),  # an OverflowError in the progress lines
-        ({"started_at": -1}, "started_at"),
-        ({"first_poll_at": math.nan}, "first_poll_at"),
         ({"not_before": math.inf}, "not_before"),
         ({"max_poll_failures": 0}, "max_poll_failures"),
         ({"max_poll_failures": True}, "max_poll_failures"),
@@ -206,6 +221,8 @@ def test_the_trigger_refuses_kwargs_that_are_no_numbers_as_a_type_error(
     ("stored", "pauses"),
     [
         ({"poll_interval": 0}, (0.1, 600.0)),  # an earlier version's sensor with poke_interval=0
+        ({"poll_interval": -5}, (0.1, 600.0)),
+        ({"max_poll_interval": None}, (5.0, 600.0)),  # the operators' default
         ({"poll_interval": 900, "max_poll_interval": 600}, (900.0, 900.0)),  # its operator with 900
         ({"poll_interval": 1e-9, "max_poll_interval": 0}, (0.1, 0.1)),
         ({"max_poll_interval": 86_400 * 7}, (5.0, 43_200.0)),
@@ -217,6 +234,24 @@ def test_the_trigger_follows_the_pauses_an_earlier_version_stored_within_the_bou
 ) -> None:
     trigger = EvolinkTaskTrigger(evolink_task_id=TASK_ID, **stored)
     assert (trigger.poll_interval, trigger.max_poll_interval) == pauses
+
+
+@pytest.mark.parametrize("guide", [-math.inf, math.nan, -1, 1.7e12, "yesterday", None], ids=repr)
+def test_a_trigger_drops_a_schedule_guide_that_is_no_time_as_if_not_given(guide: Any) -> None:
+    """``started_at`` and ``first_poll_at`` only shape the schedule: an earlier version stored EvoLink's
+    ``created`` unchecked (in milliseconds, say), and refusing it would fail a paid task's wait."""
+    before = time.time()
+    trigger = EvolinkTaskTrigger(evolink_task_id=TASK_ID, started_at=guide, first_poll_at=guide)
+    assert before <= trigger.started_at <= time.time()
+    assert trigger.first_poll_at is None
+
+
+def test_an_event_deadline_is_an_epoch_time_or_none() -> None:
+    """What a stored event says its deadline was goes back into the trigger on a re-deferral: only a time
+    the trigger takes counts."""
+    assert event_deadline({"end_time": 2_000_000_000}) == 2e9
+    for end_time in (1e15, -5, math.inf, True, "2e9", None):
+        assert event_deadline({"end_time": end_time}) is None
 
 
 def test_the_trigger_takes_whole_numbers_as_floats_and_none_as_none() -> None:

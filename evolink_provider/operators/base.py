@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from evolink_provider.answers import created_at, finite_number
+from evolink_provider.answers import created_at, epoch_time
 from evolink_provider.assets import (
     RequestSummary,
     announce_assets,
@@ -85,7 +85,7 @@ def event_deadline(event: Any) -> float | None:
     finite number: the event is a stored row, and anything else counts as none (``timeout`` bounds the
     rest)."""
     end_time = event.get("end_time") if isinstance(event, dict) else None
-    return finite_number(end_time)
+    return epoch_time(end_time)
 
 
 def expected_remaining(task: dict[str, Any], elapsed: float) -> float:

@@ -60,16 +60,18 @@ class EvolinkTaskSensor(BaseSensorOperator):
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         max_poll_interval: float | timedelta | None = None,
         poke_interval: float | timedelta = DEFAULT_POLL_INTERVAL,
+        timeout: float | timedelta | None = None,
         **kwargs: Any,
     ) -> None:
-        # Checked as given, before Airflow's own checks (which take True as 1 and a zero poke_interval, and
-        # refuse infinity without naming the field), by the operators' rules.
+        # Checked as given (in the signature, so default_args' values are too), before Airflow's own checks
+        # (which take True as 1 and a zero poke_interval, and refuse infinity without naming the field), by
+        # the operators' rules. timeout=None: Airflow's default ([sensors] default_timeout).
         owner = str(kwargs.get("task_id"))
         poke_interval, max_poll_interval = poll_settings(
             owner, poke_interval, max_poll_interval, shortest="poke_interval"
         )
-        if kwargs.get("timeout") is not None:
-            kwargs["timeout"] = seconds_setting(owner, "timeout", kwargs["timeout"], 0, LONGEST_WAIT)
+        if timeout is not None:
+            kwargs["timeout"] = seconds_setting(owner, "timeout", timeout, 0, LONGEST_WAIT)
         super().__init__(poke_interval=poke_interval, **kwargs)
         self.evolink_task_id = evolink_task_id
         self.evolink_conn_id = evolink_conn_id

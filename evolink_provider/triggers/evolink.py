@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, overload
+from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from evolink_provider.answers import MAX_EPOCH_SECONDS, finite_number
+from evolink_provider.answers import MAX_EPOCH_SECONDS, epoch_time, finite_number
 from evolink_provider.exceptions import (
     EvolinkError,
     EvolinkTaskError,
@@ -73,7 +73,7 @@ class EvolinkTaskTrigger(BaseTrigger):
         evolink_task_id: str,
         evolink_conn_id: str = EvolinkHook.default_conn_name,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
+        max_poll_interval: float | None = DEFAULT_MAX_POLL_INTERVAL,
         end_time: float | None = None,
         started_at: float | None = None,
         max_poll_failures: int = DEFAULT_MAX_POLL_FAILURES,
@@ -87,12 +87,18 @@ class EvolinkTaskTrigger(BaseTrigger):
         self.evolink_task_id = evolink_task_id
         self.evolink_conn_id = evolink_conn_id
         self.poll_interval, self.max_poll_interval = followed_poll_settings(
-            _kwarg_number(owner, "poll_interval", poll_interval),
-            _kwarg_number(owner, "max_poll_interval", max_poll_interval),
+            _number_kwarg(owner, "poll_interval", poll_interval),
+            DEFAULT_MAX_POLL_INTERVAL
+            if max_poll_interval is None
+            else _number_kwarg(owner, "max_poll_interval", max_poll_interval),
         )
-        self.end_time = _kwarg_number(owner, "end_time", end_time, optional=True)
-        started = _kwarg_number(owner, "started_at", started_at, optional=True)
+        self.end_time = _time_kwarg(owner, "end_time", end_time)
+        self.not_before = _time_kwarg(owner, "not_before", not_before)
+        # Guides of the schedule only: one that is no time (an earlier version stored EvoLink's ``created``
+        # unchecked) is dropped, as if not given, rather than failing a paid task's wait.
+        started = epoch_time(started_at)
         self.started_at = time.time() if started is None else started
+        self.first_poll_at = epoch_time(first_poll_at)
         if (
             not isinstance(max_poll_failures, int)
             or isinstance(max_poll_failures, bool)
@@ -102,8 +108,6 @@ class EvolinkTaskTrigger(BaseTrigger):
                 owner, "max_poll_failures", max_poll_failures, "a whole number from 1"
             )
         self.max_poll_failures = max_poll_failures
-        self.first_poll_at = _kwarg_number(owner, "first_poll_at", first_poll_at, optional=True)
-        self.not_before = _kwarg_number(owner, "not_before", not_before, optional=True)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -207,21 +211,24 @@ class EvolinkTaskTrigger(BaseTrigger):
         )
 
 
-@overload
-def _kwarg_number(owner: str, field: str, value: Any) -> float: ...
-@overload
-def _kwarg_number(owner: str, field: str, value: Any, optional: bool) -> float | None: ...
-def _kwarg_number(owner: str, field: str, value: Any, optional: bool = False) -> float | None:
-    """A pause or a wall-clock time (epoch seconds) as a float: a finite number from 0 to
-    :data:`~evolink_provider.answers.MAX_EPOCH_SECONDS`, or None where ``optional``. Anything else would
-    poll back to back, wait for ever, or fail the progress lines."""
-    if value is None and optional:
-        return None
+def _number_kwarg(owner: str, field: str, value: Any) -> float:
+    """A pause: any :func:`~evolink_provider.answers.finite_number` (the bounds are
+    :func:`~evolink_provider.polling.followed_poll_settings`'), else refused."""
     number = finite_number(value)
-    if number is None or not 0 <= number <= MAX_EPOCH_SECONDS:
-        allowed = f"a number from 0 to {MAX_EPOCH_SECONDS:,}" + (", or None" if optional else "")
-        raise EvolinkTriggerArgumentError(owner, field, value, allowed)
+    if number is None:
+        raise EvolinkTriggerArgumentError(owner, field, value, "a number of seconds")
     return number
+
+
+def _time_kwarg(owner: str, field: str, value: Any) -> float | None:
+    """A wall-clock time that decides (the deadline, the earliest event): None, or an
+    :func:`~evolink_provider.answers.epoch_time`; anything else would wait for ever or not at all."""
+    if value is None:
+        return None
+    if (seconds := epoch_time(value)) is None:
+        allowed = f"epoch seconds from 0 to below {MAX_EPOCH_SECONDS:,}, or None"
+        raise EvolinkTriggerArgumentError(owner, field, value, allowed)
+    return seconds
 
 
 def task_from_event(event: Any) -> dict[str, Any]:

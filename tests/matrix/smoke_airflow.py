@@ -119,3 +119,39 @@ def test_importing_the_operators_loads_no_http_client_and_reports_its_cost() -> 
     print(f"importing the operators adds {1000 * added:.0f} ms over airflow.sdk (goal: 50 ms)")
     for module in ("'aiohttp'", "'requests'", "'evolink_provider.simulator'"):
         assert module not in loaded, module
+
+
+def test_the_triggerer_fails_only_the_trigger_whose_stored_kwargs_it_refuses() -> None:
+    """Airflow's own ``TriggerRunner`` builds each trigger from its stored kwargs and fails the one that
+    raises a ``TypeError``, and only it; any other error stops every trigger it runs. The trigger refuses
+    kwargs that are no numbers as one (``EvolinkTriggerArgumentError``) and follows the pauses an earlier
+    version stored (a sensor's ``poke_interval`` of 0)."""
+    import asyncio
+
+    from airflow.executors import workloads
+    from airflow.jobs.triggerer_job_runner import TriggerRunner
+    from airflow.models.trigger import Trigger
+
+    classpath = "evolink_provider.triggers.evolink.EvolinkTaskTrigger"
+    task_id = "task-unified-1700000000-abcdefgh"
+    stored = {
+        1: {"evolink_task_id": task_id, "poll_interval": "5"},
+        2: {"evolink_task_id": task_id, "poll_interval": 0, "max_poll_interval": 600.0, "end_time": 2e9},
+    }
+    runner = TriggerRunner()
+    for trigger_id, kwargs in stored.items():
+        encrypted = Trigger(classpath, kwargs).encrypted_kwargs
+        runner.to_create.append(
+            workloads.RunTrigger(id=trigger_id, classpath=classpath, encrypted_kwargs=encrypted, ti=None)
+        )
+
+    async def create() -> None:
+        await runner.create_triggers()
+        for running in runner.triggers.values():
+            running["task"].cancel()
+
+    asyncio.run(create())
+    assert [(trigger_id, type(error).__name__) for trigger_id, error in runner.failed_triggers] == [
+        (1, "EvolinkTriggerArgumentError")
+    ]
+    assert list(runner.triggers) == [2]
