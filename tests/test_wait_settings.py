@@ -185,6 +185,7 @@ def test_the_sensor_takes_airflows_timedeltas_and_a_long_poke_interval() -> None
     assert (sensor.poke_interval, sensor.max_poll_interval, sensor.timeout) == (900.0, 900.0, 7 * 86_400.0)
     sensor = EvolinkTaskSensor(task_id="wait", evolink_task_id=TASK_ID, timeout=timedelta(hours=1))
     assert (sensor.poke_interval, sensor.max_poll_interval, sensor.timeout) == (5.0, 600.0, 3600.0)
+    assert EvolinkTaskSensor(task_id="wait", evolink_task_id=TASK_ID, timeout=0.5).timeout == 0.5
 
 
 @pytest.mark.parametrize(
